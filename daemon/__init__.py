@@ -1,0 +1,1 @@
+"""The lvz daemon: the VM model (pure) and the trio server around it (all server-side I/O)."""

@@ -1,0 +1,20 @@
+"""Daemon settings: every limit bounds what one client can make the daemon hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvz.protocol.connection import DEFAULT_MAX_MESSAGE
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    socket: Path
+    max_message: int = DEFAULT_MAX_MESSAGE
+    max_handles: int = 4096  # per connection -> EMFILE
+    max_vms: int = 1024  # per daemon -> ENOSPC
+    max_vcpus: int | None = None  # per VM; None = the whole vcpu_id range -> EINVAL as KVM
+    max_events: int = 4096  # irq events queued per subscriber before they are dropped
+    state_dir: Path | None = None
+    grace: float = 0.5  # seconds in-flight work gets on shutdown

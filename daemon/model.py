@@ -1,0 +1,561 @@
+"""The VM model: vCPUs, their registers and interrupt lines, the phyid map, and devices.
+
+Plain objects, no sockets, no awaiting: the server wraps them. The phyid map follows the seed
+(``kvm_set_cpuid`` / ``kvm_drop_cpuid`` / ``kvm_get_vcpu_by_cpuid``, SEMANTICS.md §4) with the
+VM's ``max_phyid`` in place of KVM_MAX_PHYID (decision 4). Its mutations require the VM's
+``map_lock`` (a ``trio.Lock``) to be held, as the kernel requires ``phyid_map_lock``; lookups are
+lockless, as in the kernel, because an entry changes only on a first set and on a drop.
+
+Interrupt lines live where the kernel keeps them: SWI0/1, TI and IPI in ESTAT, HWI0-7 in GINTC
+(shown as ESTAT bits 2-9). Every change of a line, whatever caused it, goes through
+``_set_lines`` so that exactly one ``irq`` event with the next ``seq`` is emitted per change.
+
+Every call into a chip is guarded: an exception that is not a ``KvmError`` becomes EIO naming the
+plugin, so a broken chip fails the request that reached it and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from lvz.plugins.api import Device, IoHandler
+from lvz.protocol import regs
+from lvz.protocol.constants import (
+    CPUCFG_KVM_FEATURE,
+    CSR_CPUID,
+    CSR_CRMD,
+    CSR_CRMD_DA,
+    CSR_ESTAT,
+    CSR_GINTC,
+    CSR_MAX_NUMS,
+    CSR_TMID,
+    EXCCODE_INT_NUM,
+    GUEST_WRITABLE_ESTAT,
+    INSN_HVCL,
+    KVM_HCALL_INVALID_CODE,
+    KVM_HCALL_SWDBG,
+    KVM_LOONGARCH_VCPU_CPUCFG,
+    PV_FEATURE_MASK,
+    PV_FEATURES_DEFAULT,
+    U32_MAX,
+    U64_MAX,
+)
+from lvz.protocol.errors import KvmError
+
+from .host import PluginHost, plugin_failure
+
+__all__ = ["LineListener", "Vcpu", "Vm"]
+
+#: ESTAT bits that are lines and live in ESTAT itself (SWI0, SWI1, TI, IPI).
+_ESTAT_LINES = 0b11 | (1 << 11) | (1 << 12)
+_HWI_SHIFT = 2
+
+#: (vm, vcpu_id, irq, level, seq) -> None; the daemon fans it out to subscribers and waiters.
+LineListener = Callable[["Vm", int, int, int, int], None]
+
+
+def _lines(estat: int, gintc: int) -> int:
+    return (estat & _ESTAT_LINES) | ((gintc & 0xFF) << _HWI_SHIFT)
+
+
+def _stable_counter() -> int:
+    """The host's stable counter at 100 MHz, LoongArch's usual constant-frequency timer."""
+    return time.monotonic_ns() // 10
+
+
+class Vcpu:
+    """One vCPU: a sparse CSR file (only written CSRs take memory), CPUCFG words, liveness."""
+
+    __slots__ = ("alive", "cpucfg", "csrs", "vcpu_id", "vm")
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.alive = True
+        # kvm_arch_vcpu_create: CRMD = DA, TMID = vcpu_id, CPUID = the unset marker, GINTC = 0.
+        self.csrs: dict[int, int] = {
+            CSR_CRMD: CSR_CRMD_DA, CSR_TMID: vcpu_id, CSR_CPUID: vm.max_phyid,
+        }
+        self.cpucfg: dict[int, int] | None = None
+
+    @property
+    def phyid(self) -> int:
+        return self.csrs[CSR_CPUID]
+
+    @property
+    def lines(self) -> int:
+        c = self.csrs
+        return _lines(c.get(CSR_ESTAT, 0), c.get(CSR_GINTC, 0))
+
+
+class _Claim:
+    __slots__ = ("base", "end", "handler", "owner")
+
+    def __init__(self, base: int, size: int, handler: IoHandler, owner: str) -> None:
+        self.base = base
+        self.end = base + size
+        self.handler = handler
+        self.owner = owner
+
+
+class _DeviceRecord:
+    __slots__ = ("device", "plugin", "type_name")
+
+    def __init__(self, device: Device, type_name: str, plugin: str) -> None:
+        self.device = device
+        self.type_name = type_name
+        self.plugin = plugin
+
+
+class Vm:
+    """A VM: what KVM keeps per ``struct kvm`` that matters for identity and routing.
+
+    It is also the ``VmApi`` its chips see (lvz.plugins.api): the chip-facing methods are the
+    ones without a leading underscore in the "chip API" section.
+    """
+
+    def __init__(self, host: PluginHost, *, name: str | None, max_phyid: int,
+                 max_vcpus: int | None = None) -> None:
+        self.host = host
+        self.name = name
+        self._max_phyid = max_phyid
+        self.max_vcpu_id = max(256, max_phyid)
+        self.max_vcpus = self.max_vcpu_id if max_vcpus is None else min(max_vcpus,
+                                                                         self.max_vcpu_id)
+        self.map_lock = trio.Lock()
+        self.vcpus: dict[int, Vcpu] = {}
+        self.phyids: dict[int, Vcpu] = {}
+        self.devices: dict[str, _DeviceRecord] = {}
+        self._iocsr: list[_Claim] = []
+        self._mmio: list[_Claim] = []
+        self._pv_features = PV_FEATURES_DEFAULT
+        self._pv_features_set = False
+        self.time_offset = 0
+        self.seq = 0
+        self.alive = True
+        self.listener: LineListener | None = None
+        self._constructing = ""
+
+    # ---------------------------------------------------------------- lifecycle ---------------
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU."""
+        if not 0 <= vcpu_id < self.max_vcpu_id:
+            raise KvmError("EINVAL",
+                           f"vcpu_id {vcpu_id} is out of range (0..{self.max_vcpu_id - 1})")
+        if vcpu_id in self.vcpus:
+            raise KvmError("EEXIST", f"vCPU {vcpu_id} already exists")
+        if len(self.vcpus) >= self.max_vcpus:
+            raise KvmError("EINVAL", f"the VM already has its maximum of {self.max_vcpus} vCPUs")
+        vcpu = Vcpu(self, vcpu_id)
+        self.vcpus[vcpu_id] = vcpu
+        try:
+            for rec in list(self.devices.values()):
+                with self._guard(rec.plugin):
+                    rec.device.vcpu_created(vcpu_id)
+            self.host.call_each("lvz_vcpu_created", vm=self, vcpu_id=vcpu_id)
+        except KvmError:
+            # A chip refused the new vCPU: undo, so a retry does not meet EEXIST.
+            del self.vcpus[vcpu_id]
+            vcpu.alive = False
+            raise
+        return vcpu
+
+    def destroy_vcpu(self, vcpu: Vcpu) -> None:
+        """Hot-unplug in ``kvm_arch_vcpu_destroy`` order: drop the phyid, then free the vCPU."""
+        self._require_lock()
+        if not vcpu.alive:
+            return
+        self._drop_cpuid(vcpu)
+        vcpu.alive = False
+        del self.vcpus[vcpu.vcpu_id]
+        errors: list[KvmError] = []
+        for rec in list(self.devices.values()):
+            try:
+                with self._guard(rec.plugin):
+                    rec.device.vcpu_destroyed(vcpu.vcpu_id)
+            except KvmError as err:
+                errors.append(err)
+        try:
+            self.host.call_each("lvz_vcpu_destroyed", vm=self, vcpu_id=vcpu.vcpu_id)
+        except KvmError as err:
+            errors.append(err)
+        if errors:
+            # The vCPU is gone whatever a chip thought of it; report the first complaint.
+            raise errors[0]
+
+    def destroy(self) -> None:
+        """``kvm_arch_destroy_vm``: every vCPU (dropping its phyid), then the devices."""
+        self._require_lock()
+        if not self.alive:
+            return
+        for vcpu in list(self.vcpus.values()):
+            try:
+                self.destroy_vcpu(vcpu)
+            except KvmError:
+                pass  # teardown goes on; the plugin failure was logged by the guard
+        self.devices.clear()
+        self._iocsr.clear()
+        self._mmio.clear()
+        self.alive = False
+
+    def create_device(self, type_name: str) -> Device:
+        """KVM_CREATE_DEVICE: ENODEV for an unknown type, EINVAL for a second one."""
+        entry = self.host.device_types.get(type_name)
+        if entry is None:
+            raise KvmError("ENODEV", f"no device type {type_name!r} is loaded")
+        dtype, plugin = entry
+        if type_name in self.devices:
+            raise KvmError("EINVAL", f"the VM already has a {type_name}")
+        self._constructing = type_name
+        try:
+            with self._guard(plugin):
+                device = dtype.factory(self)
+                if not isinstance(device, Device):
+                    raise TypeError(f"factory returned {type(device).__name__}, not a Device")
+        except KvmError:
+            self._iocsr = [c for c in self._iocsr if c.owner != type_name]
+            self._mmio = [c for c in self._mmio if c.owner != type_name]
+            raise
+        finally:
+            self._constructing = ""
+        device.type_name = type_name
+        self.devices[type_name] = _DeviceRecord(device, type_name, plugin)
+        return device
+
+    # ---------------------------------------------------------------- the phyid map -----------
+
+    def _require_lock(self) -> None:
+        if not self.map_lock.locked():
+            raise RuntimeError("the phyid map is mutated only under the VM's map_lock")
+
+    def set_cpuid(self, vcpu: Vcpu, val: int) -> None:
+        """``kvm_set_cpuid``: set once, same value again is a no-op, never changed or shared."""
+        limit = self._max_phyid
+        if val >= limit:
+            raise KvmError("EINVAL", f"CPUID {val} is out of range (0..{limit - 1})")
+        self._require_lock()
+        cur = vcpu.csrs[CSR_CPUID]
+        if cur < limit and self.phyids.get(cur) is not None:
+            if cur == val:
+                return
+            raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
+                                     f"a CPUID cannot change")
+        owner = self.phyids.get(val)
+        if owner is not None:
+            if owner is vcpu:
+                return
+            raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
+        vcpu.csrs[CSR_CPUID] = val
+        self.phyids[val] = vcpu
+        for rec in list(self.devices.values()):
+            with self._guard(rec.plugin):
+                rec.device.phyid_set(vcpu.vcpu_id, val)
+        self.host.call_each("lvz_phyid_set", vm=self, vcpu_id=vcpu.vcpu_id, phyid=val)
+
+    def _drop_cpuid(self, vcpu: Vcpu) -> None:
+        """``kvm_drop_cpuid``: the owner is not checked, as in the kernel."""
+        cur = vcpu.csrs[CSR_CPUID]
+        if cur >= self._max_phyid:
+            return
+        self._require_lock()
+        if self.phyids.pop(cur, None) is not None:
+            vcpu.csrs[CSR_CPUID] = self._max_phyid
+            for rec in list(self.devices.values()):
+                try:
+                    with self._guard(rec.plugin):
+                        rec.device.phyid_dropped(vcpu.vcpu_id, cur)
+                except KvmError:
+                    pass  # logged; the drop itself must happen whatever a chip says
+            try:
+                self.host.call_each("lvz_phyid_dropped", vm=self, vcpu_id=vcpu.vcpu_id, phyid=cur)
+            except KvmError:
+                pass
+
+    def lookup(self, phyid: int) -> Vcpu | None:
+        """``kvm_get_vcpu_by_cpuid`` (newest: negative and >= limit give None)."""
+        return self.phyids.get(phyid)
+
+    # ---------------------------------------------------------------- registers ---------------
+
+    def get_one_reg(self, vcpu: Vcpu, reg_id: int) -> int:
+        cls, index = regs.decode(reg_id)
+        if cls is regs.RegClass.CSR:
+            return self._get_csr(vcpu, index)
+        if cls is regs.RegClass.CPUCFG:
+            return vcpu.cpucfg.get(index, 0) if vcpu.cpucfg else 0
+        if reg_id == regs.COUNTER:
+            return (_stable_counter() + self.time_offset) & U64_MAX
+        if reg_id == regs.DEBUG_INST:
+            return INSN_HVCL | KVM_HCALL_SWDBG
+        raise KvmError("EINVAL", f"KVM register {reg_id:#x} cannot be read")
+
+    def set_one_reg(self, vcpu: Vcpu, reg_id: int, value: int) -> None:
+        cls, index = regs.decode(reg_id)
+        if cls is regs.RegClass.CSR:
+            self._set_csr(vcpu, index, value)
+        elif cls is regs.RegClass.CPUCFG:
+            if value > U32_MAX:
+                raise KvmError("EINVAL", f"CPUCFG{index} is 32 bits wide; {value:#x} does not fit")
+            if vcpu.cpucfg is None:
+                vcpu.cpucfg = {}
+            vcpu.cpucfg[index] = value
+        elif reg_id == regs.COUNTER:
+            # The counter is board-wide: only vCPU 0 sets the offset, as in the kernel.
+            if vcpu.vcpu_id == 0:
+                self.time_offset = value - _stable_counter()
+        elif reg_id == regs.VCPU_RESET:
+            # Clears pending and injected interrupts; CPUID is deliberately left alone.
+            self._set_lines(vcpu, 0, 0)
+        else:
+            raise KvmError("EINVAL", f"KVM register {reg_id:#x} cannot be written")
+
+    def _get_csr(self, vcpu: Vcpu, index: int) -> int:
+        c = vcpu.csrs
+        if index == CSR_ESTAT:
+            return c.get(CSR_ESTAT, 0) | ((c.get(CSR_GINTC, 0) & 0xFF) << _HWI_SHIFT)
+        return c.get(index, 0)
+
+    def _set_csr(self, vcpu: Vcpu, index: int, value: int) -> None:
+        """``_kvm_setcsr``: CPUID through the map, ESTAT split and OR-ed, the rest raw."""
+        c = vcpu.csrs
+        if index == CSR_CPUID:
+            self.set_cpuid(vcpu, value)
+        elif index == CSR_ESTAT:
+            self._set_lines(vcpu, c.get(CSR_ESTAT, 0) | (value & ~(0xFF << _HWI_SHIFT)),
+                            c.get(CSR_GINTC, 0) | ((value >> _HWI_SHIFT) & 0xFF))
+        elif index == CSR_GINTC:
+            self._set_lines(vcpu, c.get(CSR_ESTAT, 0), value)
+        else:
+            c[index] = value
+
+    def csr_xchg(self, vcpu: Vcpu, index: int, value: int, mask: int) -> int:
+        """A guest ``csrxchg``: only what the architecture lets a guest write changes."""
+        if index >= CSR_MAX_NUMS:
+            raise KvmError("EINVAL", f"CSR index {index:#x} is out of range (< 0x800)")
+        old = self._get_csr(vcpu, index)
+        if not mask or index in (CSR_CPUID, CSR_GINTC):
+            return old  # CPUID is read-only to a guest; GINTC is the hypervisor's
+        c = vcpu.csrs
+        if index == CSR_ESTAT:
+            w = mask & GUEST_WRITABLE_ESTAT
+            estat = c.get(CSR_ESTAT, 0)
+            self._set_lines(vcpu, (estat & ~w) | (value & w), c.get(CSR_GINTC, 0))
+        else:
+            c[index] = (old & ~mask) | (value & mask)
+        return old
+
+    # ---------------------------------------------------------------- interrupt lines ---------
+
+    def _set_lines(self, vcpu: Vcpu, estat: int, gintc: int) -> None:
+        c = vcpu.csrs
+        old = _lines(c.get(CSR_ESTAT, 0), c.get(CSR_GINTC, 0))
+        c[CSR_ESTAT] = estat
+        c[CSR_GINTC] = gintc
+        changed = old ^ _lines(estat, gintc)
+        while changed:
+            bit = changed & -changed
+            changed ^= bit
+            self.seq += 1
+            listener = self.listener
+            if listener is not None:
+                irq = bit.bit_length() - 1
+                listener(self, vcpu.vcpu_id, irq, 0 if old & bit else 1, self.seq)
+
+    def interrupt(self, vcpu: Vcpu, irq: int) -> None:
+        """KVM_INTERRUPT: > 0 queues, < 0 dequeues; 0 and |irq| >= 15 are EINVAL (decision 2)."""
+        if irq == 0 or abs(irq) >= EXCCODE_INT_NUM:
+            raise KvmError("EINVAL", f"interrupt {irq} is not 1..14 or -1..-14")
+        if irq > 0:
+            self._queue(vcpu, irq)
+        else:
+            self._dequeue(vcpu, -irq)
+
+    def _queue(self, vcpu: Vcpu, irq: int) -> None:
+        c = vcpu.csrs
+        if 2 <= irq <= 9:
+            gintc = c.get(CSR_GINTC, 0)
+            if not gintc & (1 << (irq - 2)):
+                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc | (1 << (irq - 2)))
+        elif (1 << irq) & _ESTAT_LINES:
+            estat = c.get(CSR_ESTAT, 0)
+            if not estat & (1 << irq):
+                self._set_lines(vcpu, estat | (1 << irq), c.get(CSR_GINTC, 0))
+        # PCOV, NMI and AVEC are consumed without a line (kvm_deliver_intr).
+
+    def _dequeue(self, vcpu: Vcpu, irq: int) -> None:
+        c = vcpu.csrs
+        if 2 <= irq <= 9:
+            gintc = c.get(CSR_GINTC, 0)
+            if gintc & (1 << (irq - 2)):
+                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc & ~(1 << (irq - 2)))
+        elif (1 << irq) & _ESTAT_LINES:
+            estat = c.get(CSR_ESTAT, 0)
+            if estat & (1 << irq):
+                self._set_lines(vcpu, estat & ~(1 << irq), c.get(CSR_GINTC, 0))
+
+    # ---------------------------------------------------------------- vCPU attrs, hypercalls --
+
+    def set_vcpu_attr(self, group: int, attr: int, value: int) -> None:
+        if group != KVM_LOONGARCH_VCPU_CPUCFG or attr != CPUCFG_KVM_FEATURE:
+            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}")
+        if value & ~PV_FEATURE_MASK:
+            raise KvmError("EINVAL", f"PV feature bits {value & ~PV_FEATURE_MASK:#x} "
+                                     f"are not supported (mask {PV_FEATURE_MASK:#x})")
+        if self._pv_features_set and self._pv_features != value:
+            raise KvmError("EINVAL", f"every vCPU must set the same PV features; they are "
+                                     f"already {self._pv_features:#x}")
+        self._pv_features = value
+        self._pv_features_set = True
+
+    def get_vcpu_attr(self, group: int, attr: int) -> int:
+        if group != KVM_LOONGARCH_VCPU_CPUCFG or attr != CPUCFG_KVM_FEATURE:
+            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}")
+        return self._pv_features
+
+    def hypercall(self, vcpu: Vcpu, code: int, args: list[int]) -> int:
+        """``hvcl code``: plugins decide (firstresult); nobody answering is INVALID_CODE."""
+        a = [x & U64_MAX for x in args] + [0] * (6 - len(args))
+        result, plugin = self.host.call_first("lvz_hypercall", vm=self, vcpu_id=vcpu.vcpu_id,
+                                              code=code, args=a)
+        if result is None:
+            return KVM_HCALL_INVALID_CODE
+        if type(result) is not int:
+            raise plugin_failure(plugin, TypeError(f"lvz_hypercall returned {result!r}"))
+        result &= U64_MAX
+        return result - (1 << 64) if result >> 63 else result
+
+    # ---------------------------------------------------------------- guest I/O ---------------
+
+    @contextmanager
+    def _guard(self, plugin: str) -> Iterator[None]:
+        try:
+            yield
+        except KvmError:
+            raise
+        except Exception as exc:
+            raise plugin_failure(plugin, exc) from exc
+
+    def _owner_plugin(self, claim: _Claim) -> str:
+        rec = self.devices.get(claim.owner)
+        return rec.plugin if rec else claim.owner
+
+    @staticmethod
+    def _find(table: list[_Claim], addr: int, size: int) -> _Claim | None:
+        for claim in table:
+            if claim.base <= addr and addr + size <= claim.end:
+                return claim
+        return None
+
+    def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
+        """A guest load: zero-extended by the chip, sign-extended here (decision 7)."""
+        if size not in (1, 2, 4, 8):
+            raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
+        addr &= U32_MAX
+        claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
+        if claim is None:
+            raise KvmError("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
+        with self._guard(self._owner_plugin(claim)):
+            raw = claim.handler.read(vcpu.vcpu_id, addr - claim.base, size)
+            if type(raw) is not int:
+                raise TypeError(f"read returned {raw!r}, not an int")
+        bits = 8 * size
+        raw &= (1 << bits) - 1
+        if raw >> (bits - 1):
+            raw |= U64_MAX ^ ((1 << bits) - 1)
+        return raw
+
+    def guest_write(self, space: str, vcpu: Vcpu, addr: int, size: int, value: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
+        addr &= U32_MAX
+        claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
+        if claim is None:
+            raise KvmError("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
+        with self._guard(self._owner_plugin(claim)):
+            claim.handler.write(vcpu.vcpu_id, addr - claim.base, size, value)
+
+    def device_call(self, device: Device, method: str, *args: int) -> Any:
+        """Call a device's attr / input method under its plugin's guard."""
+        rec = self.devices.get(device.type_name)
+        with self._guard(rec.plugin if rec else device.type_name):
+            return getattr(device, method)(*args)
+
+    # ---------------------------------------------------------------- chip API (VmApi) --------
+
+    @property
+    def max_phyid(self) -> int:
+        return self._max_phyid
+
+    @property
+    def pv_features(self) -> int:
+        return self._pv_features
+
+    def vcpu_by_phyid(self, phyid: int) -> int | None:
+        vcpu = self.phyids.get(phyid)
+        return None if vcpu is None else vcpu.vcpu_id
+
+    def vcpu_exists(self, vcpu_id: int) -> bool:
+        return vcpu_id in self.vcpus
+
+    def vcpu_ids(self) -> list[int]:
+        return sorted(self.vcpus)
+
+    def queue_irq(self, vcpu_id: int, irq: int) -> None:
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is not None and 0 <= irq < EXCCODE_INT_NUM:
+            self._queue(vcpu, irq)
+
+    def dequeue_irq(self, vcpu_id: int, irq: int) -> None:
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is not None and 0 <= irq < EXCCODE_INT_NUM:
+            self._dequeue(vcpu, irq)
+
+    def _claim(self, table: list[_Claim], space: str, base: int, size: int,
+               handler: IoHandler) -> None:
+        owner = self._constructing or next(
+            (c.owner for c in table if c.handler is handler), "")
+        rest = [c for c in table if c.handler is not handler]
+        for c in rest:
+            if base < c.end and c.base < base + size:
+                raise KvmError("EEXIST", f"{space.upper()} [{base:#x}, {base + size:#x}) "
+                                         f"overlaps {c.owner}'s range")
+        rest.append(_Claim(base, size, handler, owner))
+        table[:] = rest
+
+    def claim_iocsr(self, base: int, size: int, handler: IoHandler) -> None:
+        self._claim(self._iocsr, "iocsr", base, size, handler)
+
+    def claim_mmio(self, base: int, size: int, handler: IoHandler) -> None:
+        self._claim(self._mmio, "mmio", base, size, handler)
+
+    def set_chip_input(self, device_type: str, line: int, level: int) -> None:
+        rec = self.devices.get(device_type)
+        if rec is None:
+            raise KvmError("ENXIO", f"the VM has no {device_type}")
+        with self._guard(rec.plugin):
+            rec.device.set_input(line, level)
+
+    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int | None:
+        vcpu = self.vcpus.get(vcpu_id)
+        addr &= U32_MAX
+        claim = self._find(self._iocsr, addr, size)
+        if vcpu is None or claim is None:
+            return None
+        with self._guard(self._owner_plugin(claim)):
+            return claim.handler.read(vcpu_id, addr - claim.base, size) & ((1 << 8 * size) - 1)
+
+    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> bool:
+        vcpu = self.vcpus.get(vcpu_id)
+        addr &= U32_MAX
+        claim = self._find(self._iocsr, addr, size)
+        if vcpu is None or claim is None:
+            return False
+        with self._guard(self._owner_plugin(claim)):
+            claim.handler.write(vcpu_id, addr - claim.base, size, value)
+        return True

@@ -1,0 +1,84 @@
+"""KVM and LoongArch numbers the wire protocol speaks in (SEMANTICS.md §1, §3, §9, §10).
+
+Kept in one table so the daemon, the chips and the clients never spell a number twice.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+KVM_API_VERSION = 12
+
+#: Default phyid limit, also the "unset" marker of a fresh vCPU (KVM_MAX_PHYID).
+KVM_MAX_PHYID = 256
+MAX_PHYID_LIMIT = 65536
+KVM_MAX_VCPUS = 256
+KVM_MAX_CPUCFG_REGS = 21
+CSR_MAX_NUMS = 0x800
+
+# CSR indices
+CSR_CRMD = 0x0
+CSR_ESTAT = 0x5
+CSR_CPUID = 0x20
+CSR_TMID = 0x40
+CSR_GINTC = 0x52
+CSR_CRMD_DA = 1 << 3
+
+# Interrupt numbers (ESTAT bit positions)
+INT_SWI0 = 0
+INT_SWI1 = 1
+INT_HWI0 = 2
+INT_HWI7 = 9
+INT_PCOV = 10
+INT_TI = 11
+INT_IPI = 12
+INT_NMI = 13
+INT_AVEC = 14
+EXCCODE_INT_NUM = 15
+
+#: ESTAT bits that are interrupt lines (PROTOCOL.md §6): SWI0/1, HWI0-7, TI, IPI.
+LINE_MASK = 0x3FF | (1 << INT_TI) | (1 << INT_IPI)
+#: Lines a guest may lower itself with csrxchg on ESTAT (SWI0, SWI1).
+GUEST_WRITABLE_ESTAT = 0x3
+
+# Hypercalls
+KVM_HCALL_SERVICE = 0x100
+KVM_HCALL_SWDBG = 0x101
+KVM_HCALL_USER_SERVICE = 0x102
+KVM_HCALL_FUNC_IPI = 1
+KVM_HCALL_FUNC_NOTIFY = 2
+KVM_HCALL_SUCCESS = 0
+KVM_HCALL_INVALID_CODE = -1
+KVM_HCALL_INVALID_PARAMETER = -2
+INSN_HVCL = 0x002B8000
+
+# PV features (vCPU attr group 0, attr CPUCFG_KVM_FEATURE)
+KVM_LOONGARCH_VCPU_CPUCFG = 0
+CPUCFG_KVM_SIG = 0x40000000
+CPUCFG_KVM_FEATURE = 0x40000004
+KVM_FEATURE_IPI = 1
+KVM_FEATURE_STEAL_TIME = 2
+KVM_FEATURE_PREEMPT = 3
+KVM_FEATURE_VIRT_EXTIOI = 24
+KVM_FEATURE_USER_HCALL = 25
+PV_FEATURE_MASK = (
+    (1 << KVM_FEATURE_IPI)
+    | (1 << KVM_FEATURE_STEAL_TIME)
+    | (1 << KVM_FEATURE_PREEMPT)
+    | (1 << KVM_FEATURE_VIRT_EXTIOI)
+    | (1 << KVM_FEATURE_USER_HCALL)
+)
+PV_FEATURES_DEFAULT = 1 << KVM_FEATURE_IPI
+
+# Device types (name -> KVM_DEV_TYPE_*)
+DEV_IPI = "loongarch-ipi"
+DEV_EIOINTC = "loongarch-eiointc"
+DEV_PCHPIC = "loongarch-pchpic"
+KVM_DEV_TYPE_LOONGARCH_IPI = 12
+KVM_DEV_TYPE_LOONGARCH_EIOINTC = 13
+KVM_DEV_TYPE_LOONGARCH_PCHPIC = 14
+KVM_IRQCHIP_NUM_PINS = 64
+EIOINTC_IRQS = 256
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+I64_MIN = -(1 << 63)

@@ -1,0 +1,160 @@
+"""The method table of PROTOCOL.md §4: every method's parameters, their types and whether required.
+
+Validation is table-driven so one loop serves every method: a missing, unknown or mistyped
+parameter is EINVAL naming it, an unknown method ENOTTY, and an optional parameter given as nil
+counts as absent. Handle parameters are typed by the kind of object they must name; the daemon
+resolves them (EBADF / ENOTTY come after this table's checks, PROTOCOL.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+from .constants import I64_MIN, U32_MAX, U64_MAX
+from .errors import KvmError
+
+__all__ = ["HANDLE_KINDS", "METHODS", "ParamSpec", "validate"]
+
+#: Parameter kinds that name a handle, mapped to the object kind they must be ("" = any).
+HANDLE_KINDS: Final = {"handle": "", "vm": "vm", "vcpu": "vcpu", "device": "device"}
+
+
+def _is_u32(v: object) -> bool:
+    return type(v) is int and 0 <= v <= U32_MAX
+
+
+def _is_u64(v: object) -> bool:
+    return type(v) is int and 0 <= v <= U64_MAX
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int and I64_MIN <= v <= U64_MAX
+
+
+def _is_str(v: object) -> bool:
+    return type(v) is str
+
+
+def _is_timeout(v: object) -> bool:
+    return (type(v) is int and 0 <= v <= U64_MAX) or (
+        type(v) is float and math.isfinite(v) and v >= 0
+    )
+
+
+def _is_args(v: object) -> bool:
+    return type(v) is list and len(v) <= 6 and all(_is_int(x) for x in v)
+
+
+_CHECKS: Final[dict[str, tuple[Callable[[object], bool], str]]] = {
+    "handle": (_is_u32, "a handle (an unsigned 32-bit integer)"),
+    "vm": (_is_u32, "a VM handle (an unsigned 32-bit integer)"),
+    "vcpu": (_is_u32, "a vCPU handle (an unsigned 32-bit integer)"),
+    "device": (_is_u32, "a device handle (an unsigned 32-bit integer)"),
+    "u32": (_is_u32, "an unsigned 32-bit integer"),
+    "u64": (_is_u64, "an unsigned 64-bit integer"),
+    "int": (_is_int, "an integer"),
+    "str": (_is_str, "a string"),
+    "timeout": (_is_timeout, "a finite number of seconds >= 0"),
+    "args": (_is_args, "a list of at most 6 integers"),
+}
+
+#: (name, kind, required)
+ParamSpec = tuple[str, str, bool]
+
+_R, _O = True, False
+
+METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
+    "hello": (("protocol", "int", _R), ("client", "str", _O)),
+    "close": (("handle", "handle", _R),),
+    "kvm.get_api_version": (),
+    "kvm.check_extension": (("cap", "str", _R),),
+    "kvm.create_vm": (("name", "str", _O), ("max_phyid", "int", _O)),
+    "kvm.open_vm": (("name", "str", _R),),
+    "kvm.list_vms": (),
+    # lvz addition: the irqchip plugins the daemon loaded (`lvz plugins`).
+    "kvm.list_plugins": (),
+    "vm.destroy": (("vm", "vm", _R),),
+    "vm.create_vcpu": (("vm", "vm", _R), ("vcpu_id", "int", _R)),
+    "vm.create_device": (("vm", "vm", _R), ("type", "str", _R)),
+    "vm.irq_line": (("vm", "vm", _R), ("irq", "int", _R), ("level", "int", _R)),
+    "vm.signal_msi": (("vm", "vm", _R), ("address", "u64", _R), ("data", "u64", _R)),
+    "vm.phyid_lookup": (("vm", "vm", _R), ("phyid", "int", _R)),
+    "vm.phyid_map": (("vm", "vm", _R),),
+    "vm.subscribe": (("vm", "vm", _R),),
+    # lvz additions: reach the vCPUs and devices of a VM opened by name (snapshot, CLI).
+    "vm.info": (("vm", "vm", _R),),
+    "vm.open_vcpu": (("vm", "vm", _R), ("vcpu_id", "int", _R)),
+    "vm.open_device": (("vm", "vm", _R), ("type", "str", _R)),
+    "vcpu.destroy": (("vcpu", "vcpu", _R),),
+    "vcpu.set_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R), ("value", "u64", _R)),
+    "vcpu.get_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R)),
+    "vcpu.interrupt": (("vcpu", "vcpu", _R), ("irq", "int", _R)),
+    "vcpu.csr_xchg": (
+        ("vcpu", "vcpu", _R), ("csr", "u64", _R), ("value", "u64", _R), ("mask", "u64", _R),
+    ),
+    "vcpu.set_attr": (
+        ("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
+    ),
+    "vcpu.get_attr": (("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R)),
+    "vcpu.iocsr_read": (("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R)),
+    "vcpu.iocsr_write": (
+        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+    ),
+    "vcpu.mmio_read": (("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R)),
+    "vcpu.mmio_write": (
+        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+    ),
+    "vcpu.hypercall": (("vcpu", "vcpu", _R), ("code", "u64", _R), ("args", "args", _O)),
+    "vcpu.run": (("vcpu", "vcpu", _R), ("timeout", "timeout", _R)),
+    "device.set_attr": (
+        ("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
+    ),
+    "device.get_attr": (("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R)),
+}
+
+# Compiled form: method -> ({name: (check, what)}, required names, handle (name, kind) or None)
+_Compiled = tuple[dict[str, tuple[Callable[[object], bool], str]], tuple[str, ...]]
+_COMPILED: Final[dict[str, _Compiled]] = {
+    method: (
+        {name: _CHECKS[kind] for name, kind, _ in specs},
+        tuple(name for name, _, required in specs if required),
+    )
+    for method, specs in METHODS.items()
+}
+
+#: method -> (param name, object kind) of its handle parameter, if it has one.
+HANDLE_PARAM: Final[dict[str, tuple[str, str]]] = {
+    method: (name, HANDLE_KINDS[kind])
+    for method, specs in METHODS.items()
+    for name, kind, _ in specs
+    if kind in HANDLE_KINDS
+}
+
+
+def validate(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Check ``params`` against the table; return them with nil optionals dropped.
+
+    Raises ``KvmError`` ENOTTY for an unknown method, EINVAL naming the first bad parameter.
+    """
+    compiled = _COMPILED.get(method)
+    if compiled is None:
+        raise KvmError("ENOTTY", f"unknown method {method!r}")
+    checks, required = compiled
+    dropped = False
+    for name, value in params.items():
+        check = checks.get(name)
+        if check is None:
+            raise KvmError("EINVAL", f"{method}: unknown parameter {name!r}")
+        if not check[0](value):
+            if value is None and name not in required:
+                dropped = True
+                continue
+            raise KvmError("EINVAL", f"{method}: parameter {name!r} must be {check[1]}")
+    for name in required:
+        if name not in params:
+            raise KvmError("EINVAL", f"{method}: missing parameter {name!r}")
+    if dropped:
+        return {k: v for k, v in params.items() if v is not None}
+    return params

@@ -1,0 +1,37 @@
+"""Shared fixtures: a real daemon on a real Unix socket, in-process (for async tests)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lvz.daemon.config import ServeConfig
+from lvz.daemon.host import load_plugins
+from lvz.daemon.server import Daemon, serve
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory: AF_UNIX paths must stay under 108 bytes, pytest's tmp_path may not."""
+    d = Path(tempfile.mkdtemp(prefix="lvz", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def serve_config(sock_dir: Path) -> ServeConfig:
+    return ServeConfig(socket=sock_dir / "lvz.sock")
+
+
+@pytest.fixture
+async def daemon(nursery: trio.Nursery, serve_config: ServeConfig) -> AsyncIterator[Daemon]:
+    """A daemon served from this test's trio run; ``daemon.config.socket`` is its path."""
+    d: Daemon = await nursery.start(serve, serve_config, load_plugins())
+    yield d
