@@ -125,6 +125,13 @@ class Device:
     def phyid_dropped(self, vcpu_id: int, phyid: int) -> None:
         """``phyid`` is free again."""
 
+    def implied_lines(self) -> dict[int, int]:
+        """vcpu_id -> bitmask of INT_* lines this chip's state says are up (for invariant checks).
+
+        A chip that drives no lines returns {}; a vCPU missing from the dict implies none.
+        """
+        return {}
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceType:

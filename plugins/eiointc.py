@@ -1,0 +1,436 @@
+"""EIOINTC: the extended I/O interrupt controller, routing 256 irqs to vCPU lines HWI0..HWI7.
+
+Follows the newest upstream ``arch/loongarch/kvm/intc/eiointc.c`` (SEMANTICS.md §9): the COREMAP
+byte names a *physical* CPUID, resolved through the VM's phyid map into ``sw_coremap[irq]``, a
+vcpu_id; delivery then goes by vcpu_id and COREISR by the accessing vCPU's vcpu_id. Guest access
+works on aligned 8-byte words (merge on write, shift on read); unaligned accesses and unknown
+offsets read 0 and ignore writes. Every register is kept as one little-endian Python int, so a
+guest word, an attr's 4 bytes and a single COREMAP byte are all slices of the same number.
+
+Deliberate differences from the kernel, each because the kernel's behaviour there is a quirk or
+undefined:
+
+* LOAD_FINISHED rebuilds ``sw_coreisr`` with the *decoded* coremap byte (ffs in bitmap mode),
+  where the kernel looks the raw byte up as a CPUID (SEMANTICS decision 6).
+* In INT_ENCODE mode the kernel uses the raw IPMAP byte as the ip number, which indexes past
+  ``sw_coreisr[cpu][8]`` for bytes > 7; lvz clamps such bytes to ip 7 so the line stays one of
+  HWI0..HWI7.
+* ``set_input`` rejects irq numbers outside 0..255 with EINVAL (kernel: out-of-bounds bitmaps;
+  SEMANTICS decision 2), and u32 attrs reject values that do not fit in 32 bits.
+* vCPU destroy (an lvz extension, decision 3) drops that vCPU's ``sw_coreisr``, so its lines
+  stop being implied; COREISR, a guest-visible register, is kept.
+
+Like the kernel, lvz does **not** re-resolve routes when a phyid is set later: the map is read
+only when COREMAP is written and at LOAD_FINISHED, so an irq whose coremap named an unmapped
+CPUID stays on its old vcpu_id until the guest or the VMM rewrites the coremap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.hookspecs import hookimpl
+from lvz.protocol.constants import (
+    DEV_EIOINTC,
+    EIOINTC_IRQS,
+    INT_HWI0,
+    KVM_DEV_TYPE_LOONGARCH_EIOINTC,
+    U32_MAX,
+    U64_MAX,
+)
+from lvz.protocol.errors import KvmError
+
+__all__ = ["Eiointc", "lvz_device_types"]
+
+# --- layout (kvm_eiointc.h) ----------------------------------------------------------------------
+
+EIOINTC_BASE = 0x1400
+EIOINTC_SIZE = 0x900
+EIOINTC_VIRT_BASE = 0x40000000
+EIOINTC_VIRT_SIZE = 0x1000
+
+NODETYPE = 0x0A0
+IPMAP = 0x0C0
+ENABLE = 0x200
+BOUNCE = 0x280
+ISR = 0x300
+COREISR = 0x400
+COREMAP = 0x800
+
+#: Register start -> size in bytes. ISR is here for the attrs; the guest cannot see it.
+REGISTERS: dict[int, int] = {
+    NODETYPE: 0x20,
+    IPMAP: 0x08,
+    ENABLE: 0x20,
+    BOUNCE: 0x20,
+    ISR: 0x20,
+    COREISR: 0x20,
+    COREMAP: 0x100,
+}
+
+VIRT_FEATURES = 0x0
+VIRT_CONFIG = 0x4
+
+# Feature bits (FEATURES, INIT_FEATURE) and status bits (CONFIG, SW_STATUS STATE).
+HAS_VIRT_EXTENSION = 0
+HAS_ENABLE_OPTION = 1
+HAS_INT_ENCODE = 2
+HAS_CPU_ENCODE = 3
+STATUS_ENABLE = 1
+STATUS_ENABLE_INT_ENCODE = 2
+STATUS_ENABLE_CPU_ENCODE = 3
+
+ROUTE_MAX_VCPUS = 256
+LOONGSON_IP_NUM = 8
+
+# Device attr groups and attrs (uapi asm/kvm.h).
+GRP_REGS = 0x40000002
+GRP_SW_STATUS = 0x40000003
+GRP_CTRL = 0x40000004
+SW_STATUS_NUM_CPU = 0
+SW_STATUS_FEATURE = 1
+SW_STATUS_STATE = 2
+CTRL_INIT_NUM_CPU = 0
+CTRL_INIT_FEATURE = 1
+CTRL_LOAD_FINISHED = 3
+
+_SIZES = (1, 2, 4, 8)
+
+
+def _bit(value: int, n: int) -> bool:
+    return bool((value >> n) & 1)
+
+
+def _ctz(byte: int) -> int:
+    """count_trailing_zeros with the kernel's -1 for 0, which the callers fold into ip 0."""
+    return (byte & -byte).bit_length() - 1
+
+
+def _set_bits(value: int) -> list[int]:
+    """Set bit numbers, ascending: the kernel walks pending irqs with __ffs in this order."""
+    out = []
+    while value:
+        low = value & -value
+        out.append(low.bit_length() - 1)
+        value ^= low
+    return out
+
+
+class _Window:
+    """One claimed IOCSR range; EIOINTC needs two, each with its own base."""
+
+    def __init__(
+        self,
+        read: Callable[[int, int, int], int],
+        write: Callable[[int, int, int, int], None],
+    ) -> None:
+        self._read = read
+        self._write = write
+
+    def read(self, vcpu_id: int, offset: int, size: int) -> int:
+        return self._read(vcpu_id, offset, size)
+
+    def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        self._write(vcpu_id, offset, size, value)
+
+
+class Eiointc(Device):
+    """One VM's EIOINTC. Creation claims both IOCSR ranges, as kvm_eiointc_create does."""
+
+    def __init__(self, vm: VmApi) -> None:
+        super().__init__(vm)
+        self.num_cpu = 0
+        self.features = 0
+        self.status = 0
+        #: start offset -> register contents (little-endian int); COREISR lives in ``coreisr``.
+        self.regs: dict[int, int] = {start: 0 for start in REGISTERS if start != COREISR}
+        #: vcpu_id -> that vCPU's COREISR (256 bits), created on first touch.
+        self.coreisr: dict[int, int] = {}
+        #: irq -> vcpu_id it is delivered to (u8 in the kernel; every route starts at vcpu 0).
+        self.sw_coremap: list[int] = [0] * EIOINTC_IRQS
+        #: vcpu_id -> per-ip 256-bit sets of irqs asserted there; a line is up iff its set is.
+        self.sw_coreisr: dict[int, list[int]] = {}
+        self.main_window = _Window(self._guest_read, self._guest_write)
+        self.virt_window = _Window(self._virt_read, self._virt_write)
+        vm.claim_iocsr(EIOINTC_BASE, EIOINTC_SIZE, self.main_window)
+        vm.claim_iocsr(EIOINTC_VIRT_BASE, EIOINTC_VIRT_SIZE, self.virt_window)
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def coremap_byte(self, irq: int) -> int:
+        return (self.regs[COREMAP] >> (8 * irq)) & 0xFF
+
+    def decode_coremap_byte(self, byte: int) -> int:
+        """The physical CPUID a coremap byte names.
+
+        Bitmap mode addresses at most 4 CPUs and the lowest set bit wins; an empty byte or one
+        naming CPUs 4..7 falls back to CPUID 0 (b97bd69eb0f6, where ffs(0) - 1 used to index
+        phys_map[-1]). CPU_ENCODE mode is the virt extension's way to reach 256 CPUs.
+        """
+        if _bit(self.status, STATUS_ENABLE_CPU_ENCODE):
+            return byte
+        cpuid = _ctz(byte)
+        return cpuid if 0 <= cpuid < 4 else 0
+
+    def ipnum(self, irq: int) -> int:
+        """The HWI line (0..7) of ``irq``'s group of 32, decoded from IPMAP at each use.
+
+        Decoding at use rather than caching mirrors the kernel: an IPMAP write does not move
+        lines already up, and lowering afterwards acts on the new ip.
+        """
+        byte = (self.regs[IPMAP] >> (8 * (irq // 32))) & 0xFF
+        if _bit(self.status, STATUS_ENABLE_INT_ENCODE):
+            return min(byte, LOONGSON_IP_NUM - 1)  # kernel: unchecked, > 7 is out of bounds
+        ip = _ctz(byte)
+        return ip if 0 <= ip < 4 else 0
+
+    # --- routing core (eiointc_update_irq / update_sw_coremap / set_irq) ------------------------
+
+    def update_irq(self, irq: int, level: int) -> None:
+        """Assert or deassert ``irq`` on its routed vCPU, sharing lines per (vCPU, ip).
+
+        Only the first irq on a line raises it and only the last one lowers it, which is why
+        sw_coreisr is kept per ip rather than recomputed from COREISR.
+        """
+        ip = self.ipnum(irq)
+        vid = self.sw_coremap[irq]
+        if not self.vm.vcpu_exists(vid):
+            return  # kernel: kvm_err("invalid target cpu") and drop
+        bit = 1 << irq
+        pending = self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)
+        if level:
+            if not _bit(self.regs[ENABLE], irq):
+                return
+            self.coreisr[vid] = self.coreisr.get(vid, 0) | bit
+            found = pending[ip] != 0
+            pending[ip] |= bit
+        else:
+            self.coreisr[vid] = self.coreisr.get(vid, 0) & ~bit
+            pending[ip] &= ~bit
+            found = pending[ip] != 0
+        if found:
+            return
+        if level:
+            self.vm.queue_irq(vid, INT_HWI0 + ip)
+        else:
+            self.vm.dequeue_irq(vid, INT_HWI0 + ip)
+
+    def update_sw_coremap(self, first_irq: int, value: int, nbytes: int, notify: bool) -> None:
+        """Resolve coremap bytes to vcpu_ids; an unmapped CPUID leaves that irq's route alone."""
+        for i in range(nbytes):
+            irq = first_irq + i
+            cpuid = self.decode_coremap_byte((value >> (8 * i)) & 0xFF)
+            vid = self.vm.vcpu_by_phyid(cpuid)
+            if vid is None or self.sw_coremap[irq] == vid:
+                continue
+            if notify and _bit(self.regs[ISR], irq):
+                self.update_irq(irq, 0)  # lower on the old vCPU, raise on the new one
+                self.sw_coremap[irq] = vid
+                self.update_irq(irq, 1)
+            else:
+                self.sw_coremap[irq] = vid
+
+    def set_input(self, line: int, level: int) -> None:
+        """eiointc_set_irq: the entry point for PCH-PIC and MSI. ISR tracks the input level."""
+        if not 0 <= line < EIOINTC_IRQS:
+            raise KvmError("EINVAL", f"EIOINTC has irqs 0..{EIOINTC_IRQS - 1}, not {line}")
+        if level:
+            self.regs[ISR] |= 1 << line
+        else:
+            self.regs[ISR] &= ~(1 << line)
+        self.update_irq(line, 1 if level else 0)
+
+    def _rebuild_sw_coreisr(self) -> None:
+        """LOAD_FINISHED's eiointc_set_sw_coreisr, with the decoded byte (decision 6)."""
+        for irq in range(EIOINTC_IRQS):
+            ip = self.ipnum(irq)
+            vid = self.vm.vcpu_by_phyid(self.decode_coremap_byte(self.coremap_byte(irq)))
+            if vid is None:
+                continue
+            pending = self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)
+            if _bit(self.coreisr.get(vid, 0), irq):
+                pending[ip] |= 1 << irq
+            else:
+                pending[ip] &= ~(1 << irq)
+
+    # --- guest access: main block ---------------------------------------------------------------
+
+    @staticmethod
+    def _locate(offset: int) -> int | None:
+        for start, size in REGISTERS.items():
+            if start <= offset < start + size:
+                return start
+        return None
+
+    def _load(self, start: int, cpu: int) -> int:
+        return self.coreisr.get(cpu, 0) if start == COREISR else self.regs[start]
+
+    def _guest_read(self, vcpu_id: int, offset: int, size: int) -> int:
+        if size not in _SIZES or offset % size:
+            return 0
+        shift = offset & 7
+        word = offset - shift
+        start = self._locate(word)
+        if start is None or start == ISR:  # ISR is attr-only
+            return 0
+        data = (self._load(start, vcpu_id) >> (8 * (word - start))) & U64_MAX
+        return (data >> (8 * shift)) & ((1 << (8 * size)) - 1)
+
+    def _guest_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        if size not in _SIZES or offset % size:
+            return
+        shift = offset & 7
+        word = offset - shift
+        start = self._locate(word)
+        if start is None or start == ISR:
+            return
+        field = (1 << (8 * size)) - 1
+        pos = 8 * (word - start) + 8 * shift  # bit position of the store inside the register
+        mask = field << pos
+        data = (value & field) << pos
+        if start == COREISR:
+            old = self.coreisr.get(vcpu_id, 0)
+            cleared = old & data  # write 1 to clear
+            self.coreisr[vcpu_id] = old & ~data
+            for irq in _set_bits(cleared):
+                self.update_irq(irq, 0)  # acts on sw_coremap[irq], maybe not the writer
+            return
+        old = self.regs[start]
+        new = (old & ~mask) | data
+        self.regs[start] = new
+        if start == ENABLE:
+            isr = self.regs[ISR]
+            for irq in _set_bits(new & ~old & isr):
+                self.update_irq(irq, 1)
+            for irq in _set_bits(~new & old & isr):
+                self.update_irq(irq, 0)
+        elif start == COREMAP:
+            first = word - COREMAP  # one byte per irq: the whole 8-byte word is re-resolved
+            self.update_sw_coremap(first, (new >> (8 * first)) & U64_MAX, 8, notify=True)
+        # NODETYPE, IPMAP and BOUNCE are stored only; IPMAP does not re-route pending irqs.
+
+    # --- guest access: virt extension -----------------------------------------------------------
+
+    def _virt_read(self, vcpu_id: int, offset: int, size: int) -> int:
+        if offset == VIRT_FEATURES:
+            data = self.features
+        elif offset == VIRT_CONFIG:
+            data = self.status
+        else:
+            return 0
+        return data & ((1 << (8 * min(size, 4))) - 1)
+
+    def _virt_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        """CONFIG: the kernel reads a u32 from the source register whatever the store width."""
+        if offset != VIRT_CONFIG:
+            return  # FEATURES is read-only
+        value &= U32_MAX
+        if _bit(self.status, STATUS_ENABLE) and value:
+            return  # features are chosen while disabled; only a write of 0 gets through
+        self.status = value & self.features
+
+    # --- device attrs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _u32(value: int, what: str) -> int:
+        if not 0 <= value <= U32_MAX:
+            raise KvmError("EINVAL", f"EIOINTC {what} is a u32; {value:#x} does not fit")
+        return value
+
+    def _regs_slot(self, attr: int) -> tuple[int, int, int]:
+        """(register start, cpu, byte offset in the register) of a REGS attr's 4 bytes.
+
+        The kernel reads the attr into an int, so bits 32 and up are dropped; a cpu field with
+        bit 15 set (negative there, an out-of-bounds index) is simply >= num_cpu here.
+        """
+        cpu = (attr & U32_MAX) >> 16
+        off = attr & 0xFFFF
+        start = self._locate(off)
+        if start is None:
+            raise KvmError("EINVAL", f"EIOINTC has no register at offset {off:#x}")
+        if start == COREISR and cpu >= self.num_cpu:
+            raise KvmError(
+                "EINVAL", f"EIOINTC COREISR attr for cpu {cpu}, but num_cpu is {self.num_cpu}"
+            )
+        return start, cpu, (off - start) // 4 * 4
+
+    def get_attr(self, group: int, attr: int) -> int:
+        if group == GRP_REGS:
+            start, cpu, byte = self._regs_slot(attr)
+            return (self._load(start, cpu) >> (8 * byte)) & U32_MAX
+        if group == GRP_SW_STATUS:
+            which = attr & 0xFFFF
+            if which == SW_STATUS_NUM_CPU:
+                return self.num_cpu
+            if which == SW_STATUS_FEATURE:
+                return self.features
+            if which == SW_STATUS_STATE:
+                return self.status
+            raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
+        raise KvmError("EINVAL", f"EIOINTC cannot read attr group {group:#x}")
+
+    def set_attr(self, group: int, attr: int, value: int) -> None:
+        if group == GRP_CTRL:
+            self._ctrl(attr, value)
+        elif group == GRP_REGS:
+            start, cpu, byte = self._regs_slot(attr)
+            self._u32(value, "register attr")
+            keep = ~(U32_MAX << (8 * byte))
+            new = (self._load(start, cpu) & keep) | (value << (8 * byte))
+            if start == COREISR:
+                self.coreisr[cpu] = new
+            else:
+                self.regs[start] = new  # raw copy: nothing is re-routed or re-delivered
+        elif group == GRP_SW_STATUS:
+            which = attr & 0xFFFF
+            if which not in (SW_STATUS_NUM_CPU, SW_STATUS_FEATURE, SW_STATUS_STATE):
+                raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
+            self._u32(value, "SW_STATUS attr")
+            if which == SW_STATUS_STATE:
+                self.status = value
+            # NUM_CPU and FEATURE are read-only here; the kernel accepts and ignores writes.
+        else:
+            raise KvmError("EINVAL", f"EIOINTC has no attr group {group:#x}")
+
+    def _ctrl(self, attr: int, value: int) -> None:
+        if attr == CTRL_INIT_NUM_CPU:
+            if self._u32(value, "INIT_NUM_CPU") > ROUTE_MAX_VCPUS:
+                raise KvmError(
+                    "EINVAL", f"EIOINTC routes at most {ROUTE_MAX_VCPUS} vCPUs, not {value}"
+                )
+            self.num_cpu = value
+        elif attr == CTRL_INIT_FEATURE:
+            self.features = self._u32(value, "INIT_FEATURE")
+            if not _bit(self.features, HAS_VIRT_EXTENSION):
+                self.status |= 1 << STATUS_ENABLE  # without the extension it is always on
+        elif attr == CTRL_LOAD_FINISHED:
+            # After a state restore: rebuild the derived routing, without touching any line
+            # (the vCPUs' own interrupt state is restored separately).
+            self._rebuild_sw_coreisr()
+            coremap = self.regs[COREMAP]
+            for first in range(0, EIOINTC_IRQS, 8):
+                word = (coremap >> (8 * first)) & U64_MAX
+                self.update_sw_coremap(first, word, 8, notify=False)
+        # other CTRL attrs are accepted and ignored, as in the kernel
+
+    # --- lifecycle and introspection -------------------------------------------------------------
+
+    def vcpu_destroyed(self, vcpu_id: int) -> None:
+        self.sw_coreisr.pop(vcpu_id, None)
+
+    def implied_lines(self) -> dict[int, int]:
+        """Per vCPU, the INT_* lines sw_coreisr says are up: the daemon's consistency check."""
+        lines: dict[int, int] = {}
+        for vid in self.vm.vcpu_ids():
+            mask = 0
+            for ip, pending in enumerate(self.sw_coreisr.get(vid, ())):
+                if pending:
+                    mask |= 1 << (INT_HWI0 + ip)
+            lines[vid] = mask
+        return lines
+
+
+@hookimpl
+def lvz_device_types() -> list[DeviceType]:
+    return [DeviceType(DEV_EIOINTC, KVM_DEV_TYPE_LOONGARCH_EIOINTC, Eiointc)]

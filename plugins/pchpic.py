@@ -1,0 +1,249 @@
+"""PCH-PIC: the bridge interrupt controller that turns 64 device pins into EIOINTC irqs.
+
+Follows the newest upstream ``arch/loongarch/kvm/intc/pch_pic.c`` (SEMANTICS.md §10): a pin's
+level lands in IRR; an unmasked pin in IRR sets ISR and drives EIOINTC input
+``htmsi_vector[pin]``; edge pins are only cleared by a guest CLEAR write. The chip never touches
+a vCPU line itself, so it reaches EIOINTC only through ``vm.set_chip_input`` (the kernel's lock
+order pch -> eiointc), and it claims its MMIO window only when the VMM sets CTRL_INIT.
+
+Guest access works on 8-byte words like the kernel: the alignment check is on the absolute
+address (``(base + offset) & (size - 1)``), the register is found by the offset rounded down to
+8, and a read returns that word shifted by ``offset & 7``, masked to ``size`` (the daemon
+sign-extends). AUTO_CTRL0/1 read 0 to the guest whatever the attrs stored, as in the kernel.
+
+Deliberate differences: ``set_input`` rejects pins outside 0..63 with EINVAL (kernel callers
+check this before; a bad pin there would shift past the u64), attr values wider than the
+register are EINVAL instead of silently truncated, and a registration failure of CTRL_INIT is
+reported as EFAULT (as the kernel does) with lvz's reason in the message.
+"""
+
+from __future__ import annotations
+
+from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.hookspecs import hookimpl
+from lvz.protocol.constants import (
+    DEV_EIOINTC,
+    DEV_PCHPIC,
+    KVM_DEV_TYPE_LOONGARCH_PCHPIC,
+    KVM_IRQCHIP_NUM_PINS,
+    U32_MAX,
+    U64_MAX,
+)
+from lvz.protocol.errors import KvmError
+
+__all__ = ["PchPic", "lvz_device_types"]
+
+# --- layout (kvm_pch_pic.h) ----------------------------------------------------------------------
+
+PCH_PIC_SIZE = 0x3E8
+
+INT_ID = 0x000
+MASK = 0x020
+HTMSI_EN = 0x040
+EDGE = 0x060
+CLEAR = 0x080
+AUTO_CTRL0 = 0x0C0
+AUTO_CTRL1 = 0x0E0
+ROUTE_ENTRY = 0x100  # u8 x 64
+HTMSI_VEC = 0x200  # u8 x 64
+INT_IRR = 0x380
+INT_ISR = 0x3A0
+POLARITY = 0x3E0
+
+PINS = KVM_IRQCHIP_NUM_PINS  # 64
+IRQ_NUM = 32  # pins the ID register advertises and the defaults cover
+INT_ID_VAL = 0x7
+INT_ID_VER = 0x1
+#: union pch_pic_id: byte 3 = id, byte 4 = version, byte 6 = irq_num - 1.
+ID_WORD = (INT_ID_VAL << 24) | (INT_ID_VER << 32) | ((IRQ_NUM - 1) << 48)
+
+#: The 8-byte registers device attrs and (most) guest accesses reach by name.
+WORD_REGS = (MASK, HTMSI_EN, EDGE, AUTO_CTRL0, AUTO_CTRL1, INT_IRR, INT_ISR, POLARITY)
+
+GRP_REGS = 0x40000005
+GRP_CTRL = 0x40000006
+CTRL_INIT = 0
+
+_SIZES = (1, 2, 4, 8)
+
+
+def _set_bits(value: int) -> list[int]:
+    """Set bit numbers, ascending: the kernel's for_each_set_bit order."""
+    out = []
+    while value:
+        low = value & -value
+        out.append(low.bit_length() - 1)
+        value ^= low
+    return out
+
+
+class PchPic(Device):
+    """One VM's PCH-PIC. It is its own MMIO handler, so re-running CTRL_INIT moves the window."""
+
+    def __init__(self, vm: VmApi) -> None:
+        super().__init__(vm)
+        self.base: int | None = None
+        #: start offset -> value, for the 8-byte registers; mask starts all ones (all masked).
+        self.regs: dict[int, int] = dict.fromkeys(WORD_REGS, 0)
+        self.regs[MASK] = U64_MAX
+        self.route_entry = bytearray(PINS)
+        self.htmsi_vector = bytearray(PINS)
+        for pin in range(IRQ_NUM):
+            self.route_entry[pin] = 1
+            self.htmsi_vector[pin] = pin  # pins 32..63 stay 0: they all reach EIOINTC irq 0
+
+    # --- pins (pch_pic_set_irq / pch_pic_update_irq) --------------------------------------------
+
+    def set_input(self, line: int, level: int) -> None:
+        """A device pin changed. Edge pins latch: a low level does not clear IRR."""
+        if not 0 <= line < PINS:
+            raise KvmError("EINVAL", f"PCH-PIC has pins 0..{PINS - 1}, not {line}")
+        bit = 1 << line
+        if level:
+            self.regs[INT_IRR] |= bit
+        else:
+            if self.regs[EDGE] & bit:
+                return
+            self.regs[INT_IRR] &= ~bit
+        self.update(line, 1 if level else 0)
+
+    def update(self, pin: int, level: int) -> None:
+        """Forward a pin to EIOINTC when it becomes deliverable or stops being requested.
+
+        Lowering asks only that the request is gone (ISR & ~IRR), not that the pin is unmasked:
+        masking a pin that is still high does not lower it.
+        """
+        bit = 1 << pin
+        if level:
+            if not bit & self.regs[INT_IRR] & ~self.regs[MASK]:
+                return
+            self.regs[INT_ISR] |= bit
+        else:
+            if not bit & self.regs[INT_ISR] & ~self.regs[INT_IRR]:
+                return
+            self.regs[INT_ISR] &= ~bit
+        self.vm.set_chip_input(DEV_EIOINTC, self.htmsi_vector[pin], level)
+
+    def _update_batch(self, pins: int, level: int) -> None:
+        for pin in _set_bits(pins):
+            self.update(pin, level)
+
+    # --- guest MMIO (IoHandler) -----------------------------------------------------------------
+
+    def _aligned(self, offset: int, size: int) -> bool:
+        base = self.base or 0
+        return size in _SIZES and not (base + offset) & (size - 1)
+
+    def read(self, vcpu_id: int, offset: int, size: int) -> int:
+        if not self._aligned(offset, size):
+            return 0
+        shift = offset & 7
+        word = offset - shift
+        data = 0
+        if word == INT_ID:
+            data = ID_WORD
+        elif word in (MASK, HTMSI_EN, EDGE, INT_IRR, INT_ISR, POLARITY):
+            data = self.regs[word]
+        elif ROUTE_ENTRY <= word < ROUTE_ENTRY + PINS:
+            i = word - ROUTE_ENTRY
+            data = int.from_bytes(self.route_entry[i : i + 8], "little")
+        elif HTMSI_VEC <= word < HTMSI_VEC + PINS:
+            i = word - HTMSI_VEC
+            data = int.from_bytes(self.htmsi_vector[i : i + 8], "little")
+        # AUTO_CTRL0/1 (fixed distribution mode only), CLEAR and the rest read 0
+        return (data >> (8 * shift)) & ((1 << (8 * size)) - 1)
+
+    def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        if not self._aligned(offset, size):
+            return
+        shift = offset & 7
+        word = offset - shift
+        field = (1 << (8 * size)) - 1
+        mask = (field << (8 * shift)) & U64_MAX
+        data = ((value & field) << (8 * shift)) & U64_MAX
+        if word == MASK:
+            old = self.regs[MASK]
+            self.regs[MASK] = (old & ~mask) | data
+            # The kernel compares against the written data, not the merged value; bits outside
+            # the store stay masked, so update() finds nothing to do for them either way.
+            self._update_batch(old & ~data, 1)
+            self._update_batch(~old & data, 0)
+        elif word in (HTMSI_EN, EDGE, POLARITY):
+            self.regs[word] = (self.regs[word] & ~mask) | data
+        elif word == CLEAR:
+            cleared = self.regs[INT_IRR] & self.regs[EDGE] & data
+            if cleared:
+                self.regs[INT_IRR] &= ~cleared
+                self._update_batch(cleared, 0)
+        elif HTMSI_VEC <= word < HTMSI_VEC + PINS:
+            i = word - HTMSI_VEC
+            old = int.from_bytes(self.htmsi_vector[i : i + 8], "little")
+            self.htmsi_vector[i : i + 8] = ((old & ~mask) | data).to_bytes(8, "little")
+        # ID, AUTO_CTRL0/1, ROUTE_ENTRY (only EIOINTC is routed to), IRR and ISR: ignored
+
+    # --- device attrs ---------------------------------------------------------------------------
+
+    def get_attr(self, group: int, attr: int) -> int:
+        if group != GRP_REGS:
+            raise KvmError("EINVAL", f"PCH-PIC cannot read attr group {group:#x}")
+        reg, index = self._regs_slot(attr)
+        if reg == ROUTE_ENTRY:
+            return self.route_entry[index]
+        if reg == HTMSI_VEC:
+            return self.htmsi_vector[index]
+        return self.regs[reg]
+
+    def set_attr(self, group: int, attr: int, value: int) -> None:
+        if group == GRP_CTRL:
+            if attr != CTRL_INIT:
+                raise KvmError("EINVAL", f"PCH-PIC has no CTRL attr {attr:#x}")
+            self._init(value)
+            return
+        if group != GRP_REGS:
+            raise KvmError("EINVAL", f"PCH-PIC has no attr group {group:#x}")
+        reg, index = self._regs_slot(attr)
+        limit = 0xFF if reg in (ROUTE_ENTRY, HTMSI_VEC) else U64_MAX
+        if not 0 <= value <= limit:
+            raise KvmError(
+                "EINVAL", f"PCH-PIC attr {attr:#x} holds {limit.bit_length() // 8} byte(s)"
+            )
+        # Raw copy, as for a state restore: nothing is forwarded to EIOINTC.
+        if reg == ROUTE_ENTRY:
+            self.route_entry[index] = value
+        elif reg == HTMSI_VEC:
+            self.htmsi_vector[index] = value
+        else:
+            self.regs[reg] = value
+
+    @staticmethod
+    def _regs_slot(attr: int) -> tuple[int, int]:
+        """(register, byte index) of a REGS attr; exact offsets only (kernel: an int switch)."""
+        off = attr & U32_MAX
+        if off in WORD_REGS:
+            return off, 0
+        if ROUTE_ENTRY <= off < ROUTE_ENTRY + PINS:
+            return ROUTE_ENTRY, off - ROUTE_ENTRY
+        if HTMSI_VEC <= off < HTMSI_VEC + PINS:
+            return HTMSI_VEC, off - HTMSI_VEC
+        raise KvmError("EINVAL", f"PCH-PIC has no register attr at {attr:#x}")
+
+    def _init(self, base: int) -> None:
+        """CTRL_INIT: (re)place the MMIO window at ``base``."""
+        if not 0 <= base <= U64_MAX:
+            raise KvmError("EINVAL", f"PCH-PIC base {base:#x} is not a u64")
+        try:
+            self.vm.claim_mmio(base, PCH_PIC_SIZE, self)
+        except KvmError as exc:
+            raise KvmError("EFAULT", f"PCH-PIC MMIO at {base:#x}: {exc.message}") from exc
+        self.base = base
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def implied_lines(self) -> dict[int, int]:
+        """PCH-PIC drives no vCPU line; everything it asserts goes through EIOINTC."""
+        return {}
+
+
+@hookimpl
+def lvz_device_types() -> list[DeviceType]:
+    return [DeviceType(DEV_PCHPIC, KVM_DEV_TYPE_LOONGARCH_PCHPIC, PchPic)]
