@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ def sock_dir() -> Iterator[Path]:
     """A short directory: AF_UNIX paths must stay under 108 bytes, pytest's tmp_path may not."""
     d = Path(tempfile.mkdtemp(prefix="lvz", dir="/tmp"))
     try:
-        yield d
+        return d
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -31,7 +31,7 @@ def serve_config(sock_dir: Path) -> ServeConfig:
 
 
 @pytest.fixture
-async def daemon(nursery: trio.Nursery, serve_config: ServeConfig) -> AsyncIterator[Daemon]:
+async def daemon(nursery: trio.Nursery, serve_config: ServeConfig) -> Daemon:
     """A daemon served from this test's trio run; ``daemon.config.socket`` is its path."""
     d: Daemon = await nursery.start(serve, serve_config, load_plugins())
-    yield d
+    return d
