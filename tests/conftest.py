@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,8 @@ import trio
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
 from lvz.daemon.server import Daemon, serve
+
+from .rawwire import Raw
 
 
 @pytest.fixture
@@ -35,3 +37,21 @@ async def daemon(nursery: trio.Nursery, serve_config: ServeConfig) -> Daemon:
     """A daemon served from this test's trio run; ``daemon.config.socket`` is its path."""
     d: Daemon = await nursery.start(serve, serve_config, load_plugins())
     return d
+
+
+Connect = Callable[..., Awaitable[Raw]]
+
+
+@pytest.fixture
+async def connect(daemon: Daemon) -> AsyncIterator[Connect]:
+    """Open raw protocol connections to ``daemon`` (or another path); all closed afterwards."""
+    opened: list[Raw] = []
+
+    async def _open(path: Path | None = None) -> Raw:
+        raw = await Raw.open(path or daemon.config.socket)
+        opened.append(raw)
+        return raw
+
+    yield _open
+    for raw in opened:
+        await raw.aclose()

@@ -1,0 +1,261 @@
+"""The daemon over a real socket: framing errors, check order, handles, events, vcpu.run.
+
+These talk raw protocol on purpose: they send what a well-behaved client never would.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgpack
+import trio
+
+from lvz.daemon.server import Daemon
+from lvz.protocol import Notification, Response, regs
+
+from .conftest import Connect
+from .rawwire import Raw
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+async def make_vm(raw: Raw, **kw: object) -> tuple[int, list[int]]:
+    vm = (await raw.ok("kvm.create_vm", **kw))["vm"]
+    vcpus = [(await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"] for i in range(3)]
+    return vm, vcpus
+
+
+async def snapshot(raw: Raw, vm: int, vcpus: list[int]) -> tuple[object, ...]:
+    m = await raw.ok("vm.phyid_map", vm=vm)
+    cpuids = [(await raw.ok("vcpu.get_one_reg", vcpu=v, id=regs.CPUID))["value"] for v in vcpus]
+    return m["limit"], m["entries"], cpuids
+
+
+async def test_socket_is_private(daemon: Daemon, connect: Connect) -> None:
+    mode = os.stat(daemon.config.socket).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+async def test_garbage_closes_only_that_connection(connect: Connect) -> None:
+    good = await connect()
+    vm, vcpus = await make_vm(good, name="keep")
+    await good.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.CPUID, value=9)
+    before = await snapshot(good, vm, vcpus)
+    for junk in (b"\xc1\xc1\xc1", pack(msgpack.ExtType(5, b"x")), b"\x93" + b"\xc1"):
+        bad = await connect()
+        await bad.send(junk)
+        ev = await bad.next_event()
+        assert isinstance(ev, Notification)
+        assert ev.event == "protocol_error"
+        assert ev.params["name"] == "EPROTO"
+        assert await bad.next_event() is None  # the daemon closed it
+    assert await snapshot(good, vm, vcpus) == before
+
+
+async def test_oversized_message_is_refused_and_closed(connect: Connect) -> None:
+    bad = await connect()
+    await bad.send(pack([0, 1, "hello", {"protocol": 1, "client": "x" * (1 << 20)}]))
+    ev = await bad.next_event()
+    assert isinstance(ev, Notification)
+    assert ev.params["name"] == "E2BIG"
+    other = await connect()
+    assert (await other.ok("kvm.get_api_version"))["version"] == 12
+
+
+async def test_half_a_message_then_disconnect(connect: Connect) -> None:
+    good = await connect()
+    vm, vcpus = await make_vm(good)
+    before = await snapshot(good, vm, vcpus)
+    for _ in range(5):
+        half = await connect()
+        await half.send(pack([0, 1, "kvm.create_vm", {"name": "half"}])[:9])
+        await half.aclose()
+    await trio.sleep(0.05)
+    assert await snapshot(good, vm, vcpus) == before
+    assert await good.err("kvm.open_vm", name="half") == "ENOENT"
+
+
+async def test_malformed_but_valid_msgpack_keeps_the_connection(connect: Connect) -> None:
+    raw = await connect()
+    await raw.send(pack("just a string"))
+    ev = await raw.next_event()
+    assert isinstance(ev, Notification)
+    assert ev.event == "protocol_error"
+    assert ev.params == {"errno": 74, "name": "EBADMSG", "message": ev.params["message"]}
+    await raw.send(pack([0, 42, 7, {}]))
+    ev = await raw.next_event()
+    assert isinstance(ev, Response)
+    assert ev.msgid == 42
+    assert ev.error is not None
+    assert ev.error.name == "EBADMSG"
+    assert (await raw.ok("kvm.get_api_version"))["version"] == 12
+
+
+async def test_checks_come_in_protocol_order(connect: Connect) -> None:
+    raw = await connect()
+    vm, vcpus = await make_vm(raw)
+    assert await raw.err("vcpu.nope", vcpu=99) == "ENOTTY"  # unknown method before handles
+    assert await raw.err("vcpu.get_one_reg", vcpu=99, id="x") == "EINVAL"  # params before handles
+    assert await raw.err("vcpu.get_one_reg", vcpu=99, id=regs.CPUID) == "EBADF"
+    assert await raw.err("vcpu.get_one_reg", vcpu=vm, id=regs.CPUID) == "ENOTTY"
+    assert await raw.err("vm.phyid_map", vm=vcpus[0]) == "ENOTTY"
+    assert await raw.err("vcpu.get_one_reg", vcpu=vcpus[0], id=regs.csr_id(0x800)) == "EINVAL"
+    assert await raw.err("hello", protocol=2) == "EPROTONOSUPPORT"
+    hello = await raw.ok("hello", protocol=1)
+    assert hello["protocol"] == 1
+    assert hello["device_types"] == ["loongarch-eiointc", "loongarch-ipi", "loongarch-pchpic"]
+    assert "vcpu.run" in hello["methods"]
+
+
+async def test_unnamed_vm_lives_while_any_handle_does(connect: Connect) -> None:
+    a = await connect()
+    observer = await connect()
+    vm = (await a.ok("kvm.create_vm"))["vm"]
+    vcpu = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=4))["vcpu"]
+    await a.ok("close", handle=vm)
+    assert await a.err("vm.phyid_map", vm=vm) == "EBADF"
+    assert len((await observer.ok("kvm.list_vms"))["vms"]) == 1  # the vCPU handle keeps it
+    assert (await a.ok("vcpu.get_one_reg", vcpu=vcpu, id=regs.TMID))["value"] == 4
+    await a.ok("close", handle=vcpu)
+    assert (await observer.ok("kvm.list_vms"))["vms"] == []
+    assert await a.err("close", handle=vcpu) == "EBADF"
+
+
+async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
+    a = await connect()
+    vm = (await a.ok("kvm.create_vm", name="shared", max_phyid=4096))["vm"]
+    v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
+    await a.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=4000)
+    await a.aclose()
+    await trio.sleep(0.05)
+    b = await connect()
+    assert await b.err("kvm.create_vm", name="shared") == "EEXIST"
+    assert await b.err("kvm.create_vm", name="") == "EINVAL"
+    assert await b.err("kvm.create_vm", max_phyid=65537) == "EINVAL"
+    assert await b.err("kvm.create_vm", max_phyid=0) == "EINVAL"
+    vm2 = (await b.ok("kvm.open_vm", name="shared"))["vm"]
+    assert await b.ok("vm.phyid_map", vm=vm2) == {"limit": 4096, "entries": [[4000, 300]]}
+    assert (await b.ok("vm.phyid_lookup", vm=vm2, phyid=4000))["vcpu_id"] == 300
+    v2 = (await b.ok("vm.open_vcpu", vm=vm2, vcpu_id=300))["vcpu"]
+    await b.ok("vm.destroy", vm=vm2)
+    for method, params in (("vm.phyid_map", {"vm": vm2}), ("close", {"handle": vm2}),
+                           ("vcpu.get_one_reg", {"vcpu": v2, "id": regs.CPUID})):
+        assert await b.err(method, **params) == "EBADF"
+    assert await b.err("kvm.open_vm", name="shared") == "ENOENT"
+    fresh = (await b.ok("kvm.create_vm"))["vm"]
+    assert fresh > v2  # handle numbers are never reused on a connection
+
+
+async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
+        connect: Connect) -> None:
+    raw = await connect()
+    vm, vcpus = await make_vm(raw)
+    await raw.ok("vm.subscribe", vm=vm)
+    await raw.ok("vm.subscribe", vm=vm)  # again: a no-op, still one event per change
+    vm_again = (await raw.ok("vm.info", vm=vm))
+    assert vm_again["vcpus"] == [0, 1, 2]
+    msgid, data = raw.conn.send_request("vcpu.interrupt", {"vcpu": vcpus[2], "irq": 5})
+    await raw.send(data)
+    ev = await raw.next_event()
+    assert isinstance(ev, Notification)
+    assert ev.params == {"vm": vm, "vcpu_id": 2, "irq": 5, "level": 1, "seq": 1}
+    ev = await raw.next_event()
+    assert isinstance(ev, Response)
+    assert ev.msgid == msgid
+    await raw.ok("vcpu.interrupt", vcpu=vcpus[2], irq=5)  # already up: no event
+    await raw.ok("vcpu.interrupt", vcpu=vcpus[2], irq=-5)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[0], id=regs.ESTAT, value=(1 << 12) | 2)
+    await raw.ok("vcpu.csr_xchg", vcpu=vcpus[0], csr=5, value=0, mask=3)
+    got = [(n.params["vcpu_id"], n.params["irq"], n.params["level"], n.params["seq"])
+           for n in raw.notifications]
+    assert got == [(2, 5, 0, 2), (0, 1, 1, 3), (0, 12, 1, 4), (0, 1, 0, 5)]
+
+
+async def test_vcpu_run_waits_without_blocking_later_requests(connect: Connect) -> None:
+    raw = await connect()
+    _vm, vcpus = await make_vm(raw)
+    run_id, data = raw.conn.send_request("vcpu.run", {"vcpu": vcpus[1], "timeout": 10})
+    await raw.send(data)
+    assert await raw.err("vcpu.run", vcpu=vcpus[1], timeout=1) == "EBUSY"
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.CPUID, value=3)
+    await raw.ok("vcpu.hypercall", vcpu=vcpus[0], code=0x100, args=[1, 1, 0, 3])  # PV IPI
+    r = await raw.response(run_id)
+    assert r.result == {"exit_reason": "irq", "estat": 1}
+    # a line already up: returns at once; no line: times out
+    assert (await raw.ok("vcpu.run", vcpu=vcpus[1], timeout=5))["exit_reason"] == "irq"
+    assert (await raw.ok("vcpu.run", vcpu=vcpus[2], timeout=0.01)) == {
+        "exit_reason": "timeout", "estat": 0}
+
+
+async def test_vcpu_run_ends_with_ebadf_on_destroy_and_close(connect: Connect) -> None:
+    raw = await connect()
+    _vm, vcpus = await make_vm(raw)
+    other = await connect()
+    waits = []
+    for v in vcpus[:2]:
+        msgid, data = raw.conn.send_request("vcpu.run", {"vcpu": v, "timeout": 30})
+        await raw.send(data)
+        waits.append(msgid)
+    await raw.ok("vcpu.destroy", vcpu=vcpus[0])
+    r = await raw.response(waits[0])
+    assert r.error is not None
+    assert r.error.name == "EBADF"
+    await raw.ok("close", handle=vcpus[1])
+    r = await raw.response(waits[1])
+    assert r.error is not None
+    assert r.error.name == "EBADF"
+    del other
+
+
+async def test_racing_connections_exactly_one_wins_a_phyid(connect: Connect) -> None:
+    owner = await connect()
+    vm = (await owner.ok("kvm.create_vm", name="race"))["vm"]
+    n = 24
+    clients = [await connect() for _ in range(n)]
+    handles = []
+    for i, c in enumerate(clients):
+        h = (await c.ok("kvm.open_vm", name="race"))["vm"]
+        handles.append((await c.ok("vm.create_vcpu", vm=h, vcpu_id=i))["vcpu"])
+    results: list[str | None] = []
+
+    async def attempt(c: Raw, v: int) -> None:
+        r = await c.call("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=77)
+        results.append(None if r.error is None else r.error.name)
+
+    async with trio.open_nursery() as nursery:
+        for c, v in zip(clients, handles, strict=True):
+            nursery.start_soon(attempt, c, v)
+    assert results.count(None) == 1
+    assert results.count("EINVAL") == n - 1
+    entries = (await owner.ok("vm.phyid_map", vm=vm))["entries"]
+    assert len(entries) == 1
+    assert entries[0][0] == 77
+
+
+async def test_limits_handles_and_vms(sock_dir: object, nursery: trio.Nursery,
+                                      connect: Connect) -> None:
+    from pathlib import Path
+
+    from lvz.daemon.config import ServeConfig
+    from lvz.daemon.host import load_plugins
+    from lvz.daemon.server import serve
+
+    assert isinstance(sock_dir, Path)
+    cfg = ServeConfig(socket=sock_dir / "l.sock", max_handles=4, max_vms=2, max_vcpus=2)
+    await nursery.start(serve, cfg, load_plugins())
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0)
+    await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=1)
+    await raw.ok("vm.open_vcpu", vm=vm, vcpu_id=1)
+    assert await raw.err("vm.open_vcpu", vm=vm, vcpu_id=0) == "EMFILE"
+    other = await connect(cfg.socket)
+    vm2 = (await other.ok("kvm.create_vm"))["vm"]
+    assert await other.err("kvm.create_vm") == "ENOSPC"
+    await other.ok("vm.create_vcpu", vm=vm2, vcpu_id=0)
+    await other.ok("vm.create_vcpu", vm=vm2, vcpu_id=255)
+    assert await other.err("vm.create_vcpu", vm=vm2, vcpu_id=7) == "EINVAL"  # max vCPUs
