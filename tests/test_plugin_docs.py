@@ -1,0 +1,35 @@
+"""docs/plugins.md documents every hook with its exact signature (datasette's docs test)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from lvz.plugins import hookspecs
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+
+
+def spec_signatures() -> dict[str, str]:
+    out = {}
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("lvz_"):
+            sig = inspect.signature(fn)
+            params = ", ".join(f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+            out[name] = f"{name}({params}) -> {sig.return_annotation}"
+    return out
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
+    documented = dict(re.findall(r"^### `((lvz_\w+)\(.*\) -> .*)`$", DOCS.read_text(), re.M))
+    documented = {name: sig for sig, name in documented.items()}
+    assert documented == spec_signatures()
+
+
+def test_hookspecs_are_typed_and_explained() -> None:
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("lvz_"):
+            assert fn.__doc__, name
+            assert all(p.annotation is not inspect.Parameter.empty
+                       for p in inspect.signature(fn).parameters.values()), name

@@ -1,0 +1,142 @@
+"""Plugins: entry-point loading, LVZ_PLUGINS, check_pending, and fault isolation over a socket."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lvz.daemon.config import ServeConfig
+from lvz.daemon.host import PluginLoadError, load_plugins
+from lvz.daemon.server import serve
+from lvz.plugins import Device, DeviceType, VmApi, hookimpl
+from lvz.protocol import regs
+
+from .conftest import Connect
+
+EXT = Path(__file__).resolve().parent / "extplugin"
+
+
+@pytest.fixture
+def doorbell_on_path(sock_dir: Path) -> Iterator[Path]:
+    """Make tests/extplugin an installed distribution: package + dist-info with entry points."""
+    site = sock_dir / "site"
+    shutil.copytree(EXT / "lvz_doorbell", site / "lvz_doorbell")
+    info = site / "lvz_doorbell-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lvz-doorbell\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[lvz.irqchips]\ndoorbell = lvz_doorbell\n")
+    sys.path.insert(0, str(site))
+    try:
+        yield site
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("lvz_doorbell", None)
+
+
+async def test_external_plugin_through_entry_points(
+        doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    host = load_plugins()
+    assert "doorbell" in [p.name for p in host.loaded]
+    cfg = ServeConfig(socket=sock_dir / "ext.sock")
+    await nursery.start(serve, cfg, host)
+    raw = await connect(cfg.socket)
+    assert "doorbell" in (await raw.ok("hello", protocol=1))["device_types"]
+    plugins = (await raw.ok("kvm.list_plugins"))["plugins"]
+    assert {"name": "doorbell", "version": "0.1.0", "dist": "lvz-doorbell",
+            "device_types": ["doorbell"]} in plugins
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    await raw.ok("vm.subscribe", vm=vm)
+    v0 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
+    v1 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=1))["vcpu"]
+    await raw.ok("vcpu.set_one_reg", vcpu=v1, id=regs.CPUID, value=42)
+    dev = (await raw.ok("vm.create_device", vm=vm, type="doorbell"))["device"]
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=42)  # rings phyid 42
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=7)  # nobody: ignored
+    assert [(n.params["vcpu_id"], n.params["irq"], n.params["level"])
+            for n in raw.notifications] == [(1, 11, 1)]
+    assert (await raw.ok("device.get_attr", device=dev, group=1, attr=0))["value"] == 1
+    assert await raw.err("device.get_attr", device=dev, group=2, attr=0) == "EINVAL"
+    assert (await raw.ok("vcpu.iocsr_read", vcpu=v0, addr=0x9000, size=4))["value"] == 1
+
+
+def test_lvz_plugins_restricts_what_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LVZ_PLUGINS", "loongarch-ipi, pv-ipi")
+    host = load_plugins()
+    assert sorted(p.name for p in host.loaded) == ["loongarch-ipi", "pv-ipi"]
+    assert sorted(host.device_types) == ["loongarch-ipi"]
+    monkeypatch.setenv("LVZ_PLUGINS", "loongarch-ipi,nonesuch")
+    with pytest.raises(PluginLoadError, match="nonesuch"):
+        load_plugins()
+
+
+class Misspelled:
+    @hookimpl
+    def lvz_device_type(self) -> list[DeviceType]:  # missing "s": no such hook
+        return []
+
+
+def test_hooks_without_a_spec_are_rejected() -> None:
+    with pytest.raises(PluginLoadError, match="lvz_device_type"):
+        load_plugins(allow=[], extra=[("typo", Misspelled())])
+
+
+class Faulty(Device):
+    def __init__(self, vm: VmApi) -> None:
+        super().__init__(vm)
+        self.writes = 0
+        vm.claim_iocsr(0x7000, 8, self)
+
+    def read(self, vcpu_id: int, offset: int, size: int) -> int:
+        return "garbage"  # type: ignore[return-value]
+
+    def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        self.writes += 1
+        raise ZeroDivisionError("boom")
+
+    def get_attr(self, group: int, attr: int) -> int:
+        return -5
+
+
+class FaultyPlugin:
+    @hookimpl
+    def lvz_device_types(self) -> list[DeviceType]:
+        return [DeviceType("faulty", 99, Faulty)]
+
+    @hookimpl
+    def lvz_hypercall(self, code: int) -> int | None:
+        if code == 0x777:
+            raise RuntimeError("hypercall bug")
+        return None
+
+
+async def test_a_failing_plugin_fails_only_that_request(
+        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    cfg = ServeConfig(socket=sock_dir / "f.sock")
+    await nursery.start(serve, cfg, load_plugins(extra=[("faulty-chip", FaultyPlugin())]))
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
+    await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=3)
+    ipi = (await raw.ok("vm.create_device", vm=vm, type="loongarch-ipi"))["device"]
+    dev = (await raw.ok("vm.create_device", vm=vm, type="faulty"))["device"]
+    for method, params in (
+        ("vcpu.iocsr_write", {"vcpu": v, "addr": 0x7000, "size": 4, "value": 1}),
+        ("vcpu.iocsr_read", {"vcpu": v, "addr": 0x7000, "size": 4}),
+        ("device.get_attr", {"device": dev, "group": 0, "attr": 0}),
+        ("vcpu.hypercall", {"vcpu": v, "code": 0x777, "args": []}),
+    ):
+        r = await raw.call(method, **params)
+        assert r.error is not None
+        assert r.error.name == "EIO", method
+        assert "faulty-chip" in r.error.message, r.error.message
+    # the VM's other state and the other chips are untouched
+    assert (await raw.ok("vm.phyid_map", vm=vm))["entries"] == [[3, 0]]
+    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=0x1040, size=4, value=(3 << 16) | 1)
+    assert (await raw.ok("vcpu.get_one_reg", vcpu=v, id=regs.ESTAT))["value"] == 1 << 12
+    assert (await raw.ok("device.get_attr", device=ipi, group=0x40000001, attr=0))["value"] == 2
+    assert (await raw.ok("vcpu.hypercall", vcpu=v, code=0x100, args=[1, 1, 0, 3]))["a0"] == 0
