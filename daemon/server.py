@@ -111,21 +111,31 @@ class Connection:
         self.out_bytes += len(data)
 
     def put_event(self, data: bytes) -> None:
-        """Queue a notification without ever blocking the VM that caused it."""
+        """Queue a notification without ever blocking the VM that caused it.
+
+        Past ``max_events`` unsent events the subscriber is not keeping up: the event is
+        dropped and counted, and the count goes out as one ``events_lost`` notification as
+        soon as the connection drains (the ``seq`` gap says which VM lost what).
+        """
         if self.closed:
             return
         if self.queued_events >= self.max_events:
             self.events_lost += 1
+            self.wakeup.unpark_all()
             return
-        if self.events_lost:
-            self.put(_packb([2, "events_lost", {"count": self.events_lost}]))
-            self.events_lost = 0
+        self._report_lost()
         self.queued_events += 1
         self.put(data)
         self.wakeup.unpark_all()
 
+    def _report_lost(self) -> None:
+        if self.events_lost:
+            self.put(_packb([2, "events_lost", {"count": self.events_lost}]))
+            self.events_lost = 0
+
     async def flush(self) -> None:
         async with self.send_lock:
+            self._report_lost()
             if not self.out:
                 return
             data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
@@ -137,7 +147,7 @@ class Connection:
     async def pump(self) -> None:
         """Write events that arrive while the reader is idle (waiting for the next request)."""
         while True:
-            while not self.out:
+            while not self.out and not self.events_lost:
                 await self.wakeup.park()
             await self.flush()
 
