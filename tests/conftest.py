@@ -16,6 +16,9 @@ from lvz.daemon.server import Daemon, serve
 
 from .rawwire import Raw
 
+# Subprocess daemons started the way a user starts them (`lvz serve`), for the sync client/CLI.
+pytest_plugins = ["tests.daemon_fixtures"]
+
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
