@@ -295,6 +295,19 @@ class Vm:
             return INSN_HVCL | KVM_HCALL_SWDBG
         raise KvmError("EINVAL", f"KVM register {reg_id:#x} cannot be read")
 
+    def reg_list(self, vcpu: Vcpu) -> list[int]:
+        """KVM_GET_REG_LIST's answer: every register that holds state, in a restorable order.
+
+        Only CSRs that were ever written take memory, so they are the ones listed; CPUCFG words
+        likewise, and the board counter (whose offset only vCPU 0 can set).
+        """
+        ids = [regs.csr_id(i) for i in sorted(vcpu.csrs)]
+        if vcpu.cpucfg:
+            ids += [regs.cpucfg_id(i) for i in sorted(vcpu.cpucfg)]
+        if vcpu.vcpu_id == 0:
+            ids.append(regs.COUNTER)
+        return ids
+
     def set_one_reg(self, vcpu: Vcpu, reg_id: int, value: int) -> None:
         cls, index = regs.decode(reg_id)
         if cls is regs.RegClass.CSR:

@@ -615,6 +615,11 @@ class Daemon:
         assert h is not None
         return {"value": h.vm.get_one_reg(h.obj, p["id"])}  # type: ignore[arg-type]
 
+    def m_vcpu_get_reg_list(self, conn: Connection, p: dict[str, Any],
+                            h: Handle | None) -> dict[str, Any]:
+        assert h is not None
+        return {"ids": h.vm.reg_list(h.obj)}  # type: ignore[arg-type]
+
     def m_vcpu_interrupt(self, conn: Connection, p: dict[str, Any],
                          h: Handle | None) -> dict[str, Any]:
         assert h is not None

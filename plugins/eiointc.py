@@ -91,6 +91,11 @@ GRP_CTRL = 0x40000004
 SW_STATUS_NUM_CPU = 0
 SW_STATUS_FEATURE = 1
 SW_STATUS_STATE = 2
+#: lvz extension: SW_STATUS attr ``(irq << 16) | SW_STATUS_ROUTE`` is sw_coremap[irq], the vcpu_id
+#: an irq is delivered to. The kernel keeps it private and LOAD_FINISHED re-derives it from the
+#: coremap bytes, which differs from the live route whenever a byte named an unmapped phyid when
+#: it was written; lvz snapshots save and restore it so a restored VM routes exactly as before.
+SW_STATUS_ROUTE = 0x100
 CTRL_INIT_NUM_CPU = 0
 CTRL_INIT_FEATURE = 1
 CTRL_LOAD_FINISHED = 3
@@ -367,8 +372,29 @@ class Eiointc(Device):
                 return self.features
             if which == SW_STATUS_STATE:
                 return self.status
+            if which == SW_STATUS_ROUTE:
+                return self.sw_coremap[self._route_irq(attr)]
             raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
         raise KvmError("EINVAL", f"EIOINTC cannot read attr group {group:#x}")
+
+    @staticmethod
+    def _route_irq(attr: int) -> int:
+        irq = (attr >> 16) & 0xFFFF
+        if irq >= EIOINTC_IRQS:
+            raise KvmError("EINVAL", f"EIOINTC has no irq {irq} (0..255)")
+        return irq
+
+    def _set_route(self, irq: int, vid: int) -> None:
+        """Restore a live route, moving the irq's pending bit with it; no line changes."""
+        if vid >= ROUTE_MAX_VCPUS:
+            raise KvmError("EINVAL", f"EIOINTC routes to vcpu_ids below 256, not {vid}")
+        self.sw_coremap[irq] = vid
+        bit = 1 << irq
+        for pending in self.sw_coreisr.values():
+            for ip in range(LOONGSON_IP_NUM):
+                pending[ip] &= ~bit
+        if _bit(self.coreisr.get(vid, 0), irq) and self.vm.vcpu_exists(vid):
+            self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)[self.ipnum(irq)] |= bit
 
     def set_attr(self, group: int, attr: int, value: int) -> None:
         if group == GRP_CTRL:
@@ -384,11 +410,14 @@ class Eiointc(Device):
                 self.regs[start] = new  # raw copy: nothing is re-routed or re-delivered
         elif group == GRP_SW_STATUS:
             which = attr & 0xFFFF
-            if which not in (SW_STATUS_NUM_CPU, SW_STATUS_FEATURE, SW_STATUS_STATE):
+            if which not in (SW_STATUS_NUM_CPU, SW_STATUS_FEATURE, SW_STATUS_STATE,
+                             SW_STATUS_ROUTE):
                 raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
             self._u32(value, "SW_STATUS attr")
             if which == SW_STATUS_STATE:
                 self.status = value
+            elif which == SW_STATUS_ROUTE:
+                self._set_route(self._route_irq(attr), value)
             # NUM_CPU and FEATURE are read-only here; the kernel accepts and ignores writes.
         else:
             raise KvmError("EINVAL", f"EIOINTC has no attr group {group:#x}")

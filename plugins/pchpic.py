@@ -184,6 +184,12 @@ class PchPic(Device):
     # --- device attrs ---------------------------------------------------------------------------
 
     def get_attr(self, group: int, attr: int) -> int:
+        if group == GRP_CTRL and attr == CTRL_INIT:
+            # lvz extension: the kernel cannot read the base back, but a VMM saving a VM through
+            # the protocol alone must (lvz snapshot); ENXIO while no base was set.
+            if self.base is None:
+                raise KvmError("ENXIO", "PCH-PIC has no MMIO base yet (CTRL_INIT not set)")
+            return self.base
         if group != GRP_REGS:
             raise KvmError("EINVAL", f"PCH-PIC cannot read attr group {group:#x}")
         reg, index = self._regs_slot(attr)

@@ -90,6 +90,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "vcpu.destroy": (("vcpu", "vcpu", _R),),
     "vcpu.set_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R), ("value", "u64", _R)),
     "vcpu.get_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R)),
+    # lvz addition, as KVM_GET_REG_LIST: the registers that hold state (snapshots).
+    "vcpu.get_reg_list": (("vcpu", "vcpu", _R),),
     "vcpu.interrupt": (("vcpu", "vcpu", _R), ("irq", "int", _R)),
     "vcpu.csr_xchg": (
         ("vcpu", "vcpu", _R), ("csr", "u64", _R), ("value", "u64", _R), ("mask", "u64", _R),

@@ -601,3 +601,22 @@ def test_implied_lines_match_driven_lines(ops: list[tuple[object, ...]]) -> None
                 raise AssertionError(op)
         assert eio.implied_lines() == vm.lines
         assert all(0 <= vid <= 5 for vid in eio.sw_coremap)
+
+
+def test_route_attr_reads_and_restores_the_live_route_lvz_extension() -> None:
+    """SW_STATUS (irq << 16) | 0x100 is sw_coremap[irq]; setting it moves a pending bit along."""
+    from lvz.plugins.eiointc import Eiointc
+
+    vm = FakeVm()
+    for vid, phyid in ((0, 5), (2, 1)):
+        vm.add_vcpu(vid, phyid)
+    dev = vm.add_device("loongarch-eiointc", Eiointc(vm))
+    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 0
+    dev.set_attr(0x40000003, (9 << 16) | 0x100, 2)
+    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 2
+    assert dev.sw_coremap[9] == 2
+    for attr, value in (((256 << 16) | 0x100, 0), ((9 << 16) | 0x100, 256)):
+        with pytest.raises(KvmError) as exc:
+            dev.set_attr(0x40000003, attr, value)
+        assert exc.value.name == "EINVAL"
+    assert vm.events == []  # restoring a route never touches a line

@@ -118,10 +118,19 @@ def test_ctrl_init_registration_failure_is_efault() -> None:
     assert pic.base is None
 
 
+def test_ctrl_init_reads_back_only_once_set() -> None:
+    vm = FakeVm()
+    pic = PchPic(vm)
+    with pytest.raises(KvmError) as e:
+        pic.get_attr(GRP_CTRL, CTRL_INIT)
+    assert e.value.name == "ENXIO"
+
+
 def test_ctrl_attrs() -> None:
     _, pic, _ = make()
     einval(lambda: pic.set_attr(GRP_CTRL, 1, BASE))
-    einval(lambda: pic.get_attr(GRP_CTRL, CTRL_INIT))
+    assert pic.get_attr(GRP_CTRL, CTRL_INIT) == BASE  # lvz extension: the base reads back
+    einval(lambda: pic.get_attr(GRP_CTRL, 1))
     einval(lambda: pic.set_attr(GRP_CTRL, CTRL_INIT, -1))
     einval(lambda: pic.get_attr(0x40000004, 0))
     einval(lambda: pic.set_attr(0x40000002, 0, 0))
