@@ -25,6 +25,7 @@ from typing import Any, Final, Self
 
 import trio
 
+from lvz.protocol import snapshot
 from lvz.protocol.connection import NEED_DATA, ClientConnection
 from lvz.protocol.constants import PROTOCOL_VERSION
 from lvz.protocol.endpoint import resolve_socket_path
@@ -298,6 +299,41 @@ class AsyncKvm:
 
     async def list_plugins(self) -> list[PluginInfo]:
         return parse_plugins(await self.call("kvm.list_plugins", {}))
+
+    # --- snapshots (lvz.protocol.snapshot drives these) ----------------------------------------
+
+    async def call_batch(self, batch: snapshot.Batch) -> snapshot.Results:
+        """Pipeline a batch of requests; a refused one is its KvmError, not a raise."""
+        results: snapshot.Results = [KvmError("EIO", "not answered")] * len(batch)
+
+        async def one(i: int, method: str, params: dict[str, Any]) -> None:
+            try:
+                results[i] = await self.call(method, params)
+            except KvmError as err:
+                results[i] = err
+
+        async with trio.open_nursery() as nursery:
+            for i, (method, params) in enumerate(batch):
+                nursery.start_soon(one, i, method, params)
+        return results
+
+    async def _drive(self, gen: Any) -> Any:
+        try:
+            batch = next(gen)
+            while True:
+                batch = gen.send(await self.call_batch(batch))
+        except StopIteration as stop:
+            return stop.value
+
+    async def save_vm(self, vm: AsyncVm) -> dict[str, Any]:
+        """The VM's whole state, read through the protocol with pipelined batches."""
+        saved: dict[str, Any] = await self._drive(snapshot.save_vm(vm.handle))
+        return saved
+
+    async def restore_vm(self, saved: dict[str, Any], name: str | None = None) -> AsyncVm:
+        """Create a VM from ``save_vm``'s result; on any failure no VM is left behind."""
+        handle: int = await self._drive(snapshot.restore_vm(saved, name))
+        return AsyncVm(self, handle, name if name is not None else saved["vm"]["name"])
 
     async def close_handle(self, handle: int) -> None:
         await self.call("close", {"handle": handle})

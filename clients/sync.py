@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
+from lvz.protocol import snapshot
 from lvz.protocol.connection import NEED_DATA, ClientConnection
 from lvz.protocol.constants import PROTOCOL_VERSION
 from lvz.protocol.endpoint import resolve_socket_path
@@ -511,6 +512,27 @@ class Kvm:
 
     def list_plugins(self) -> list[PluginInfo]:
         return parse_plugins(self.call("kvm.list_plugins", {}))
+
+    # --- snapshots (lvz.protocol.snapshot drives these) ----------------------------------------
+
+    def call_batch(self, batch: snapshot.Batch) -> snapshot.Results:
+        """Answer a batch of requests in order; a refused one is its KvmError, not a raise."""
+        results: snapshot.Results = []
+        for method, params in batch:
+            try:
+                results.append(self.call(method, params))
+            except KvmError as err:
+                results.append(err)
+        return results
+
+    def save_vm(self, vm: Vm) -> dict[str, Any]:
+        """The VM's whole state, read through the protocol (``lvz snapshot``)."""
+        return snapshot.drive(snapshot.save_vm(vm.handle), self.call_batch)
+
+    def restore_vm(self, saved: dict[str, Any], name: str | None = None) -> Vm:
+        """Create a VM from ``save_vm``'s result; on any failure no VM is left behind."""
+        handle = snapshot.drive(snapshot.restore_vm(saved, name), self.call_batch)
+        return Vm(self, handle, name if name is not None else saved["vm"]["name"])
 
     def close_handle(self, handle: int) -> None:
         self.call("close", {"handle": handle})

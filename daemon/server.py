@@ -27,6 +27,7 @@ import socket as _socket
 import stat
 import struct
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,11 +39,11 @@ import trio.lowlevel
 import lvz
 from lvz.plugins.api import Device
 from lvz.protocol import constants as C
-from lvz.protocol import regs
+from lvz.protocol import regs, snapshot
 from lvz.protocol.connection import NEED_DATA, ServerConnection
 from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
-from lvz.protocol.methods import HANDLE_PARAM, METHODS
+from lvz.protocol.methods import HANDLE_PARAM, METHODS, validate
 
 from .config import ServeConfig
 from .host import PluginHost, PluginLoadError, load_plugins, plugin_failure
@@ -51,6 +52,7 @@ from .model import Vcpu, Vm
 log = logging.getLogger("lvz.daemon")
 
 RECEIVE_BYTES = 65536
+STATE_SUFFIX = ".lvzvm"
 FLUSH_BYTES = 256 * 1024
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -89,7 +91,8 @@ class RunWait:
 class Connection:
     """Per-connection state: protocol core, handles, outgoing buffer, subscriptions."""
 
-    def __init__(self, stream: trio.SocketStream, config: ServeConfig, number: int) -> None:
+    def __init__(self, stream: trio.SocketStream | None, config: ServeConfig,
+                 number: int) -> None:
         self.stream = stream
         self.number = number
         self.proto = ServerConnection(config.max_message)
@@ -142,6 +145,7 @@ class Connection:
             self.out.clear()
             self.out_bytes = 0
             self.queued_events = 0
+            assert self.stream is not None, "a local connection has nothing to flush to"
             await self.stream.send_all(data)
 
     async def pump(self) -> None:
@@ -180,13 +184,8 @@ class Daemon:
         self.conn_counter += 1
         conn = Connection(stream, self.config, self.conn_counter)
         if not self._peer_allowed(stream, conn):
-            with trio.move_on_after(0.2):
-                try:
-                    await stream.send_all(conn.proto.send_protocol_error(ProtocolError(
-                        "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            await trio.aclose_forcefully(stream)
+            await _goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
+                "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
             return
         self.connections.add(conn)
         log.info("connection %d opened", conn.number)
@@ -222,6 +221,7 @@ class Daemon:
     async def _read_loop(self, conn: Connection) -> None:
         proto = conn.proto
         stream = conn.stream
+        assert stream is not None
         while True:
             data = await stream.receive_some(RECEIVE_BYTES)
             proto.receive_data(data)
@@ -230,8 +230,11 @@ class Daemon:
                     event = proto.next_event()
                 except RemoteProtocolError as exc:
                     log.info("connection %d: protocol error: %s", conn.number, exc.message)
-                    conn.put(proto.send_protocol_error(exc))
-                    await conn.flush()
+                    async with conn.send_lock:
+                        conn.put(proto.send_protocol_error(exc))
+                        data = b"".join(conn.out)
+                        conn.out.clear()
+                        await _goodbye(stream, data)
                     return
                 if event is NEED_DATA:
                     break
@@ -283,6 +286,68 @@ class Daemon:
             log.exception("internal error in %s", method)
             conn.put(conn.proto.send_error(req.msgid, KvmError(
                 "EIO", f"{method}: internal error in lvz: {type(exc).__name__}: {exc}")))
+
+    def call_local(self, conn: Connection, batch: snapshot.Batch) -> snapshot.Results:
+        """Run requests from inside the daemon (``--state-dir``) with every check a socket
+        request gets: the method table, handles, the map lock. Nothing awaits here, so the
+        lock is free and taken without blocking."""
+        results: snapshot.Results = []
+        for method, params in batch:
+            try:
+                checked = validate(method, dict(params))
+                handle = None
+                hp = HANDLE_PARAM.get(method)
+                if hp is not None:
+                    handle = self._resolve(conn, checked[hp[0]], hp[1], method)
+                if handle is None:
+                    results.append(self.handlers[method](conn, checked, None))
+                    continue
+                handle.vm.map_lock.acquire_nowait()
+                try:
+                    results.append(self.handlers[method](conn, checked, handle))
+                finally:
+                    handle.vm.map_lock.release()
+            except KvmError as err:
+                results.append(err)
+        return results
+
+    def load_state(self, directory: Path) -> None:
+        """Recreate the named VMs a previous daemon saved in ``directory``."""
+        conn = Connection(None, self.config, 0)
+        for path in sorted(directory.glob("*" + STATE_SUFFIX)):
+            try:
+                saved = snapshot.decode(path.read_bytes())
+                vm = snapshot.drive(snapshot.restore_vm(saved),
+                                    lambda b: self.call_local(conn, b))
+                self.call_local(conn, [("close", {"handle": vm})])
+                log.info("restored VM %s from %s", saved["vm"]["name"], path)
+            except (KvmError, OSError) as exc:
+                log.error("could not restore %s: %s (file left in place)", path, exc)
+
+    def save_state(self, directory: Path) -> None:
+        """Write every named VM to ``directory`` atomically; drop files of VMs now gone."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        conn = Connection(None, self.config, 0)
+        keep = set()
+        for name in sorted(self.named):
+            target = directory / (urllib.parse.quote(name, safe="") + STATE_SUFFIX)
+            keep.add(target)  # on failure an older copy beats none
+            try:
+                [opened] = self.call_local(conn, [("kvm.open_vm", {"name": name})])
+                if isinstance(opened, KvmError):
+                    raise opened
+                saved = snapshot.drive(snapshot.save_vm(opened["vm"]),
+                                       lambda b: self.call_local(conn, b))
+                self.call_local(conn, [("close", {"handle": opened["vm"]})])
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_bytes(snapshot.encode(saved))
+                tmp.replace(target)
+                log.info("saved VM %s to %s", name, target)
+            except (KvmError, OSError) as exc:
+                log.error("could not save VM %s: %s", name, exc)
+        for stale in directory.glob("*" + STATE_SUFFIX):
+            if stale not in keep:
+                stale.unlink()  # destroyed since the last save: it must not come back
 
     def _resolve(self, conn: Connection, number: int, kind: str, method: str) -> Handle:
         h = conn.handles.get(number)
@@ -697,6 +762,8 @@ class Daemon:
             wait.error = KvmError("EBADF", "vcpu.run: the daemon is shutting down")
             wait.event.set()
         await trio.lowlevel.checkpoint()  # let the woken waiters queue their responses
+        if self.config.state_dir is not None:
+            self.save_state(self.config.state_dir)
         with trio.move_on_after(self.config.grace) as scope:
             scope.shield = True
             for conn in list(self.connections):
@@ -704,6 +771,25 @@ class Daemon:
                     await conn.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     pass
+
+
+async def _goodbye(stream: trio.SocketStream, last_words: bytes) -> None:
+    """Send ``last_words``, then close so the peer can read them.
+
+    Closing a Unix socket with unread input makes the peer's next read fail with ECONNRESET,
+    losing the notification that says why; so shut our side, discard what the peer still
+    sends (bounded in time and bytes), and only then close.
+    """
+    with trio.move_on_after(0.5):
+        try:
+            await stream.send_all(last_words)
+            await stream.send_eof()
+            drained = 0
+            while drained < (1 << 22) and (chunk := await stream.receive_some(65536)):
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 # -------------------------------------------------------------------- the socket -------------
@@ -766,23 +852,30 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
     if host is None:
         host = load_plugins()
     daemon = Daemon(host, config)
+    if config.state_dir is not None:
+        daemon.load_state(config.state_dir)
     path = config.socket
     listener = await open_listener(path)
     log.info("serving on %s (plugins: %s)", path, ", ".join(p.name for p in host.loaded))
     try:
-        async with trio.open_nursery() as outer, trio.open_nursery() as handlers:
+        async with trio.open_nursery() as handlers:
+            accepting = trio.CancelScope()
+
             async def accept_loop() -> None:
-                await trio.serve_listeners(daemon.handle_stream, [listener],
-                                           handler_nursery=handlers)
+                with accepting:
+                    await trio.serve_listeners(daemon.handle_stream, [listener],
+                                               handler_nursery=handlers)
 
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                outer.start_soon(accept_loop)
+                handlers.start_soon(accept_loop)
                 notify_ready()
                 task_status.started(daemon)
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     break
-            outer.cancel_scope.cancel()
+            # Stop accepting first, then let in-flight work finish within the grace time;
+            # only then cancel the connections (hypercorn's graceful shutdown).
+            accepting.cancel()
             _unlink(path)
             await daemon.shutdown()
             handlers.cancel_scope.cancel()

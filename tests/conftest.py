@@ -25,7 +25,7 @@ def sock_dir() -> Iterator[Path]:
     """A short directory: AF_UNIX paths must stay under 108 bytes, pytest's tmp_path may not."""
     d = Path(tempfile.mkdtemp(prefix="lvz", dir="/tmp"))
     try:
-        return d
+        yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
