@@ -208,8 +208,10 @@ class AsyncKvm:
                     queue.put(event)
         elif note.event == "events_lost":
             count = lost_count(note.params)
+            target = note.params.get("vm")
             for vm, queue in self._queues.items():
-                queue.put(EventsLost(vm=vm, count=count))
+                if target is None or target == vm:  # an older daemon did not say which VM
+                    queue.put(EventsLost(vm=vm, count=count))
         elif note.event == "protocol_error":
             self._fail(protocol_failure(note.params))
         # other notifications: the protocol may grow new events; ignore what we do not know

@@ -373,8 +373,10 @@ class Kvm:
                 self._buffers[event.vm].put(next(self._order), event)
         elif note.event == "events_lost":
             count = lost_count(note.params)
+            target = note.params.get("vm")
             for vm, buf in self._buffers.items():
-                buf.put(next(self._order), EventsLost(vm=vm, count=count))
+                if target is None or target == vm:  # an older daemon did not say which VM
+                    buf.put(next(self._order), EventsLost(vm=vm, count=count))
         elif note.event == "protocol_error":
             raise self._fail(protocol_failure(note.params))
         # unknown notifications: PROTOCOL.md lets the daemon add events; ignore them

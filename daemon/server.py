@@ -14,7 +14,7 @@ in the connection's outgoing buffer before that request's response.
 Bounds: a connection's outgoing buffer is flushed whenever it passes ``FLUSH_BYTES`` mid-batch
 and the reader does not read again until it has been written (a client that does not read stops
 being read); queued ``irq`` events per subscriber are capped at ``max_events`` and the excess is
-dropped and reported with one ``events_lost`` notification carrying the count.
+dropped and reported with one ``events_lost`` notification per VM carrying the count.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Connection:
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.queued_events = 0
-        self.events_lost = 0
+        self.events_lost: dict[int, int] = {}
         self.send_lock = trio.StrictFIFOLock()
         self.wakeup = trio.lowlevel.ParkingLot()
         self.closed = False
@@ -113,17 +113,18 @@ class Connection:
         self.out.append(data)
         self.out_bytes += len(data)
 
-    def put_event(self, data: bytes) -> None:
+    def put_event(self, data: bytes, vm_handle: int) -> None:
         """Queue a notification without ever blocking the VM that caused it.
 
         Past ``max_events`` unsent events the subscriber is not keeping up: the event is
-        dropped and counted, and the count goes out as one ``events_lost`` notification as
-        soon as the connection drains (the ``seq`` gap says which VM lost what).
+        dropped and counted per VM, and each count goes out as one ``events_lost``
+        notification ``{"vm": h, "count": n}`` as soon as the connection drains; the ``seq``
+        gap of that VM's next event agrees with it.
         """
         if self.closed:
             return
         if self.queued_events >= self.max_events:
-            self.events_lost += 1
+            self.events_lost[vm_handle] = self.events_lost.get(vm_handle, 0) + 1
             self.wakeup.unpark_all()
             return
         self._report_lost()
@@ -133,8 +134,9 @@ class Connection:
 
     def _report_lost(self) -> None:
         if self.events_lost:
-            self.put(_packb([2, "events_lost", {"count": self.events_lost}]))
-            self.events_lost = 0
+            for vm_handle, count in self.events_lost.items():
+                self.put(_packb([2, "events_lost", {"vm": vm_handle, "count": count}]))
+            self.events_lost.clear()
 
     async def flush(self) -> None:
         async with self.send_lock:
@@ -445,8 +447,9 @@ class Daemon:
         subs = self.subscribers.get(vm)
         if subs:
             for conn, hs in subs.items():
-                conn.put_event(_packb([2, "irq", {"vm": hs[0].number, "vcpu_id": vcpu_id,
-                                                  "irq": irq, "level": level, "seq": seq}]))
+                h = hs[0].number
+                conn.put_event(_packb([2, "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq,
+                                                  "level": level, "seq": seq}]), h)
 
     # ---------------------------------------------------------------- vcpu.run ----------------
 

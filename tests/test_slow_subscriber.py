@@ -49,6 +49,7 @@ async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
             if ev.event == "irq":
                 seqs.append(ev.params["seq"])
             elif ev.event == "events_lost":
+                assert ev.params["vm"] == svm  # the handle this connection subscribed with
                 lost += ev.params["count"]
     assert seqs == sorted(seqs)
     assert lost > 0
