@@ -465,16 +465,21 @@ class Vm:
                 return claim
         return None
 
-    def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
-        """A guest load: zero-extended by the chip, sign-extended here (decision 7)."""
+    def _route(self, space: str, addr: int, size: int) -> tuple[_Claim, int]:
+        """The claim an access lands in and its offset there (the kernel's io bus lookup)."""
         if size not in (1, 2, 4, 8):
             raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
         addr &= U32_MAX
         claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
         if claim is None:
             raise KvmError("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
+        return claim, addr - claim.base
+
+    def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
+        """A guest load: zero-extended by the chip, sign-extended here (decision 7)."""
+        claim, offset = self._route(space, addr, size)
         with self._guard(self._owner_plugin(claim)):
-            raw = claim.handler.read(vcpu.vcpu_id, addr - claim.base, size)
+            raw = claim.handler.read(vcpu.vcpu_id, offset, size)
             if type(raw) is not int:
                 raise TypeError(f"read returned {raw!r}, not an int")
         bits = 8 * size
@@ -484,14 +489,9 @@ class Vm:
         return raw
 
     def guest_write(self, space: str, vcpu: Vcpu, addr: int, size: int, value: int) -> None:
-        if size not in (1, 2, 4, 8):
-            raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
-        addr &= U32_MAX
-        claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
-        if claim is None:
-            raise KvmError("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
+        claim, offset = self._route(space, addr, size)
         with self._guard(self._owner_plugin(claim)):
-            claim.handler.write(vcpu.vcpu_id, addr - claim.base, size, value)
+            claim.handler.write(vcpu.vcpu_id, offset, size, value)
 
     def device_call(self, device: Device, method: str, *args: int) -> Any:
         """Call a device's attr / input method under its plugin's guard."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol.constants import (
     DEV_EIOINTC,
@@ -110,16 +111,6 @@ def _bit(value: int, n: int) -> bool:
 def _ctz(byte: int) -> int:
     """count_trailing_zeros with the kernel's -1 for 0, which the callers fold into ip 0."""
     return (byte & -byte).bit_length() - 1
-
-
-def _set_bits(value: int) -> list[int]:
-    """Set bit numbers, ascending: the kernel walks pending irqs with __ffs in this order."""
-    out = []
-    while value:
-        low = value & -value
-        out.append(low.bit_length() - 1)
-        value ^= low
-    return out
 
 
 class _Window:
@@ -298,7 +289,7 @@ class Eiointc(Device):
             old = self.coreisr.get(vcpu_id, 0)
             cleared = old & data  # write 1 to clear
             self.coreisr[vcpu_id] = old & ~data
-            for irq in _set_bits(cleared):
+            for irq in set_bits(cleared):
                 self.update_irq(irq, 0)  # acts on sw_coremap[irq], maybe not the writer
             return
         old = self.regs[start]
@@ -306,9 +297,9 @@ class Eiointc(Device):
         self.regs[start] = new
         if start == ENABLE:
             isr = self.regs[ISR]
-            for irq in _set_bits(new & ~old & isr):
+            for irq in set_bits(new & ~old & isr):
                 self.update_irq(irq, 1)
-            for irq in _set_bits(~new & old & isr):
+            for irq in set_bits(~new & old & isr):
                 self.update_irq(irq, 0)
         elif start == COREMAP:
             first = word - COREMAP  # one byte per irq: the whole 8-byte word is re-resolved

@@ -20,6 +20,7 @@ reported as EFAULT (as the kernel does) with lvz's reason in the message.
 from __future__ import annotations
 
 from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol.constants import (
     DEV_EIOINTC,
@@ -65,16 +66,6 @@ GRP_CTRL = 0x40000006
 CTRL_INIT = 0
 
 _SIZES = (1, 2, 4, 8)
-
-
-def _set_bits(value: int) -> list[int]:
-    """Set bit numbers, ascending: the kernel's for_each_set_bit order."""
-    out = []
-    while value:
-        low = value & -value
-        out.append(low.bit_length() - 1)
-        value ^= low
-    return out
 
 
 class PchPic(Device):
@@ -125,7 +116,7 @@ class PchPic(Device):
         self.vm.set_chip_input(DEV_EIOINTC, self.htmsi_vector[pin], level)
 
     def _update_batch(self, pins: int, level: int) -> None:
-        for pin in _set_bits(pins):
+        for pin in set_bits(pins):
             self.update(pin, level)
 
     # --- guest MMIO (IoHandler) -----------------------------------------------------------------
