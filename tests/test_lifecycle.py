@@ -133,3 +133,62 @@ def test_peers_of_another_uid_are_refused(own_daemon: DaemonProcess) -> None:
     assert "'protocol_error'" in r.stdout
     assert "'EPERM'" in r.stdout
     assert r.stdout.strip().endswith("True")  # and the daemon hung up
+
+
+def serve_cmd(sock: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", str(sock), *extra]
+
+
+def test_ready_notification_comes_after_the_socket_is_bound(sock_dir: Path) -> None:
+    import socket as _socket
+
+    notify = sock_dir / "notify"
+    sock = sock_dir / "d.sock"
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as rx:
+        rx.bind(str(notify))
+        rx.settimeout(15)
+        proc = subprocess.Popen(serve_cmd(sock), env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert rx.recv(100) == b"READY=1"
+            with Kvm.connect(sock) as kvm:  # bound and serving at the moment it said so
+                assert kvm.get_api_version() == 12
+                assert len(kvm.info.device_types) == 3  # plugins loaded
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
+
+
+def test_stale_socket_is_replaced_but_a_live_daemon_or_a_file_is_not(sock_dir: Path) -> None:
+    import socket as _socket
+
+    sock = sock_dir / "d.sock"
+    stale = _socket.socket(_socket.AF_UNIX)
+    stale.bind(str(sock))  # bound, never listening, then abandoned: a crashed daemon's file
+    stale.close()
+    with start_daemon() as live:
+        r = subprocess.run(serve_cmd(live.socket), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 125
+        assert "already serving" in r.stderr
+        with Kvm.connect(live.socket) as kvm:  # and the live one is untouched
+            assert kvm.get_api_version() == 12
+    proc = subprocess.Popen(serve_cmd(sock), stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Kvm.connect(sock) as kvm:
+                    assert kvm.get_api_version() == 12
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    plain = sock_dir / "not-a-socket"
+    plain.write_text("precious")
+    r = subprocess.run(serve_cmd(plain), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 125
+    assert "not a socket" in r.stderr
+    assert plain.read_text() == "precious"
