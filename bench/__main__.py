@@ -1,0 +1,295 @@
+"""``python -m bench [--quick] [--json PATH]``: measure lvz against the transport floor.
+
+Two servers run side by side for the whole run: the floor (``bench.floor``) and an lvz daemon
+started as a user starts it. Repetitions are interleaved (repetition i of every figure runs
+before repetition i+1 of any), so slow drift on a noisy machine hits floor and lvz alike and
+the ratios hold. Scale figures that need a pristine daemon (memory, creation time) start fresh
+daemons of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from . import procs
+from .clientbench import ClientBench, client_import_error
+from .report import Figure, Results, Target, table, to_json, write_json
+from .scenarios import Bench, Sample, Sampler, destroy_vm, many_connections, populate
+
+REPS = 5
+SCALE_LIMITS = (256, 4096, 65536)
+CONNECTIONS = 1000
+DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+
+
+@dataclass(slots=True)
+class Config:
+    quick: bool
+    seconds: float  # per sample of a throughput figure
+    reps: int
+    lvz_path: Path
+    floor_path: Path
+    daemon_cmd: list[str]
+    only: tuple[str, ...] = ()
+    lvz_pid: int = 0
+    floor_pid: int = 0
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    """1,000 client sockets need more than the usual soft limit of 1,024 descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+SEQ, PIPE = "sequential", "pipelined x64"
+
+
+def plan_throughput(cfg: Config, res: Results, bench: Bench, cb: ClientBench | None,
+                    client_skip: str) -> list[tuple[Figure, Sampler, Callable[[Sample], None]]]:
+    """Every interleaved throughput figure with its sampler, in table order."""
+    plan: list[tuple[Figure, Sampler, Callable[[Sample], None]]] = []
+
+    def add(fig: Figure, sampler: Sampler | None,
+            on_extra: Callable[[Sample], None] | None = None) -> None:
+        res.add(fig)
+        if sampler is not None:
+            plan.append((fig, sampler, on_extra or (lambda s: None)))
+
+    add(Figure("floor.seq", f"floor echo, {SEQ}", "req/s"), bench.floor_sampler(False))
+    add(Figure("floor.pipe", f"floor echo, {PIPE}", "req/s"), bench.floor_sampler(True))
+    names = {"get": "vcpu.get_one_reg CPUID", "set": "vcpu.set_one_reg CPUID (same value)",
+             "lookup": "vm.phyid_lookup"}
+    for which, name in names.items():
+        add(Figure(f"raw.{which}.seq", f"raw  {name}, {SEQ}", "req/s", ref="floor.seq",
+                   target=Target("ratio_min", 0.9, "≥ 0.9x floor")),
+            bench.raw_sampler(which, False))
+        add(Figure(f"raw.{which}.pipe", f"raw  {name}, {PIPE}", "req/s", ref="floor.pipe",
+                   target=Target("ratio_min", 0.6, "≥ 0.6x floor")),
+            bench.raw_sampler(which, True))
+    for which, name in names.items():
+        for kind, label, pipelined in (("sync", "sync client", False),
+                                       ("async", "async client", False),
+                                       ("async", "async client", True)):
+            mode = PIPE if pipelined else SEQ
+            key = f"client.{kind}.{which}.{'pipe' if pipelined else 'seq'}"
+            fig = Figure(key, f"{label} {name}, {mode}", "req/s",
+                         ref="floor.pipe" if pipelined else "floor.seq")
+            if client_skip or cb is None:
+                fig.skipped = client_skip or "lvz.clients not available"
+                add(fig, None)
+            elif kind == "sync":
+                add(fig, cb.sync_sampler(which))
+            else:
+                add(fig, cb.async_sampler(which, pipelined))
+
+    pv = Figure("irq.pv_ipi", "PV IPI hypercall → 128 vCPUs (deliveries)", "deliveries/s",
+                target=Target("min", 50_000, "≥ 50,000/s, every event"))
+    pv_events = res.add(Figure("irq.pv_ipi.events", "PV IPI: events received by a subscriber",
+                               "events/s", target=Target("all", 0, "every event received")))
+
+    def pv_extra(s: Sample) -> None:
+        pv_events.samples.append(s.extra["events_per_s"])
+        pv_events.ok_checks.append(s.ok)
+    add(pv, bench.pv_sampler(), pv_extra)
+    res.figures["irq.pv_ipi.events"] = res.figures.pop("irq.pv_ipi.events")  # after pv_ipi
+
+    for which, label in (("ipi_send", "IPI_SEND (iocsr) + guest IPI_CLEAR"),
+                         ("msi", "vm.signal_msi → EIOINTC + guest COREISR ack"),
+                         ("pchpic", "vm.irq_line PCH-PIC pin → EIOINTC, up + down")):
+        add(Figure(f"irq.{which}", f"{label}, {PIPE}", "deliveries/s",
+                   target=Target("all", 0, "every event received"),
+                   note="one delivery = a raise and a lowering request, two irq events"),
+            bench.irq_sampler(which))
+
+    for limit in SCALE_LIMITS:
+        fig = Figure(f"scale.lookup.{limit}", f"vm.phyid_lookup at max_phyid {limit}, {PIPE}",
+                     "req/s")
+        if limit != SCALE_LIMITS[0]:
+            fig.ref = f"scale.lookup.{SCALE_LIMITS[0]}"
+            if limit == SCALE_LIMITS[-1]:
+                fig.target = Target("ratio_min", 1 / 1.2, "cost ≤ 1.2x of 256")
+        add(fig, bench.scale_sampler(limit))
+    return plan
+
+
+async def measure_throughput(cfg: Config, res: Results) -> None:
+    bench = Bench(cfg.lvz_path, cfg.floor_path)
+    skip = client_import_error()
+    cb = None if skip else ClientBench(cfg.lvz_path, bench.max_count)
+    try:
+        say("setup: VMs for ONE_REG/lookup, interrupt paths, PV IPI and scale")
+        await bench.setup_main()
+        await bench.setup_irq()
+        await bench.setup_pv()
+        await bench.setup_scale(SCALE_LIMITS)
+        if cb is not None:
+            try:
+                await cb.setup()
+            except Exception as exc:
+                skip = f"lvz.clients failed to connect ({type(exc).__name__}: {exc})"
+                cb = None
+        plan = plan_throughput(cfg, res, bench, cb, skip)
+        if cfg.only:
+            plan = [p for p in plan if p[0].key.startswith(cfg.only)]
+            for key in [k for k in res.figures if not k.startswith(cfg.only)]:
+                del res.figures[key]
+        assert bench.irq_sub is not None and bench.pv_sub is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bench.irq_sub.run)
+            nursery.start_soon(bench.pv_sub.run)
+            for rep in range(cfg.reps):
+                t0 = time.perf_counter()
+                for fig, sampler, on_extra in plan:
+                    pid = cfg.floor_pid if fig.key.startswith("floor.") else cfg.lvz_pid
+                    cpu0 = procs.cpu_seconds(pid)
+                    s = await sampler(cfg.seconds)
+                    cpu = procs.cpu_seconds(pid) - cpu0
+                    if s.count and s.seconds:
+                        fig.cpu_us.append(cpu / s.count * 1e6)
+                        fig.cpu_pct.append(100 * cpu / s.seconds)
+                    fig.samples.append(s.value)
+                    fig.ok_checks.append(s.ok)
+                    on_extra(s)
+                say(f"repetition {rep + 1}/{cfg.reps} of {len(plan)} throughput figures: "
+                    f"{time.perf_counter() - t0:.1f} s")
+            nursery.cancel_scope.cancel()
+        for key, sub in (("irq.pv_ipi", bench.pv_sub), ("irq.ipi_send", bench.irq_sub)):
+            if not sub.ok and key in res.figures:
+                res.get(key).note = f"subscriber: {sub.problem}"
+        floor = res.get("floor.pipe").median if "floor.pipe" in res.figures else float("nan")
+        for which in ("ipi_send", "msi", "pchpic"):
+            if f"irq.{which}" not in res.figures:
+                continue
+            fig = res.get(f"irq.{which}")
+            fig.note = (f"a delivery = raise + lowering request, 2 irq events; "
+                        f"{2 * fig.median:,.0f} req/s = {2 * fig.median / floor:.2f}x floor "
+                        f"pipelined")
+    finally:
+        if cb is not None:
+            await cb.aclose()
+        await bench.aclose()
+
+
+async def measure_connections(cfg: Config, res: Results) -> None:
+    answered = res.add(Figure("conn.answered", f"{CONNECTIONS:,} connections held, answered",
+                              "answered", target=Target("min", CONNECTIONS,
+                                                        f"all {CONNECTIONS:,}")))
+    opened = res.add(Figure("conn.open", f"{CONNECTIONS:,} connections: time to open all",
+                            "s"))
+    replied = res.add(Figure("conn.reply", f"{CONNECTIONS:,} connections: one request each, "
+                             "all answered", "s"))
+    for _ in range(cfg.reps):
+        n, t_open, t_reply = await trio.to_thread.run_sync(
+            many_connections, cfg.lvz_path, CONNECTIONS)
+        answered.samples.append(n)
+        opened.samples.append(t_open)
+        replied.samples.append(t_reply)
+        await trio.sleep(0.05)  # let the daemon finish tearing the connections down
+    say("connections: done")
+
+
+async def measure_vm_scale(cfg: Config, res: Results, tmp: Path) -> None:
+    """Creation time and daemon RSS growth for 256 and 4,096 vCPUs, a fresh daemon per rep."""
+    sizes = (256, 4096)
+    create = {n: res.add(Figure(f"create.{n}", f"create VM + {n:,} vCPUs with CPUIDs "
+                                "(raw, pipelined)", "s",
+                                target=Target("max", 2.0, "< 2 s") if n == 4096 else None))
+              for n in sizes}
+    rss = {n: res.add(Figure(f"mem.rss.{n}", f"daemon RSS growth per idle vCPU, {n:,} vCPUs",
+                             "B/vCPU",
+                             note="VmRSS of the daemon before/after (includes allocator slack)"))
+           for n in sizes}
+    for rep in range(cfg.reps):
+        path = tmp / f"fresh{rep}" / "lvz.sock"
+        with procs.server(procs.daemon_command(path), path) as proc:
+            for n in sizes:
+                before = procs.rss_bytes(proc.pid)
+                seconds = await populate(path, f"scale-{n}", n, list(range(n)))
+                await trio.sleep(0.05)
+                rss[n].samples.append((procs.rss_bytes(proc.pid) - before) / n)
+                create[n].samples.append(seconds)
+            await destroy_vm(path, "scale-256")
+    say("VM creation and RSS: done")
+
+
+async def measure_model_memory(cfg: Config, res: Results) -> None:
+    proc = await trio.run_process([sys.executable, "-m", "bench.memory", "256", "4096"],
+                                  capture_stdout=True, cwd=procs.ROOT)
+    data = json.loads(proc.stdout)
+    for n in ("256", "4096"):
+        fig = res.add(Figure(f"mem.model.{n}", f"VM model heap per idle vCPU, {int(n):,} vCPUs",
+                             "B/vCPU", target=Target("max", 2048, "≤ 2 KiB"),
+                             note="tracemalloc in a helper process: Vm + IPI/EIOINTC/PCH-PIC, "
+                                  "vCPUs created and CPUIDs set; no handles"))
+        fig.samples.extend(data[n])
+    say("model memory: done")
+
+
+async def run_all(cfg: Config, tmp: Path) -> Results:
+    res = Results()
+    await measure_throughput(cfg, res)
+    if cfg.only:
+        return res
+    await measure_connections(cfg, res)
+    await measure_vm_scale(cfg, res, tmp)
+    await measure_model_memory(cfg, res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter samples (under 60 s)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                    help=f"where to write the results (default {DEFAULT_JSON})")
+    ap.add_argument("--only", default="", metavar="PREFIXES",
+                    help="comma-separated figure-key prefixes (e.g. floor,raw): run just those "
+                         "throughput figures and skip the scale section (for A/B runs)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="seconds per throughput sample (default 0.2 quick, 0.8 full)")
+    args = ap.parse_args(argv)
+    raise_nofile()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lvz-bench-") as tmpname, ExitStack() as stack:
+        tmp = Path(tmpname)
+        cfg = Config(quick=args.quick,
+                     seconds=args.seconds or (0.2 if args.quick else 0.8),
+                     reps=REPS, lvz_path=tmp / "lvz" / "lvz.sock",
+                     floor_path=tmp / "floor.sock", daemon_cmd=[],
+                     only=tuple(p for p in args.only.split(",") if p))
+        cfg.daemon_cmd = procs.daemon_command(cfg.lvz_path)
+        say(f"floor: {' '.join(procs.floor_command(cfg.floor_path))}")
+        say(f"lvz:   {' '.join(cfg.daemon_cmd)}")
+        floor = stack.enter_context(procs.server(procs.floor_command(cfg.floor_path),
+                                                 cfg.floor_path))
+        daemon = stack.enter_context(procs.server(cfg.daemon_cmd, cfg.lvz_path))
+        cfg.floor_pid, cfg.lvz_pid = floor.pid, daemon.pid
+        res = trio.run(run_all, cfg, tmp)
+    elapsed = time.perf_counter() - started
+    title = (f"lvz benchmark ({'quick' if cfg.quick else 'full'}): medians of {cfg.reps} "
+             f"repetitions, {cfg.seconds:g} s per throughput sample, {elapsed:.0f} s in all")
+    print(table(res, title))
+    write_json(args.json, to_json(res, quick=cfg.quick, reps=cfg.reps, seconds=cfg.seconds,
+                                  elapsed=elapsed, daemon_cmd=cfg.daemon_cmd))
+    print(f"results written to {args.json}")
+    verdicts = [res.verdict(f) for f in res.figures.values()]
+    return 0 if all(v is not False for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
