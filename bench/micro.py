@@ -3,7 +3,7 @@
 The socket figures say *how much* slower lvz is than the floor; this says *where*, in
 microseconds per request, by running the real sans-I/O objects in a loop: the floor's whole job
 (decode + encode), then lvz's decode + validate (``ServerConnection.next_event``), its dispatch
-(``Daemon._dispatch``: handle, map lock, handler, encode, queue) and the pieces inside it. No
+(``Daemon._dispatch``: handle, handler, encode, queue) and the pieces inside it. No
 profiler is attached, so the figures are not inflated by per-call instrumentation.
 
 It reaches into daemon internals on purpose (a benchmark helper, not an API user); if those
@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import trio
@@ -40,15 +39,6 @@ def per_call(fn: Callable[[], object], n: int = N) -> float:
             fn()
         best = min(best, time.perf_counter() - t0)
     return best / n * 1e6
-
-
-def drive(coro: Any) -> None:
-    """Run a coroutine that does not really await (dispatch with a free lock) to completion."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    raise RuntimeError("dispatch awaited")
 
 
 async def main() -> None:
@@ -92,10 +82,10 @@ async def main() -> None:
         vh = conn.handles[vcpu_h]
 
         def dispatch() -> None:
-            drive(daemon._dispatch(conn, event))  # type: ignore[arg-type]
+            daemon._dispatch(conn, event)  # type: ignore[arg-type]
             conn.out.clear()
             conn.out_bytes = 0
-        rows.append(("lvz: Daemon._dispatch (resolve, map lock, handler, encode, put)",
+        rows.append(("lvz: Daemon._dispatch (resolve, handler, encode, put)",
                      per_call(dispatch)))
         rows.append(("  _resolve (handle lookup + Handle.alive)",
                      per_call(lambda: daemon._resolve(conn, vcpu_h, "vcpu", "m"))))
@@ -104,7 +94,8 @@ async def main() -> None:
         def lock_cycle() -> None:
             lock.acquire_nowait()
             lock.release()
-        rows.append(("  VM map_lock acquire_nowait + release (trio.Lock)", per_call(lock_cycle)))
+        rows.append(("  VM map_lock acquire_nowait + release (set/drop only)",
+                     per_call(lock_cycle)))
         rows.append(("  m_vcpu_get_one_reg handler", per_call(
             lambda: daemon.m_vcpu_get_one_reg(conn, params, vh))))
         rows.append(("    regs.decode(CPUID)", per_call(lambda: regs.decode(regs.CPUID))))

@@ -2,8 +2,8 @@
 
 Plain objects, no sockets, no awaiting: the server wraps them. The phyid map follows the seed
 (``kvm_set_cpuid`` / ``kvm_drop_cpuid`` / ``kvm_get_vcpu_by_cpuid``, SEMANTICS.md §4) with the
-VM's ``max_phyid`` in place of KVM_MAX_PHYID (decision 4). Its mutations require the VM's
-``map_lock`` (a ``trio.Lock``) to be held, as the kernel requires ``phyid_map_lock``; lookups are
+VM's ``max_phyid`` in place of KVM_MAX_PHYID (decision 4). Set and drop hold the VM's
+``map_lock`` (a ``trio.Lock``) exactly where the kernel holds ``phyid_map_lock``; lookups are
 lockless, as in the kernel, because an entry changes only on a first set and on a drop.
 
 Interrupt lines live where the kernel keeps them: SWI0/1, TI and IPI in ESTAT, HWI0-7 in GINTC
@@ -168,7 +168,6 @@ class Vm:
 
     def destroy_vcpu(self, vcpu: Vcpu) -> None:
         """Hot-unplug in ``kvm_arch_vcpu_destroy`` order: drop the phyid, then free the vCPU."""
-        self._require_lock()
         if not vcpu.alive:
             return
         self._drop_cpuid(vcpu)
@@ -191,7 +190,6 @@ class Vm:
 
     def destroy(self) -> None:
         """``kvm_arch_destroy_vm``: every vCPU (dropping its phyid), then the devices."""
-        self._require_lock()
         if not self.alive:
             return
         for vcpu in list(self.vcpus.values()):
@@ -230,41 +228,58 @@ class Vm:
 
     # ---------------------------------------------------------------- the phyid map -----------
 
-    def _require_lock(self) -> None:
-        if not self.map_lock.locked():
-            raise RuntimeError("the phyid map is mutated only under the VM's map_lock")
+    def _lock_map(self) -> None:
+        """Take ``map_lock`` where the kernel takes ``phyid_map_lock`` (set and drop).
+
+        Nothing in lvz awaits while holding it, so it is always free here; finding it held
+        means someone did, which is a bug to report loudly rather than a client's error.
+        """
+        try:
+            self.map_lock.acquire_nowait()
+        except trio.WouldBlock:
+            raise RuntimeError("the phyid map lock is held across an await") from None
 
     def set_cpuid(self, vcpu: Vcpu, val: int) -> None:
         """``kvm_set_cpuid``: set once, same value again is a no-op, never changed or shared."""
         limit = self._max_phyid
-        if val >= limit:
+        if val >= limit:  # checked before taking the lock, as the kernel does
             raise KvmError("EINVAL", f"CPUID {val} is out of range (0..{limit - 1})")
-        self._require_lock()
-        cur = vcpu.csrs[CSR_CPUID]
-        if cur < limit and self.phyids.get(cur) is not None:
-            if cur == val:
-                return
-            raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
-                                     f"a CPUID cannot change")
-        owner = self.phyids.get(val)
-        if owner is not None:
-            if owner is vcpu:
-                return
-            raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
-        vcpu.csrs[CSR_CPUID] = val
-        self.phyids[val] = vcpu
-        for rec in list(self.devices.values()):
-            with self._guard(rec.plugin):
-                rec.device.phyid_set(vcpu.vcpu_id, val)
-        self.host.call_each("lvz_phyid_set", vm=self, vcpu_id=vcpu.vcpu_id, phyid=val)
+        if vcpu.csrs[CSR_CPUID] == val and self.phyids.get(val) is vcpu:
+            # The same value again (VMMs re-put every register): nothing to change, so no
+            # lock, as a lookup takes none. The answer is what the locked path would give:
+            # entries change only under the lock, and nothing runs between these two reads.
+            return
+        self._lock_map()
+        try:
+            cur = vcpu.csrs[CSR_CPUID]
+            if cur < limit and self.phyids.get(cur) is not None:
+                if cur == val:
+                    return
+                raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
+                                         f"a CPUID cannot change")
+            owner = self.phyids.get(val)
+            if owner is not None:
+                if owner is vcpu:
+                    return
+                raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
+            vcpu.csrs[CSR_CPUID] = val
+            self.phyids[val] = vcpu
+            for rec in list(self.devices.values()):
+                with self._guard(rec.plugin):
+                    rec.device.phyid_set(vcpu.vcpu_id, val)
+            self.host.call_each("lvz_phyid_set", vm=self, vcpu_id=vcpu.vcpu_id, phyid=val)
+        finally:
+            self.map_lock.release()
 
     def _drop_cpuid(self, vcpu: Vcpu) -> None:
         """``kvm_drop_cpuid``: the owner is not checked, as in the kernel."""
         cur = vcpu.csrs[CSR_CPUID]
         if cur >= self._max_phyid:
-            return
-        self._require_lock()
-        if self.phyids.pop(cur, None) is not None:
+            return  # never set: no lock taken, as in the kernel
+        self._lock_map()
+        try:
+            if self.phyids.pop(cur, None) is None:
+                return
             vcpu.csrs[CSR_CPUID] = self._max_phyid
             for rec in list(self.devices.values()):
                 try:
@@ -273,9 +288,12 @@ class Vm:
                 except KvmError:
                     pass  # logged; the drop itself must happen whatever a chip says
             try:
-                self.host.call_each("lvz_phyid_dropped", vm=self, vcpu_id=vcpu.vcpu_id, phyid=cur)
+                self.host.call_each("lvz_phyid_dropped", vm=self, vcpu_id=vcpu.vcpu_id,
+                                    phyid=cur)
             except KvmError:
                 pass
+        finally:
+            self.map_lock.release()
 
     def lookup(self, phyid: int) -> Vcpu | None:
         """``kvm_get_vcpu_by_cpuid`` (newest: negative and >= limit give None)."""

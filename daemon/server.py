@@ -61,31 +61,36 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 class Handle:
     """An fd-like reference from one connection to a VM, vCPU or device."""
 
-    __slots__ = ("kind", "number", "obj", "vm")
+    __slots__ = ("kind", "life", "number", "obj", "vm")
 
     def __init__(self, number: int, kind: str, vm: Vm, obj: Vm | Vcpu | Device) -> None:
         self.number = number
         self.kind = kind
         self.vm = vm
         self.obj = obj
+        # What decides whether the handle still works: its vCPU (destroyed with the VM too)
+        # or its VM. Kept as one attribute because every request checks it.
+        self.life: Vm | Vcpu = obj if isinstance(obj, Vcpu) else vm
 
     @property
     def alive(self) -> bool:
-        if not self.vm.alive:
-            return False
-        return not (self.kind == "vcpu" and not self.obj.alive)  # type: ignore[union-attr]
+        return self.life.alive
 
 
 class RunWait:
-    """A pending ``vcpu.run``: woken by a line going up, or ended with an error."""
+    """A pending ``vcpu.run``. Whatever ends it — a line going up, the timeout, a destroy, a
+    close, shutdown — answers it synchronously through ``Daemon._finish_run``, so the answer
+    sits in the connection's buffer in the order things happened; ``event`` then only lets
+    the waiting task go."""
 
-    __slots__ = ("conn", "error", "event", "handle")
+    __slots__ = ("conn", "event", "handle", "msgid", "vcpu")
 
-    def __init__(self, conn: Connection, handle: Handle) -> None:
+    def __init__(self, conn: Connection, handle: Handle, vcpu: Vcpu, msgid: int) -> None:
         self.conn = conn
         self.handle = handle
+        self.vcpu = vcpu
+        self.msgid = msgid
         self.event = trio.Event()
-        self.error: KvmError | None = None
 
 
 class Connection:
@@ -139,7 +144,15 @@ class Connection:
             self.events_lost.clear()
 
     async def flush(self) -> None:
-        async with self.send_lock:
+        if not self.out and not self.events_lost:
+            return
+        # Uncontended (the usual case) the lock is taken without a scheduler pass: the
+        # sequential request/response loop pays for exactly one send, as the floor does.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
             self._report_lost()
             if not self.out:
                 return
@@ -149,6 +162,8 @@ class Connection:
             self.queued_events = 0
             assert self.stream is not None, "a local connection has nothing to flush to"
             await self.stream.send_all(data)
+        finally:
+            self.send_lock.release()
 
     async def pump(self) -> None:
         """Write events that arrive while the reader is idle (waiting for the next request)."""
@@ -241,7 +256,7 @@ class Daemon:
                 if event is NEED_DATA:
                     break
                 if type(event) is Request:
-                    await self._dispatch(conn, event)
+                    self._dispatch(conn, event)
                 elif type(event) is BadRequest:
                     conn.put(proto.send_error(event.msgid, event.error))
                 elif type(event) is Malformed:
@@ -253,35 +268,34 @@ class Daemon:
             if not data:
                 return
 
-    async def _dispatch(self, conn: Connection, req: Request) -> None:
+    def _execute(self, conn: Connection, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Resolve the handle and run the handler: every check after the method table's.
+
+        Synchronous on purpose: a request takes effect without yielding, so requests of one
+        connection apply in order and nothing else runs in between; the phyid map lock is
+        taken inside the model, exactly where the kernel takes its spinlock.
+        """
+        hp = HANDLE_PARAM.get(method)
+        handle = None if hp is None else self._resolve(conn, params[hp[0]], hp[1], method)
+        return self.handlers[method](conn, params, handle)
+
+    def _dispatch(self, conn: Connection, req: Request) -> None:
         method = req.method
         params = req.params
         try:
-            handle: Handle | None = None
-            hp = HANDLE_PARAM.get(method)
-            if hp is not None:
-                handle = self._resolve(conn, params[hp[0]], hp[1], method)
             if method == "vcpu.run":
-                self._start_run(conn, req.msgid, handle, params)  # type: ignore[arg-type]
+                handle = self._resolve(conn, params["vcpu"], "vcpu", method)
+                self._start_run(conn, req.msgid, handle, params)
                 return
-            handler = self.handlers[method]
-            if handle is None:
-                result = handler(conn, params, None)
-            else:
-                lock = handle.vm.map_lock
-                try:
-                    lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await lock.acquire()
-                try:
-                    result = handler(conn, params, handle)
-                finally:
-                    lock.release()
+            hp = HANDLE_PARAM.get(method)
+            target = None if hp is None else self._resolve(conn, params[hp[0]], hp[1], method)
+            result = self.handlers[method](conn, params, target)
             try:
                 data = conn.proto.send_result(req.msgid, result)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise KvmError("EIO", f"{method}: result cannot be encoded: {exc}") from exc
-            conn.put(data)
+            conn.out.append(data)
+            conn.out_bytes += len(data)
         except KvmError as err:
             conn.put(conn.proto.send_error(req.msgid, err))
         except Exception as exc:  # a bug of ours must fail one request, not the daemon
@@ -291,24 +305,11 @@ class Daemon:
 
     def call_local(self, conn: Connection, batch: snapshot.Batch) -> snapshot.Results:
         """Run requests from inside the daemon (``--state-dir``) with every check a socket
-        request gets: the method table, handles, the map lock. Nothing awaits here, so the
-        lock is free and taken without blocking."""
+        request gets: the method table, the handles, the model's own rules."""
         results: snapshot.Results = []
         for method, params in batch:
             try:
-                checked = validate(method, dict(params))
-                handle = None
-                hp = HANDLE_PARAM.get(method)
-                if hp is not None:
-                    handle = self._resolve(conn, checked[hp[0]], hp[1], method)
-                if handle is None:
-                    results.append(self.handlers[method](conn, checked, None))
-                    continue
-                handle.vm.map_lock.acquire_nowait()
-                try:
-                    results.append(self.handlers[method](conn, checked, handle))
-                finally:
-                    handle.vm.map_lock.release()
+                results.append(self._execute(conn, method, validate(method, dict(params))))
             except KvmError as err:
                 results.append(err)
         return results
@@ -353,7 +354,7 @@ class Daemon:
 
     def _resolve(self, conn: Connection, number: int, kind: str, method: str) -> Handle:
         h = conn.handles.get(number)
-        if h is None or not h.alive:
+        if h is None or not h.life.alive:
             raise KvmError("EBADF", f"{method}: handle {number} is not open")
         if kind and h.kind != kind:
             raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, not a {kind}")
@@ -378,8 +379,7 @@ class Daemon:
         if h.kind == "vcpu":
             wait = self.running.get(h.obj)  # type: ignore[arg-type]
             if wait is not None and wait.handle is h:
-                wait.error = KvmError("EBADF", "vcpu.run: the vCPU handle was closed")
-                wait.event.set()
+                self._finish_run(wait, KvmError("EBADF", "vcpu.run: the vCPU handle was closed"))
         subs = self.subscribers.get(h.vm)
         if subs is not None and conn in subs:
             hs = subs[conn]
@@ -407,18 +407,9 @@ class Daemon:
             subs.pop(conn, None)
 
     def _destroy_vm(self, vm: Vm) -> None:
-        """Tear a VM down. Nothing awaits here, so holding the map lock cannot block."""
-        # Inside a request (vm.destroy) this task already holds the lock; on connection
-        # teardown nobody does, and since nothing awaits while holding it, it is free.
-        locked = not vm.map_lock.locked()
-        if locked:
-            vm.map_lock.acquire_nowait()
-        try:
-            vcpus = list(vm.vcpus.values())
-            vm.destroy()
-        finally:
-            if locked:
-                vm.map_lock.release()
+        """Tear a VM down and release everything that waited on it."""
+        vcpus = list(vm.vcpus.values())
+        vm.destroy()
         for vcpu in vcpus:
             self._end_wait(vcpu, "the VM was destroyed")
         if vm.name is not None and self.named.get(vm.name) is vm:
@@ -432,8 +423,7 @@ class Daemon:
     def _end_wait(self, vcpu: Vcpu, why: str) -> None:
         wait = self.running.get(vcpu)
         if wait is not None:
-            wait.error = KvmError("EBADF", f"vcpu.run: {why}")
-            wait.event.set()
+            self._finish_run(wait, KvmError("EBADF", f"vcpu.run: {why}"))
 
     # ---------------------------------------------------------------- events ------------------
 
@@ -443,7 +433,7 @@ class Daemon:
             if vcpu is not None:
                 wait = self.running.get(vcpu)
                 if wait is not None:
-                    wait.event.set()
+                    self._finish_run(wait, None, "irq")
         subs = self.subscribers.get(vm)
         if subs:
             for conn, hs in subs.items():
@@ -453,7 +443,8 @@ class Daemon:
 
     # ---------------------------------------------------------------- vcpu.run ----------------
 
-    def _start_run(self, conn: Connection, msgid: int, h: Handle, params: dict[str, Any]) -> None:
+    def _start_run(self, conn: Connection, msgid: int, h: Handle,
+                   params: dict[str, Any]) -> None:
         vcpu: Vcpu = h.obj  # type: ignore[assignment]
         if vcpu in self.running:
             raise KvmError("EBUSY", f"vcpu.run: vCPU {vcpu.vcpu_id} is already running")
@@ -464,29 +455,31 @@ class Daemon:
             conn.put(conn.proto.send_result(msgid, {"exit_reason": "irq",
                                                     "estat": h.vm.get_one_reg(vcpu, regs.ESTAT)}))
             return
-        wait = RunWait(conn, h)
+        wait = RunWait(conn, h, vcpu, msgid)
         self.running[vcpu] = wait
         assert conn.nursery is not None
-        conn.nursery.start_soon(self._run_wait, conn, msgid, h, vcpu, wait,
-                                float(params["timeout"]))
+        conn.nursery.start_soon(self._run_wait, wait, float(params["timeout"]))
 
-    async def _run_wait(self, conn: Connection, msgid: int, h: Handle, vcpu: Vcpu,
-                        wait: RunWait, seconds: float) -> None:
-        try:
-            with trio.move_on_after(seconds):
-                await wait.event.wait()
-        finally:
-            if self.running.get(vcpu) is wait:
-                del self.running[vcpu]
-        if wait.error is not None:
-            data = conn.proto.send_error(msgid, wait.error)
+    def _finish_run(self, wait: RunWait, error: KvmError | None, reason: str = "") -> None:
+        if self.running.get(wait.vcpu) is not wait:
+            return  # already answered
+        del self.running[wait.vcpu]
+        conn = wait.conn
+        if error is not None:
+            conn.put(conn.proto.send_error(wait.msgid, error))
         else:
-            reason = "irq" if wait.event.is_set() else "timeout"
-            estat = h.vm.get_one_reg(vcpu, regs.ESTAT) if vcpu.alive else 0
-            data = conn.proto.send_result(msgid, {"exit_reason": reason, "estat": estat})
-        conn.put(data)
+            estat = wait.handle.vm.get_one_reg(wait.vcpu, regs.ESTAT)
+            conn.put(conn.proto.send_result(wait.msgid, {"exit_reason": reason,
+                                                         "estat": estat}))
+        conn.wakeup.unpark_all()  # the pump writes it if no request is being answered
+        wait.event.set()
+
+    async def _run_wait(self, wait: RunWait, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await wait.event.wait()
+        self._finish_run(wait, None, "timeout")  # a no-op if something else answered it
         try:
-            await conn.flush()
+            await wait.conn.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -762,9 +755,7 @@ class Daemon:
         """Release waiters with a clear error and flush every connection, within the grace time."""
         self.shutting_down = True
         for wait in list(self.running.values()):
-            wait.error = KvmError("EBADF", "vcpu.run: the daemon is shutting down")
-            wait.event.set()
-        await trio.lowlevel.checkpoint()  # let the woken waiters queue their responses
+            self._finish_run(wait, KvmError("EBADF", "vcpu.run: the daemon is shutting down"))
         if self.config.state_dir is not None:
             self.save_state(self.config.state_dir)
         with trio.move_on_after(self.config.grace) as scope:

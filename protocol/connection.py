@@ -66,10 +66,13 @@ class _Decoder:
         self._error: RemoteProtocolError | None = None
 
     def receive_data(self, data: bytes) -> None:
-        if data:
-            self._pending.append(memoryview(data))
-        else:
+        if not data:
             self._eof = True
+        elif not self._pending and len(data) <= self.max_message - (self._fed - self._start):
+            self._unpacker.feed(data)  # the common case: straight in, no copy, no queue
+            self._fed += len(data)
+        else:
+            self._pending.append(memoryview(data))
 
     def next_object(self) -> object:
         """The next decoded object, or NEED_DATA; raises RemoteProtocolError for bad bytes."""

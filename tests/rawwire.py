@@ -18,6 +18,7 @@ class Raw:
         self.stream = stream
         self.conn = ClientConnection()
         self.notifications: list[Notification] = []
+        self.early: dict[int, Response] = {}  # answers that came while waiting for another
         self.closed = False
 
     @classmethod
@@ -42,13 +43,17 @@ class Raw:
                 self.conn.receive_data(data)
 
     async def response(self, msgid: int) -> Response:
+        if msgid in self.early:
+            return self.early.pop(msgid)
         while True:
             ev = await self.next_event()
             assert ev is not None, "connection closed before the response"
             if isinstance(ev, Notification):
                 self.notifications.append(ev)
-            elif isinstance(ev, Response) and ev.msgid == msgid:
-                return ev
+            elif isinstance(ev, Response):
+                if ev.msgid == msgid:
+                    return ev
+                self.early[ev.msgid] = ev
 
     async def call(self, method: str, **params: Any) -> Response:
         msgid, data = self.conn.send_request(method, params)

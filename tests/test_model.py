@@ -1,14 +1,13 @@
 """The VM model as a pure object: the phyid map against a reference of SEMANTICS.md §4.
 
-The stateful test runs inside one trio task because mutations require the VM's trio.Lock.
+The tests run inside trio tasks because set and drop take the VM's trio.Lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
+import trio
+import trio.lowlevel
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,15 +24,6 @@ from lvz.protocol import KvmError, regs
 from lvz.protocol.constants import CSR_CPUID
 
 HOST: PluginHost = load_plugins()
-
-
-@contextmanager
-def locked(vm: Vm) -> Iterator[None]:
-    vm.map_lock.acquire_nowait()
-    try:
-        yield
-    finally:
-        vm.map_lock.release()
 
 
 def errno_of(fn: object, *args: object) -> str | None:
@@ -81,8 +71,7 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
                 expect = "EINVAL"  # held by another vCPU (we hold none)
             else:
                 expect = None
-            with locked(self.vm):
-                got = errno_of(self.vm.set_one_reg, self.vm.vcpus[vid], regs.CPUID, val)
+            got = errno_of(self.vm.set_one_reg, self.vm.vcpus[vid], regs.CPUID, val)
             assert got == expect, (vid, val, cur)
             if expect is None and cur is None:
                 self.ref[vid] = val
@@ -93,8 +82,7 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
             if vid not in self.ref:
                 return
             vcpu = self.vm.vcpus[vid]
-            with locked(self.vm):
-                self.vm.destroy_vcpu(vcpu)
+            self.vm.destroy_vcpu(vcpu)
             assert vcpu.csrs[CSR_CPUID] == limit  # dropped vCPU reads the unset marker
             cur = self.ref.pop(vid)
             if cur is not None:
@@ -125,12 +113,31 @@ async def test_phyid_map_matches_the_reference(limit: int) -> None:
     )
 
 
-async def test_mutating_the_map_without_the_lock_is_refused() -> None:
+async def test_the_map_lock_guards_set_and_drop(nursery: trio.Nursery) -> None:
+    """Set and drop take the VM's trio.Lock; finding it held is a loud bug, never a silent race."""
     vm = Vm(HOST, name=None, max_phyid=256)
-    vcpu = vm.create_vcpu(0)
-    with pytest.raises(RuntimeError, match="map_lock"):
-        vm.set_cpuid(vcpu, 3)
-    assert vm.lookup(3) is None
+    a, b = vm.create_vcpu(0), vm.create_vcpu(1)
+    vm.set_one_reg(a, regs.CPUID, 3)
+    assert not vm.map_lock.locked()  # released again, also after an error:
+    assert errno_of(vm.set_one_reg, b, regs.CPUID, 3) == "EINVAL"
+    assert not vm.map_lock.locked()
+    holding, release = trio.Event(), trio.Event()
+
+    async def hold() -> None:
+        async with vm.map_lock:
+            holding.set()
+            await release.wait()
+
+    nursery.start_soon(hold)
+    await holding.wait()
+    with pytest.raises(RuntimeError, match="held across an await"):
+        vm.set_one_reg(b, regs.CPUID, 4)
+    with pytest.raises(RuntimeError, match="held across an await"):
+        vm.destroy_vcpu(a)
+    release.set()
+    await trio.lowlevel.checkpoint()
+    assert vm.lookup(4) is None
+    assert vm.lookup(3) is a
 
 
 async def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None:
@@ -156,8 +163,7 @@ async def test_csr_xchg_writes_only_what_a_guest_may() -> None:
     vcpu = vm.create_vcpu(0)
     vm.interrupt(vcpu, 12)
     vm.hypercall(vcpu, 0x100, [1, 1, 0, 0])  # not mapped: nothing happens
-    with locked(vm):
-        vm.set_one_reg(vcpu, regs.CPUID, 0)
+    vm.set_one_reg(vcpu, regs.CPUID, 0)
     assert vm.hypercall(vcpu, 0x100, [1, 1, 0, 0]) == 0
     assert vm.get_one_reg(vcpu, regs.ESTAT) & 1
     old = vm.csr_xchg(vcpu, 0x5, 0, 0xFFFFFFFF)  # clears SWI0/1 only
