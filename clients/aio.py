@@ -136,6 +136,7 @@ class AsyncKvm:
         self._stream = stream
         self._conn = ClientConnection()
         self._send_lock = trio.StrictFIFOLock()
+        self._outbox: list[bytes] = []
         self._pending: dict[int, _Pending] = {}
         self._queues: dict[int, _EventQueue] = {}
         self._max_events = max_events
@@ -217,23 +218,41 @@ class AsyncKvm:
         # other notifications: the protocol may grow new events; ignore what we do not know
 
     async def _send(self, data: bytes) -> None:
+        """Queue one encoded request; whoever holds the send lock writes the whole queue.
+
+        Pipelined callers started together thus share one ``send_all`` (and the daemon one
+        receive) instead of one each: the first caller takes the lock, the others append
+        and return, and the writer loops until the queue is empty. The queue holds only
+        requests whose callers are waiting for answers, so it is bounded by them.
+        """
+        if self._failure is not None:
+            raise self._lost()
+        self._outbox.append(data)
+        if self._send_lock.locked():
+            return  # the current writer sends it, in order
         async with self._send_lock:
-            if self._failure is not None:
-                raise self._lost()
-            # Once a request is started it must be finished: a half-written message would
-            # corrupt the stream for every other caller. So the write is shielded from the
-            # caller's cancellation, and bounded instead by a timeout that ends the connection.
-            with trio.CancelScope(shield=True), trio.move_on_after(self._write_timeout) as scope:
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
-                    raise self._lost() from None
-            if scope.cancelled_caught:
-                self._fail(ConnectionLost(
-                    f"the lvz daemon did not read a request for {self._write_timeout} s"))
-                await trio.aclose_forcefully(self._stream)
-                raise self._lost()
+            while self._outbox:
+                if self._failure is not None:
+                    raise self._lost()
+                batch = b"".join(self._outbox)
+                self._outbox.clear()
+                await self._write(batch)
+
+    async def _write(self, data: bytes) -> None:
+        # Once a request is started it must be finished: a half-written message would
+        # corrupt the stream for every other caller. So the write is shielded from the
+        # caller's cancellation, and bounded instead by a timeout that ends the connection.
+        with trio.CancelScope(shield=True), trio.move_on_after(self._write_timeout) as scope:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
+                raise self._lost() from None
+        if scope.cancelled_caught:
+            self._fail(ConnectionLost(
+                f"the lvz daemon did not read a request for {self._write_timeout} s"))
+            await trio.aclose_forcefully(self._stream)
+            raise self._lost()
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer; the escape hatch for any method."""
