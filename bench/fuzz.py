@@ -1,0 +1,362 @@
+"""``python -m bench.fuzz [--quick]``: the long fuzzers behind ``make fuzz``.
+
+(a) The chip fuzzer (``tests.fuzzing``) against the pure VM model until every chip -- IPI,
+    EIOINTC, PCH-PIC and the PV IPI hypercall -- has taken at least a million accesses, with the
+    line/chip agreement and the phyid bijection checked after every single step. The run is a
+    series of segments, each a fresh VM shaped by its own seed (max_phyid 16 / 256 / 4096 /
+    65536, 3-7 vCPUs), so one unlucky early state (say, PV IPI switched off) cannot dominate it.
+(b) A socket soak of a real ``lvz serve`` subprocess: at least a million messages, most of them
+    pipelined on a few long connections (valid requests reaching the chips, random methods and
+    parameters, malformed shapes with and without a msgid), the rest junk on throwaway
+    connections (random bytes, corrupted and oversized messages). Every reply is checked for
+    shape and counted against what PROTOCOL.md §2 says each message must get. Meanwhile a
+    watcher connection holds a named VM; afterwards its state and a routing probe must be
+    unchanged, the daemon alive, and its RSS is reported before and after.
+
+Everything is bounded: a step count and a deadline for (a), a message count and a deadline for
+(b); Unix sockets on loopback only; the daemon is stopped (SIGTERM, then SIGKILL) whatever
+happens. ``--quick`` scales both down to finish within a minute. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from lvz.daemon.host import load_plugins
+from lvz.protocol import regs
+from lvz.protocol.constants import U64_MAX
+from lvz.protocol.methods import METHODS
+from tests.fuzzing import (
+    CHIPS,
+    SENTINEL,
+    SENTINEL_ID,
+    FuzzFailure,
+    FuzzStats,
+    Watcher,
+    exchange,
+    fuzz_seed,
+    wire_message_problem,
+)
+
+from . import procs
+
+MAX_MESSAGE = 1 << 16
+#: Messages per pipelined connection before it is replaced by a fresh one.
+CONN_MESSAGES = 2000
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- (a) chips ---------------
+
+def chip_fuzz(target: int, segment: int, deadline: float, seed0: int) -> tuple[FuzzStats, bool]:
+    """Segments of ``segment`` steps until every chip has ``target`` accesses or time runs out."""
+    host = load_plugins()
+    total = FuzzStats()
+    seed = seed0
+    while min(total.accesses[c] for c in CHIPS) < target:
+        if time.monotonic() > deadline:
+            return total, False
+        try:
+            total.merge(fuzz_seed(seed, segment, host=host))
+        except FuzzFailure as exc:
+            say(f"chip fuzz FAILED, seed {seed} ({segment} steps reproduce it):\n{exc}")
+            raise
+        seed += 1
+        say(f"  chips: {total.steps:,} steps, "
+            + ", ".join(f"{c} {total.accesses[c]:,}" for c in CHIPS)
+            + f" ({total.steps / total.seconds:,.0f} steps/s)")
+    return total, True
+
+
+# ---------------------------------------------------------------------- (b) socket soak ---------
+
+#: Pipelined connections first run this, so later requests have handles 1..6 to act on.
+SETUP: list[tuple[str, dict[str, Any]]] = [
+    ("kvm.create_vm", {"max_phyid": 4096}),
+    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 0}),
+    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 3}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
+    ("vcpu.set_one_reg", {"vcpu": 3, "id": regs.CPUID, "value": 1}),
+    ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
+]
+
+
+class Junk:
+    """Random messages from one seeded generator, each with the reply §2 says it must get."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.methods = sorted(m for m in METHODS if m != "vcpu.run")
+
+    def int_(self) -> int:
+        rng = self.rng
+        return rng.choice((rng.randrange(300), rng.randrange(9), rng.getrandbits(64),
+                           rng.getrandbits(32), U64_MAX, -(1 << 63), -1, 0x1008, 0x1040,
+                           0x1400, 0x1600, 0x1800, 0x40000004, 0x10000020, regs.CPUID,
+                           regs.ESTAT))
+
+    def scalar(self) -> Any:
+        rng = self.rng
+        return rng.choice((None, True, 1.5, "x", b"\x00", self.int_(), "loongarch-ipi",
+                           [self.int_()], {"k": 1}, "z" * rng.randrange(40)))
+
+    def params(self, method: str) -> dict[str, Any]:
+        rng = self.rng
+        out: dict[str, Any] = {}
+        for name, kind, required in METHODS[method]:
+            if rng.random() < (0.95 if required else 0.4):
+                if rng.random() < 0.15:
+                    out[name] = self.scalar()
+                elif kind in ("vm", "vcpu", "device", "handle"):
+                    out[name] = rng.randrange(9)
+                elif kind == "str":
+                    out[name] = rng.choice(("loongarch-ipi", "loongarch-eiointc", "one_reg", "",
+                                            f"soak-{rng.randrange(40)}"))
+                elif kind == "args":
+                    out[name] = [self.int_() for _ in range(rng.randrange(7))]
+                else:
+                    out[name] = self.int_()
+        if rng.random() < 0.05:
+            out["bogus"] = 1
+        return out
+
+    def message(self, msgid: int) -> tuple[Any, str]:
+        """(message, "response" | "protocol_error")."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.7:
+            method = rng.choice(self.methods)
+            return [0, msgid, method, self.params(method)], "response"
+        if r < 0.78:
+            return [0, msgid, rng.choice(("vm.nope", "", "KVM.LIST_VMS")), {}], "response"
+        if r < 0.9:
+            return rng.choice(([0, msgid, 5, {}], [0, msgid, "hello", []], [1, msgid],
+                               [0, msgid, "hello"], [7, msgid, None, None, 1])), "response"
+        return rng.choice(([], {"a": 1}, 17, "hi", [0, -1, "hello", {}], [0, 1 << 32, "x", {}],
+                           [0], None)), "protocol_error"
+
+
+@dataclass(slots=True)
+class SoakCounts:
+    sent: int = 0
+    responses: int = 0
+    protocol_errors: int = 0
+    throwaway: int = 0
+    closed_with: Counter[str] | None = None
+
+
+async def pipelined(path: str, junk: Junk, count: int, window: int, counts: SoakCounts) -> None:
+    """``count`` messages on one connection, at most ``window`` unanswered, every reply checked."""
+    stream = await trio.open_unix_socket(path)
+    pack = msgpack.Packer().pack
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 26)
+    expected: list[str] = []
+    for i, (method, params) in enumerate(SETUP):
+        expected.append("setup")
+        await stream.send_all(pack([0, i + 1, method, params]))
+    sent_plan: list[bytes] = []
+    for i in range(count):
+        msg, kind = junk.message(100 + i % 1000)
+        sent_plan.append(pack(msg))
+        expected.append(kind)
+    expected.append("sentinel")
+    sent_plan.append(SENTINEL)
+    got = 0
+    budget = trio.Semaphore(window)
+
+    async def sender() -> None:
+        for i in range(0, len(sent_plan), 64):
+            for _ in range(min(64, len(sent_plan) - i)):
+                await budget.acquire()
+            await stream.send_all(b"".join(sent_plan[i:i + 64]))
+
+    async def receiver() -> None:
+        nonlocal got
+        while got < len(expected):
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                raise RuntimeError(f"the daemon closed a pipelined connection after {got} replies")
+            unpacker.feed(data)
+            for msg in unpacker:
+                problem = wire_message_problem(msg)
+                if problem:
+                    raise RuntimeError(f"bad reply: {problem}")
+                if msg[0] == 2 and msg[1] != "protocol_error":
+                    continue
+                want = expected[got]
+                kind = "response" if msg[0] == 1 else "protocol_error"
+                if want == "setup":
+                    if msg[2] is not None:
+                        raise RuntimeError(f"set-up request failed: {msg[2]}")
+                elif want == "sentinel":
+                    if msg[1] != SENTINEL_ID or msg[3] != {"version": 12}:
+                        raise RuntimeError(f"expected the sentinel's answer, got {msg!r:.200}")
+                elif kind != want:
+                    raise RuntimeError(f"reply {got}: expected a {want}, got {msg!r:.200}")
+                if kind == "response":
+                    counts.responses += 1
+                else:
+                    counts.protocol_errors += 1
+                if got >= len(SETUP):
+                    budget.release()
+                got += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        nursery.start_soon(receiver)
+    counts.sent += len(expected)
+    await stream.aclose()
+
+
+def throwaway_payload(rng: random.Random, junk: Junk) -> bytes:
+    """Junk for one short connection: random bytes, a corrupted message, or an oversized one."""
+    r = rng.random()
+    if r < 0.4:
+        return rng.randbytes(rng.randrange(1, 200))
+    raw = msgpack.packb(junk.message(rng.randrange(50))[0])
+    if r < 0.8:
+        at = rng.randrange(len(raw) + 1)
+        return raw[:at] + rng.randbytes(rng.randrange(1, 4)) + raw[at:]
+    if r < 0.9:
+        return msgpack.packb([0, 1, "kvm.list_vms", {"pad": b"x" * (MAX_MESSAGE + 1)}])
+    return b"\x91" * rng.randrange(900, 1200) + b"\xc0"
+
+
+def soak(messages: int, connections: int, throwaway: int, deadline: float,
+         seed: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="lvzfz", dir="/tmp"))
+    sock = tmp / "lvz.sock"
+    cmd = [*procs.daemon_command(sock), "--max-vms", "512", "--max-message", str(MAX_MESSAGE)]
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    try:
+        with procs.server(cmd, sock) as proc:
+            path = str(sock)
+            watcher = Watcher(path, f"soak-watch-{os.getpid()}")
+            watcher.check_probe_meaning()
+            out["rss_before"] = procs.rss_bytes(proc.pid)
+            counts = SoakCounts(closed_with=Counter())
+            t0 = time.perf_counter()
+            per_conn = (messages - throwaway) // connections + 1
+            rounds = 4  # the watcher checks in between rounds, not only at the end
+            for rnd in range(rounds):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("soak deadline passed")
+
+                async def lane(junk: Junk, total: int) -> None:
+                    # Short-lived connections of CONN_MESSAGES each: a random `close` or
+                    # `vm.destroy` soon leaves a connection without handles, so fresh set-ups
+                    # keep the requests reaching the chips.
+                    while total > 0:
+                        n = min(CONN_MESSAGES, total)
+                        await pipelined(path, junk, n, 256, counts)
+                        total -= n
+
+                async def main(r: int = rnd) -> None:
+                    async with trio.open_nursery() as nursery:
+                        for c in range(connections):
+                            junk = Junk(random.Random(seed * 1000 + r * 100 + c))
+                            nursery.start_soon(lane, junk, per_conn // rounds)
+
+                trio.run(main)
+                for _ in range(throwaway // rounds):
+                    junk = Junk(rng)
+                    ex = exchange(path, throwaway_payload(rng, junk))
+                    counts.throwaway += 1
+                    counts.sent += 1
+                    assert counts.closed_with is not None
+                    counts.closed_with[ex.closed_with or "answered"] += 1
+                if watcher.observe() != watcher.baseline:
+                    raise RuntimeError("the watcher's VM changed during the soak")
+                watcher.cleanup_others()
+                say(f"  soak: {counts.sent:,} messages, {counts.responses:,} responses, "
+                    f"{counts.protocol_errors:,} protocol_errors, {counts.throwaway:,} throwaway "
+                    f"connections ({counts.sent / (time.perf_counter() - t0):,.0f} msg/s), "
+                    f"daemon RSS {procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
+            seconds = time.perf_counter() - t0
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon died (status {proc.returncode})")
+            if watcher.observe() != watcher.baseline:
+                raise RuntimeError("the watcher's VM changed during the soak")
+            out["rss_after"] = procs.rss_bytes(proc.pid)
+            watcher.close()
+            out.update(seconds=seconds, sent=counts.sent, responses=counts.responses,
+                       protocol_errors=counts.protocol_errors, throwaway=counts.throwaway,
+                       closed_with=dict(counts.closed_with or {}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------- main --------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    ap.add_argument("--seed", type=int, default=1, help="first seed of the chip segments")
+    args = ap.parse_args(argv)
+    if args.quick:
+        chip_target, segment, chip_budget = 100_000, 50_000, 30.0
+        messages, connections, throwaway, soak_budget = 200_000, 2, 1_000, 25.0
+    else:
+        chip_target, segment, chip_budget = 1_000_000, 200_000, 420.0
+        messages, connections, throwaway, soak_budget = 1_000_000, 2, 10_000, 150.0
+    start = time.monotonic()
+    say(f"(a) chip fuzzer: >= {chip_target:,} accesses per chip, invariants after every step")
+    try:
+        chips, complete = chip_fuzz(chip_target, segment, start + chip_budget, args.seed)
+    except FuzzFailure:
+        return 1
+    say(f"(b) socket soak: >= {messages:,} messages to lvz serve")
+    try:
+        s = soak(messages, connections, throwaway, time.monotonic() + soak_budget, args.seed)
+    except (RuntimeError, AssertionError) as exc:
+        say(f"socket soak FAILED: {exc}")
+        return 1
+    rate = chips.steps / chips.seconds
+    print()
+    print(f"## make fuzz{' --quick' if args.quick else ''} "
+          f"({os.cpu_count()} CPUs, {time.monotonic() - start:.0f} s)")
+    print()
+    print("| fuzzer | total | rate | notes |")
+    print("|---|---:|---:|---|")
+    print(f"| chips: steps (invariants checked after each) | {chips.steps:,} | "
+          f"{rate:,.0f} steps/s | {-(-chips.steps // segment)} VMs, 0 violations |")
+    for c in CHIPS:
+        print(f"| chips: {c} accesses | {chips.accesses[c]:,} | "
+              f"{chips.accesses[c] / chips.seconds:,.0f} /s | |")
+    up = chips.lines_up
+    print(f"| chips: steps with a line up | | | HWI {up['hwi']:,}, IPI {up['ipi']:,}, "
+          f"SWI0 {up['swi0']:,} |")
+    print(f"| socket soak: messages | {s['sent']:,} | {s['sent'] / s['seconds']:,.0f} msg/s | "
+          f"{s['responses']:,} responses, {s['protocol_errors']:,} protocol_errors |")
+    closed = ", ".join(f"{k} {v:,}" for k, v in sorted(s["closed_with"].items()))
+    print(f"| socket soak: throwaway junk connections | {s['throwaway']:,} | | {closed} |")
+    print(f"| daemon RSS before / after | {s['rss_before'] / 2**20:.1f} MiB / "
+          f"{s['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |")
+    if not complete:
+        say(f"chip fuzz stopped at its deadline before {chip_target:,} accesses per chip")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1170 @@
+"""A chip fuzzer in the spirit of QEMU's generic device fuzzer, checking invariants every step.
+
+One ``ChipFuzzer`` drives the real VM model (``lvz.daemon.model.Vm`` with the plugins
+``load_plugins()`` finds) holding every chip -- IPI, EIOINTC, PCH-PIC (MMIO base set) and the PV
+IPI hypercall -- through the same entry points the daemon uses: guest IOCSR / MMIO loads and
+stores (any address, size and value, biased towards the chips' windows), device attr writes and
+reads, ``set_chip_input`` as IRQ_LINE and SIGNAL_MSI do, PV IPI hypercalls, CPUID sets (valid and
+invalid), ``csrxchg`` on ESTAT (how a guest acknowledges SWI), vCPU create/destroy and the PV
+feature word. Randomness comes from one ``random.Random`` (seeded, for the long runs in
+``bench.fuzz``) or from hypothesis (``st.randoms()``, so failures shrink); nothing else is random,
+so a seed and a step count reproduce a failure exactly.
+
+After **every** step the fuzzer checks:
+
+* nothing but ``KvmError`` left the model, and never EIO (the model turns a chip's own exception
+  into EIO naming the plugin, so an EIO *is* an escaped exception);
+* every vCPU's interrupt lines agree with the chips' state: HWI0-7 (ESTAT bits 2-9) equal the OR
+  of EIOINTC's ``implied_lines()``, the IPI bit equals the IPI chip's, TI is down, and SWI0/SWI1
+  equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets the fuzzer computes on
+  its own from SEMANTICS §7, and only a guest ``csrxchg`` changes SWI0/SWI1);
+* the phyid map is a bijection between the set vCPUs and their ids: ``vm.phyids`` is exactly
+  ``{v.csrs[CPUID]: v for live v if CPUID < max_phyid}`` with no id held twice.
+
+Operations whose outcome the spec decides are checked against an independent prediction too
+(attr validity and read-back, CPUID sets per ``kvm_set_cpuid``, vCPU creation, PV IPI's return
+value, csrxchg's old value, ENXIO for unclaimed addresses, EINVAL for bad sizes, pins and MSI
+data).
+
+**Which device attrs are written, and why.** Some attrs are raw copies of registers that carry
+lines: IPI STATUS; EIOINTC REGS over ISR, COREISR, ENABLE, IPMAP and COREMAP, SW_STATUS STATE and
+ROUTE, CTRL LOAD_FINISHED; PCH-PIC REGS MASK, IRR and ISR. The kernel deliberately copies them
+without touching any vCPU line (a VMM restoring a snapshot restores ESTAT separately), so writing
+them *successfully* would make state and lines disagree by design, not by bug. The fuzzer
+therefore writes those only with a value too wide for the register (which must be refused with
+EINVAL and change nothing) and never issues LOAD_FINISHED (it takes no value that could be
+refused). Every other attr -- IPI EN / SET / CLEAR / mailboxes, EIOINTC NODETYPE / BOUNCE,
+SW_STATUS NUM_CPU / FEATURE, CTRL INIT_NUM_CPU / INIT_FEATURE / unknown CTRL attrs, PCH-PIC
+HTMSI_EN / EDGE / AUTO_CTRL0/1 / POLARITY / ROUTE_ENTRY / HTMSI_VEC / CTRL_INIT -- is written with
+any value, plus unknown groups and offsets and out-of-range values, which must be ``KvmError``.
+
+The model takes ``vm.map_lock`` (a ``trio.Lock``) itself wherever the kernel takes
+``phyid_map_lock``, and ``acquire_nowait`` needs a running trio task, so the fuzzer runs inside
+``trio.run`` (``run_in_trio``); it never holds the lock itself.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+
+from lvz.daemon.host import PluginHost, load_plugins
+from lvz.daemon.model import Vcpu, Vm
+from lvz.plugins import eiointc as E
+from lvz.plugins import ipi as I
+from lvz.plugins import pchpic as P
+from lvz.plugins.api import Device
+from lvz.protocol import regs
+from lvz.protocol.constants import (
+    CPUCFG_KVM_FEATURE,
+    CSR_CPUID,
+    CSR_ESTAT,
+    DEV_EIOINTC,
+    DEV_IPI,
+    DEV_PCHPIC,
+    INT_IPI,
+    KVM_FEATURE_IPI,
+    KVM_HCALL_FUNC_IPI,
+    KVM_HCALL_SERVICE,
+    KVM_LOONGARCH_VCPU_CPUCFG,
+    U32_MAX,
+    U64_MAX,
+)
+from lvz.protocol.errors import ERRNO, KvmError
+
+__all__ = [
+    "CHIPS", "CLOSING_ERRORS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "run_in_trio",
+    "wire_error_problem", "wire_message_problem", "Exchange", "SENTINEL", "SENTINEL_ID",
+    "Watcher", "Wire", "exchange",
+]
+
+#: The chips accesses are counted for (``bench.fuzz`` wants a million of each).
+CHIPS = ("ipi", "eiointc", "pchpic", "pv_ipi")
+
+HWI_MASK = 0xFF << 2
+IPI_BIT = 1 << INT_IPI
+SWI_MASK = 0b11
+LINE_BITS = 0x3FF | (1 << 11) | IPI_BIT
+
+IPI_BASE, IPI_END = I.IOCSR_IPI_BASE, I.IOCSR_IPI_BASE + I.IOCSR_IPI_SIZE
+EIO_BASE, EIO_END = E.EIOINTC_BASE, E.EIOINTC_BASE + E.EIOINTC_SIZE
+VIRT_BASE, VIRT_END = E.EIOINTC_VIRT_BASE, E.EIOINTC_VIRT_BASE + E.EIOINTC_VIRT_SIZE
+
+_IPI_ATTR_WIDTH = {0x00: 4, 0x04: 4, 0x08: 4, 0x0C: 4, 0x20: 8, 0x28: 8, 0x30: 8, 0x38: 8}
+#: Line-carrying EIOINTC registers: attr writes there must be refused (too-wide values only).
+_EIO_FORBIDDEN = (E.ISR, E.COREISR, E.ENABLE, E.IPMAP, E.COREMAP)
+_EIO_ALLOWED = (E.NODETYPE, E.BOUNCE)
+_PCH_FORBIDDEN = (P.MASK, P.INT_IRR, P.INT_ISR)
+_PCH_ALLOWED_WORDS = (P.HTMSI_EN, P.EDGE, P.AUTO_CTRL0, P.AUTO_CTRL1, P.POLARITY)
+_PCH_BASES = (0x10000000, 0xE0000000, 0x2000, 0xFFFFFC18)
+
+
+class FuzzFailure(AssertionError):
+    """An invariant broke or something other than KvmError escaped; says how to reproduce."""
+
+
+@dataclass(slots=True)
+class FuzzStats:
+    """What a run did: steps, accesses per chip, outcomes, and how often lines were up."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    accesses: Counter[str] = field(default_factory=Counter)
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    #: steps after which some vCPU had an HWI / IPI / SWI0 line up (the fuzz is not vacuous).
+    lines_up: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: FuzzStats) -> None:
+        self.steps += other.steps
+        self.seconds += other.seconds
+        self.accesses.update(other.accesses)
+        self.ops.update(other.ops)
+        self.errors.update(other.errors)
+        self.lines_up.update(other.lines_up)
+
+
+def _window(space: str, addr: int, size: int, pch_base: int | None) -> str:
+    """Which chip a guest access reaches (the model's own claim table is not consulted)."""
+    end = addr + size
+    if space == "iocsr":
+        if addr >= IPI_BASE and end <= IPI_END:
+            return "ipi"
+        if (addr >= EIO_BASE and end <= EIO_END) or (addr >= VIRT_BASE and end <= VIRT_END):
+            return "eiointc"
+        return ""
+    if pch_base is not None and pch_base <= addr and end <= pch_base + P.PCH_PIC_SIZE:
+        return "pchpic"
+    return ""
+
+
+class ChipFuzzer:
+    """One VM with all chips, and the random operations and invariant checks that drive it.
+
+    Call ``setup()`` and ``step()`` from inside a trio task (``run_in_trio`` does that).
+    """
+
+    def __init__(self, rng: random.Random, *, host: PluginHost | None = None,
+                 max_phyid: int = 256, n_vcpus: int = 6, max_vcpus: int = 10,
+                 history: int = 24) -> None:
+        self.rng = rng
+        self.host = host or load_plugins()
+        self.vm = Vm(self.host, name=None, max_phyid=max_phyid, max_vcpus=max_vcpus)
+        self.n_vcpus = n_vcpus
+        self.max_vcpus = max_vcpus
+        self.stats = FuzzStats()
+        self.history: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=history)
+        #: vcpu_id -> SWI0/SWI1 bits the guest-visible operations imply.
+        self.swi: dict[int, int] = {}
+        self.vcpu_list: list[Vcpu] = []
+        self.pch_base: int | None = None
+        self.ipi: Device
+        self.eio: E.Eiointc
+        self.pch: P.PchPic
+        self._ops: list[Callable[[], None]] = []
+        self._cum: list[float] = []
+
+    # ------------------------------------------------------------------ set-up ------------------
+
+    def setup(self) -> None:
+        """vCPUs (vcpu_id != phyid, some unmapped), all chips, and a guest's boot-time routing."""
+        rng, vm = self.rng, self.vm
+        limit = vm.max_phyid
+        ids = {0, vm.max_vcpu_id - 1}
+        while len(ids) < self.n_vcpus:
+            ids.add(rng.choice((rng.randrange(16), rng.randrange(vm.max_vcpu_id))))
+        pool = [p for p in (0, 1, 2, 3, limit - 1, min(255, limit - 1), 1023, rng.randrange(limit))
+                if p < limit]
+        rng.shuffle(pool)
+        for vid in sorted(ids)[: self.n_vcpus]:
+            vcpu = vm.create_vcpu(vid)
+            self._track_new(vcpu)
+            if rng.random() < 0.8:
+                choices = [p for p in pool if p != vid and p not in vm.phyids]
+                if choices:
+                    vm.set_one_reg(vcpu, regs.CPUID, rng.choice(choices))
+        self.ipi = vm.create_device(DEV_IPI)
+        eio = vm.create_device(DEV_EIOINTC)
+        pch = vm.create_device(DEV_PCHPIC)
+        assert isinstance(eio, E.Eiointc) and isinstance(pch, P.PchPic)
+        self.eio, self.pch = eio, pch
+        vm.device_call(pch, "set_attr", P.GRP_CTRL, P.CTRL_INIT, rng.choice(_PCH_BASES))
+        self.pch_base = pch.base
+        vm.device_call(eio, "set_attr", E.GRP_CTRL, E.CTRL_INIT_NUM_CPU, rng.randrange(257))
+        vm.device_call(eio, "set_attr", E.GRP_CTRL, E.CTRL_INIT_FEATURE, rng.choice((0, 0xF)))
+        # What a booting guest does: enable irqs, route them, unmask PCH-PIC pins.
+        v0 = self.vcpu_list[0]
+        for word in range(0, 0x20, 8):
+            vm.guest_write("iocsr", v0, EIO_BASE + E.ENABLE + word, 8,
+                           rng.choice((U64_MAX, U64_MAX, rng.getrandbits(64))))
+        for word in range(0, 0x100, 8):
+            vm.guest_write("iocsr", v0, EIO_BASE + E.COREMAP + word, 8, self._coremap_word())
+        vm.guest_write("iocsr", v0, EIO_BASE + E.IPMAP, 8, self._bytes_of((1, 2, 4, 8, 0)))
+        if self.pch_base is not None:
+            vm.guest_write("mmio", v0, self.pch_base + P.MASK, 8, rng.getrandbits(64)
+                           & rng.getrandbits(64))
+            vm.guest_write("mmio", v0, self.pch_base + P.EDGE, 8, rng.getrandbits(64)
+                           & rng.getrandbits(64) & rng.getrandbits(64))
+        weights: list[tuple[Callable[[], None], float]] = [
+            (self.op_iocsr_read, 8), (self.op_iocsr_write, 26), (self.op_mmio_read, 5),
+            (self.op_mmio_write, 16), (self.op_attr_set, 9), (self.op_attr_get, 3),
+            (self.op_irq_line, 10), (self.op_msi, 4), (self.op_pv_ipi, 20),
+            (self.op_set_phyid, 2), (self.op_csr_xchg, 4), (self.op_create_vcpu, 0.4),
+            (self.op_destroy_vcpu, 0.4), (self.op_pv_features, 0.05),
+        ]
+        total = 0.0
+        for fn, w in weights:
+            total += w
+            self._ops.append(fn)
+            self._cum.append(total)
+        self.check()
+
+    def _track_new(self, vcpu: Vcpu) -> None:
+        self.vcpu_list.append(vcpu)
+        self.swi[vcpu.vcpu_id] = 0
+
+    # ------------------------------------------------------------------ value helpers -----------
+
+    def _value(self) -> int:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.35:
+            return rng.getrandbits(64)
+        if r < 0.55:
+            return 1 << rng.randrange(64)
+        if r < 0.7:
+            return rng.randrange(256)
+        if r < 0.8:
+            return rng.getrandbits(32)
+        return rng.choice((0, U64_MAX, U32_MAX, 1 << 63, 0x8000_0000))
+
+    def _bytes_of(self, choices: tuple[int, ...]) -> int:
+        out = 0
+        for i in range(8):
+            out |= self.rng.choice(choices) << (8 * i)
+        return out
+
+    def _phyid_target(self) -> int:
+        """A physical CPUID a sender names: mostly one that is set, sometimes anything."""
+        rng = self.rng
+        if self.vm.phyids and rng.random() < 0.8:
+            return rng.choice(list(self.vm.phyids))
+        return rng.choice((rng.randrange(1024), rng.randrange(4), self.vm.max_phyid))
+
+    def _coremap_word(self) -> int:
+        rng = self.rng
+        choices = [1, 2, 4, 8, 0, 0x10, 0xFF, rng.randrange(256)]
+        choices.append(self._phyid_target() & 0xFF)
+        return self._bytes_of(tuple(choices))
+
+    def _size(self) -> int:
+        rng = self.rng
+        return rng.choice((1, 2, 4, 8, 8, 4)) if rng.random() < 0.98 else rng.choice((0, 3, 16))
+
+    def _vcpu(self) -> Vcpu:
+        return self.rng.choice(self.vcpu_list)
+
+    # ------------------------------------------------------------------ running -----------------
+
+    def step(self) -> None:
+        rng = self.rng
+        x = rng.random() * self._cum[-1]
+        for fn, c in zip(self._ops, self._cum, strict=True):
+            if x < c:
+                fn()
+                break
+        self.stats.steps += 1
+        self.check()
+
+    def run(self, steps: int) -> FuzzStats:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.stats.seconds += time.perf_counter() - t0
+        return self.stats
+
+    def fail(self, why: str) -> FuzzFailure:
+        ops = "\n".join(f"  {kind}{args!r}" for kind, args in self.history)
+        return FuzzFailure(f"after {self.stats.steps} steps: {why}\nlast operations (oldest "
+                           f"first):\n{ops}")
+
+    def _call(self, kind: str, args: tuple[Any, ...], fn: Callable[..., Any],
+              *call_args: Any) -> tuple[Any, KvmError | None]:
+        """Run one model call; only KvmError other than EIO may come out of it."""
+        self.history.append((kind, args))
+        self.stats.ops[kind] += 1
+        try:
+            result = fn(*call_args)
+        except KvmError as err:
+            if err.name == "EIO":
+                raise self.fail(f"{kind}: a chip raised (EIO): {err}") from err
+            self.stats.errors[err.name] += 1
+            return None, err
+        except Exception as exc:
+            raise self.fail(f"{kind}: {type(exc).__name__} escaped the model: {exc}") from exc
+        return result, None
+
+    def _expect(self, kind: str, err: KvmError | None, ok: bool | None,
+                name: str | None = None) -> None:
+        """``ok`` True: must succeed; False: must fail (with ``name`` if given); None: either."""
+        if ok is True and err is not None:
+            raise self.fail(f"{kind} should have succeeded but failed: {err}")
+        if ok is False:
+            if err is None:
+                raise self.fail(f"{kind} should have been refused ({name or 'any error'})")
+            if name is not None and err.name != name:
+                raise self.fail(f"{kind} should have failed with {name}, not {err}")
+
+    # ------------------------------------------------------------------ guest accesses ----------
+
+    def _ipi_offset(self) -> int:
+        rng = self.rng
+        if rng.random() < 0.85:
+            return rng.choice((0x0, 0x4, 0x8, 0xC, 0x8, 0xC, 0x20, 0x28, 0x30, 0x38, 0x24,
+                               0x40, 0x40, 0x48, 0x48, 0x158, 0x158))
+        return rng.randrange(I.IOCSR_IPI_SIZE)
+
+    def _ipi_data(self, off: int) -> int:
+        rng = self.rng
+        if off in (I.IPI_SEND, I.MAIL_SEND, I.ANY_SEND):
+            low = rng.getrandbits(16) if rng.random() < 0.2 else 0
+            if off == I.IPI_SEND:
+                low = rng.randrange(32) | (low & ~0x1F & 0xFFFF)
+            elif off == I.MAIL_SEND:
+                low = rng.randrange(8) << 2
+            else:
+                low = rng.choice((0x1008, 0x1008, 0x100C, 0x1004, 0x1020, 0x103C, 0x1000,
+                                  EIO_BASE + E.ENABLE, EIO_BASE + E.COREISR,
+                                  EIO_BASE + E.COREMAP + rng.randrange(0x100),
+                                  rng.getrandbits(16)))
+            keep = rng.choice((0, 0, rng.randrange(16)))
+            payload = rng.getrandbits(32) if rng.random() < 0.7 else rng.choice((0, U32_MAX))
+            return (payload << 32) | (keep << 27) | (self._phyid_target() & 0x3FF) << 16 | low
+        if off == I.IPI_SET:
+            return rng.choice((1 << rng.randrange(32), rng.getrandbits(32), 0, self._value()))
+        if off == I.IPI_CLEAR:
+            return rng.choice((U32_MAX, 1 << rng.randrange(32), rng.getrandbits(32), U64_MAX))
+        return self._value()
+
+    def _eio_offset(self) -> int:
+        rng = self.rng
+        if rng.random() < 0.9:
+            start = rng.choice((E.NODETYPE, E.IPMAP, E.ENABLE, E.ENABLE, E.BOUNCE, E.ISR,
+                                E.COREISR, E.COREISR, E.COREMAP, E.COREMAP, E.COREMAP))
+            return start + rng.randrange(E.REGISTERS[start])
+        return rng.randrange(E.EIOINTC_SIZE)
+
+    def _eio_data(self, off: int) -> int:
+        rng = self.rng
+        if E.COREMAP <= off < E.COREMAP + 0x100:
+            return self._coremap_word()
+        if E.IPMAP <= off < E.IPMAP + 8:
+            return self._bytes_of((1, 2, 4, 8, 0, 3, rng.randrange(256)))
+        if E.ENABLE <= off < E.ENABLE + 0x20 or E.COREISR <= off < E.COREISR + 0x20:
+            return rng.choice((U64_MAX, 0, rng.getrandbits(64), 1 << rng.randrange(64)))
+        return self._value()
+
+    def _iocsr_target(self) -> tuple[int, int, int]:
+        """(address, size, value) of an IOCSR access, biased to the IPI and EIOINTC windows."""
+        rng = self.rng
+        size = self._size()
+        r = rng.random()
+        if r < 0.45:
+            off = self._ipi_offset()
+            addr, value = IPI_BASE + off, self._ipi_data(off)
+        elif r < 0.86:
+            off = self._eio_offset()
+            addr, value = EIO_BASE + off, self._eio_data(off)
+        elif r < 0.94:
+            off = rng.choice((E.VIRT_FEATURES, E.VIRT_CONFIG, E.VIRT_CONFIG,
+                              rng.randrange(E.EIOINTC_VIRT_SIZE)))
+            addr = VIRT_BASE + off
+            value = rng.choice((0, rng.randrange(16), rng.randrange(16), self._value()))
+        else:
+            addr = rng.choice((rng.getrandbits(32), rng.getrandbits(64), IPI_END - 4,
+                               EIO_END - 4, VIRT_END - 4, EIO_BASE - 4))
+            value = self._value()
+        if size in (2, 4, 8) and rng.random() < 0.9:
+            addr &= ~(size - 1)
+        return addr, size, value
+
+    def _mmio_target(self) -> tuple[int, int, int]:
+        rng = self.rng
+        size = self._size()
+        base = self.pch_base
+        if base is not None and rng.random() < 0.9:
+            if rng.random() < 0.85:
+                off = rng.choice((P.INT_ID, P.MASK, P.MASK, P.HTMSI_EN, P.EDGE, P.CLEAR,
+                                  P.CLEAR, P.AUTO_CTRL0, P.AUTO_CTRL1, P.INT_IRR, P.INT_ISR,
+                                  P.POLARITY, P.ROUTE_ENTRY + rng.randrange(64),
+                                  P.HTMSI_VEC + rng.randrange(64)))
+            else:
+                off = rng.randrange(P.PCH_PIC_SIZE)
+            word = off & ~7
+            if word == P.MASK:
+                value = rng.choice((0, U64_MAX, rng.getrandbits(64), 1 << rng.randrange(64),
+                                    rng.getrandbits(64) & rng.getrandbits(64)))
+            elif word == P.CLEAR:
+                value = rng.choice((U64_MAX, rng.getrandbits(64), 1 << rng.randrange(64)))
+            elif P.HTMSI_VEC <= word < P.HTMSI_VEC + 64:
+                value = self._bytes_of((0, 1, 2, 5, 31, 32, 255, rng.randrange(256)))
+            else:
+                value = self._value()
+            addr = base + off
+        else:
+            addr = rng.choice((rng.getrandbits(32), rng.getrandbits(64), (base or 0) - 4,
+                               (base or 0) + P.PCH_PIC_SIZE - 4))
+            value = self._value()
+        if size in (2, 4, 8) and rng.random() < 0.9:
+            addr &= ~(size - 1)
+        return addr, size, value
+
+    def _access(self, space: str, write: bool) -> None:
+        addr, size, value = self._iocsr_target() if space == "iocsr" else self._mmio_target()
+        vcpu = self._vcpu()
+        valid = size in (1, 2, 4, 8)
+        chip = _window(space, addr & U32_MAX, size, self.pch_base) if valid else ""
+        if chip:
+            self.stats.accesses[chip] += 1
+        kind = f"{space}_{'write' if write else 'read'}"
+        args = (vcpu.vcpu_id, hex(addr), size) + ((hex(value),) if write else ())
+        if write:
+            _, err = self._call(kind, args, self.vm.guest_write, space, vcpu, addr, size, value)
+        else:
+            result, err = self._call(kind, args, self.vm.guest_read, space, vcpu, addr, size)
+            if err is None:
+                top = result >> (8 * size - 1)
+                if not 0 <= result <= U64_MAX or top not in (0, (1 << (65 - 8 * size)) - 1):
+                    raise self.fail(f"{kind} returned {result:#x}, not a sign-extended load")
+        if not valid:
+            self._expect(kind, err, False, "EINVAL")
+        elif chip:
+            self._expect(kind, err, True)
+        else:
+            self._expect(kind, err, False, "ENXIO")
+
+    def op_iocsr_read(self) -> None:
+        self._access("iocsr", False)
+
+    def op_iocsr_write(self) -> None:
+        self._access("iocsr", True)
+
+    def op_mmio_read(self) -> None:
+        self._access("mmio", False)
+
+    def op_mmio_write(self) -> None:
+        self._access("mmio", True)
+
+    # ------------------------------------------------------------------ device attrs ------------
+
+    def _too_wide(self, width: int) -> int:
+        rng = self.rng
+        return rng.choice((-1, -rng.randrange(1, 1 << 40), 1 << (8 * width),
+                           (1 << (8 * width)) + rng.getrandbits(8 * width), 1 << 64, 1 << 200))
+
+    def _fits(self, width: int) -> int:
+        rng = self.rng
+        return rng.choice((0, (1 << (8 * width)) - 1, rng.getrandbits(8 * width),
+                           rng.randrange(256)))
+
+    def _other_group(self, *known: int) -> int:
+        """An attr group the chip does not have (its neighbours and random numbers)."""
+        rng = self.rng
+        while True:
+            group = rng.choice((0, 1, 0x40000000, 0x40000007, 0x40000001, 0x40000004,
+                                self._value() | (1 << 30), self._value()))
+            if group not in known:
+                return group
+
+    def _ipi_attr(self, for_set: bool) -> tuple[int, int, int, bool]:
+        """(group, attr, value, predicted ok) for the IPI."""
+        rng = self.rng
+        group = (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS if rng.random() < 0.9
+                 else self._other_group(I.KVM_DEV_LOONGARCH_IPI_GRP_REGS))
+        # The attr's cpu field is 10 bits: a vcpu_id of 1024 or more cannot be named.
+        vid = (self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)) & 0x3FF
+        off = rng.choice(tuple(_IPI_ATTR_WIDTH)) if rng.random() < 0.85 else rng.randrange(256)
+        attr = (vid << 16) | off
+        if rng.random() < 0.1:
+            attr |= rng.getrandbits(38) << 26  # bits above the cpu field are ignored
+        width = _IPI_ATTR_WIDTH.get(off, 8)
+        value = self._fits(width) if rng.random() < 0.8 else self._too_wide(width)
+        if for_set and group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and off == I.IPI_STATUS:
+            value = self._too_wide(width)  # STATUS carries INT_IPI: refused writes only
+        ok = (group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and self.vm.vcpu_exists(vid)
+              and off in _IPI_ATTR_WIDTH and (not for_set or 0 <= value < 1 << (8 * width)))
+        return group, attr, value, ok
+
+    def _eio_attr(self, for_set: bool) -> tuple[int, int, int, bool | None]:
+        rng = self.rng
+        eio = self.eio
+        r = rng.random()
+        value = rng.choice((self._fits(4), self._fits(4), self._too_wide(4)))
+        if r < 0.5:
+            group = E.GRP_REGS
+            cpu = rng.choice((self._vcpu().vcpu_id, rng.randrange(max(eio.num_cpu, 1)),
+                              rng.getrandbits(16)))
+            start = rng.choice(_EIO_ALLOWED + _EIO_ALLOWED + _EIO_FORBIDDEN)
+            off = start + rng.randrange(E.REGISTERS[start])
+            if rng.random() < 0.1:
+                off = rng.choice((0, 0x100, 0x900, 0xFFFF, rng.getrandbits(16)))
+            attr = (cpu << 16) | off | (rng.getrandbits(32) << 32 if rng.random() < 0.1 else 0)
+            where = E.Eiointc._locate(off)
+            if for_set and where not in _EIO_ALLOWED:
+                value = self._too_wide(4)
+            ok = (where is not None and (where != E.COREISR or cpu < eio.num_cpu)
+                  and (not for_set or 0 <= value <= U32_MAX))
+            return group, attr, value, ok
+        if r < 0.7:
+            group = E.GRP_SW_STATUS
+            which = rng.choice((E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE, E.SW_STATUS_STATE,
+                                E.SW_STATUS_ROUTE, rng.getrandbits(16)))
+            irq = rng.choice((rng.randrange(256), rng.getrandbits(16)))
+            attr = (irq << 16) | which
+            if for_set:
+                if which in (E.SW_STATUS_STATE, E.SW_STATUS_ROUTE):
+                    value = self._too_wide(4)
+                known = which in (E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE)
+                return group, attr, value, known and 0 <= value <= U32_MAX
+            known = which in (E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE, E.SW_STATUS_STATE) or (
+                which == E.SW_STATUS_ROUTE and irq < 256)
+            return group, attr, value, known
+        if r < 0.9:
+            group = E.GRP_CTRL
+            attr = rng.choice((E.CTRL_INIT_NUM_CPU, E.CTRL_INIT_FEATURE, 2, 4, self._value()))
+            if attr == E.CTRL_LOAD_FINISHED:
+                attr = 2
+            if attr == E.CTRL_INIT_NUM_CPU:
+                value = rng.choice((rng.randrange(257), 256, 257, U32_MAX, self._too_wide(4)))
+                ctrl_ok = 0 <= value <= 256
+            elif attr == E.CTRL_INIT_FEATURE:
+                value = rng.choice((0, 0xF, rng.randrange(16), self._too_wide(4)))
+                ctrl_ok = 0 <= value <= U32_MAX
+            else:
+                ctrl_ok = True  # other CTRL attrs are accepted and ignored, whatever the value
+            if not for_set:
+                ctrl_ok = False  # CTRL cannot be read
+            return group, attr, value, ctrl_ok
+        group = self._other_group(E.GRP_REGS, E.GRP_SW_STATUS, E.GRP_CTRL)
+        return group, self._value(), value, False
+
+    def _pch_attr(self, for_set: bool) -> tuple[int, int, int, bool | None]:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.75:
+            group = P.GRP_REGS
+            choice = rng.random()
+            if choice < 0.45:
+                off = rng.choice(_PCH_ALLOWED_WORDS)
+            elif choice < 0.75:
+                off = rng.choice((P.ROUTE_ENTRY, P.HTMSI_VEC)) + rng.randrange(64)
+            elif choice < 0.9:
+                off = rng.choice(_PCH_FORBIDDEN)
+            else:
+                off = rng.choice((P.INT_ID, P.CLEAR, P.MASK + 1, P.PCH_PIC_SIZE, 0x140,
+                                  rng.getrandbits(12), rng.getrandbits(32)))
+            byte_reg = (P.ROUTE_ENTRY <= off < P.ROUTE_ENTRY + 64
+                        or P.HTMSI_VEC <= off < P.HTMSI_VEC + 64)
+            valid = off in P.WORD_REGS or byte_reg
+            width = 1 if byte_reg else 8
+            attr = off | (rng.getrandbits(32) << 32 if rng.random() < 0.1 else 0)
+            value = self._fits(width) if rng.random() < 0.85 else self._too_wide(width)
+            if for_set and off in _PCH_FORBIDDEN:
+                value = self._too_wide(width)
+            ok = valid and (not for_set or 0 <= value < 1 << (8 * width))
+            return group, attr, value, ok
+        if r < 0.9:
+            group = P.GRP_CTRL
+            attr = P.CTRL_INIT if rng.random() < 0.8 else rng.choice((1, self._value()))
+            value = rng.choice((*_PCH_BASES, rng.getrandbits(64), self._too_wide(8)))
+            if not for_set:
+                return group, attr, value, None if attr == P.CTRL_INIT else False
+            return group, attr, value, attr == P.CTRL_INIT and 0 <= value <= U64_MAX
+        return self._other_group(P.GRP_REGS, P.GRP_CTRL), self._value(), self._value(), False
+
+    def _attr_target(self, for_set: bool) -> tuple[str, Device, int, int, int, bool | None]:
+        rng = self.rng
+        chip = rng.choice(("ipi", "eiointc", "pchpic"))
+        if chip == "ipi":
+            return (chip, self.ipi, *self._ipi_attr(for_set))
+        if chip == "eiointc":
+            return (chip, self.eio, *self._eio_attr(for_set))
+        return (chip, self.pch, *self._pch_attr(for_set))
+
+    def op_attr_set(self) -> None:
+        chip, dev, group, attr, value, ok = self._attr_target(True)
+        self.stats.accesses[chip] += 1
+        args = (chip, hex(group), hex(attr), hex(value))
+        _, err = self._call("attr_set", args, self.vm.device_call, dev, "set_attr", group, attr,
+                            value)
+        self._expect("attr_set", err, ok)
+        if err is None:
+            if chip == "pchpic" and group == P.GRP_CTRL:
+                self.pch_base = value
+            elif group in (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, E.GRP_REGS, P.GRP_REGS):
+                back, err = self._call("attr_get", args[:3], self.vm.device_call, dev,
+                                       "get_attr", group, attr)
+                if err is not None or back != value:
+                    raise self.fail(f"attr {args} read back as {back!r} ({err})")
+
+    def op_attr_get(self) -> None:
+        chip, dev, group, attr, _value, ok = self._attr_target(False)
+        self.stats.accesses[chip] += 1
+        args = (chip, hex(group), hex(attr))
+        result, err = self._call("attr_get", args, self.vm.device_call, dev, "get_attr", group,
+                                 attr)
+        self._expect("attr_get", err, ok)
+        if err is None and (type(result) is not int or not 0 <= result <= U64_MAX):
+            raise self.fail(f"attr_get {args} returned {result!r}, not a u64")
+
+    # ------------------------------------------------------------------ inputs ------------------
+
+    def op_irq_line(self) -> None:
+        rng = self.rng
+        pin = rng.randrange(64) if rng.random() < 0.97 else rng.choice((64, 65, -1, 1 << 40))
+        level = rng.choice((0, 1))
+        self.stats.accesses["pchpic"] += 1
+        _, err = self._call("irq_line", (pin, level), self.vm.set_chip_input, DEV_PCHPIC, pin,
+                            level)
+        self._expect("irq_line", err, 0 <= pin < 64, None if 0 <= pin < 64 else "EINVAL")
+
+    def op_msi(self) -> None:
+        rng = self.rng
+        data = rng.randrange(256) if rng.random() < 0.95 else rng.choice((256, 1 << 32, -1))
+        self.stats.accesses["eiointc"] += 1
+        _, err = self._call("msi", (data,), self.vm.set_chip_input, DEV_EIOINTC, data, 1)
+        self._expect("msi", err, 0 <= data < 256, None if 0 <= data < 256 else "EINVAL")
+
+    # ------------------------------------------------------------------ PV IPI ------------------
+
+    def op_pv_ipi(self) -> None:
+        rng = self.rng
+        vm = self.vm
+        vcpu = self._vcpu()
+        code = KVM_HCALL_SERVICE if rng.random() < 0.93 else rng.choice(
+            (0x101, 0x102, 0, rng.getrandbits(15)))
+        a0 = KVM_HCALL_FUNC_IPI if rng.random() < 0.93 else rng.choice((0, 2, 3, -1, 1 << 32 | 1))
+        r = rng.random()
+        targets = [self._phyid_target() for _ in range(rng.randrange(1, 4))]
+        if r < 0.6:
+            base = max(0, min(targets) - rng.randrange(8))
+        elif r < 0.75:
+            base = rng.choice((0, U32_MAX, U32_MAX - 62, (1 << 32) + rng.randrange(4),
+                               (1 << 31) - 1, 1 << 31))
+        else:
+            base = rng.choice((rng.getrandbits(64), rng.getrandbits(32), -rng.randrange(100)))
+        bitmap = 0
+        for t in targets:
+            off = (t - base) & U32_MAX
+            if off < 128:
+                bitmap |= 1 << off
+        if rng.random() < 0.3:
+            bitmap |= rng.getrandbits(128) & rng.getrandbits(128)
+        a1, a2 = bitmap & U64_MAX, bitmap >> 64
+        if rng.random() < 0.05:
+            a1, a2 = rng.choice((-1, U64_MAX)), rng.choice((0, -1))
+        args = [a0, a1, a2, base] + [self._value() for _ in range(rng.randrange(3))]
+        if rng.random() < 0.03:
+            args = args[: rng.randrange(4)]
+        self.stats.accesses["pv_ipi"] += 1
+        # The expected outcome, from SEMANTICS §7 alone.
+        full = [x & U64_MAX for x in args] + [0] * (6 - len(args))
+        sends = (code == KVM_HCALL_SERVICE and full[0] == KVM_HCALL_FUNC_IPI
+                 and (vm.pv_features >> KVM_FEATURE_IPI) & 1)
+        expect = 0 if sends else -1
+        hit: set[int] = set()
+        if sends:
+            b = full[3] & U32_MAX
+            for word, bm in enumerate((full[1], full[2])):
+                for bit in range(64):
+                    if bm >> bit & 1:
+                        cpuid = (b + 64 * word + bit) & U32_MAX
+                        owner = vm.phyids.get(cpuid) if cpuid < 1 << 31 else None
+                        if owner is not None:
+                            hit.add(owner.vcpu_id)
+        result, err = self._call("pv_ipi", (vcpu.vcpu_id, hex(code), [hex(a & U64_MAX) for a in
+                                                                      args]),
+                                 vm.hypercall, vcpu, code, args)
+        if err is not None or result != expect:
+            raise self.fail(f"hypercall returned {result!r} ({err}), expected {expect}")
+        for vid in hit:
+            self.swi[vid] |= 1
+
+    def op_pv_features(self) -> None:
+        rng = self.rng
+        value = rng.choice((1 << KVM_FEATURE_IPI, 1 << KVM_FEATURE_IPI, 0b1110, 0,
+                            rng.getrandbits(32)))
+        _, err = self._call("pv_features", (hex(value),), self.vm.set_vcpu_attr,
+                            KVM_LOONGARCH_VCPU_CPUCFG, CPUCFG_KVM_FEATURE, value)
+        if err is None and self.vm.get_vcpu_attr(KVM_LOONGARCH_VCPU_CPUCFG,
+                                                 CPUCFG_KVM_FEATURE) != value:
+            raise self.fail(f"PV features {value:#x} did not stick")
+
+    # ------------------------------------------------------------------ phyids, vCPUs, SWI ------
+
+    def op_set_phyid(self) -> None:
+        rng = self.rng
+        vm = self.vm
+        vcpu = self._vcpu()
+        limit = vm.max_phyid
+        cur = vcpu.csrs[CSR_CPUID]
+        taken = [p for p in vm.phyids if p != cur]
+        free = [p for p in (0, 1, 2, 3, limit - 1, rng.randrange(limit)) if p not in vm.phyids]
+        value = rng.choice([cur, limit, limit + 1, U64_MAX, rng.getrandbits(64), *free, *free,
+                            *taken[:2]])
+        # kvm_set_cpuid, SEMANTICS §4.
+        if value >= limit:
+            expect: str | None = "EINVAL"
+        elif cur < limit:
+            expect = None if value == cur else "EINVAL"
+        elif value in vm.phyids:
+            expect = "EINVAL"
+        else:
+            expect = None
+        _, err = self._call("set_phyid", (vcpu.vcpu_id, value), vm.set_one_reg, vcpu,
+                            regs.CPUID, value)
+        self._expect("set_phyid", err, expect is None, expect)
+        now = vcpu.csrs[CSR_CPUID]
+        if (err is None and now != value) or (err is not None and now != cur):
+            raise self.fail(f"set_phyid {value} left CPUID at {now} (was {cur}; {err})")
+
+    def op_csr_xchg(self) -> None:
+        rng = self.rng
+        vm = self.vm
+        vcpu = self._vcpu()
+        index = CSR_ESTAT if rng.random() < 0.9 else rng.choice(
+            (rng.randrange(0x800), 0x800, rng.getrandbits(16)))
+        mask = rng.choice((1, 2, 3, 3, U64_MAX, 0, self._value()))
+        value = rng.choice((0, 0, 0, 1, 2, self._value()))
+        before = vm.get_one_reg(vcpu, regs.ESTAT)
+        old, err = self._call("csr_xchg", (vcpu.vcpu_id, hex(index), hex(value), hex(mask)),
+                              vm.csr_xchg, vcpu, index, value, mask)
+        self._expect("csr_xchg", err, index < 0x800, None if index < 0x800 else "EINVAL")
+        if index == CSR_ESTAT and err is None:
+            if old != before:
+                raise self.fail(f"csr_xchg ESTAT returned {old:#x}, ESTAT was {before:#x}")
+            w = mask & SWI_MASK
+            vid = vcpu.vcpu_id
+            self.swi[vid] = (self.swi[vid] & ~w) | (value & w)
+
+    def op_create_vcpu(self) -> None:
+        rng = self.rng
+        vm = self.vm
+        vid = rng.choice((rng.randrange(vm.max_vcpu_id), rng.randrange(16),
+                          self._vcpu().vcpu_id, vm.max_vcpu_id, -1))
+        if not 0 <= vid < vm.max_vcpu_id:
+            expect: str | None = "EINVAL"
+        elif vid in vm.vcpus:
+            expect = "EEXIST"
+        elif len(vm.vcpus) >= self.max_vcpus:
+            expect = "EINVAL"
+        else:
+            expect = None
+        vcpu, err = self._call("create_vcpu", (vid,), vm.create_vcpu, vid)
+        self._expect("create_vcpu", err, expect is None, expect)
+        if err is None:
+            if vm.get_one_reg(vcpu, regs.CPUID) != vm.max_phyid or vcpu.lines:
+                raise self.fail(f"new vCPU {vid} is not pristine")
+            self._track_new(vcpu)
+
+    def op_destroy_vcpu(self) -> None:
+        if len(self.vcpu_list) <= 1:
+            return
+        vcpu = self._vcpu()
+        _, err = self._call("destroy_vcpu", (vcpu.vcpu_id,), self.vm.destroy_vcpu, vcpu)
+        self._expect("destroy_vcpu", err, True)
+        self.vcpu_list.remove(vcpu)
+        del self.swi[vcpu.vcpu_id]
+        if vcpu.vcpu_id in self.vm.vcpus or vcpu.alive:
+            raise self.fail(f"vCPU {vcpu.vcpu_id} survived its destroy")
+
+    # ------------------------------------------------------------------ invariants --------------
+
+    def check(self) -> None:
+        vm = self.vm
+        vcpus = vm.vcpus
+        ipi_lines = self.ipi.implied_lines()
+        eio_lines = self.eio.implied_lines()
+        seen = 0
+        for vid, bits in ipi_lines.items():
+            if bits & ~IPI_BIT or (bits and vid not in vcpus):
+                raise self.fail(f"IPI implies lines {bits:#x} for vCPU {vid}")
+        for vid, bits in eio_lines.items():
+            if bits & ~HWI_MASK or (bits and vid not in vcpus):
+                raise self.fail(f"EIOINTC implies lines {bits:#x} for vCPU {vid}")
+        if len(vcpus) != len(self.vcpu_list):
+            raise self.fail(f"the VM has vCPUs {sorted(vcpus)}, expected "
+                            f"{sorted(v.vcpu_id for v in self.vcpu_list)}")
+        limit = vm.max_phyid
+        mapped: dict[int, Vcpu] = {}
+        for vcpu in self.vcpu_list:
+            vid = vcpu.vcpu_id
+            if vcpus.get(vid) is not vcpu:
+                raise self.fail(f"vCPU {vid} is not the one the VM holds")
+            lines = vcpu.lines
+            want = eio_lines.get(vid, 0) | ipi_lines.get(vid, 0) | self.swi[vid]
+            if lines != want:
+                raise self.fail(
+                    f"vCPU {vid} lines {lines:#06x} but chips/guest imply {want:#06x} "
+                    f"(EIOINTC {eio_lines.get(vid, 0):#x}, IPI {ipi_lines.get(vid, 0):#x}, "
+                    f"SWI {self.swi[vid]:#x})")
+            seen |= lines
+            phyid = vcpu.csrs[CSR_CPUID]
+            if phyid < limit:
+                if phyid in mapped:
+                    raise self.fail(f"phyid {phyid} is held by vCPUs {mapped[phyid].vcpu_id} "
+                                    f"and {vid}")
+                mapped[phyid] = vcpu
+            elif phyid != limit:
+                raise self.fail(f"vCPU {vid} has CPUID {phyid}, neither set nor the unset mark")
+        phyids = vm.phyids
+        if len(phyids) != len(mapped) or any(mapped.get(p) is not v for p, v in phyids.items()):
+            shown = {p: v.vcpu_id for p, v in phyids.items()}
+            raise self.fail(f"phyid map {shown} is not the vCPUs' CPUIDs "
+                            f"{ {p: v.vcpu_id for p, v in mapped.items()} }")
+        lines_up = self.stats.lines_up
+        if seen & HWI_MASK:
+            lines_up["hwi"] += 1
+        if seen & IPI_BIT:
+            lines_up["ipi"] += 1
+        if seen & 1:
+            lines_up["swi0"] += 1
+
+
+def run_in_trio(fuzzer_factory: Callable[[], ChipFuzzer], steps: int) -> ChipFuzzer:
+    """Build a fuzzer and run ``steps`` steps inside one trio task (the model's map lock needs
+    one); the lock must be free after every step, as nothing awaits while holding it."""
+    holder: list[ChipFuzzer] = []
+
+    async def main() -> None:
+        fuzzer = fuzzer_factory()
+        holder.append(fuzzer)
+        fuzzer.setup()
+        fuzzer.run(steps)
+        if fuzzer.vm.map_lock.locked():
+            raise fuzzer.fail("the VM's map lock was left held")
+
+    trio.run(main)
+    return holder[0]
+
+
+def fuzz_seed(seed: int, steps: int, *, host: PluginHost | None = None,
+              max_phyid: int | None = None) -> FuzzStats:
+    """A reproducible run: everything (VM shape, ops) follows from ``seed``."""
+    rng = random.Random(seed)
+    limit = max_phyid if max_phyid is not None else rng.choice((256, 4096, 16, 65536))
+    n = rng.randrange(3, 8)
+    fuzzer = run_in_trio(lambda: ChipFuzzer(rng, host=host, max_phyid=limit, n_vcpus=n), steps)
+    return fuzzer.stats
+
+
+# ---------------------------------------------------------------------- wire checks -------------
+# Shared by tests/test_fuzz_daemon.py and bench/fuzz.py: what PROTOCOL.md §2 allows the daemon to
+# send, whatever it was sent.
+
+#: protocol_error names after which the daemon closes the connection (protocol-additions.md).
+CLOSING_ERRORS = frozenset({"EPROTO", "E2BIG", "EPERM"})
+
+
+def wire_error_problem(error: object) -> str | None:
+    """Why ``error`` is not a PROTOCOL.md §2 error map, or None if it is one."""
+    if type(error) is not dict:
+        return f"error {error!r:.80} is not a map"
+    name, number, message = error.get("name"), error.get("errno"), error.get("message")
+    if type(name) is not str or name not in ERRNO:
+        return f"error name {name!r} is not in PROTOCOL.md's table"
+    if number != ERRNO[name] or type(number) is not int:
+        return f"errno {number!r} does not match {name} ({ERRNO[name]})"
+    if type(message) is not str or not message:
+        return f"error message {message!r} is not a sentence"
+    return None
+
+
+def wire_message_problem(msg: object) -> str | None:
+    """Why ``msg`` is neither a well-formed response nor a notification, or None."""
+    if type(msg) is not list or not msg:
+        return f"{msg!r:.80} is not a non-empty array"
+    if msg[0] == 1 and type(msg[0]) is int:
+        if len(msg) != 4:
+            return f"response {msg!r:.80} does not have 4 elements"
+        _, msgid, error, result = msg
+        if type(msgid) is not int or not 0 <= msgid <= U32_MAX:
+            return f"response msgid {msgid!r} is not a u32"
+        if (error is None) == (result is None):
+            return f"response {msg!r:.80} must have exactly one of error and result"
+        if error is not None:
+            return wire_error_problem(error)
+        if type(result) is not dict:
+            return f"result {result!r:.80} is not a map"
+        return None
+    if msg[0] == 2 and type(msg[0]) is int:
+        if len(msg) != 3 or type(msg[1]) is not str or type(msg[2]) is not dict:
+            return f"notification {msg!r:.80} is not [2, str, map]"
+        if msg[1] == "protocol_error":
+            return wire_error_problem(msg[2])
+        return None
+    return f"{msg!r:.80} is neither a response nor a notification"
+
+
+#: The request sent after every fuzz payload: its answer proves the connection still works.
+SENTINEL_ID = 4242
+SENTINEL = msgpack.packb([0, SENTINEL_ID, "kvm.get_api_version", {}])
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the daemon sent back for one payload + sentinel on a fresh connection."""
+
+    messages: list[Any]
+    #: the sentinel got ``{"version": 12}``
+    answered: bool
+    #: the name of the protocol_error the daemon closed with, "" if it did not close on error
+    closed_with: str
+
+    def replies(self) -> list[Any]:
+        """Messages before the sentinel's answer (or all of them), 'irq' events left out."""
+        out = []
+        for m in self.messages:
+            if m[0] == 1 and m[1] == SENTINEL_ID and m[3] == {"version": 12}:
+                break
+            if m[0] == 2 and m[1] != "protocol_error":
+                continue
+            out.append(m)
+        return out
+
+
+def exchange(path: str, payload: bytes, timeout: float = 10.0) -> Exchange:
+    """Send ``payload`` then the sentinel, half-close, and read everything until the daemon closes.
+
+    Half-closing makes the end deterministic: a payload that stops inside a message gets EPROTO
+    (PROTOCOL.md §2) instead of leaving both sides waiting. Checks every message's shape, that
+    a connection-closing protocol_error is the last thing sent, and that the daemon only closes
+    without answering the sentinel after such an error.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    chunks: list[bytes] = []
+    try:
+        sock.connect(path)
+        try:
+            sock.sendall(payload + SENTINEL)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it may already have refused the payload and closed; what it said is below
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        sock.close()
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 26)
+    unpacker.feed(b"".join(chunks))
+    messages = list(unpacker)
+    if unpacker.tell() != sum(map(len, chunks)):
+        raise AssertionError("the daemon's output ends inside a message")
+    answered = False
+    closed_with = ""
+    for i, msg in enumerate(messages):
+        problem = wire_message_problem(msg)
+        if problem:
+            raise AssertionError(f"message {i}: {problem}")
+        if msg[0] == 1 and msg[1] == SENTINEL_ID and msg[3] == {"version": 12}:
+            answered = True
+        if msg[0] == 2 and msg[1] == "protocol_error" and msg[2]["name"] in CLOSING_ERRORS:
+            if i != len(messages) - 1:
+                raise AssertionError(f"the daemon kept talking after {msg!r:.120}")
+            closed_with = msg[2]["name"]
+    if not answered and not closed_with and _whole_messages(payload):
+        raise AssertionError(f"the daemon closed without answering the sentinel and without a "
+                             f"protocol_error; it sent {messages!r:.300}")
+    if answered and closed_with:
+        raise AssertionError(f"{closed_with} after the sentinel was answered")
+    return Exchange(messages, answered, closed_with)
+
+
+def _whole_messages(payload: bytes) -> bool:
+    """Does ``payload`` decode (as the daemon decodes) into whole messages, so that the sentinel
+    after it is a message of its own? If not, the sentinel may have become part of a message."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=1 << 26,
+                                ext_hook=_no_ext)
+    unpacker.feed(payload)
+    end = 0  # tell() also moves inside a partial message: trust it only after a whole one
+    try:
+        for _ in unpacker:
+            end = unpacker.tell()
+    except Exception:
+        return False
+    return end == len(payload)
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise ValueError(code)
+
+
+class Wire:
+    """A blocking msgpack-RPC client for set-up and checks between fuzz payloads."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 26)
+        self.next_id = 0
+
+    def call(self, method: str, **params: Any) -> tuple[dict[str, Any] | None, Any]:
+        """(error map or None, result)."""
+        msgid = self.next_id
+        self.next_id += 1
+        self.sock.sendall(msgpack.packb([0, msgid, method, params]))
+        while True:
+            for msg in self.unpacker:
+                if msg[0] == 1 and msg[1] == msgid:
+                    return msg[2], msg[3]
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError(f"the daemon closed the connection during {method}")
+            self.unpacker.feed(data)
+
+    def ok(self, method: str, **params: Any) -> Any:
+        error, result = self.call(method, **params)
+        if error is not None:
+            raise AssertionError(f"{method}{params} failed: {error}")
+        return result
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Watcher:
+    """A well-behaved client holding a named VM whose state no other connection may disturb.
+
+    The VM has vCPUs with vcpu_id != phyid (one unmapped, one beyond 255), all three chips, a
+    routed and enabled EIOINTC irq behind an unmasked PCH-PIC pin, an IPI pending on vCPU 0 and a
+    mailbox word. ``observe()`` reads that state back and runs a routing probe that raises and
+    lowers lines through IRQ_LINE, IPI_SEND and PV IPI, ending where it began.
+    """
+
+    PIN = 5
+    PCH_BASE = 0x10000000
+    LAYOUT: tuple[tuple[int, int | None], ...] = ((0, 7), (5, 2), (9, None), (300, 4000))
+    PROBE_CHANGES = 6
+
+    def __init__(self, path: str, name: str) -> None:
+        self.wire = Wire(path)
+        self.name = name
+        self.last_seq: int | None = None
+        w = self.wire
+        self.vm: int = w.ok("kvm.create_vm", name=name, max_phyid=4096)["vm"]
+        self.vcpus: dict[int, int] = {}
+        for vid, phyid in self.LAYOUT:
+            h = w.ok("vm.create_vcpu", vm=self.vm, vcpu_id=vid)["vcpu"]
+            self.vcpus[vid] = h
+            if phyid is not None:
+                w.ok("vcpu.set_one_reg", vcpu=h, id=regs.CPUID, value=phyid)
+        self.dev = {t: w.ok("vm.create_device", vm=self.vm, type=t)["device"]
+                    for t in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)}
+        w.ok("device.set_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_CTRL, attr=P.CTRL_INIT,
+             value=self.PCH_BASE)
+        v0 = self.vcpus[0]
+        # irq PIN: enabled, IPMAP group 0 -> ip 1 (HWI1), coremap byte -> CPUID 2 -> vCPU 5.
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.ENABLE, size=8, value=1 << self.PIN)
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.IPMAP, size=8, value=0x2)
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.COREMAP, size=8,
+             value=0x4 << (8 * self.PIN))
+        w.ok("vcpu.mmio_write", vcpu=v0, addr=self.PCH_BASE + P.MASK, size=8,
+             value=U64_MAX ^ (1 << self.PIN))
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + 0x20, size=8, value=0xFEEDFACE)
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + I.IPI_SEND, size=4,
+             value=(7 << 16) | 3)  # vCPU 0 (CPUID 7) sends itself vector 3: stays pending
+        self.baseline = self.observe()
+
+    def _estat(self, vid: int) -> int:
+        value: int = self.wire.ok("vcpu.get_one_reg", vcpu=self.vcpus[vid], id=regs.ESTAT)["value"]
+        return value
+
+    def observe(self) -> dict[str, Any]:
+        w = self.wire
+        vm = self.vm
+        info = w.ok("vm.info", vm=vm)
+        seq = info.pop("seq")
+        seen: dict[str, Any] = {
+            "info": info,
+            # Line changes since the last probe ended: none may happen but the probe's own.
+            "seq_delta": 0 if self.last_seq is None else seq - self.last_seq,
+            "map": w.ok("vm.phyid_map", vm=vm),
+            "lookups": [w.ok("vm.phyid_lookup", vm=vm, phyid=p)["vcpu_id"]
+                        for p in (7, 2, 4000, 0, -1, 4096)],
+            "regs": {vid: [w.ok("vcpu.get_one_reg", vcpu=h, id=r)["value"]
+                           for r in (regs.CPUID, regs.TMID, regs.ESTAT)]
+                     for vid, h in self.vcpus.items()},
+            "attrs": [
+                w.ok("device.get_attr", device=self.dev[DEV_IPI],
+                     group=I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, attr=off)["value"]
+                for off in (I.IPI_STATUS, 0x20)
+            ] + [
+                w.ok("device.get_attr", device=self.dev[DEV_EIOINTC], group=E.GRP_REGS,
+                     attr=off)["value"]
+                for off in (E.ENABLE, E.IPMAP, E.COREMAP, E.ISR)
+            ] + [
+                w.ok("device.get_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_REGS,
+                     attr=P.MASK)["value"],
+            ],
+        }
+        # Routing probe: each path raises a line on the expected vCPU, then lowers it again.
+        probe = []
+        w.ok("vm.irq_line", vm=vm, irq=self.PIN, level=1)
+        probe.append(self._estat(5))
+        w.ok("vm.irq_line", vm=vm, irq=self.PIN, level=0)
+        probe.append(self._estat(5))
+        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[9], addr=IPI_BASE + I.IPI_SEND, size=4,
+             value=(2 << 16) | 9)
+        probe.append(self._estat(5))
+        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[5], addr=IPI_BASE + I.IPI_CLEAR, size=4,
+             value=1 << 9)
+        probe.append(self._estat(5))
+        a0 = w.ok("vcpu.hypercall", vcpu=self.vcpus[9], code=KVM_HCALL_SERVICE,
+                  args=[KVM_HCALL_FUNC_IPI, 1, 0, 4000])["a0"]
+        probe += [a0, self._estat(300)]
+        w.ok("vcpu.csr_xchg", vcpu=self.vcpus[300], csr=CSR_ESTAT, value=0, mask=1)
+        probe.append(self._estat(300))
+        seen["probe"] = probe
+        self.last_seq = seq + self.PROBE_CHANGES
+        return seen
+
+    def check_probe_meaning(self) -> None:
+        """The baseline itself must show routing working, or 'unchanged' proves nothing."""
+        p = self.baseline["probe"]
+        hwi1 = 1 << (2 + 1)
+        assert p[0] & hwi1 and not p[1] & hwi1, p
+        assert p[2] & IPI_BIT and not p[3] & IPI_BIT, p
+        assert p[4] == 0 and p[5] & 1 and not p[6] & 1, p
+        assert self.baseline["regs"][0][2] & IPI_BIT  # the pending self-IPI
+
+    def cleanup_others(self) -> int:
+        """Destroy every other named VM (fuzz payloads create them), so none run out."""
+        w = self.wire
+        gone = 0
+        for entry in w.ok("kvm.list_vms")["vms"]:
+            name = entry["name"]
+            if name is None or name == self.name:
+                continue
+            error, result = w.call("kvm.open_vm", name=name)
+            if error is None:
+                w.call("vm.destroy", vm=result["vm"])
+                gone += 1
+        return gone
+
+    def close(self) -> None:
+        self.wire.close()

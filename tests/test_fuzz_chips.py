@@ -1,0 +1,143 @@
+"""Short chip-fuzz runs for ``make test`` (the million-access runs are ``make fuzz``).
+
+The engine is ``tests.fuzzing``: random guest IOCSR / MMIO accesses, device attrs, IRQ_LINE,
+MSI, PV IPI, CPUID sets, csrxchg and vCPU hot-plug against one VM with every chip, with the
+line/chip agreement and the phyid bijection checked after every step. Seeded runs cover the VM
+shapes (max_phyid 16 / 256 / 4096 / 65536); a hypothesis-driven run lets failures shrink. The
+mutant tests plant a bug of the kind the fuzzer exists to catch and demand that it is caught, so
+a checker that silently stopped checking would fail here.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lvz.daemon.host import PluginHost, load_plugins
+from lvz.daemon.model import Vm
+from lvz.plugins import eiointc as E
+from lvz.plugins import ipi as I
+from lvz.plugins import pv_ipi
+from lvz.protocol.constants import U32_MAX
+
+from .fuzzing import CHIPS, ChipFuzzer, FuzzFailure, FuzzStats, fuzz_seed, run_in_trio
+
+HOST: PluginHost = load_plugins()
+
+
+@pytest.mark.parametrize(("seed", "limit"), [(1, 256), (2, 4096), (3, 16), (4, 65536), (5, 256)])
+def test_seeded_run_keeps_every_invariant(seed: int, limit: int) -> None:
+    stats = fuzz_seed(seed, 3000, host=HOST, max_phyid=limit)
+    assert stats.steps == 3000
+    # Not vacuous: every chip was reached, lines really went up, and errors really happened.
+    for chip in CHIPS:
+        assert stats.accesses[chip] > 100, (chip, stats.accesses)
+    assert stats.lines_up["hwi"] > 0 and stats.lines_up["ipi"] > 0, stats.lines_up
+    assert stats.errors["EINVAL"] > 0 and stats.errors["ENXIO"] > 0, stats.errors
+    assert stats.ops["set_phyid"] > 0 and stats.ops["csr_xchg"] > 0, stats.ops
+
+
+def test_seeded_runs_reach_pv_ipi_delivery() -> None:
+    """SWI0 only rises through PV IPI, whose targets the fuzzer computes itself: it must rise."""
+    total = FuzzStats()
+    for seed in (10, 11, 12):
+        total.merge(fuzz_seed(seed, 800, host=HOST, max_phyid=256))
+    assert total.lines_up["swi0"] > 0, total.lines_up
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example,
+                                 HealthCheck.data_too_large])
+@given(rng=st.randoms(use_true_random=False), limit=st.sampled_from([256, 4096]),
+       n_vcpus=st.integers(2, 7))
+def test_hypothesis_driven_run(rng: random.Random, limit: int, n_vcpus: int) -> None:
+    """Hypothesis owns every random choice, so a failing sequence shrinks to a short one."""
+    fuzzer = run_in_trio(lambda: ChipFuzzer(rng, host=HOST, max_phyid=limit, n_vcpus=n_vcpus),
+                        60)
+    assert fuzzer.stats.steps == 60
+
+
+def test_same_seed_same_run() -> None:
+    """A seed reproduces a run exactly, which is what makes a reported failure actionable."""
+    a = fuzz_seed(77, 300, host=HOST)
+    b = fuzz_seed(77, 300, host=HOST)
+    assert (a.accesses, a.ops, a.errors, a.lines_up) == (b.accesses, b.ops, b.errors, b.lines_up)
+
+
+# ---------------------------------------------------------------------- planted bugs ------------
+
+def _caught(seeds: range = range(20, 26), steps: int = 3000) -> str:
+    for seed in seeds:
+        try:
+            fuzz_seed(seed, steps, host=HOST, max_phyid=256)
+        except FuzzFailure as exc:
+            return str(exc)
+    pytest.fail("the fuzzer did not notice the planted bug")
+
+
+def test_catches_ipi_line_left_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    def clear_without_lowering(self: I.IpiDevice, vcpu_id: int, bits: int) -> None:
+        st = self._state(vcpu_id)
+        st.status &= ~bits & U32_MAX
+
+    monkeypatch.setattr(I.IpiDevice, "_ipi_clear", clear_without_lowering)
+    assert "lines" in _caught()
+
+
+def test_catches_eiointc_line_left_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = E.Eiointc.update_irq
+
+    def never_lower(self: E.Eiointc, irq: int, level: int) -> None:
+        if level:
+            real(self, irq, level)
+            return
+        # Forget the deassert but keep the bookkeeping, as a missed dequeue_irq would.
+        pending = self.sw_coreisr.get(self.sw_coremap[irq])
+        if pending is not None:
+            pending[self.ipnum(irq)] &= ~(1 << irq)
+
+    monkeypatch.setattr(E.Eiointc, "update_irq", never_lower)
+    assert "lines" in _caught()
+
+
+def test_catches_a_lost_pv_ipi(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pv_ipi.send_pv_ipi
+
+    def drop_second_word(vm: object, a1: int, a2: int, a3: int) -> None:
+        real(vm, a1, 0, a3)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pv_ipi, "send_pv_ipi", drop_second_word)
+    assert "SWI" in _caught(steps=6000)
+
+
+def test_catches_a_phyid_map_that_is_not_a_bijection(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Vm.set_cpuid
+
+    def leaky_set(self: Vm, vcpu: object, val: int) -> None:
+        # A changed CPUID is accepted, but the old entry is left behind in the map.
+        cur = vcpu.csrs[0x20]  # type: ignore[attr-defined]
+        if cur < self.max_phyid and val < self.max_phyid and val != cur and val not in self.phyids:
+            vcpu.csrs[0x20] = val  # type: ignore[attr-defined]
+            self.phyids[val] = vcpu  # type: ignore[assignment]
+            return
+        real(self, vcpu, val)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Vm, "set_cpuid", leaky_set)
+    message = _caught()
+    assert "phyid" in message or "set_phyid" in message
+
+
+def test_catches_an_exception_escaping_a_chip(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = E.Eiointc._virt_write
+
+    def crash_on_config(self: E.Eiointc, vcpu_id: int, offset: int, size: int,
+                        value: int) -> None:
+        if offset == E.VIRT_CONFIG and value & 0x4:
+            raise IndexError("planted")
+        real(self, vcpu_id, offset, size, value)
+
+    monkeypatch.setattr(E.Eiointc, "_virt_write", crash_on_config)
+    assert "EIO" in _caught()
