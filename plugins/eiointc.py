@@ -83,6 +83,7 @@ STATUS_ENABLE_INT_ENCODE = 2
 STATUS_ENABLE_CPU_ENCODE = 3
 
 ROUTE_MAX_VCPUS = 256
+U16_MAX = 0xFFFF
 LOONGSON_IP_NUM = 8
 
 # Device attr groups and attrs (uapi asm/kvm.h).
@@ -377,8 +378,10 @@ class Eiointc(Device):
 
     def _set_route(self, irq: int, vid: int) -> None:
         """Restore a live route, moving the irq's pending bit with it; no line changes."""
-        if vid >= ROUTE_MAX_VCPUS:
-            raise KvmError("EINVAL", f"EIOINTC routes to vcpu_ids below 256, not {vid}")
+        if vid > U16_MAX:
+            # The kernel's sw_coremap is a u8 because its vcpu_ids stop at 255; lvz's stop at
+            # max(256, max_phyid) - 1, and a coremap write may route to any of them.
+            raise KvmError("EINVAL", f"EIOINTC routes to vcpu_ids below 65536, not {vid}")
         self.sw_coremap[irq] = vid
         bit = 1 << irq
         for pending in self.sw_coreisr.values():

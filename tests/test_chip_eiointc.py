@@ -615,7 +615,9 @@ def test_route_attr_reads_and_restores_the_live_route_lvz_extension() -> None:
     dev.set_attr(0x40000003, (9 << 16) | 0x100, 2)
     assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 2
     assert dev.sw_coremap[9] == 2
-    for attr, value in (((256 << 16) | 0x100, 0), ((9 << 16) | 0x100, 256)):
+    dev.set_attr(0x40000003, (9 << 16) | 0x100, 300)  # lvz vcpu_ids go past the kernel's u8
+    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 300
+    for attr, value in (((256 << 16) | 0x100, 0), ((9 << 16) | 0x100, 65536)):
         with pytest.raises(KvmError) as exc:
             dev.set_attr(0x40000003, attr, value)
         assert exc.value.name == "EINVAL"

@@ -135,3 +135,19 @@ async def test_failed_restore_leaves_no_vm(connect: Connect) -> None:
     with pytest.raises(KvmError) as exc:
         await drive(snap.restore_vm(saved), raw)  # the original name is taken
     assert exc.value.name == "EEXIST"
+
+
+async def test_routes_to_vcpu_ids_past_255_survive_a_restore(connect: Connect) -> None:
+    """A max_phyid 4096 VM may route an EIOINTC irq to vcpu_id 300 (found by the fuzzer)."""
+    raw = await connect()
+    vm = (await raw.ok("kvm.create_vm", name="wide", max_phyid=4096))["vm"]
+    v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
+    await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=2)
+    await raw.ok("vm.create_device", vm=vm, type=EIO)
+    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=0x1C00, size=8, value=4)  # irq 0 -> phyid 2
+    saved = await drive(snap.save_vm(vm), raw)
+    copy = await drive(snap.restore_vm(saved, name="wide2"), raw)
+    assert await read_all(raw, copy) == await read_all(raw, vm)
+    eio = (await raw.ok("vm.open_device", vm=copy, type=EIO))["device"]
+    assert (await raw.ok("device.get_attr", device=eio, group=0x40000003,
+                         attr=0x100))["value"] == 300
