@@ -1,0 +1,134 @@
+"""Per-connection state: handles (like fds), the outgoing buffer, and pending vcpu.run calls.
+
+Only the server task of a connection and the event fan-out touch a Connection; it does no I/O
+except through ``flush``, which holds the send lock so there is one writer at a time.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import trio
+import trio.lowlevel
+
+from lvz.plugins.api import Device
+from lvz.protocol.connection import ServerConnection
+
+from .config import ServeConfig
+from .model import Vcpu, Vm
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class Handle:
+    """An fd-like reference from one connection to a VM, vCPU or device."""
+
+    __slots__ = ("kind", "life", "number", "obj", "vm")
+
+    def __init__(self, number: int, kind: str, vm: Vm, obj: Vm | Vcpu | Device) -> None:
+        self.number = number
+        self.kind = kind
+        self.vm = vm
+        self.obj = obj
+        # What decides whether the handle still works: its vCPU (destroyed with the VM too)
+        # or its VM. Kept as one attribute because every request checks it.
+        self.life: Vm | Vcpu = obj if isinstance(obj, Vcpu) else vm
+
+    @property
+    def alive(self) -> bool:
+        return self.life.alive
+
+
+class RunWait:
+    """A pending ``vcpu.run``. Whatever ends it — a line going up, the timeout, a destroy, a
+    close, shutdown — answers it synchronously through ``Daemon._finish_run``, so the answer
+    sits in the connection's buffer in the order things happened; ``event`` then only lets
+    the waiting task go."""
+
+    __slots__ = ("conn", "event", "handle", "msgid", "vcpu")
+
+    def __init__(self, conn: Connection, handle: Handle, vcpu: Vcpu, msgid: int) -> None:
+        self.conn = conn
+        self.handle = handle
+        self.vcpu = vcpu
+        self.msgid = msgid
+        self.event = trio.Event()
+
+
+class Connection:
+    """Per-connection state: protocol core, handles, outgoing buffer, subscriptions."""
+
+    def __init__(self, stream: trio.SocketStream | None, config: ServeConfig,
+                 number: int) -> None:
+        self.stream = stream
+        self.number = number
+        self.proto = ServerConnection(config.max_message)
+        self.handles: dict[int, Handle] = {}
+        self.next_handle = 1
+        self.max_handles = config.max_handles
+        self.max_events = config.max_events
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.queued_events = 0
+        self.events_lost: dict[int, int] = {}
+        self.send_lock = trio.StrictFIFOLock()
+        self.wakeup = trio.lowlevel.ParkingLot()
+        self.closed = False
+        self.nursery: trio.Nursery | None = None
+
+    def put(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_bytes += len(data)
+
+    def put_event(self, data: bytes, vm_handle: int) -> None:
+        """Queue a notification without ever blocking the VM that caused it.
+
+        Past ``max_events`` unsent events the subscriber is not keeping up: the event is
+        dropped and counted per VM, and each count goes out as one ``events_lost``
+        notification ``{"vm": h, "count": n}`` as soon as the connection drains; the ``seq``
+        gap of that VM's next event agrees with it.
+        """
+        if self.closed:
+            return
+        if self.queued_events >= self.max_events:
+            self.events_lost[vm_handle] = self.events_lost.get(vm_handle, 0) + 1
+            self.wakeup.unpark_all()
+            return
+        self._report_lost()
+        self.queued_events += 1
+        self.put(data)
+        self.wakeup.unpark_all()
+
+    def _report_lost(self) -> None:
+        if self.events_lost:
+            for vm_handle, count in self.events_lost.items():
+                self.put(_packb([2, "events_lost", {"vm": vm_handle, "count": count}]))
+            self.events_lost.clear()
+
+    async def flush(self) -> None:
+        if not self.out and not self.events_lost:
+            return
+        # Uncontended (the usual case) the lock is taken without a scheduler pass: the
+        # sequential request/response loop pays for exactly one send, as the floor does.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
+            self._report_lost()
+            if not self.out:
+                return
+            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+            self.out.clear()
+            self.out_bytes = 0
+            self.queued_events = 0
+            assert self.stream is not None, "a local connection has nothing to flush to"
+            await self.stream.send_all(data)
+        finally:
+            self.send_lock.release()
+
+    async def pump(self) -> None:
+        """Write events that arrive while the reader is idle (waiting for the next request)."""
+        while True:
+            while not self.out and not self.events_lost:
+                await self.wakeup.park()
+            await self.flush()
