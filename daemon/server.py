@@ -170,7 +170,13 @@ class Daemon(Methods):
                 self._start_run(conn, req.msgid, handle, params)
                 return
             hp = HANDLE_PARAM.get(method)
-            target = None if hp is None else self._resolve(conn, params[hp[0]], hp[1], method)
+            target = None
+            if hp is not None:
+                # _resolve inlined for the common case (an open handle of the right kind);
+                # anything else goes through it for the error.
+                target = conn.handles.get(params[hp[0]])
+                if target is None or not target.life.alive or (hp[1] and target.kind != hp[1]):
+                    target = self._resolve(conn, params[hp[0]], hp[1], method)
             result = self.handlers[method](conn, params, target)
             try:
                 data = conn.proto.send_result(req.msgid, result)

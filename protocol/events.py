@@ -45,7 +45,7 @@ class Request(Event):
     method: str
     params: dict[str, Any]
 
-    def __init__(self, *, msgid: int, method: str, params: dict[str, Any]) -> None:
+    def __init__(self, msgid: int, method: str, params: dict[str, Any]) -> None:
         self.msgid = msgid
         self.method = method
         self.params = params
