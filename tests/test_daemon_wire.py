@@ -259,3 +259,20 @@ async def test_limits_handles_and_vms(sock_dir: object, nursery: trio.Nursery,
     await other.ok("vm.create_vcpu", vm=vm2, vcpu_id=0)
     await other.ok("vm.create_vcpu", vm=vm2, vcpu_id=255)
     assert await other.err("vm.create_vcpu", vm=vm2, vcpu_id=7) == "EINVAL"  # max vCPUs
+
+
+async def test_a_missing_socket_directory_is_created_private(
+        sock_dir: object, nursery: trio.Nursery, connect: Connect) -> None:
+    from pathlib import Path
+
+    from lvz.daemon.config import ServeConfig
+    from lvz.daemon.host import load_plugins
+    from lvz.daemon.server import serve
+
+    assert isinstance(sock_dir, Path)
+    cfg = ServeConfig(socket=sock_dir / "new" / "lvz.sock")
+    await nursery.start(serve, cfg, load_plugins())
+    assert stat.S_IMODE(os.stat(cfg.socket.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cfg.socket).st_mode) == 0o600
+    raw = await connect(cfg.socket)
+    assert (await raw.ok("kvm.get_api_version"))["version"] == 12

@@ -60,3 +60,37 @@ async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
     assert isinstance(ev, Notification)
     assert ev.params["seq"] == changes + 1
     assert ev.params["seq"] - len(seqs) - 1 == lost
+
+
+async def test_a_client_that_never_reads_answers_stops_being_read(
+        daemon: Daemon, connect: Connect) -> None:
+    """Backpressure: the daemon buffers at most ~FLUSH_BYTES of answers per connection, then
+    blocks on that connection's send and reads no more of its requests."""
+    from lvz.daemon.server import FLUSH_BYTES
+
+    raw = await connect()
+    vm = (await raw.ok("kvm.create_vm", max_phyid=65536))["vm"]
+    v = 0
+    for i in range(512):  # make vm.phyid_map a ~5 KiB answer
+        v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
+        await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=i * 100)
+    [model] = daemon.vms
+    # each pair: a big answer, and a line toggle that counts (vm.seq) how far the daemon got
+    burst = b"".join(raw.conn.send_request(m, p)[1] for _ in range(50) for m, p in (
+        ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": 3}),
+        ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": -3})))
+    sent = 0
+    with trio.move_on_after(1.0):
+        while True:
+            await raw.send(burst)  # and never reads an answer
+            sent += 100
+    processed = model.seq
+    assert processed < sent  # the daemon did not swallow everything it was sent
+    await trio.sleep(0.3)
+    assert model.seq == processed  # it stopped reading: nothing more gets processed
+    [conn] = [c for c in daemon.connections if c.number == max(c.number for c in
+                                                                  daemon.connections)]
+    assert conn.out_bytes <= FLUSH_BYTES + 64 * 1024  # at most one flush threshold queued
+    other = await connect()  # and everyone else is served as before
+    with trio.fail_after(2):
+        assert (await other.ok("kvm.get_api_version"))["version"] == 12
