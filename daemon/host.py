@@ -2,8 +2,9 @@
 
 Built-in chips are not special: they are found through the ``lvz.irqchips`` entry-point group
 exactly like a third-party package's (pyproject.toml registers them), ``LVZ_PLUGINS`` (a comma
-list of entry-point names) restricts what is loaded, and ``check_pending`` rejects any hook
-implementation without a spec before the daemon accepts a connection.
+list of entry-point names) restricts what is loaded, ``LVZ_TRACE_PLUGINS=1`` logs every hook
+call, and ``check_pending`` rejects any hook implementation without a spec before the daemon
+accepts a connection.
 
 Hooks are called one implementation at a time (in pluggy's order) rather than through
 ``pm.hook``: pluggy would let an exception escape without saying whose it was, and PROTOCOL.md
@@ -74,6 +75,8 @@ class PluginHost:
                         f"and {impl.plugin_name!r}"
                     )
                 self.device_types[dt.name] = (dt, impl.plugin_name)
+        #: $LVZ_TRACE_PLUGINS: log every hook call with its arguments and answer.
+        self.trace = bool(os.environ.get("LVZ_TRACE_PLUGINS"))
         self._impls = {
             name: list(reversed(getattr(pm.hook, name).get_hookimpls()))
             for name in ("lvz_hypercall", "lvz_vcpu_created", "lvz_vcpu_destroyed",
@@ -82,16 +85,14 @@ class PluginHost:
 
     def call_each(self, hook: str, **kwargs: Any) -> None:
         """Call every implementation of a lifecycle hook; the first failure is EIO."""
-        for impl in self._impls[hook]:
-            try:
-                impl.function(*[kwargs[a] for a in impl.argnames])
-            except KvmError:
-                raise
-            except Exception as exc:
-                raise plugin_failure(impl.plugin_name, exc) from exc
+        self._call(hook, kwargs, first=False)
 
     def call_first(self, hook: str, **kwargs: Any) -> tuple[Any, str]:
         """Call a firstresult hook; returns (result, plugin name) or (None, "")."""
+        return self._call(hook, kwargs, first=True)
+
+    def _call(self, hook: str, kwargs: dict[str, Any], first: bool) -> tuple[Any, str]:
+        # In pluggy's order (last registered first), each with the arguments it asked for.
         for impl in self._impls[hook]:
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
@@ -99,7 +100,10 @@ class PluginHost:
                 raise
             except Exception as exc:
                 raise plugin_failure(impl.plugin_name, exc) from exc
-            if result is not None:
+            if self.trace:
+                log.info("hook %s: %s%r -> %r", hook, impl.plugin_name,
+                         tuple(kwargs[a] for a in impl.argnames if a != "vm"), result)
+            if first and result is not None:
                 return result, impl.plugin_name
         return None, ""
 

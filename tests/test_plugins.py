@@ -140,3 +140,18 @@ async def test_a_failing_plugin_fails_only_that_request(
     assert (await raw.ok("vcpu.get_one_reg", vcpu=v, id=regs.ESTAT))["value"] == 1 << 12
     assert (await raw.ok("device.get_attr", device=ipi, group=0x40000001, attr=0))["value"] == 2
     assert (await raw.ok("vcpu.hypercall", vcpu=v, code=0x100, args=[1, 1, 0, 3]))["a0"] == 0
+
+
+def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from lvz.daemon.model import Vm
+
+    monkeypatch.setenv("LVZ_TRACE_PLUGINS", "1")
+    host = load_plugins()
+    vm = Vm(host, name=None, max_phyid=256)
+    with caplog.at_level(logging.INFO, logger="lvz.plugins"):
+        assert host.call_first("lvz_hypercall", vm=vm, vcpu_id=0, code=0x100,
+                               args=[1, 0, 0, 0, 0, 0]) == (0, "pv-ipi")
+    assert "hook lvz_hypercall: pv-ipi(0, 256, [1, 0, 0, 0, 0, 0]) -> 0" in caplog.text
