@@ -63,6 +63,30 @@ def _lines(estat: int, gintc: int) -> int:
     return (estat & _ESTAT_LINES) | ((gintc & 0xFF) << _HWI_SHIFT)
 
 
+_CPUCFG2_FP, _CPUCFG2_FPSP, _CPUCFG2_FPDP = 1 << 0, 1 << 1, 1 << 2
+_CPUCFG2_LSX, _CPUCFG2_LASX, _CPUCFG2_LLFTP = 1 << 6, 1 << 7, 1 << 14
+
+
+def _check_cpucfg(index: int, value: int) -> None:
+    """``kvm_check_cpucfg``, less what depends on the host CPU (lvz has none to ask).
+
+    Kept: every word is 32 bits (LoongArch manual 2.2.10.5), and CPUCFG2's architectural
+    consistency rules. Not kept: the per-host feature masks (``_kvm_get_cpucfg_mask``).
+    """
+    if value > U32_MAX:
+        raise KvmError("EINVAL", f"CPUCFG{index} is 32 bits wide; {value:#x} does not fit")
+    if index != 2:
+        return
+    if not value & _CPUCFG2_LLFTP:
+        raise KvmError("EINVAL", "CPUCFG2 must set LLFTP: guests must have a constant timer")
+    if value & _CPUCFG2_FP and not (value & _CPUCFG2_FPSP and value & _CPUCFG2_FPDP):
+        raise KvmError("EINVAL", "CPUCFG2: FP needs both FPSP and FPDP")
+    if value & _CPUCFG2_LSX and not value & _CPUCFG2_FP:
+        raise KvmError("EINVAL", "CPUCFG2: LSX architecturally implies FP")
+    if value & _CPUCFG2_LASX and not value & _CPUCFG2_LSX:
+        raise KvmError("EINVAL", "CPUCFG2: LASX architecturally implies LSX")
+
+
 def _stable_counter() -> int:
     """The host's stable counter at 100 MHz, LoongArch's usual constant-frequency timer."""
     return time.monotonic_ns() // 10
@@ -331,8 +355,7 @@ class Vm:
         if cls is regs.RegClass.CSR:
             self._set_csr(vcpu, index, value)
         elif cls is regs.RegClass.CPUCFG:
-            if value > U32_MAX:
-                raise KvmError("EINVAL", f"CPUCFG{index} is 32 bits wide; {value:#x} does not fit")
+            _check_cpucfg(index, value)
             if vcpu.cpucfg is None:
                 vcpu.cpucfg = {}
             vcpu.cpucfg[index] = value

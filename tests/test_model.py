@@ -184,3 +184,23 @@ async def test_interrupt_numbers_outside_1_to_14_are_einval() -> None:
     for irq in (10, 13, 14):  # consumed without a line
         vm.interrupt(vcpu, irq)
     assert vcpu.lines == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "errno_name"),
+    [
+        ((1 << 14), None),  # LLFTP alone
+        ((1 << 14) | 0b111 | (1 << 6) | (1 << 7), None),  # FP+SP+DP, LSX, LASX
+        (0, "EINVAL"),  # no constant timer
+        ((1 << 14) | 0b001, "EINVAL"),  # FP without SP/DP
+        ((1 << 14) | (1 << 6), "EINVAL"),  # LSX without FP
+        ((1 << 14) | 0b111 | (1 << 7), "EINVAL"),  # LASX without LSX
+        (1 << 32, "EINVAL"),  # wider than 32 bits
+    ],
+)
+async def test_cpucfg2_architectural_rules(value: int, errno_name: str | None) -> None:
+    vm = Vm(HOST, name=None, max_phyid=256)
+    vcpu = vm.create_vcpu(0)
+    assert errno_of(vm.set_one_reg, vcpu, regs.cpucfg_id(2), value) == errno_name
+    assert vm.get_one_reg(vcpu, regs.cpucfg_id(2)) == (value if errno_name is None else 0)
+    assert errno_of(vm.set_one_reg, vcpu, regs.cpucfg_id(3), 0xFFFFFFFF) is None  # others: any u32

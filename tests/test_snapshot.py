@@ -48,7 +48,7 @@ async def build_busy_vm(raw: Raw) -> int:
         if phyid is not None:
             await raw.ok("vcpu.set_one_reg", vcpu=vcpus[vid], id=regs.CPUID, value=phyid)
     await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.csr_id(0x30), value=0xDEADBEEF)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=regs.cpucfg_id(2), value=0x1234)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=regs.cpucfg_id(2), value=0x4007)
     await raw.ok("vcpu.set_attr", vcpu=vcpus[0], group=0, attr=0x40000004,
                  value=(1 << 1) | (1 << 2))  # PV features: IPI + steal time
     await raw.ok("vcpu.interrupt", vcpu=vcpus[5], irq=11)
