@@ -591,8 +591,22 @@ class AsyncVcpu(_AsyncHandle):
 
         ``timeout`` is the emulated vCPU's idle limit, enforced by the daemon (it answers
         ``"timeout"``); wrap the call in ``trio.fail_after`` to bound the wait on this side.
+        If this call is cancelled, the daemon's run is kicked (``vcpu.kick``) so the vCPU is
+        free for the next ``run`` at once instead of EBUSY until the daemon-side timeout.
         """
-        return parse_run(await self._call("vcpu.run", timeout=timeout))
+        try:
+            return parse_run(await self._call("vcpu.run", timeout=timeout))
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.kvm._write_timeout):
+                try:
+                    await self._call("vcpu.kick")
+                except (KvmError, ConnectionError):
+                    pass  # gone already: nothing left to free
+            raise
+
+    async def kick(self) -> None:
+        """End a ``run`` waiting on this vCPU (from any connection) with EINTR."""
+        await self._call("vcpu.kick")
 
 
 class AsyncDevice(_AsyncHandle):

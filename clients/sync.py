@@ -736,6 +736,10 @@ class Vcpu(_Handle):
         """Idle until an interrupt line is up or ``timeout`` seconds pass (blocks this thread)."""
         return parse_run(self._call("vcpu.run", timeout=timeout))
 
+    def kick(self) -> None:
+        """End a ``run`` waiting on this vCPU (from any connection) with EINTR."""
+        self._call("vcpu.kick")
+
 
 class Device(_Handle):
     """A device handle (KVM's device fd) of an irqchip ``type``."""

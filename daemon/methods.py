@@ -45,7 +45,7 @@ class Methods:
     def _destroy_vm(self, vm: Vm) -> None:
         raise NotImplementedError
 
-    def _end_wait(self, vcpu: Vcpu, why: str) -> None:
+    def _end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
         raise NotImplementedError
 
     def _new_vm(self, name: str | None, max_phyid: int) -> Vm:
@@ -289,6 +289,18 @@ class Methods:
                           h: Handle | None) -> dict[str, Any]:
         assert h is not None
         h.vm.guest_write("mmio", h.obj, p["addr"], p["size"], p["value"])  # type: ignore[arg-type]
+        return {}
+
+    def m_vcpu_kick(self, conn: Connection, p: dict[str, Any],
+                    h: Handle | None) -> dict[str, Any]:
+        """End a waiting ``vcpu.run`` on this vCPU (from any connection) with EINTR.
+
+        KVM_RUN returns -EINTR when a signal reaches the vCPU thread; this is that signal, so
+        a client that gives up on a run (a timeout of its own) frees the vCPU at once instead
+        of leaving it EBUSY until the daemon-side timeout. With no run waiting it does nothing.
+        """
+        assert h is not None
+        self._end_wait(h.obj, "vcpu.run: kicked (vcpu.kick)", "EINTR")  # type: ignore[arg-type]
         return {}
 
     def m_vcpu_hypercall(self, conn: Connection, p: dict[str, Any],

@@ -317,10 +317,11 @@ class Daemon(Methods):
         self.refs.pop(vm, None)
         log.info("VM %s destroyed", vm.name or hex(id(vm)))
 
-    def _end_wait(self, vcpu: Vcpu, why: str) -> None:
+    def _end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
         wait = self.running.get(vcpu)
         if wait is not None:
-            self._finish_run(wait, KvmError("EBADF", f"vcpu.run: {why}"))
+            message = why if why.startswith("vcpu.run") else f"vcpu.run: {why}"
+            self._finish_run(wait, KvmError(errno_name, message))
 
     # ---------------------------------------------------------------- events ------------------
 

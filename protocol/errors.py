@@ -27,6 +27,7 @@ __all__ = [
 ERRNO: dict[str, int] = {
     "EPERM": 1,
     "ENOENT": 2,
+    "EINTR": 4,  # lvz addition: a vcpu.run ended by vcpu.kick, as KVM_RUN by a signal
     "EIO": 5,
     "ENXIO": 6,
     "E2BIG": 7,

@@ -110,6 +110,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     ),
     "vcpu.hypercall": (("vcpu", "vcpu", _R), ("code", "u64", _R), ("args", "args", _O)),
     "vcpu.run": (("vcpu", "vcpu", _R), ("timeout", "timeout", _R)),
+    # lvz addition, as KVM's immediate_exit / a signal to the vCPU thread: end a waiting run.
+    "vcpu.kick": (("vcpu", "vcpu", _R),),
     "device.set_attr": (
         ("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
     ),

@@ -239,3 +239,16 @@ async def test_protocol_error_fails_the_connection(lvz_socket: Path) -> None:
         with pytest.raises(ConnectionLost) as exc:
             await vcpu.get_one_reg(regs.TMID)
         assert "protocol error" in str(exc.value)
+
+
+async def test_a_cancelled_run_frees_the_vcpu_at_once(lvz_socket: Path) -> None:
+    """Cancelling run() on this side kicks the daemon's wait, so the next run is not EBUSY."""
+    async with open_kvm(lvz_socket) as kvm:
+        vm = await kvm.create_vm()
+        vcpu = await vm.create_vcpu(0)
+        with trio.move_on_after(0.1) as scope:
+            await vcpu.run(60)
+        assert scope.cancelled_caught
+        with trio.fail_after(5):
+            result = await vcpu.run(0.01)  # EBUSY here before vcpu.kick existed
+        assert result.exit_reason == "timeout"

@@ -276,3 +276,19 @@ async def test_a_missing_socket_directory_is_created_private(
     assert stat.S_IMODE(os.stat(cfg.socket).st_mode) == 0o600
     raw = await connect(cfg.socket)
     assert (await raw.ok("kvm.get_api_version"))["version"] == 12
+
+
+async def test_vcpu_kick_ends_a_waiting_run_with_eintr(connect: Connect) -> None:
+    raw = await connect()
+    _vm, vcpus = await make_vm(raw, name="kicked")
+    msgid, data = raw.conn.send_request("vcpu.run", {"vcpu": vcpus[0], "timeout": 60})
+    await raw.send(data)
+    other = await connect()  # any handle to the vCPU may kick it, as a signal to its thread
+    vm2 = (await other.ok("kvm.open_vm", name="kicked"))["vm"]
+    v2 = (await other.ok("vm.open_vcpu", vm=vm2, vcpu_id=0))["vcpu"]
+    await other.ok("vcpu.kick", vcpu=v2)
+    r = await raw.response(msgid)
+    assert r.error is not None
+    assert (r.error.name, r.error.errno) == ("EINTR", 4)
+    await raw.ok("vcpu.kick", vcpu=vcpus[0])  # nothing waiting: a no-op
+    assert (await raw.ok("vcpu.run", vcpu=vcpus[0], timeout=0.01))["exit_reason"] == "timeout"
