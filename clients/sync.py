@@ -360,6 +360,24 @@ class Kvm:
                 pass
         return self._failure
 
+    def _last_words(self) -> None:
+        """After a failed write, read what the daemon said before it hung up.
+
+        A daemon that closes a connection first sends a ``protocol_error`` saying why; if our
+        write fails before we read it, that reason is still in the socket buffer. Reading it
+        (without blocking) makes the failure name it rather than a bare broken pipe.
+        """
+        try:
+            self._sock.setblocking(False)
+            while data := self._sock.recv(_RECV_SIZE):
+                self._conn.receive_data(data)
+        except OSError:
+            pass
+        try:
+            self._drain(None)  # a protocol_error among them fails the connection with it
+        except (ConnectionError, RemoteProtocolError):
+            pass
+
     def _check_open(self) -> None:
         if self._failure is not None:
             raise ConnectionLost(str(self._failure))
@@ -433,6 +451,7 @@ class Kvm:
             try:
                 self._sock.sendall(data)
             except OSError as exc:
+                self._last_words()
                 raise self._fail(ConnectionLost(f"lost the lvz daemon: {exc}")) from None
             while True:
                 response = self._drain(msgid)

@@ -197,3 +197,13 @@ def test_daemon_going_away_fails_calls(own_daemon: DaemonProcess) -> None:
             vcpu.get_one_reg(regs.TMID)
         with pytest.raises(ConnectionLost):  # and stays failed, at once
             kvm.get_api_version()
+
+
+def test_a_refused_message_reports_the_daemons_reason(lvz_socket: Path) -> None:
+    """Over the size limit the daemon says E2BIG and hangs up, possibly while this client is
+    still writing; the error must carry that reason, not just a broken pipe."""
+    with Kvm.connect(lvz_socket) as kvm:
+        with pytest.raises(ConnectionLost, match="E2BIG"):
+            kvm.call("hello", {"protocol": 1, "client": "x" * (8 << 20)})
+        with pytest.raises(ConnectionLost, match="E2BIG"):
+            kvm.get_api_version()  # and the connection stays failed with that reason
