@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message", type=_positive_int, metavar="BYTES",
                        help="largest request accepted (default: 1 MiB)")
     serve.add_argument("--max-handles", type=_positive_int, metavar="N",
-                       help="handles per connection (default: 4096)")
+                       help="handles per connection (default: 66000)")
     serve.add_argument("--max-vms", type=_positive_int, metavar="N",
                        help="VMs per daemon (default: 1024)")
     serve.add_argument("--max-vcpus", type=_positive_int, metavar="N",

@@ -12,7 +12,8 @@ from lvz.protocol.connection import DEFAULT_MAX_MESSAGE
 class ServeConfig:
     socket: Path
     max_message: int = DEFAULT_MAX_MESSAGE
-    max_handles: int = 4096  # per connection -> EMFILE
+    # per connection -> EMFILE; room for a VM, its devices and all 65,536 vCPUs it may have
+    max_handles: int = 66_000
     max_vms: int = 1024  # per daemon -> ENOSPC
     max_vcpus: int | None = None  # per VM; None = the whole vcpu_id range -> EINVAL as KVM
     max_events: int = 4096  # irq events queued per subscriber before they are dropped
