@@ -50,6 +50,9 @@ from tests.fuzzing import (
     fuzz_seed,
     wire_message_problem,
 )
+from tests.fuzzing import (
+    HANDLE_SETUP as SETUP,
+)
 
 from . import procs
 
@@ -86,17 +89,6 @@ def chip_fuzz(target: int, segment: int, deadline: float, seed0: int) -> tuple[F
 
 # ---------------------------------------------------------------------- (b) socket soak ---------
 
-#: Pipelined connections first run this, so later requests have handles 1..6 to act on.
-SETUP: list[tuple[str, dict[str, Any]]] = [
-    ("kvm.create_vm", {"max_phyid": 4096}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 0}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 3}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
-    ("vcpu.set_one_reg", {"vcpu": 3, "id": regs.CPUID, "value": 1}),
-    ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
-]
 
 
 class Junk:

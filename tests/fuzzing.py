@@ -919,6 +919,20 @@ SENTINEL_ID = 4242
 SENTINEL = msgpack.packb([0, SENTINEL_ID, "kvm.get_api_version", {}])
 
 
+#: Requests a wire fuzzer runs first on its connection, so the random requests after them have
+#: handles to act on: 1 the VM, 2-3 vCPUs (vCPU 3 holds phyid 1), 4-6 the three irqchips.
+HANDLE_SETUP: list[tuple[str, dict[str, Any]]] = [
+    ("kvm.create_vm", {"max_phyid": 4096}),
+    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 0}),
+    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 3}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
+    ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
+    ("vcpu.set_one_reg", {"vcpu": 3, "id": regs.CPUID, "value": 1}),
+    ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
+]
+
+
 @dataclass(slots=True)
 class Exchange:
     """What the daemon sent back for one payload + sentinel on a fresh connection."""

@@ -28,6 +28,7 @@ from lvz.protocol.constants import U32_MAX, U64_MAX
 from lvz.protocol.methods import METHODS
 
 from .daemon_fixtures import DaemonProcess, start_daemon, unique_name
+from .fuzzing import HANDLE_SETUP as SETUP
 from .fuzzing import Watcher, exchange
 
 MAX_MESSAGE = 1 << 16
@@ -237,17 +238,6 @@ def test_deep_nesting(target: Target, depth: int, container: bytes, inside: bool
 
 # ---- well-formed requests with random parameters, deep enough to reach the chips --------------
 
-#: Set-up run first on the fuzz connection: handles 1 (VM), 2-3 (vCPUs), 4-6 (devices).
-SETUP = [
-    ("kvm.create_vm", {"max_phyid": 4096}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 0}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 3}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
-    ("vcpu.set_one_reg", {"vcpu": 3, "id": regs.CPUID, "value": 1}),
-    ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
-]
 
 GOOD = {
     "handle": st.integers(0, 8), "vm": st.integers(0, 8), "vcpu": st.integers(0, 8),
