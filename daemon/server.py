@@ -243,6 +243,10 @@ class Daemon(Methods):
     def _resolve(self, conn: Connection, number: int, kind: str, method: str) -> Handle:
         h = conn.handles.get(number)
         if h is None or not h.life.alive:
+            if h is not None and method == "close":
+                # Its object is gone, so close answers EBADF (PROTOCOL.md §3), but the slot
+                # is freed: a harness that creates and destroys vCPUs must not run out.
+                self._release(conn, h)
             raise KvmError("EBADF", f"{method}: handle {number} is not open")
         if kind and h.kind != kind:
             raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, not a {kind}")
@@ -267,6 +271,11 @@ class Daemon(Methods):
         return vm
 
     def _check_handle_room(self, conn: Connection) -> None:
+        if len(conn.handles) >= conn.max_handles:
+            # Handles whose objects were destroyed count only until they are needed: at the
+            # limit, they are dropped (they answer EBADF either way) before EMFILE is due.
+            for h in [h for h in conn.handles.values() if not h.life.alive]:
+                self._release(conn, h)
         if len(conn.handles) >= conn.max_handles:
             raise KvmError("EMFILE", f"this connection already holds {conn.max_handles} handles")
 

@@ -292,3 +292,36 @@ async def test_vcpu_kick_ends_a_waiting_run_with_eintr(connect: Connect) -> None
     assert (r.error.name, r.error.errno) == ("EINTR", 4)
     await raw.ok("vcpu.kick", vcpu=vcpus[0])  # nothing waiting: a no-op
     assert (await raw.ok("vcpu.run", vcpu=vcpus[0], timeout=0.01))["exit_reason"] == "timeout"
+
+
+async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
+        sock_dir: object, nursery: trio.Nursery, connect: Connect) -> None:
+    from pathlib import Path
+
+    from lvz.daemon.config import ServeConfig
+    from lvz.daemon.host import load_plugins
+    from lvz.daemon.server import serve
+
+    assert isinstance(sock_dir, Path)
+    cfg = ServeConfig(socket=sock_dir / "h.sock", max_handles=3)
+    daemon = await nursery.start(serve, cfg, load_plugins())
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    for i in range(10):  # hot-plug churn on one connection, closing each dead handle
+        v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
+        await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=7)
+        await raw.ok("vcpu.destroy", vcpu=v)
+        assert await raw.err("close", handle=v) == "EBADF"  # still EBADF, as PROTOCOL §3 says
+    for i in range(10, 20):  # ... and without closing them
+        v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
+        await raw.ok("vcpu.destroy", vcpu=v)
+        assert await raw.err("vcpu.get_one_reg", vcpu=v, id=regs.CPUID) == "EBADF"
+    assert (await raw.ok("vm.phyid_map", vm=vm))["entries"] == []
+    a = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=30))["vcpu"]
+    await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=31)
+    assert await raw.err("vm.create_vcpu", vm=vm, vcpu_id=32) == "EMFILE"  # live ones count
+    await raw.ok("close", handle=vm)
+    assert len(daemon.vms) == 1  # the vCPU handles still hold the unnamed VM
+    await raw.ok("close", handle=a)
+    await raw.ok("close", handle=a + 1)
+    assert daemon.vms == []  # and the last one let it go
