@@ -6,7 +6,6 @@ except through ``flush``, which holds the send lock so there is one writer at a 
 
 from __future__ import annotations
 
-import msgpack
 import trio
 import trio.lowlevel
 
@@ -15,8 +14,6 @@ from lvz.protocol.connection import ServerConnection
 
 from .config import ServeConfig
 from .model import Vcpu, Vm
-
-_packb = msgpack.Packer(use_bin_type=True).pack
 
 
 class Handle:
@@ -32,10 +29,6 @@ class Handle:
         # What decides whether the handle still works: its vCPU (destroyed with the VM too)
         # or its VM. Kept as one attribute because every request checks it.
         self.life: Vm | Vcpu = obj if isinstance(obj, Vcpu) else vm
-
-    @property
-    def alive(self) -> bool:
-        return self.life.alive
 
 
 class RunWait:
@@ -101,7 +94,8 @@ class Connection:
     def _report_lost(self) -> None:
         if self.events_lost:
             for vm_handle, count in self.events_lost.items():
-                self.put(_packb([2, "events_lost", {"vm": vm_handle, "count": count}]))
+                self.put(self.proto.send_notification(
+                    "events_lost", {"vm": vm_handle, "count": count}))
             self.events_lost.clear()
 
     async def flush(self) -> None:

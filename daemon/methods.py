@@ -199,8 +199,7 @@ class Methods:
     def m_vm_phyid_lookup(self, conn: Connection, p: dict[str, Any],
                           h: Handle | None) -> dict[str, Any]:
         assert h is not None
-        vcpu = h.vm.phyids.get(p["phyid"])
-        return {"vcpu_id": None if vcpu is None else vcpu.vcpu_id}
+        return {"vcpu_id": h.vm.vcpu_by_phyid(p["phyid"])}
 
     def m_vm_phyid_map(self, conn: Connection, p: dict[str, Any],
                        h: Handle | None) -> dict[str, Any]:

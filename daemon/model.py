@@ -108,10 +108,6 @@ class Vcpu:
         self.cpucfg: dict[int, int] | None = None
 
     @property
-    def phyid(self) -> int:
-        return self.csrs[CSR_CPUID]
-
-    @property
     def lines(self) -> int:
         c = self.csrs
         return _lines(c.get(CSR_ESTAT, 0), c.get(CSR_GINTC, 0))
@@ -318,10 +314,6 @@ class Vm:
                 pass
         finally:
             self.map_lock.release()
-
-    def lookup(self, phyid: int) -> Vcpu | None:
-        """``kvm_get_vcpu_by_cpuid`` (newest: negative and >= limit give None)."""
-        return self.phyids.get(phyid)
 
     # ---------------------------------------------------------------- registers ---------------
 
@@ -551,6 +543,8 @@ class Vm:
         return self._pv_features
 
     def vcpu_by_phyid(self, phyid: int) -> int | None:
+        """``kvm_get_vcpu_by_cpuid`` (newest: negative and >= limit find nobody, because only
+        valid phyids are ever keys); the one lookup for the protocol and the chips alike."""
         vcpu = self.phyids.get(phyid)
         return None if vcpu is None else vcpu.vcpu_id
 

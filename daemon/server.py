@@ -169,21 +169,12 @@ class Daemon(Methods):
                 handle = self._resolve(conn, params["vcpu"], "vcpu", method)
                 self._start_run(conn, req.msgid, handle, params)
                 return
-            hp = HANDLE_PARAM.get(method)
-            target = None
-            if hp is not None:
-                # _resolve inlined for the common case (an open handle of the right kind);
-                # anything else goes through it for the error.
-                target = conn.handles.get(params[hp[0]])
-                if target is None or not target.life.alive or (hp[1] and target.kind != hp[1]):
-                    target = self._resolve(conn, params[hp[0]], hp[1], method)
-            result = self.handlers[method](conn, params, target)
+            result = self._execute(conn, method, params)
             try:
                 data = conn.proto.send_result(req.msgid, result)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise KvmError("EIO", f"{method}: result cannot be encoded: {exc}") from exc
-            conn.out.append(data)
-            conn.out_bytes += len(data)
+            conn.put(data)
         except KvmError as err:
             conn.put(conn.proto.send_error(req.msgid, err))
         except Exception as exc:  # a bug of ours must fail one request, not the daemon

@@ -10,7 +10,6 @@ from .connection import (
     NEED_DATA,
     ClientConnection,
     ServerConnection,
-    encode_notification,
 )
 from .errors import (
     ERRNO,
@@ -25,7 +24,7 @@ from .methods import HANDLE_PARAM, METHODS, validate
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE", "NEED_DATA", "ClientConnection", "ServerConnection",
-    "encode_notification", "ERRNO", "ERRNO_NAMES", "KvmError", "LocalProtocolError",
+    "ERRNO", "ERRNO_NAMES", "KvmError", "LocalProtocolError",
     "ProtocolError", "RemoteProtocolError", "BadRequest", "Event", "Malformed", "Notification",
     "Request", "Response", "HANDLE_PARAM", "METHODS", "validate", "constants", "regs",
 ]

@@ -21,16 +21,15 @@ from typing import Any, Final
 import msgpack
 
 from .constants import U32_MAX
-from .errors import KvmError, LocalProtocolError, ProtocolError, RemoteProtocolError, error_map
+from .errors import KvmError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import BadRequest, Event, Malformed, Notification, Request, Response
-from .methods import FAST_INT_PARAMS, validate
+from .methods import validate
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "NEED_DATA",
     "ClientConnection",
     "ServerConnection",
-    "encode_notification",
 ]
 
 DEFAULT_MAX_MESSAGE: Final = 1 << 20
@@ -113,11 +112,6 @@ class _Decoder:
             unpacker.feed(chunk)
             self._fed += len(chunk)
 
-    @property
-    def at_eof(self) -> bool:
-        """True once EOF was received and every buffered message has been consumed."""
-        return self._eof and not self._pending and self._fed == self._start
-
 
 def _usable_msgid(obj: object) -> int | None:
     if type(obj) is list and len(obj) >= 2:
@@ -154,19 +148,11 @@ class ServerConnection:
                 if type(params) is not dict:
                     return BadRequest(msgid=msgid, error=KvmError(
                         "EBADMSG", "the params of a request must be a map"))
-                fast = FAST_INT_PARAMS.get(method)  # validate's fast path, inlined
-                if fast is not None and len(params) == len(fast):
-                    for name, lo, hi in fast:
-                        v = params.get(name)
-                        if type(v) is not int or v < lo or v > hi:
-                            break
-                    else:
-                        return Request(msgid, method, params)  # positional: the hot path
                 try:
                     params = validate(method, params)
                 except KvmError as err:
                     return BadRequest(msgid=msgid, error=err)
-                return Request(msgid=msgid, method=method, params=params)
+                return Request(msgid, method, params)  # positional: the hot path
         msgid = _usable_msgid(obj)
         reason = "not a request: expected [0, msgid, method, params] with a u32 msgid"
         if msgid is not None:
@@ -184,11 +170,6 @@ class ServerConnection:
 
     def send_protocol_error(self, error: ProtocolError) -> bytes:
         return self._pack([2, "protocol_error", error.to_wire()])
-
-
-def encode_notification(event: str, params: dict[str, Any]) -> bytes:
-    """Encode one notification without a connection object (fan-out to many subscribers)."""
-    return msgpack.packb([2, event, params], use_bin_type=True)
 
 
 class ClientConnection:
@@ -228,6 +209,3 @@ class ClientConnection:
                 return Notification(event=obj[1], params=obj[2])
         raise RemoteProtocolError("EPROTO", f"the daemon sent something unexpected: {obj!r:.200}")
 
-
-# Re-exported for error maps built outside a connection.
-__all__ += ["error_map"]

@@ -135,7 +135,7 @@ _INT_RANGES: Final[dict[str, tuple[int, int]]] = {
     "handle": (0, U32_MAX), "vm": (0, U32_MAX), "vcpu": (0, U32_MAX), "device": (0, U32_MAX),
     "u32": (0, U32_MAX), "u64": (0, U64_MAX), "int": (I64_MIN, U64_MAX),
 }
-FAST_INT_PARAMS: Final[dict[str, tuple[tuple[str, int, int], ...]]] = {
+_FAST: Final[dict[str, tuple[tuple[str, int, int], ...]]] = {
     method: tuple((name, *_INT_RANGES[kind]) for name, kind, _ in specs)
     for method, specs in METHODS.items()
     if all(required and kind in _INT_RANGES for _, kind, required in specs)
@@ -155,7 +155,7 @@ def validate(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
     Raises ``KvmError`` ENOTTY for an unknown method, EINVAL naming the first bad parameter.
     """
-    fast = FAST_INT_PARAMS.get(method)
+    fast = _FAST.get(method)
     if fast is not None and len(params) == len(fast):
         try:
             for name, lo, hi in fast:

@@ -84,16 +84,3 @@ def _decode(reg_id: int) -> tuple[RegClass, int]:
     if cls == RegClass.KVM:
         return RegClass.KVM, reg_id
     raise KvmError("EINVAL", f"register {reg_id:#x} is of no class this VM offers")
-
-
-def describe(reg_id: int) -> str:
-    """A short human name for a register id (CLI and error messages)."""
-    names = {CPUID: "CSR.CPUID", TMID: "CSR.TMID", ESTAT: "CSR.ESTAT", COUNTER: "KVM.COUNTER",
-             VCPU_RESET: "KVM.VCPU_RESET", DEBUG_INST: "KVM.DEBUG_INST"}
-    if reg_id in names:
-        return names[reg_id]
-    try:
-        cls, index = decode(reg_id)
-    except KvmError:
-        return f"{reg_id:#x}"
-    return f"{cls.name}[{index:#x}]"

@@ -90,9 +90,7 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
 
         @rule(phyid=st.integers(min_value=-(2**31), max_value=limit + 10))
         def lookup(self, phyid: int) -> None:
-            got = self.vm.lookup(phyid)
-            expect = self.owner.get(phyid)
-            assert (None if got is None else got.vcpu_id) == expect
+            assert self.vm.vcpu_by_phyid(phyid) == self.owner.get(phyid)
 
         @invariant()
         def map_is_a_bijection_matching_a_linear_scan(self) -> None:
@@ -136,8 +134,8 @@ async def test_the_map_lock_guards_set_and_drop(nursery: trio.Nursery) -> None:
         vm.destroy_vcpu(a)
     release.set()
     await trio.lowlevel.checkpoint()
-    assert vm.lookup(4) is None
-    assert vm.lookup(3) is a
+    assert vm.vcpu_by_phyid(4) is None
+    assert vm.vcpu_by_phyid(3) == a.vcpu_id
 
 
 async def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None:
