@@ -55,6 +55,13 @@ STATE_SUFFIX = ".lvzvm"
 FLUSH_BYTES = 256 * 1024
 
 
+def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
+    exc = group.exceptions[0]
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class Daemon(Methods):
     """The service: VMs by name and by handle, connections, and the request dispatch table."""
 
@@ -89,14 +96,22 @@ class Daemon(Methods):
         self.connections.add(conn)
         log.info("connection %d opened", conn.number)
         try:
-            async with trio.open_nursery() as nursery:
-                conn.nursery = nursery
-                nursery.start_soon(conn.pump)
-                try:
+            # The one place a connection's tasks (reader, event pump, vcpu.run waits) run,
+            # so the one place their failures stop: whatever any of them raises ends this
+            # connection alone. Only cancellation (shutdown) goes on up.
+            try:
+                async with trio.open_nursery() as nursery:
+                    conn.nursery = nursery
+                    nursery.start_soon(conn.pump)
                     await self._read_loop(conn)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
+            except* (trio.BrokenResourceError, trio.ClosedResourceError,
+                     trio.BusyResourceError, OSError) as group:
+                log.info("connection %d: the peer went away (%s)", conn.number,
+                         _first_reason(group))
+            except* Exception as group:
+                log.error("connection %d ended by an internal error",
+                          conn.number, exc_info=group.exceptions[0])
         finally:
             conn.closed = True
             self.connections.discard(conn)
