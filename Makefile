@@ -14,10 +14,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e . --group test --group lint
-	@mkdir -p .typecheck/lvz
-	@ln -sfn ../../lvz/__init__.py .typecheck/lvz/__init__.py
-	@ln -sfn ../../lvz/py.typed .typecheck/lvz/py.typed
-	@for p in daemon protocol plugins clients; do ln -sfn ../../$$p .typecheck/lvz/$$p; done
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,4 +36,4 @@ fuzz: $(STAMP)
 	$(BIN)/python -m bench.fuzz
 
 clean:
-	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis *.egg-info
