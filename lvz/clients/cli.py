@@ -1,7 +1,8 @@
-"""The ``lvz`` command: run the daemon, look at its VMs, and demonstrate the phyid map.
+"""The ``lvz`` command: run the daemon, inspect and drive its VMs, record and replay sessions.
 
-Every subcommand but ``serve`` is a short session of the blocking client. Exit codes are part of
-the interface (scripts branch on them), so every failure is mapped to one of four, and no
+Commands are noun then verb (``lvz vm create``, ``lvz reg get``), as ``ip`` and ``virsh`` are.
+Every one but ``serve`` is a short session of the blocking client. Exit codes are part of the
+interface (scripts branch on them), so every failure is mapped to one of a few, and no
 traceback reaches the terminal for anything but a bug in lvz itself.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,8 +26,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from lvz import __version__
 from lvz.protocol import regs, snapshot
-from lvz.protocol.constants import DEV_EIOINTC, DEV_IPI, DEV_PCHPIC, U64_MAX
+from lvz.protocol.constants import (
+    DEV_EIOINTC,
+    DEV_IPI,
+    DEV_PCHPIC,
+    I64_MIN,
+    U32_MAX,
+    U64_MAX,
+)
 from lvz.protocol.endpoint import resolve_socket_path
 from lvz.protocol.errors import KvmError
 
@@ -34,21 +45,32 @@ EXIT_OK: Final = 0
 EXIT_IOCTL: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_LVZ: Final = 125
+EXIT_INTERRUPTED: Final = 130
+EXIT_PIPE: Final = 141  # 128 + SIGPIPE: what a shell shows for a reader that went away
 
 EPILOG: Final = """\
 exit status:
   0    success
-  1    the emulated ioctl failed (its errno name and message go to stderr)
-  2    usage error
+  1    the emulated ioctl failed (its errno name and message go to stderr);
+       for replay: the daemon answered differently from the recording
+  2    usage error (also: a value the protocol cannot carry, an unreadable input file)
   125  lvz itself failed, or the daemon is unreachable
   130  interrupted (Ctrl-C)
+  141  the reader of our output went away (as a process killed by SIGPIPE)
 
 endpoint: --socket PATH, else $LVZ_SOCKET, else $XDG_RUNTIME_DIR/lvz/lvz.sock
-(or /tmp/lvz-$UID/lvz.sock)."""
+(or /tmp/lvz-$UID/lvz.sock).
+VM: a name, or the id `lvz vms` shows (a name wins), so unnamed VMs can be inspected."""
+
+log = logging.getLogger("lvz.cli")
 
 
 class Fatal(Exception):
     """lvz itself cannot go on (exit 125); the message is for a person."""
+
+
+class Usage(Exception):
+    """The command line asks for something impossible (exit 2); the message says what."""
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -58,7 +80,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO,
           indent: str = "") -> None:
     """Columns padded to fit; numbers right-aligned so digits line up."""
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    numeric = [all(isinstance(r[i], int) for r in rows) and bool(rows)
+    numeric = [all(isinstance(r[i], int) or r[i] is None for r in rows) and bool(rows)
                for i in range(len(headers))]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
@@ -78,7 +100,103 @@ def emit_json(value: object, out: TextIO) -> None:
     out.write("\n")
 
 
-# --- subcommands --------------------------------------------------------------------------------
+def listing(args: argparse.Namespace, headers: Sequence[str], keys: Sequence[str],
+            rows: Sequence[dict[str, Any]], empty: str,
+            show: Callable[[str, Any], object] | None = None) -> int:
+    """One listing in the format asked for: JSON gets raw values, the table readable ones."""
+    if args.format == "json":
+        emit_json(list(rows), sys.stdout)
+    elif not rows:
+        print(empty)
+    else:
+        fmt = show or (lambda _k, v: v)
+        table(headers, [[fmt(k, r[k]) for k in keys] for r in rows], sys.stdout)
+    return EXIT_OK
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+def _diagnose(path: Path) -> str | None:
+    """What is wrong with the socket path itself, said plainly, or None if it looks right."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.exists():
+            return f"{path}: no such file, and its directory {parent} does not exist " \
+                   "(is the daemon running? start it with `lvz serve`)"
+        return f"{path}: no such file (is the daemon running? start it with `lvz serve`)"
+    except PermissionError:
+        return f"{path}: permission denied (the daemon serves only its own user)"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a directory, not a socket (give the socket file inside it)"
+    if stat.S_ISREG(st.st_mode):
+        return f"{path} is a regular file, not a socket"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{path} is not a socket"
+    return None
+
+
+class _Tracer:
+    """``-vv``: every request and its answer, on stderr, as the client sends them."""
+
+    def __init__(self, call: Callable[[str, dict[str, Any]], dict[str, Any]]) -> None:
+        self._call = call
+
+    def __call__(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        log.debug("→ %s %s", method, params)
+        try:
+            result = self._call(method, params)
+        except KvmError as err:
+            log.debug("← %s %s: %s", method, err.name, err.message)
+            raise
+        log.debug("← %s %s", method, result)
+        return result
+
+
+def connect(args: argparse.Namespace) -> Kvm:
+    """The daemon named on the command line; unreachable → a sentence naming the path."""
+    path = resolve_socket_path(args.socket)
+    log.info("connecting to %s", path)
+    try:
+        kvm = Kvm.connect(path)
+    except ConnectionError as exc:
+        raise Fatal(_diagnose(path) or str(exc)) from None
+    log.info("connected to %s: %s, protocol %d", path, kvm.info.server, kvm.info.protocol)
+    if log.isEnabledFor(logging.DEBUG):
+        kvm.call = _Tracer(kvm.call)  # type: ignore[method-assign]
+    return kvm
+
+
+def open_vm(kvm: Kvm, ref: str) -> Vm:
+    """A VM by name, else (for an all-digits reference) by the id ``lvz vms`` shows."""
+    try:
+        return kvm.open_vm(ref)
+    except KvmError as err:
+        if err.name != "ENOENT" or not ref.isdigit():
+            raise
+    try:
+        handle = kvm.call("kvm.open_vm_id", {"id": int(ref)})["vm"]
+    except KvmError as err:
+        if err.name == "ENOENT":
+            raise KvmError("ENOENT", f"no VM named {ref!r} and none with id {ref}") from None
+        raise
+    vm = Vm(kvm, int(handle))
+    vm.name = vm.info().name
+    return vm
+
+
+def list_vms(kvm: Kvm) -> list[dict[str, Any]]:
+    rows = kvm.call("kvm.list_vms", {})["vms"]
+    return [{"id": r.get("id"), "name": r.get("name"), "vcpus": r.get("vcpus"),
+             "phyids": r.get("phyids"), "max_phyid": r.get("max_phyid"),
+             "devices": r.get("devices")} for r in rows]
+
+
+# --- serve, and the read-only listings that predate the nouns -----------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,28 +210,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
         options["state_dir"] = Path(args.state_dir)
+    if args.record is not None:
+        options["record"] = Path(args.record)
     config = ServeConfig(socket=resolve_socket_path(args.socket), **options)
     return server.run(config, args.verbose)
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
-    with Kvm.connect(args.socket) as kvm:
-        vms = kvm.list_vms()
-    if args.format == "json":
-        emit_json([{"name": v.name, "vcpus": v.vcpus, "devices": v.devices} for v in vms],
-                  sys.stdout)
-    elif not vms:
-        print("no VMs")
-    else:
-        table(["NAME", "VCPUS", "DEVICES"],
-              [[v.name if v.name is not None else "(unnamed)", v.vcpus, v.devices] for v in vms],
-              sys.stdout)
-    return EXIT_OK
+    with connect(args) as kvm:
+        rows = list_vms(kvm)
+    return listing(args, ["ID", "NAME", "VCPUS", "PHYIDS", "MAX_PHYID", "DEVICES"],
+                   ["id", "name", "vcpus", "phyids", "max_phyid", "devices"], rows, "no VMs",
+                   lambda k, v: "(unnamed)" if k == "name" and v is None else v)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with Kvm.connect(args.socket) as kvm:
-        vm = kvm.open_vm(args.vm)
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
         pmap = vm.phyid_map()
         info = vm.info()
     mapped = set(pmap.by_vcpu())
@@ -133,8 +246,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with Kvm.connect(args.socket) as kvm:
-        vm = kvm.open_vm(args.vm)
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
         saved = kvm.save_vm(vm)
     data = snapshot.encode(saved)
     target = Path(args.file)
@@ -154,18 +267,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     saved = snapshot.decode(data)  # EINVAL (exit 1) before anything is created
     name = args.name if args.name is not None else saved["vm"]["name"]
     if name is None:
-        print("lvz restore: the snapshot is of an unnamed VM; give it one with --name "
-              "(an unnamed VM would die when this command disconnects)", file=sys.stderr)
-        return EXIT_USAGE
-    with Kvm.connect(args.socket) as kvm:
+        raise Usage("the snapshot is of an unnamed VM; give it one with --name "
+                    "(an unnamed VM would die when this command disconnects)")
+    with connect(args) as kvm:
         kvm.restore_vm(saved, name)
     print(f"restored VM {name}: {len(saved['vcpus'])} vCPUs, {len(saved['devices'])} devices")
     return EXIT_OK
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
-    with Kvm.connect(args.socket) as kvm:
-        vcpu_id = kvm.open_vm(args.vm).phyid_lookup(args.phyid)
+    with connect(args) as kvm:
+        vcpu_id = open_vm(kvm, args.vm).phyid_lookup(args.phyid)
     if args.format == "json":
         emit_json({"vm": args.vm, "phyid": args.phyid, "vcpu_id": vcpu_id}, sys.stdout)
     elif vcpu_id is None:
@@ -176,17 +288,257 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    with Kvm.connect(args.socket) as kvm:
+    with connect(args) as kvm:
         plugins = kvm.list_plugins()
+    rows = [{"name": p.name, "version": p.version, "dist": p.dist,
+             "device_types": list(p.device_types)} for p in plugins]
+    return listing(args, ["NAME", "VERSION", "DIST", "DEVICE TYPES"],
+                   ["name", "version", "dist", "device_types"], rows, "no plugins",
+                   lambda k, v: ", ".join(v) or "-" if k == "device_types" else v)
+
+
+# --- vm -----------------------------------------------------------------------------------------
+
+
+def cmd_vm_create(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        kvm.create_vm(name=args.name, max_phyid=args.max_phyid)
+        ids = [r["id"] for r in list_vms(kvm) if r["name"] == args.name]
+    print(f"created VM {args.name} (id {ids[0] if ids else '?'})")
+    return EXIT_OK
+
+
+def cmd_vm_destroy(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        open_vm(kvm, args.vm).destroy()
+    print(f"destroyed VM {args.vm}")
+    return EXIT_OK
+
+
+def cmd_vm_info(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
+        raw = vm.kvm.call("vm.info", {"vm": vm.handle})
+        pmap = vm.phyid_map()
+        vm_id = (int(args.vm) if raw["name"] is None
+                 else next((r["id"] for r in list_vms(kvm) if r["name"] == raw["name"]), None))
+    info = {"id": vm_id, "name": raw["name"], "max_phyid": raw["max_phyid"],
+            "vcpus": list(raw["vcpus"]), "phyids_set": len(pmap.entries),
+            "devices": list(raw["devices"]), "seq": raw.get("seq")}
     if args.format == "json":
-        emit_json([{"name": p.name, "version": p.version, "dist": p.dist,
-                    "device_types": list(p.device_types)} for p in plugins], sys.stdout)
-    elif not plugins:
-        print("no plugins")
+        emit_json(info, sys.stdout)
+        return EXIT_OK
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+    return EXIT_OK
+
+
+# --- vcpu ---------------------------------------------------------------------------------------
+
+LINE_NAMES: Final = {0: "SWI0", 1: "SWI1", 11: "TI", 12: "IPI"} | {
+    2 + n: f"HWI{n}" for n in range(8)}
+
+
+def raised_lines(estat: int) -> list[str]:
+    """The interrupt lines (PROTOCOL.md §6) that are up in an ESTAT value."""
+    return [name for bit, name in sorted(LINE_NAMES.items()) if estat >> bit & 1]
+
+
+def cmd_vcpu_ls(args: argparse.Namespace) -> int:
+    rows = []
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
+        info = vm.info()
+        phyid_of = vm.phyid_map().by_vcpu()
+        for vcpu_id in info.vcpus:
+            with vm.open_vcpu(vcpu_id) as vcpu:  # one handle at a time, whatever the VM's size
+                estat = vcpu.get_one_reg(regs.ESTAT)
+            rows.append({"vcpu_id": vcpu_id, "phyid": phyid_of.get(vcpu_id),
+                         "lines": raised_lines(estat), "estat": estat})
+    return listing(args, ["VCPU", "PHYID", "LINES", "ESTAT"],
+                   ["vcpu_id", "phyid", "lines", "estat"], rows, "no vCPUs",
+                   lambda k, v: (", ".join(v) or "-") if k == "lines"
+                   else f"{v:#x}" if k == "estat" else v)
+
+
+# --- registers ----------------------------------------------------------------------------------
+
+
+def register_names() -> dict[str, int]:
+    """Public register-id constants by name: ``lvz.protocol.abi`` when present, else ``regs``."""
+    names: dict[str, int] = {}
+    modules: list[Any] = [regs]
+    with contextlib.suppress(ImportError):
+        import importlib
+
+        modules.insert(0, importlib.import_module("lvz.protocol.abi"))
+    for module in modules:
+        for key, value in vars(module).items():
+            if (key.isupper() and type(value) is int and value >> 60 == 0x9
+                    and key.lower() not in names and _is_register(value)):
+                names[key.lower()] = value
+    return names
+
+
+def _is_register(value: int) -> bool:
+    try:
+        regs.decode(value)
+    except KvmError:
+        return False
+    return True
+
+
+def parse_register(text: str) -> int:
+    """A register id from a name (``cpuid``), ``csr:0x20`` / ``cpucfg:2``, or a raw id."""
+    low = text.lower()
+    names = register_names()
+    if low in names:
+        return names[low]
+    kind, sep, index = low.partition(":")
+    if sep and kind in ("csr", "cpucfg"):
+        number = _any_int(index)
+        if not 0 <= number < 0x4000:
+            raise argparse.ArgumentTypeError(f"{kind} index out of range: {index}")
+        return regs.csr_id(number) if kind == "csr" else regs.cpucfg_id(number)
+    try:
+        return _u64(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"unknown register {text!r}: use a name ({', '.join(sorted(names))}), "
+            "csr:N, cpucfg:N or a 64-bit register id") from None
+
+
+def register_label(reg_id: int) -> str:
+    for name, value in register_names().items():
+        if value == reg_id:
+            return name
+    cls = reg_id & regs.KVM_REG_LOONGARCH_MASK
+    index = (reg_id & 0x7FFF) >> 3
+    if cls == regs.RegClass.CSR:
+        return f"csr:{index:#x}"
+    if cls == regs.RegClass.CPUCFG:
+        return f"cpucfg:{index}"
+    return f"{reg_id:#x}"
+
+
+def _vcpu(kvm: Kvm, args: argparse.Namespace) -> Vcpu:
+    return open_vm(kvm, args.vm).open_vcpu(args.vcpu)
+
+
+def cmd_reg_get(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        value = _vcpu(kvm, args).get_one_reg(args.reg)
+    if args.format == "json":
+        emit_json({"id": args.reg, "name": register_label(args.reg), "value": value}, sys.stdout)
     else:
-        table(["NAME", "VERSION", "DIST", "DEVICE TYPES"],
-              [[p.name, p.version, p.dist, ", ".join(p.device_types) or "-"] for p in plugins],
-              sys.stdout)
+        print(f"{register_label(args.reg)} = {value:#x} ({value})")
+    return EXIT_OK
+
+
+def cmd_reg_set(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        vcpu = _vcpu(kvm, args)
+        vcpu.set_one_reg(args.reg, args.value)
+        now = vcpu.get_one_reg(args.reg)
+    print(f"{register_label(args.reg)} = {now:#x} ({now})")
+    return EXIT_OK
+
+
+def cmd_reg_ls(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        vcpu = _vcpu(kvm, args)
+        ids = [int(i) for i in kvm.call("vcpu.get_reg_list", {"vcpu": vcpu.handle})["ids"]]
+        rows = [{"id": i, "name": register_label(i), "value": vcpu.get_one_reg(i)}
+                for i in ids]
+    return listing(args, ["REGISTER", "ID", "VALUE"], ["name", "id", "value"], rows,
+                   "no registers", lambda k, v: f"{v:#x}" if k in ("id", "value") else v)
+
+
+# --- device and vCPU attributes -----------------------------------------------------------------
+
+SHORT_DEVICES: Final = {"ipi": DEV_IPI, "eiointc": DEV_EIOINTC, "pchpic": DEV_PCHPIC,
+                        "pch-pic": DEV_PCHPIC}
+
+
+def _attr_target(kvm: Kvm, args: argparse.Namespace) -> tuple[str, Any]:
+    """``vcpuN`` / ``vcpu:N`` is a vCPU's attrs; anything else a device type (short or full)."""
+    vm = open_vm(kvm, args.vm)
+    text = args.target
+    low = text.lower().replace(":", "")
+    if low.startswith("vcpu") and low[4:].isdigit():
+        return f"vCPU {low[4:]}", vm.open_vcpu(int(low[4:]))
+    dev_type = SHORT_DEVICES.get(low, text)
+    return dev_type, vm.open_device(dev_type)
+
+
+def cmd_attr_get(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        label, target = _attr_target(kvm, args)
+        value = target.get_attr(args.group, args.attr)
+    if args.format == "json":
+        emit_json({"target": label, "group": args.group, "attr": args.attr, "value": value},
+                  sys.stdout)
+    else:
+        print(f"{label} group {args.group:#x} attr {args.attr:#x} = {value:#x} ({value})")
+    return EXIT_OK
+
+
+def cmd_attr_set(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        label, target = _attr_target(kvm, args)
+        target.set_attr(args.group, args.attr, args.value)
+    print(f"{label} group {args.group:#x} attr {args.attr:#x} := {args.value:#x}")
+    return EXIT_OK
+
+
+# --- interrupts ---------------------------------------------------------------------------------
+
+
+def cmd_irq(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        open_vm(kvm, args.vm).irq_line(args.gsi, args.level)
+    print(f"irq line {args.gsi} := {args.level}")
+    return EXIT_OK
+
+
+def cmd_msi(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        open_vm(kvm, args.vm).signal_msi(args.addr, args.data)
+    print(f"MSI address {args.addr:#x} data {args.data}")
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Follow a VM's line changes until Ctrl-C, ``--count`` events or ``--timeout`` quiet."""
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
+        vm.subscribe()
+        print(f"lvz events: watching VM {args.vm}"
+              + (" (Ctrl-C to stop)" if args.count is None else ""), file=sys.stderr, flush=True)
+        if args.format == "table":
+            print(f"{'SEQ':>8}  {'VCPU':>6}  {'LINE':<5}  LEVEL", flush=True)
+        seen = 0
+        while args.count is None or seen < args.count:
+            item = vm.next_event(args.timeout)
+            if item is None:
+                break
+            if isinstance(item, EventsLost):
+                row: dict[str, Any] = {"event": "events_lost", "count": item.count}
+                text = f"{'':>8}  ({item.count} events lost: the reader fell behind)"
+            else:
+                seen += 1
+                row = {"event": "irq", "seq": item.seq, "vcpu_id": item.vcpu_id,
+                       "irq": item.irq, "line": LINE_NAMES.get(item.irq, str(item.irq)),
+                       "level": item.level}
+                text = (f"{item.seq:>8}  {item.vcpu_id:>6}  {row['line']:<5}  "
+                        f"{'up' if item.level else 'down'}")
+            if args.format == "json":
+                print(json.dumps(row), flush=True)
+            else:
+                print(text, flush=True)
     return EXIT_OK
 
 
@@ -205,8 +557,6 @@ PCHPIC_MASK: Final = 0x20
 HCALL_SERVICE: Final = 0x100
 HCALL_FUNC_IPI: Final = 1
 MSI_ADDRESS: Final = 0x2FF00000
-LINE_NAMES: Final = {0: "SWI0", 1: "SWI1", 11: "TI", 12: "IPI"} | {
-    2 + n: f"HWI{n}" for n in range(8)}
 
 
 def _accepts(path: Path) -> bool:
@@ -220,13 +570,14 @@ def _accepts(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def private_daemon(verbose: int = 0, timeout: float = 15.0) -> Iterator[Path]:
+def private_daemon(verbose: int = 0, timeout: float = 15.0,
+                   extra: Sequence[str] = ()) -> Iterator[Path]:
     """A daemon of our own in a fresh 0700 directory, stopped with SIGTERM when we are done."""
     tmp = Path(tempfile.mkdtemp(prefix="lvz"))
     path = tmp / "lvz.sock"
     log = tmp / "daemon.log"
     cmd = [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", os.fspath(path)]
-    cmd += ["-v"] * verbose
+    cmd += ["-v"] * verbose + list(extra)
     try:
         with open(log, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -446,59 +797,134 @@ class Demo:
 def cmd_demo(args: argparse.Namespace) -> int:
     explicit = args.socket or os.environ.get("LVZ_SOCKET")
     if explicit and _accepts(Path(explicit)):
+        if args.record:
+            raise Usage("--record records a private daemon; to record a daemon of your own, "
+                        "start it with `lvz serve --record FILE`")
         print(f"lvz demo: using the daemon at {explicit}")
         with Kvm.connect(explicit) as kvm:
             return Demo(kvm, sys.stdout).run()
     if explicit:
         print(f"lvz demo: nothing answers at {explicit}; starting a private daemon")
-    with private_daemon(args.verbose) as path:
+    extra = ["--record", os.path.abspath(args.record)] if args.record else []
+    with private_daemon(args.verbose, extra=extra) as path:
         print(f"lvz demo: private daemon at {path}")
         with Kvm.connect(path) as kvm:
             return Demo(kvm, sys.stdout).run()
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay, to_pytest
+
+    if args.pytest:
+        print(to_pytest(Path(args.file)), end="")
+        return EXIT_OK
+    with private_daemon(args.verbose) as path:
+        log.info("replaying %s against a private daemon at %s", args.file, path)
+        report = replay(Path(args.file), path, timeout=args.timeout)
+    if report.difference is None:
+        print(f"lvz replay: {report.records} records, {report.messages} answers and events "
+              f"on {report.connections} connections: all as recorded")
+        return EXIT_OK
+    print(f"lvz replay: differs: {report.difference}")
+    return EXIT_IOCTL
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return EXIT_OK
+
+
 # --- argument parsing ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def _int_in(text: str, lo: int, hi: int, what: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"{text} does not fit {what} ({lo}..{hi}); "
+                                         "the protocol cannot carry it")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _int_in(text, 1, U64_MAX, "an unsigned 64-bit integer")
     return value
 
 
 def _any_int(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    return _int_in(text, I64_MIN, U64_MAX, "a 64-bit integer")
+
+
+def _u64(text: str) -> int:
+    return _int_in(text, 0, U64_MAX, "an unsigned 64-bit integer")
+
+
+def _u32(text: str) -> int:
+    return _int_in(text, 0, U32_MAX, "an unsigned 32-bit integer")
+
+
+def _level(text: str) -> int:
+    if text.lower() in ("0", "1", "up", "down", "on", "off"):
+        return 1 if text.lower() in ("1", "up", "on") else 0
+    raise argparse.ArgumentTypeError(f"a line level is 0 or 1 (or up/down): {text!r}")
+
+
+def _socket_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; leave --socket out for the default")
+    return text
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print lvz's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"lvz {__version__}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH",
+    common.add_argument("--socket", metavar="PATH", type=_socket_path,
                         help="daemon socket (default: $LVZ_SOCKET, else the per-user path)")
-    listing = argparse.ArgumentParser(add_help=False)
-    listing.add_argument("--format", choices=("table", "json"), default="table",
-                         help="output format (default: table)")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="show connections (-v) and every request (-vv) on stderr")
+    listing_ = argparse.ArgumentParser(add_help=False)
+    listing_.add_argument("--format", choices=("table", "json"), default="table",
+                          help="output format (default: table)")
 
     parser = argparse.ArgumentParser(
         prog="lvz", formatter_class=fmt, epilog=EPILOG,
         description="LoongArch KVM's vCPU identity (phyid map) and interrupt routing, emulated.")
+    parser.add_argument("--version", action=_Version)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show connections (-v) and every request (-vv) on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help: str, parents: list[argparse.ArgumentParser],
-            func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=parents, epilog=EPILOG,
-                           formatter_class=fmt)
-        p.set_defaults(func=func)
-        return p
+    def adder(group: argparse._SubParsersAction[argparse.ArgumentParser], prefix: str = "") \
+            -> Callable[..., argparse.ArgumentParser]:
+        def add(name: str, help: str, parents: list[argparse.ArgumentParser],
+                func: Callable[[argparse.Namespace], int] | None = None) \
+                -> argparse.ArgumentParser:
+            p = group.add_parser(name, help=help, description=help, parents=parents,
+                                 epilog=EPILOG, formatter_class=fmt)
+            if func is not None:
+                p.set_defaults(func=func, command=prefix + name)
+            return p
+        return add
 
-    serve = add("serve", "run the daemon in the foreground until SIGINT/SIGTERM", [common],
+    add = adder(sub)
+    base = [common]
+    lists = [common, listing_]
+
+    serve = add("serve", "run the daemon in the foreground until SIGINT/SIGTERM", base,
                 cmd_serve)
     serve.add_argument("--max-message", type=_positive_int, metavar="BYTES",
                        help="largest request accepted (default: 1 MiB)")
@@ -511,29 +937,109 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-events", type=_positive_int, metavar="N",
                        help="irq events queued per subscriber before dropping (default: 4096)")
     serve.add_argument("--state-dir", metavar="DIR", help="where named VMs are kept")
-    serve.add_argument("-v", "--verbose", action="count", default=0,
-                       help="log more (repeat for debug)")
+    serve.add_argument("--record", metavar="FILE",
+                       help="write every byte of every connection to FILE (for `lvz replay`)")
 
     demo = add("demo", "a guided tour: a VM, its phyid map, its rules, interrupts routed by it",
-               [common], cmd_demo)
-    demo.add_argument("-v", "--verbose", action="count", default=0,
-                      help="verbose private daemon (its log is discarded)")
-    add("vms", "list the daemon's VMs", [common, listing], cmd_vms)
-    mp = add("map", "show a VM's phyid map", [common, listing], cmd_map)
-    mp.add_argument("vm", metavar="VM", help="VM name")
-    lk = add("lookup", "which vCPU has a phyid (kvm_get_vcpu_by_cpuid)", [common, listing],
-             cmd_lookup)
-    lk.add_argument("vm", metavar="VM", help="VM name")
+               base, cmd_demo)
+    demo.add_argument("--record", metavar="FILE",
+                      help="record the private daemon's traffic to FILE (for `lvz replay`)")
+    add("vms", "list the daemon's VMs (as `lvz vm ls`)", lists, cmd_vms)
+    mp = add("map", "show a VM's phyid map", lists, cmd_map)
+    mp.add_argument("vm", metavar="VM", help="VM name or id")
+    lk = add("lookup", "which vCPU has a phyid (kvm_get_vcpu_by_cpuid)", lists, cmd_lookup)
+    lk.add_argument("vm", metavar="VM", help="VM name or id")
     lk.add_argument("phyid", metavar="PHYID", type=_any_int, help="physical CPU id (may be hex)")
-    add("plugins", "list the irqchip plugins the daemon loaded", [common, listing], cmd_plugins)
-    sn = add("snapshot", "save a named VM's whole state to FILE (versioned msgpack)", [common],
+    add("plugins", "list the irqchip plugins the daemon loaded", lists, cmd_plugins)
+    sn = add("snapshot", "save a VM's whole state to FILE (versioned msgpack)", base,
              cmd_snapshot)
-    sn.add_argument("vm", metavar="VM", help="VM name")
+    sn.add_argument("vm", metavar="VM", help="VM name or id")
     sn.add_argument("file", metavar="FILE", help="snapshot file to write")
-    rs = add("restore", "create a VM from a snapshot FILE", [common], cmd_restore)
+    rs = add("restore", "create a VM from a snapshot FILE", base, cmd_restore)
     rs.add_argument("file", metavar="FILE", help="snapshot file to read")
     rs.add_argument("--name", metavar="NEW", help="name of the new VM (default: the saved name)")
+
+    vm = add("vm", "create, destroy, list and describe VMs", [])
+    vm_add = adder(vm.add_subparsers(dest="verb", metavar="VERB", required=True), "vm ")
+    vc = vm_add("create", "create a named VM (it lives until `lvz vm destroy`)", base,
+                cmd_vm_create)
+    vc.add_argument("name", metavar="NAME", help="the new VM's name")
+    vc.add_argument("--max-phyid", type=lambda t: _int_in(t, 1, 65536, "max_phyid"),
+                    metavar="N", help="phyids 0..N-1 (default: 256, as the kernel)")
+    vd = vm_add("destroy", "destroy a VM, its vCPUs and devices", base, cmd_vm_destroy)
+    vd.add_argument("vm", metavar="VM", help="VM name or id")
+    vi = vm_add("info", "a VM's limits, vCPUs and devices", lists, cmd_vm_info)
+    vi.add_argument("vm", metavar="VM", help="VM name or id")
+    vm_add("ls", "list the daemon's VMs", lists, cmd_vms)
+
+    vcpu = add("vcpu", "look at a VM's vCPUs", [])
+    vcpu_add = adder(vcpu.add_subparsers(dest="verb", metavar="VERB", required=True), "vcpu ")
+    vl = vcpu_add("ls", "each vCPU's id, phyid and raised interrupt lines", lists, cmd_vcpu_ls)
+    vl.add_argument("vm", metavar="VM", help="VM name or id")
+
+    reg = add("reg", "read and write vCPU registers (KVM ONE_REG)", [])
+    reg_add = adder(reg.add_subparsers(dest="verb", metavar="VERB", required=True), "reg ")
+    reg_help = "cpuid, tmid, estat, …, csr:N, cpucfg:N or a raw register id"
+    for verb, what, func, parents in (("get", "read one register", cmd_reg_get, lists),
+                                      ("set", "write one register", cmd_reg_set, base),
+                                      ("ls", "every register that holds state, with its value",
+                                       cmd_reg_ls, lists)):
+        r = reg_add(verb, what, parents, func)
+        r.add_argument("vm", metavar="VM", help="VM name or id")
+        r.add_argument("vcpu", metavar="VCPU", type=_any_int, help="vcpu_id")
+        if verb != "ls":
+            r.add_argument("reg", metavar="REG", type=parse_register, help=reg_help)
+        if verb == "set":
+            r.add_argument("value", metavar="VALUE", type=_u64, help="64-bit value (may be hex)")
+
+    attr = add("attr", "read and write device and vCPU attributes (KVM_GET/SET_DEVICE_ATTR)",
+               [])
+    attr_add = adder(attr.add_subparsers(dest="verb", metavar="VERB", required=True), "attr ")
+    for verb, what, func, parents in (("get", "read one attribute", cmd_attr_get, lists),
+                                      ("set", "write one attribute", cmd_attr_set, base)):
+        a = attr_add(verb, what, parents, func)
+        a.add_argument("vm", metavar="VM", help="VM name or id")
+        a.add_argument("target", metavar="DEVICE",
+                       help="ipi, eiointc, pchpic (or a full device type), or vcpuN")
+        a.add_argument("group", metavar="GROUP", type=_u64, help="attribute group")
+        a.add_argument("attr", metavar="ATTR", type=_u64, help="attribute number")
+        if verb == "set":
+            a.add_argument("value", metavar="VALUE", type=_u64, help="value (may be hex)")
+
+    irq = add("irq", "set an interrupt line (KVM_IRQ_LINE: a PCH-PIC pin)", base, cmd_irq)
+    irq.add_argument("vm", metavar="VM", help="VM name or id")
+    irq.add_argument("gsi", metavar="GSI", type=_any_int, help="PCH-PIC pin 0..63")
+    irq.add_argument("level", metavar="LEVEL", type=_level, help="1 (up) or 0 (down)")
+    msi = add("msi", "signal an MSI (KVM_SIGNAL_MSI)", base, cmd_msi)
+    msi.add_argument("vm", metavar="VM", help="VM name or id")
+    msi.add_argument("addr", metavar="ADDR", type=_u64, help="MSI address")
+    msi.add_argument("data", metavar="DATA", type=_u64, help="MSI data: the EIOINTC irq")
+    ev = add("events", "follow a VM's interrupt-line changes live", lists, cmd_events)
+    ev.add_argument("vm", metavar="VM", help="VM name or id")
+    ev.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
+    ev.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop after SECONDS without an event (default: never)")
+
+    rp = add("replay", "run a recording against a fresh private daemon; exit 1 where it differs",
+             [common], cmd_replay)
+    rp.add_argument("file", metavar="FILE", help="a recording from `lvz serve --record`")
+    rp.add_argument("--pytest", action="store_true",
+                    help="print an equivalent pytest test instead of replaying")
+    rp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="how long to wait for each expected answer (default: 5)")
+    cp = add("completion", "print a shell completion script", [], cmd_completion)
+    cp.add_argument("shell", choices=("bash", "zsh"),
+                    help="eval \"$(lvz completion bash)\" in ~/.bashrc (zsh: ~/.zshrc)")
     return parser
+
+
+def _quiet_stdout() -> int:
+    """The reader went away: stop writing (and the interpreter's final flush) without a word."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,23 +1048,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    verbose = getattr(args, "verbose", 0) or 0
+    if args.command != "serve" and verbose:
+        logging.basicConfig(level=logging.INFO if verbose == 1 else logging.DEBUG,
+                            format="lvz: %(message)s", stream=sys.stderr, force=True)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # the client turns a lost daemon into ConnectionLost: this is stdout
+        return _quiet_stdout()
     except KvmError as err:
         print(f"lvz {args.command}: {err.name}: {err.message}", file=sys.stderr)
         return EXIT_IOCTL
-    except ConnectionError as err:
+    except Usage as err:
         print(f"lvz {args.command}: {err}", file=sys.stderr)
-        return EXIT_LVZ
-    except Fatal as err:
+        return EXIT_USAGE
+    except (ConnectionError, Fatal) as err:
         print(f"lvz {args.command}: {err}", file=sys.stderr)
         return EXIT_LVZ
     except KeyboardInterrupt:
         print(f"lvz {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as err:
-        print(f"lvz {args.command}: {err.strerror or err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"lvz {args.command}: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_LVZ
 
 

@@ -18,4 +18,5 @@ class ServeConfig:
     max_vcpus: int | None = None  # per VM; None = the whole vcpu_id range -> EINVAL as KVM
     max_events: int = 4096  # irq events queued per subscriber before they are dropped
     state_dir: Path | None = None
+    record: Path | None = None  # lvz serve --record: every byte of every connection, to a file
     grace: float = 0.5  # seconds in-flight work gets on shutdown

@@ -32,6 +32,7 @@ class Methods:
     named: dict[str, Vm]
     subscribers: dict[Vm, dict[Connection, list[Handle]]]
     device_type_names: list[str]
+    _vm_id_next: int = 0
 
     def _new_handle(self, conn: Connection, kind: str, vm: Vm, obj: Any) -> int:
         raise NotImplementedError
@@ -111,8 +112,33 @@ class Methods:
     def m_kvm_list_vms(self, conn: Connection, p: dict[str, Any],
                        h: Handle | None) -> dict[str, Any]:
         return {"vms": [{"name": vm.name, "vcpus": len(vm.vcpus), "devices": len(vm.devices),
-                         "max_phyid": vm.max_phyid, "phyids": len(vm.phyids)}
+                         "max_phyid": vm.max_phyid, "phyids": len(vm.phyids),
+                         "id": self._vm_id(vm)}
                         for vm in self.vms]}
+
+    def _vm_id(self, vm: Vm) -> int:
+        """A daemon-wide VM number, never reused: the only name an unnamed VM has.
+
+        Given out in creation order the first time anyone asks, kept beside the model rather
+        than in it: it is a protocol matter (``kvm.list_vms`` / ``kvm.open_vm_id``).
+        """
+        ids: dict[Vm, int] = self.__dict__.setdefault("_vm_ids", {})
+        if vm not in ids:
+            for dead in [v for v in ids if not v.alive]:
+                del ids[dead]
+            for live in self.vms:
+                if live not in ids:
+                    self._vm_id_next += 1
+                    ids[live] = self._vm_id_next
+        return ids[vm]
+
+    def m_kvm_open_vm_id(self, conn: Connection, p: dict[str, Any],
+                         h: Handle | None) -> dict[str, Any]:
+        vm = next((v for v in self.vms if v.alive and self._vm_id(v) == p["id"]), None)
+        if vm is None:
+            raise KvmError("ENOENT", f"kvm.open_vm_id: no VM with id {p['id']}")
+        self._check_handle_room(conn)
+        return {"vm": self._new_handle(conn, "vm", vm, vm)}
 
     def m_kvm_list_plugins(self, conn: Connection, p: dict[str, Any],
                            h: Handle | None) -> dict[str, Any]:

@@ -41,12 +41,14 @@ from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
 from lvz.protocol.methods import HANDLE_PARAM, METHODS, validate
 
+from . import systemd
 from .config import ServeConfig
 from .connection import Connection, Handle, RunWait
 from .host import PluginHost, PluginLoadError, load_plugins
 from .listener import SocketInUse, goodbye, notify_ready, open_listener, unlink_socket
 from .methods import Methods
 from .model import Vcpu, Vm
+from .recorder import Recorder, RecordingFailed
 
 log = logging.getLogger("lvz.daemon")
 
@@ -76,6 +78,7 @@ class Daemon(Methods):
         self.connections: set[Connection] = set()
         self.conn_counter = 0
         self.shutting_down = False
+        self.recorder: Recorder | None = None  # lvz serve --record
         # Every method of the table has an ``m_<name>`` here, except vcpu.run (it waits).
         self.handlers: dict[str, Callable[[Connection, dict[str, Any], Handle | None],
                                           dict[str, Any]]] = {
@@ -88,6 +91,8 @@ class Daemon(Methods):
 
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         self.conn_counter += 1
+        if self.recorder is not None:
+            stream = self.recorder.wrap(stream, self.conn_counter)
         conn = Connection(stream, self.config, self.conn_counter)
         if not self._peer_allowed(stream, conn):
             await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
@@ -424,7 +429,11 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
     if config.state_dir is not None:
         daemon.load_state(config.state_dir)
     path = config.socket
-    listener = await open_listener(path)
+    if config.record is not None:
+        daemon.recorder = Recorder.open(config.record,
+                                        [(p.name, p.version) for p in host.loaded])
+    activated = systemd.activated_listener()
+    listener = activated if activated is not None else await open_listener(path)
     log.info("serving on %s (plugins: %s)", path, ", ".join(p.name for p in host.loaded))
     try:
         async with trio.open_nursery() as handlers:
@@ -438,19 +447,27 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 handlers.start_soon(accept_loop)
                 notify_ready()
+                handlers.start_soon(systemd.supervise, lambda: (
+                    f"{len(daemon.vms)} VMs, {sum(len(vm.vcpus) for vm in daemon.vms)} vCPUs, "
+                    f"{len(daemon.connections)} connections"))
                 task_status.started(daemon)
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     break
+            systemd.notify("STOPPING=1")
             # Stop accepting first, then let in-flight work finish within the grace time;
             # only then cancel the connections (hypercorn's graceful shutdown).
             accepting.cancel()
-            unlink_socket(path)
+            if activated is None:  # systemd's socket outlives us: it will start us again
+                unlink_socket(path)
             await daemon.shutdown()
             handlers.cancel_scope.cancel()
     finally:
-        unlink_socket(path)
+        if activated is None:
+            unlink_socket(path)
         await trio.aclose_forcefully(listener)
+        if daemon.recorder is not None:
+            daemon.recorder.close()
 
 
 def run(config: ServeConfig, verbose: int = 0) -> int:
@@ -475,7 +492,7 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         return 125
     try:
         trio.run(serve, config, host)
-    except SocketInUse as exc:
+    except (SocketInUse, systemd.ActivationError, RecordingFailed) as exc:
         print(f"lvz serve: {exc}", flush=True, file=sys.stderr)
         return 125
     except OSError as exc:

@@ -73,6 +73,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "kvm.create_vm": (("name", "str", _O), ("max_phyid", "int", _O)),
     "kvm.open_vm": (("name", "str", _R),),
     "kvm.list_vms": (),
+    # lvz addition: open any VM by the `id` kvm.list_vms shows, so unnamed ones can be inspected.
+    "kvm.open_vm_id": (("id", "u64", _R),),
     # lvz addition: the irqchip plugins the daemon loaded (`lvz plugins`).
     "kvm.list_plugins": (),
     "vm.destroy": (("vm", "vm", _R),),
