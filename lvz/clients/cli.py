@@ -813,19 +813,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay, to_pytest
+    from lvz.protocol.recording import RecordingError
 
-    if args.pytest:
-        print(to_pytest(Path(args.file)), end="")
-        return EXIT_OK
-    with private_daemon(args.verbose) as path:
-        log.info("replaying %s against a private daemon at %s", args.file, path)
-        report = replay(Path(args.file), path, timeout=args.timeout)
+    from .replay import read_recording, replay, to_pytest
+
+    path = Path(args.file)
+    try:
+        next(read_recording(path), None)  # a bad file is refused before a daemon is started
+        if args.pytest:
+            print(to_pytest(path), end="")
+            return EXIT_OK
+        with private_daemon(args.verbose) as sock:
+            log.info("replaying %s against a private daemon at %s", path, sock)
+            report = replay(path, sock, timeout=args.timeout)
+    except RecordingError as exc:
+        raise Usage(str(exc)) from None
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename) != path:
+            raise
+        raise Usage(f"cannot read {path}: {exc.strerror or exc}") from None
+    if report.header is not None:
+        log.info("recorded by lvz %s: %s", report.header.lvz, " ".join(report.header.argv))
     if report.difference is None:
         print(f"lvz replay: {report.records} records, {report.messages} answers and events "
               f"on {report.connections} connections: all as recorded")
         return EXIT_OK
-    print(f"lvz replay: differs: {report.difference}")
+    print(f"lvz replay: differs at {report.difference}")
     return EXIT_IOCTL
 
 
