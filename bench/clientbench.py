@@ -16,11 +16,11 @@ from typing import Any
 
 import trio
 
-from lvz.protocol import regs
+from lvz.protocol import abi
 
 from .scenarios import WINDOW, Sample, Sampler
 
-CPUID = regs.CPUID
+CPUID = abi.CPUID
 
 
 def client_import_error() -> str:

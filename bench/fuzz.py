@@ -36,8 +36,8 @@ import msgpack
 import trio
 
 from lvz.daemon.host import load_plugins
-from lvz.protocol import regs
-from lvz.protocol.constants import U64_MAX
+from lvz.protocol import abi
+from lvz.protocol.abi import U64_MAX
 from lvz.protocol.methods import METHODS
 from tests.fuzzing import (
     CHIPS,
@@ -102,8 +102,8 @@ class Junk:
         rng = self.rng
         return rng.choice((rng.randrange(300), rng.randrange(9), rng.getrandbits(64),
                            rng.getrandbits(32), U64_MAX, -(1 << 63), -1, 0x1008, 0x1040,
-                           0x1400, 0x1600, 0x1800, 0x40000004, 0x10000020, regs.CPUID,
-                           regs.ESTAT))
+                           0x1400, 0x1600, 0x1800, 0x40000004, 0x10000020, abi.CPUID,
+                           abi.ESTAT))
 
     def scalar(self) -> Any:
         rng = self.rng

@@ -20,7 +20,7 @@ import trio
 
 from lvz.daemon.host import load_plugins
 from lvz.daemon.model import Vm
-from lvz.protocol.constants import DEV_EIOINTC, DEV_IPI, DEV_PCHPIC
+from lvz.protocol.abi import DEV_EIOINTC, DEV_IPI, DEV_PCHPIC
 
 CHIPS = (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)
 

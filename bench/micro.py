@@ -23,7 +23,7 @@ import trio
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
 from lvz.daemon.server import Connection, Daemon
-from lvz.protocol import regs
+from lvz.protocol import abi
 from lvz.protocol.connection import NEED_DATA, ServerConnection
 from lvz.protocol.methods import validate
 
@@ -44,7 +44,7 @@ def per_call(fn: Callable[[], object], n: int = N) -> float:
 async def main() -> None:
     rows: list[tuple[str, float]] = []
     pack = msgpack.Packer(use_bin_type=True).pack
-    req = pack([0, 1, "vcpu.get_one_reg", {"vcpu": 2, "id": regs.CPUID}])
+    req = pack([0, 1, "vcpu.get_one_reg", {"vcpu": 2, "id": abi.CPUID}])
     batch = req * 64
 
     # --- the floor: streaming decode of a 64-request batch, one encode per request ---------
@@ -64,7 +64,7 @@ async def main() -> None:
             pass
     rows.append(("lvz: ServerConnection.next_event (decode+shape+validate+Request)",
                  per_call(lvz_decode_batch, N // 64) / 64))
-    params = {"vcpu": 2, "id": regs.CPUID}
+    params = {"vcpu": 2, "id": abi.CPUID}
     rows.append(("  of which methods.validate", per_call(lambda: validate("vcpu.get_one_reg",
                                                                           params))))
 
@@ -77,7 +77,7 @@ async def main() -> None:
         h = conn.handles[vm_h]
         vcpu_h = daemon.m_vm_create_vcpu(conn, {"vcpu_id": 0}, h)["vcpu"]
         p = ServerConnection()
-        p.receive_data(pack([0, 1, "vcpu.get_one_reg", {"vcpu": vcpu_h, "id": regs.CPUID}]))
+        p.receive_data(pack([0, 1, "vcpu.get_one_reg", {"vcpu": vcpu_h, "id": abi.CPUID}]))
         event = p.next_event()
         vh = conn.handles[vcpu_h]
 
@@ -98,7 +98,7 @@ async def main() -> None:
                      per_call(lock_cycle)))
         rows.append(("  m_vcpu_get_one_reg handler", per_call(
             lambda: daemon.m_vcpu_get_one_reg(conn, params, vh))))
-        rows.append(("    regs.decode(CPUID)", per_call(lambda: regs.decode(regs.CPUID))))
+        rows.append(("    abi.decode(CPUID)", per_call(lambda: abi.decode(abi.CPUID))))
         rows.append(("  send_result (encode)", per_call(
             lambda: conn.proto.send_result(1, {"value": 256}))))
     except Exception as exc:  # internals moved: say so, keep the rows we have

@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
-from lvz.protocol import regs
-from lvz.protocol.constants import (
+from lvz.protocol import abi
+from lvz.protocol.abi import (
     CSR_ESTAT,
     DEV_EIOINTC,
     DEV_IPI,
@@ -33,18 +33,18 @@ from .raw import BenchError, RawClient, Run
 
 WINDOW = 64
 WAIT_SECONDS = 10.0
-CPUID = regs.CPUID
+CPUID = abi.CPUID
 MAX_VCPUS_PER_CONN = 2000  # the daemon's default max_handles is 4096 per connection
 
-# Register layout (SEMANTICS.md §8-§10): IPI at IOCSR 0x1000, EIOINTC at 0x1400.
-IPI_SEND = 0x1040
-IPI_CLEAR = 0x100C
-EIOINTC_ENABLE = 0x1600
-EIOINTC_COREISR = 0x1800
-EIOINTC_COREMAP = 0x1C00
-PCHPIC_GRP_CTRL = 0x40000006
-PCHPIC_BASE = 0x10000000
-PCHPIC_MASK = PCHPIC_BASE + 0x20
+# Absolute guest addresses of the registers the scenarios touch (lvz.protocol.abi).
+IPI_SEND = abi.IOCSR_IPI_BASE + abi.IPI_SEND
+IPI_CLEAR = abi.IOCSR_IPI_BASE + abi.IPI_CLEAR
+EIOINTC_ENABLE = abi.EIOINTC_BASE + abi.EIOINTC_ENABLE
+EIOINTC_COREISR = abi.EIOINTC_BASE + abi.EIOINTC_COREISR
+EIOINTC_COREMAP = abi.EIOINTC_BASE + abi.EIOINTC_COREMAP
+PCHPIC_GRP_CTRL = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
+PCHPIC_BASE = abi.VIRT_PCH_PIC_BASE
+PCHPIC_MASK = PCHPIC_BASE + abi.PCH_PIC_MASK
 
 MSI_IRQ = 3  # EIOINTC irq raised by vm.signal_msi
 PIC_PIN = 5  # PCH-PIC pin; its default HTMSI vector is EIOINTC irq 5
@@ -273,7 +273,8 @@ class Bench:
                 "device"]
         v0 = d.vcpus[0]
         await c.call("device.set_attr", {"device": d.devices[DEV_PCHPIC],
-                                         "group": PCHPIC_GRP_CTRL, "attr": 0,
+                                         "group": PCHPIC_GRP_CTRL,
+                                         "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
                                          "value": PCHPIC_BASE})
         await c.call("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_ENABLE, "size": 8,
                                           "value": (1 << MSI_IRQ) | (1 << PIC_PIN)})
@@ -296,7 +297,7 @@ class Bench:
                 t = 1 + (i >> 1) % 3  # targets CPUID 1..3 in turn, sent by vCPU 0
                 if i & 1 == 0:
                     return ("vcpu.iocsr_write", {"vcpu": v[0], "addr": IPI_SEND, "size": 4,
-                                                 "value": t << 16})
+                                                 "value": abi.ipi_send(t)})
                 return ("vcpu.iocsr_write", {"vcpu": v[t], "addr": IPI_CLEAR, "size": 4,
                                              "value": 1})
             return make

@@ -15,8 +15,8 @@ After **every** step the fuzzer checks:
 * nothing but ``KvmError`` left the model, and never EIO (the model turns a chip's own exception
   into EIO naming the plugin, so an EIO *is* an escaped exception);
 * every vCPU's interrupt lines agree with the chips' state: HWI0-7 (ESTAT bits 2-9) equal the OR
-  of EIOINTC's ``implied_lines()``, the IPI bit equals the IPI chip's, TI is down, and SWI0/SWI1
-  equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets the fuzzer computes on
+  of EIOINTC's ``implied_lines`` (tests/chipfake.py), the IPI bit equals the IPI chip's, TI is
+  down, and SWI0/SWI1 equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets the fuzzer computes on
   its own from SEMANTICS §7, and only a guest ``csrxchg`` changes SWI0/SWI1);
 * the phyid map is a bijection between the set vCPUs and their ids: ``vm.phyids`` is exactly
   ``{v.csrs[CPUID]: v for live v if CPUID < max_phyid}`` with no id held twice.
@@ -58,12 +58,11 @@ import trio
 
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.daemon.model import Vcpu, Vm
-from lvz.plugins import eiointc as E
-from lvz.plugins import ipi as I
-from lvz.plugins import pchpic as P
 from lvz.plugins.api import Device
-from lvz.protocol import regs
-from lvz.protocol.constants import (
+from lvz.plugins.eiointc import Eiointc
+from lvz.plugins.pchpic import PchPic
+from lvz.protocol import abi
+from lvz.protocol.abi import (
     CPUCFG_KVM_FEATURE,
     CSR_CPUID,
     CSR_ESTAT,
@@ -79,6 +78,55 @@ from lvz.protocol.constants import (
     U64_MAX,
 )
 from lvz.protocol.errors import ERRNO, KvmError
+
+from .chipfake import implied_lines
+
+
+class E:
+    """EIOINTC's ABI (lvz.protocol.abi) under the short names of kvm_eiointc.h."""
+
+    EIOINTC_BASE, EIOINTC_SIZE = abi.EIOINTC_BASE, abi.EIOINTC_SIZE
+    EIOINTC_VIRT_BASE, EIOINTC_VIRT_SIZE = abi.EIOINTC_VIRT_BASE, abi.EIOINTC_VIRT_SIZE
+    NODETYPE, IPMAP, ENABLE = abi.EIOINTC_NODETYPE, abi.EIOINTC_IPMAP, abi.EIOINTC_ENABLE
+    BOUNCE, ISR, COREISR = abi.EIOINTC_BOUNCE, abi.EIOINTC_ISR, abi.EIOINTC_COREISR
+    COREMAP, REGISTERS = abi.EIOINTC_COREMAP, abi.EIOINTC_REGISTERS
+    VIRT_FEATURES, VIRT_CONFIG = abi.EIOINTC_VIRT_FEATURES, abi.EIOINTC_VIRT_CONFIG
+    GRP_REGS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS
+    GRP_SW_STATUS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS
+    GRP_CTRL = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL
+    SW_STATUS_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_NUM_CPU
+    SW_STATUS_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_FEATURE
+    SW_STATUS_STATE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_STATE
+    SW_STATUS_ROUTE = abi.EIOINTC_SW_STATUS_ROUTE
+    CTRL_INIT_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU
+    CTRL_INIT_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE
+    CTRL_LOAD_FINISHED = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_LOAD_FINISHED
+
+
+class I:  # noqa: E742
+    """The IPI's ABI (lvz.protocol.abi)."""
+
+    IOCSR_IPI_BASE, IOCSR_IPI_SIZE = abi.IOCSR_IPI_BASE, abi.IOCSR_IPI_SIZE
+    IPI_STATUS, IPI_SET, IPI_CLEAR = abi.IPI_STATUS, abi.IPI_SET, abi.IPI_CLEAR
+    IPI_SEND, MAIL_SEND, ANY_SEND = abi.IPI_SEND, abi.MAIL_SEND, abi.ANY_SEND
+    KVM_DEV_LOONGARCH_IPI_GRP_REGS = abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS
+
+
+class P:
+    """PCH-PIC's ABI (lvz.protocol.abi) under the short names of kvm_pch_pic.h."""
+
+    PCH_PIC_SIZE = abi.PCH_PIC_SIZE
+    INT_ID, MASK, HTMSI_EN, EDGE = (abi.PCH_PIC_INT_ID, abi.PCH_PIC_MASK, abi.PCH_PIC_HTMSI_EN,
+                                    abi.PCH_PIC_EDGE)
+    CLEAR, AUTO_CTRL0, AUTO_CTRL1 = (abi.PCH_PIC_CLEAR, abi.PCH_PIC_AUTO_CTRL0,
+                                     abi.PCH_PIC_AUTO_CTRL1)
+    ROUTE_ENTRY, HTMSI_VEC = abi.PCH_PIC_ROUTE_ENTRY, abi.PCH_PIC_HTMSI_VEC
+    INT_IRR, INT_ISR, POLARITY = abi.PCH_PIC_INT_IRR, abi.PCH_PIC_INT_ISR, abi.PCH_PIC_POLARITY
+    WORD_REGS = abi.PCH_PIC_WORD_REGS
+    GRP_REGS = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS
+    GRP_CTRL = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
+    CTRL_INIT = abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT
+
 
 __all__ = [
     "CHIPS", "CLOSING_ERRORS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "run_in_trio",
@@ -167,8 +215,8 @@ class ChipFuzzer:
         self.vcpu_list: list[Vcpu] = []
         self.pch_base: int | None = None
         self.ipi: Device
-        self.eio: E.Eiointc
-        self.pch: P.PchPic
+        self.eio: Eiointc
+        self.pch: PchPic
         self._ops: list[Callable[[], None]] = []
         self._cum: list[float] = []
 
@@ -190,11 +238,11 @@ class ChipFuzzer:
             if rng.random() < 0.8:
                 choices = [p for p in pool if p != vid and p not in vm.phyids]
                 if choices:
-                    vm.set_one_reg(vcpu, regs.CPUID, rng.choice(choices))
+                    vm.set_one_reg(vcpu, abi.CPUID, rng.choice(choices))
         self.ipi = vm.create_device(DEV_IPI)
         eio = vm.create_device(DEV_EIOINTC)
         pch = vm.create_device(DEV_PCHPIC)
-        assert isinstance(eio, E.Eiointc) and isinstance(pch, P.PchPic)
+        assert isinstance(eio, Eiointc) and isinstance(pch, PchPic)
         self.eio, self.pch = eio, pch
         vm.device_call(pch, "set_attr", P.GRP_CTRL, P.CTRL_INIT, rng.choice(_PCH_BASES))
         self.pch_base = pch.base
@@ -499,7 +547,7 @@ class ChipFuzzer:
         value = self._fits(width) if rng.random() < 0.8 else self._too_wide(width)
         if for_set and group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and off == I.IPI_STATUS:
             value = self._too_wide(width)  # STATUS carries INT_IPI: refused writes only
-        ok = (group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and self.vm.vcpu_exists(vid)
+        ok = (group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and vid in self.vm.vcpus
               and off in _IPI_ATTR_WIDTH and (not for_set or 0 <= value < 1 << (8 * width)))
         return group, attr, value, ok
 
@@ -517,7 +565,7 @@ class ChipFuzzer:
             if rng.random() < 0.1:
                 off = rng.choice((0, 0x100, 0x900, 0xFFFF, rng.getrandbits(16)))
             attr = (cpu << 16) | off | (rng.getrandbits(32) << 32 if rng.random() < 0.1 else 0)
-            where = E.Eiointc._locate(off)
+            where = Eiointc._locate(off)
             if for_set and where not in _EIO_ALLOWED:
                 value = self._too_wide(4)
             ok = (where is not None and (where != E.COREISR or cpu < eio.num_cpu)
@@ -678,7 +726,7 @@ class ChipFuzzer:
         # The expected outcome, from SEMANTICS §7 alone.
         full = [x & U64_MAX for x in args] + [0] * (6 - len(args))
         sends = (code == KVM_HCALL_SERVICE and full[0] == KVM_HCALL_FUNC_IPI
-                 and (vm.pv_features >> KVM_FEATURE_IPI) & 1)
+                 and vm.pv_features & KVM_FEATURE_IPI)
         expect = 0 if sends else -1
         hit: set[int] = set()
         if sends:
@@ -700,7 +748,7 @@ class ChipFuzzer:
 
     def op_pv_features(self) -> None:
         rng = self.rng
-        value = rng.choice((1 << KVM_FEATURE_IPI, 1 << KVM_FEATURE_IPI, 0b1110, 0,
+        value = rng.choice((KVM_FEATURE_IPI, KVM_FEATURE_IPI, 0b1110, 0,
                             rng.getrandbits(32)))
         _, err = self._call("pv_features", (hex(value),), self.vm.set_vcpu_attr,
                             KVM_LOONGARCH_VCPU_CPUCFG, CPUCFG_KVM_FEATURE, value)
@@ -730,7 +778,7 @@ class ChipFuzzer:
         else:
             expect = None
         _, err = self._call("set_phyid", (vcpu.vcpu_id, value), vm.set_one_reg, vcpu,
-                            regs.CPUID, value)
+                            abi.CPUID, value)
         self._expect("set_phyid", err, expect is None, expect)
         now = vcpu.csrs[CSR_CPUID]
         if (err is None and now != value) or (err is not None and now != cur):
@@ -744,7 +792,7 @@ class ChipFuzzer:
             (rng.randrange(0x800), 0x800, rng.getrandbits(16)))
         mask = rng.choice((1, 2, 3, 3, U64_MAX, 0, self._value()))
         value = rng.choice((0, 0, 0, 1, 2, self._value()))
-        before = vm.get_one_reg(vcpu, regs.ESTAT)
+        before = vm.get_one_reg(vcpu, abi.ESTAT)
         old, err = self._call("csr_xchg", (vcpu.vcpu_id, hex(index), hex(value), hex(mask)),
                               vm.csr_xchg, vcpu, index, value, mask)
         self._expect("csr_xchg", err, index < 0x800, None if index < 0x800 else "EINVAL")
@@ -771,7 +819,7 @@ class ChipFuzzer:
         vcpu, err = self._call("create_vcpu", (vid,), vm.create_vcpu, vid)
         self._expect("create_vcpu", err, expect is None, expect)
         if err is None:
-            if vm.get_one_reg(vcpu, regs.CPUID) != vm.max_phyid or vcpu.lines:
+            if vm.get_one_reg(vcpu, abi.CPUID) != vm.max_phyid or vcpu.lines:
                 raise self.fail(f"new vCPU {vid} is not pristine")
             self._track_new(vcpu)
 
@@ -791,8 +839,8 @@ class ChipFuzzer:
     def check(self) -> None:
         vm = self.vm
         vcpus = vm.vcpus
-        ipi_lines = self.ipi.implied_lines()
-        eio_lines = self.eio.implied_lines()
+        ipi_lines = implied_lines(self.ipi)
+        eio_lines = implied_lines(self.eio)
         seen = 0
         for vid, bits in ipi_lines.items():
             if bits & ~IPI_BIT or (bits and vid not in vcpus):
@@ -928,7 +976,7 @@ HANDLE_SETUP: list[tuple[str, dict[str, Any]]] = [
     ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
     ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
     ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
-    ("vcpu.set_one_reg", {"vcpu": 3, "id": regs.CPUID, "value": 1}),
+    ("vcpu.set_one_reg", {"vcpu": 3, "id": abi.CPUID, "value": 1}),
     ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
 ]
 
@@ -1086,7 +1134,7 @@ class Watcher:
             h = w.ok("vm.create_vcpu", vm=self.vm, vcpu_id=vid)["vcpu"]
             self.vcpus[vid] = h
             if phyid is not None:
-                w.ok("vcpu.set_one_reg", vcpu=h, id=regs.CPUID, value=phyid)
+                w.ok("vcpu.set_one_reg", vcpu=h, id=abi.CPUID, value=phyid)
         self.dev = {t: w.ok("vm.create_device", vm=self.vm, type=t)["device"]
                     for t in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)}
         w.ok("device.set_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_CTRL, attr=P.CTRL_INIT,
@@ -1105,7 +1153,7 @@ class Watcher:
         self.baseline = self.observe()
 
     def _estat(self, vid: int) -> int:
-        value: int = self.wire.ok("vcpu.get_one_reg", vcpu=self.vcpus[vid], id=regs.ESTAT)["value"]
+        value: int = self.wire.ok("vcpu.get_one_reg", vcpu=self.vcpus[vid], id=abi.ESTAT)["value"]
         return value
 
     def observe(self) -> dict[str, Any]:
@@ -1121,7 +1169,7 @@ class Watcher:
             "lookups": [w.ok("vm.phyid_lookup", vm=vm, phyid=p)["vcpu_id"]
                         for p in (7, 2, 4000, 0, -1, 4096)],
             "regs": {vid: [w.ok("vcpu.get_one_reg", vcpu=h, id=r)["value"]
-                           for r in (regs.CPUID, regs.TMID, regs.ESTAT)]
+                           for r in (abi.CPUID, abi.TMID, abi.ESTAT)]
                      for vid, h in self.vcpus.items()},
             "attrs": [
                 w.ok("device.get_attr", device=self.dev[DEV_IPI],

@@ -6,51 +6,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lvz.plugins.eiointc import (
-    COREISR,
-    COREMAP,
-    CTRL_INIT_FEATURE,
-    CTRL_INIT_NUM_CPU,
-    CTRL_LOAD_FINISHED,
+from lvz.plugins.eiointc import Eiointc, lvz_device_types
+from lvz.protocol import abi
+from lvz.protocol.abi import (
+    DEV_EIOINTC,
     EIOINTC_BASE,
     EIOINTC_VIRT_BASE,
-    ENABLE,
-    GRP_CTRL,
-    GRP_REGS,
-    GRP_SW_STATUS,
-    HAS_CPU_ENCODE,
-    HAS_ENABLE_OPTION,
-    HAS_INT_ENCODE,
-    HAS_VIRT_EXTENSION,
-    IPMAP,
-    ISR,
-    NODETYPE,
-    STATUS_ENABLE,
-    STATUS_ENABLE_CPU_ENCODE,
-    STATUS_ENABLE_INT_ENCODE,
-    SW_STATUS_FEATURE,
-    SW_STATUS_NUM_CPU,
-    SW_STATUS_STATE,
-    VIRT_CONFIG,
-    VIRT_FEATURES,
-    Eiointc,
-    lvz_device_types,
-)
-from lvz.protocol.constants import (
-    DEV_EIOINTC,
+    EIOINTC_VIRT_FEATURE_MASK,
     INT_HWI0,
     KVM_DEV_TYPE_LOONGARCH_EIOINTC,
     U64_MAX,
 )
 from lvz.protocol.errors import KvmError
-from tests.chipfake import FakeVm
+from tests.chipfake import FakeVm, implied_lines
 
-ALL_FEATURES = (
-    (1 << HAS_VIRT_EXTENSION)
-    | (1 << HAS_ENABLE_OPTION)
-    | (1 << HAS_INT_ENCODE)
-    | (1 << HAS_CPU_ENCODE)
-)
+# kvm_eiointc.h's short names, as the chip module uses them.
+NODETYPE, IPMAP, ENABLE = abi.EIOINTC_NODETYPE, abi.EIOINTC_IPMAP, abi.EIOINTC_ENABLE
+ISR, COREISR, COREMAP = abi.EIOINTC_ISR, abi.EIOINTC_COREISR, abi.EIOINTC_COREMAP
+VIRT_FEATURES, VIRT_CONFIG = abi.EIOINTC_VIRT_FEATURES, abi.EIOINTC_VIRT_CONFIG
+HAS_VIRT_EXTENSION, HAS_CPU_ENCODE = abi.EIOINTC_HAS_VIRT_EXTENSION, abi.EIOINTC_HAS_CPU_ENCODE
+STATUS_ENABLE = abi.EIOINTC_STATUS_ENABLE
+STATUS_INT_ENCODE, STATUS_CPU_ENCODE = abi.EIOINTC_STATUS_INT_ENCODE, abi.EIOINTC_STATUS_CPU_ENCODE
+GRP_REGS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS
+GRP_SW_STATUS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS
+GRP_CTRL = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL
+SW_STATUS_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_NUM_CPU
+SW_STATUS_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_FEATURE
+SW_STATUS_STATE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_STATE
+CTRL_INIT_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU
+CTRL_INIT_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE
+CTRL_LOAD_FINISHED = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_LOAD_FINISHED
+ALL_FEATURES = EIOINTC_VIRT_FEATURE_MASK
 
 
 def make(phyids: dict[int, int | None] | None = None) -> tuple[FakeVm, Eiointc]:
@@ -144,7 +130,7 @@ def test_coremap_bitmap_decode(byte: int, cpuid: int) -> None:
 
 def test_coremap_cpu_encode_mode_reaches_any_phyid() -> None:
     vm, eio = make({0: 0, 3: 200, 4: 8})
-    virt_mode(vm, eio, (1 << STATUS_ENABLE) | (1 << STATUS_ENABLE_CPU_ENCODE))
+    virt_mode(vm, eio, STATUS_ENABLE | STATUS_CPU_ENCODE)
     coremap(vm, 7, 200)
     assert eio.sw_coremap[7] == 3
     coremap(vm, 8, 0x08)  # the byte itself, not a bitmap: phyid 8
@@ -163,7 +149,7 @@ def test_coremap_unmapped_cpuid_keeps_old_route() -> None:
 
 def test_cpu_encode_unmapped_keeps_old_route() -> None:
     vm, eio = make({0: 0, 2: 77})
-    virt_mode(vm, eio, 1 << STATUS_ENABLE_CPU_ENCODE)
+    virt_mode(vm, eio, STATUS_CPU_ENCODE)
     coremap(vm, 1, 77)
     assert eio.sw_coremap[1] == 2
     coremap(vm, 1, 78)
@@ -227,7 +213,7 @@ def test_ipmap_bitmap_decode(byte: int, ip: int) -> None:
 @pytest.mark.parametrize(("byte", "ip"), [(0, 0), (5, 5), (7, 7), (8, 7), (0xFF, 7)])
 def test_ipmap_int_encode_is_raw_byte_clamped_to_7(byte: int, ip: int) -> None:
     vm, eio = make({0: 0})
-    virt_mode(vm, eio, 1 << STATUS_ENABLE_INT_ENCODE)
+    virt_mode(vm, eio, STATUS_INT_ENCODE)
     ipmap(vm, 7, byte)  # irqs 224..255
     enable(vm, 250)
     eio.set_input(250, 1)
@@ -240,7 +226,7 @@ def test_ipmap_write_does_not_reroute_pending() -> None:
     eio.set_input(3, 1)
     ipmap(vm, 0, 0x04)
     assert vm.events == [(0, INT_HWI0, 1)]
-    assert eio.implied_lines() == {0: 1 << INT_HWI0}
+    assert implied_lines(eio) == {0: 1 << INT_HWI0}
 
 
 # --- line sharing, COREISR, ENABLE (cases 31-32) ----------------------------------------------
@@ -334,7 +320,7 @@ def test_delivery_to_missing_vcpu_is_dropped() -> None:
     enable(vm, 2)
     eio.set_input(2, 1)
     assert vm.events == []
-    assert eio.implied_lines() == {1: 0}
+    assert implied_lines(eio) == {1: 0}
     assert rd(vm, COREISR, 1, vcpu=0) == 0
 
 
@@ -349,7 +335,7 @@ def test_vcpu_destroyed_drops_its_pending_sets() -> None:
     vm, eio = make({0: 0, 1: 1})
     enable(vm, 0)
     eio.set_input(0, 1)
-    assert eio.implied_lines() == {0: 1 << INT_HWI0, 1: 0}
+    assert implied_lines(eio) == {0: 1 << INT_HWI0, 1: 0}
     eio.vcpu_destroyed(0)
     assert 0 not in eio.sw_coreisr
 
@@ -411,28 +397,28 @@ def test_virt_block_features_read_only_and_config() -> None:
 def test_config_locked_while_enabled_unless_zero() -> None:
     vm, eio = make()
     eio.set_attr(GRP_CTRL, CTRL_INIT_FEATURE, ALL_FEATURES)
-    virt_config(vm, 1 << STATUS_ENABLE)
-    virt_config(vm, (1 << STATUS_ENABLE) | (1 << STATUS_ENABLE_CPU_ENCODE))
-    assert eio.status == 1 << STATUS_ENABLE
+    virt_config(vm, STATUS_ENABLE)
+    virt_config(vm, STATUS_ENABLE | STATUS_CPU_ENCODE)
+    assert eio.status == STATUS_ENABLE
     virt_config(vm, 0)
     assert eio.status == 0
-    virt_config(vm, 1 << STATUS_ENABLE_CPU_ENCODE)
-    assert eio.status == 1 << STATUS_ENABLE_CPU_ENCODE
+    virt_config(vm, STATUS_CPU_ENCODE)
+    assert eio.status == STATUS_CPU_ENCODE
 
 
 def test_config_keeps_only_advertised_features() -> None:
     vm, eio = make()
-    eio.set_attr(GRP_CTRL, CTRL_INIT_FEATURE, (1 << HAS_VIRT_EXTENSION) | (1 << HAS_CPU_ENCODE))
+    eio.set_attr(GRP_CTRL, CTRL_INIT_FEATURE, HAS_VIRT_EXTENSION | HAS_CPU_ENCODE)
     assert eio.status == 0  # the extension starts disabled
-    virt_config(vm, (1 << STATUS_ENABLE) | (1 << STATUS_ENABLE_CPU_ENCODE))
-    assert eio.status == 1 << STATUS_ENABLE_CPU_ENCODE
+    virt_config(vm, STATUS_ENABLE | STATUS_CPU_ENCODE)
+    assert eio.status == STATUS_CPU_ENCODE
 
 
 def test_init_feature_without_virt_extension_enables() -> None:
     _, eio = make()
     eio.set_attr(GRP_CTRL, CTRL_INIT_FEATURE, 0)
-    assert eio.status == 1 << STATUS_ENABLE
-    assert eio.get_attr(GRP_SW_STATUS, SW_STATUS_STATE) == 1 << STATUS_ENABLE
+    assert eio.status == STATUS_ENABLE
+    assert eio.get_attr(GRP_SW_STATUS, SW_STATUS_STATE) == STATUS_ENABLE
 
 
 # --- device attrs (cases 34-35) ---------------------------------------------------------------
@@ -451,8 +437,8 @@ def test_init_num_cpu_limit() -> None:
 def test_coreisr_attr_needs_cpu_below_num_cpu() -> None:
     _, eio = make()
     eio.set_attr(GRP_CTRL, CTRL_INIT_NUM_CPU, 2)
-    eio.set_attr(GRP_REGS, (1 << 16) | (COREISR + 4), 0xDEADBEEF)
-    assert eio.get_attr(GRP_REGS, (1 << 16) | (COREISR + 4)) == 0xDEADBEEF
+    eio.set_attr(GRP_REGS, abi.eiointc_attr(COREISR + 4, cpu=1), 0xDEADBEEF)
+    assert eio.get_attr(GRP_REGS, abi.eiointc_attr(COREISR + 4, cpu=1)) == 0xDEADBEEF
     assert eio.coreisr[1] == 0xDEADBEEF << 32
     for attr in ((2 << 16) | COREISR, (0xFFFF << 16) | COREISR):
         with pytest.raises(KvmError) as e:
@@ -536,12 +522,12 @@ def test_load_finished_uses_decoded_coremap_byte() -> None:
     eio.set_attr(GRP_REGS, ENABLE, 1 << 3)
     eio.set_attr(GRP_REGS, ISR, 1 << 3)
     eio.set_attr(GRP_REGS, COREMAP, 0x02 << 24)  # irq 3 -> bitmap 0b10 -> phyid 1
-    eio.set_attr(GRP_REGS, (5 << 16) | COREISR, 1 << 3)
+    eio.set_attr(GRP_REGS, abi.eiointc_attr(COREISR, cpu=5), 1 << 3)
     eio.set_attr(GRP_CTRL, CTRL_LOAD_FINISHED, 0)
     assert eio.sw_coremap[3] == 5
     assert eio.sw_coreisr[5][2] == 1 << 3
     assert 6 not in eio.sw_coreisr
-    assert eio.implied_lines() == {4: 0, 5: 1 << (INT_HWI0 + 2), 6: 0}
+    assert implied_lines(eio) == {4: 0, 5: 1 << (INT_HWI0 + 2), 6: 0}
     assert vm.events == []  # no notify: lines come back with the vCPUs' own state
 
 
@@ -599,7 +585,7 @@ def test_implied_lines_match_driven_lines(ops: list[tuple[object, ...]]) -> None
                 wr(vm, off, 8, value)
             case _:
                 raise AssertionError(op)
-        assert eio.implied_lines() == vm.lines
+        assert implied_lines(eio) == vm.lines
         assert all(0 <= vid <= 5 for vid in eio.sw_coremap)
 
 

@@ -15,16 +15,21 @@ from hypothesis import strategies as st
 
 from lvz.plugins import hookspecs, ipi
 from lvz.plugins.api import DeviceType
-from lvz.plugins.ipi import KVM_DEV_LOONGARCH_IPI_GRP_REGS as GRP
 from lvz.plugins.ipi import IpiDevice
-from lvz.protocol.constants import INT_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, U32_MAX, U64_MAX
+from lvz.protocol import abi
+from lvz.protocol.abi import DEV_IPI, INT_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, U32_MAX, U64_MAX
 from lvz.protocol.errors import KvmError
-from tests.chipfake import FakeVm
+from tests.chipfake import FakeVm, implied_lines
 
-BASE = 0x1000
-STATUS, EN, SET, CLEAR = 0x1000, 0x1004, 0x1008, 0x100C
-BUF = 0x1020
-IPI_SEND, MAIL_SEND, ANY_SEND = 0x1040, 0x1048, 0x1158
+GRP = abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS
+#: Absolute IOCSR addresses, as a guest uses them.
+BASE = abi.IOCSR_IPI_BASE
+STATUS, EN, SET, CLEAR = (BASE + abi.IPI_STATUS, BASE + abi.IPI_EN, BASE + abi.IPI_SET,
+                          BASE + abi.IPI_CLEAR)
+BUF = BASE + abi.IPI_BUF
+IPI_SEND, MAIL_SEND, ANY_SEND = BASE + abi.IPI_SEND, BASE + abi.MAIL_SEND, BASE + abi.ANY_SEND
+#: The attr offsets of a vCPU's registers, in layout order.
+REG_OFFSETS = tuple(abi.IPI_ATTR_REGS)
 IPI_LINE = 1 << INT_IPI
 
 PHYID_OF = {0: 3, 1: 0, 2: 1}
@@ -38,7 +43,7 @@ class Chip(NamedTuple):
 def make_chip(mapping: dict[int, int] | None = None, max_phyid: int = 256) -> Chip:
     vm = FakeVm(max_phyid)
     dev = IpiDevice(vm)
-    vm.add_device("loongarch-ipi", dev)
+    vm.add_device(DEV_IPI, dev)
     for vcpu_id, phyid in (PHYID_OF if mapping is None else mapping).items():
         vm.add_vcpu(vcpu_id, phyid)
     return Chip(vm, dev)
@@ -51,21 +56,19 @@ def chip() -> Chip:
 
 def cpu(phyid: int) -> int:
     """The SEND registers' cpu field."""
-    return phyid << 16
+    return abi.ipi_send(phyid)
 
 
 def status(c: Chip, vcpu_id: int) -> int:
     return c.vm.guest_iocsr_read(vcpu_id, STATUS, 4)
 
 
-def attr(vcpu_id: int, off: int) -> int:
-    return (vcpu_id << 16) | off
+attr = abi.ipi_attr
 
 
 def snapshot(c: Chip) -> list[int]:
     """Every attr-visible register of every vCPU."""
-    offs = [0x00, 0x04, 0x08, 0x0C, 0x20, 0x28, 0x30, 0x38]
-    return [c.dev.get_attr(GRP, attr(v, o)) for v in c.vm.vcpu_ids() for o in offs]
+    return [c.dev.get_attr(GRP, attr(v, o)) for v in c.vm.vcpu_ids() for o in REG_OFFSETS]
 
 
 # --- registration -------------------------------------------------------------------------------
@@ -73,13 +76,13 @@ def snapshot(c: Chip) -> list[int]:
 
 def test_device_type_hook() -> None:
     assert ipi.lvz_device_types() == [
-        DeviceType("loongarch-ipi", KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice)
+        DeviceType(DEV_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice)
     ]
     pm = pluggy.PluginManager("lvz")
     pm.add_hookspecs(hookspecs)
     pm.register(ipi)
     (types,) = pm.hook.lvz_device_types()
-    assert [(t.name, t.kvm_type, t.factory) for t in types] == [("loongarch-ipi", 12, IpiDevice)]
+    assert [(t.name, t.kvm_type, t.factory) for t in types] == [(DEV_IPI, 12, IpiDevice)]
 
 
 def test_claims_the_ipi_iocsr_window(chip: Chip) -> None:
@@ -90,8 +93,8 @@ def test_vcpus_that_predate_the_device_have_state() -> None:
     vm = FakeVm()
     vm.add_vcpu(4, 9)
     dev = IpiDevice(vm)
-    assert dev.implied_lines() == {4: 0}
-    vm.add_device("loongarch-ipi", dev)
+    assert implied_lines(dev) == {4: 0}
+    vm.add_device(DEV_IPI, dev)
     vm.guest_iocsr_write(0, IPI_SEND, 8, cpu(9) | 2)
     assert dev.get_attr(GRP, attr(4, 0)) == 0b100
     assert vm.events == [(4, INT_IPI, 1)]
@@ -101,9 +104,9 @@ def test_destroyed_vcpu_is_forgotten_and_a_reused_id_starts_clean(chip: Chip) ->
     chip.vm.guest_iocsr_write(1, BUF, 8, 0x1234)
     chip.vm.guest_iocsr_write(1, SET, 4, 1)
     chip.dev.vcpu_destroyed(1)
-    assert 1 not in chip.dev.implied_lines()
+    assert 1 not in implied_lines(chip.dev)
     chip.dev.vcpu_created(1)
-    assert chip.dev.implied_lines()[1] == 0
+    assert implied_lines(chip.dev)[1] == 0
     assert chip.vm.guest_iocsr_read(1, BUF, 8) == 0
     assert status(chip, 1) == 0
 
@@ -153,7 +156,7 @@ class CallSpyVm(FakeVm):
 
 def test_only_the_first_vector_calls_queue_irq() -> None:
     vm = CallSpyVm()
-    vm.add_device("loongarch-ipi", IpiDevice(vm))
+    vm.add_device(DEV_IPI, IpiDevice(vm))
     vm.add_vcpu(0, 3)
     vm.add_vcpu(1, 0)
     for vector in (3, 5, 3, 0):
@@ -210,7 +213,7 @@ def test_en_is_stored_but_never_gates_delivery(chip: Chip) -> None:
     assert vm.line(1, INT_IPI) == 1
     vm.guest_iocsr_write(1, EN, 4, 0xABCD_1234_5678)  # stored as u32, no line change
     assert vm.guest_iocsr_read(1, EN, 4) == 0x1234_5678
-    assert chip.dev.get_attr(GRP, attr(1, 0x04)) == 0x1234_5678
+    assert chip.dev.get_attr(GRP, attr(1, abi.IPI_EN)) == 0x1234_5678
     assert vm.events == [(1, INT_IPI, 1)]
 
 
@@ -373,17 +376,17 @@ class SpyVm(FakeVm):
         super().__init__()
         self.stores: list[tuple[int, int, int, int]] = []
 
-    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> bool:
+    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
         self.stores.append((vcpu_id, addr, size, value))
-        return super().iocsr_write(vcpu_id, addr, size, value)
+        super().iocsr_write(vcpu_id, addr, size, value)
 
 
 def test_any_send_to_an_unclaimed_address_is_ignored() -> None:
     vm = SpyVm()
     dev = IpiDevice(vm)
-    vm.add_device("loongarch-ipi", dev)
+    vm.add_device(DEV_IPI, dev)
     vm.add_vcpu(0, 0)
-    before = [dev.get_attr(GRP, attr(0, o)) for o in (0, 4, 8, 0xC, 0x20, 0x28, 0x30, 0x38)]
+    before = [dev.get_attr(GRP, attr(0, o)) for o in REG_OFFSETS]
     # No bytes kept: the store is attempted and lost.
     vm.guest_iocsr_write(0, ANY_SEND, 8, 0x1234 << 32 | cpu(0) | 0x2000)
     assert vm.stores == [(0, 0x2000, 4, 0x1234)]
@@ -391,40 +394,40 @@ def test_any_send_to_an_unclaimed_address_is_ignored() -> None:
     vm.guest_iocsr_write(0, ANY_SEND, 8, 0x1234 << 32 | 1 << 27 | cpu(0) | 0x2000)
     assert vm.stores == [(0, 0x2000, 4, 0x1234)]
     assert vm.events == []
-    assert [dev.get_attr(GRP, attr(0, o)) for o in (0, 4, 8, 0xC, 0x20, 0x28, 0x30, 0x38)] == before
+    assert [dev.get_attr(GRP, attr(0, o)) for o in REG_OFFSETS] == before
 
 
 # --- §13 case 25: device attrs ------------------------------------------------------------------
 
 
 def test_attrs_address_vcpu_id_not_phyid(chip: Chip) -> None:
-    chip.dev.set_attr(GRP, attr(1, 0x04), 0x77)  # vcpu 1 holds phyid 0
+    chip.dev.set_attr(GRP, attr(1, abi.IPI_EN), 0x77)  # vcpu 1 holds phyid 0
     assert chip.vm.guest_iocsr_read(1, EN, 4) == 0x77
     assert chip.vm.guest_iocsr_read(2, EN, 4) == 0  # vcpu 2 holds phyid 1
     assert chip.vm.guest_iocsr_read(0, EN, 4) == 0
     with pytest.raises(KvmError) as e:
-        chip.dev.get_attr(GRP, attr(3, 0x00))  # phyid 3 is held, vcpu_id 3 does not exist
+        chip.dev.get_attr(GRP, attr(3, abi.IPI_STATUS))  # phyid 3 is held, vcpu_id 3 does not exist
     assert e.value.name == "EINVAL"
     assert e.value.errno == 22
 
 
 def test_status_attr_is_a_raw_copy_without_line_change(chip: Chip) -> None:
-    chip.dev.set_attr(GRP, attr(2, 0x00), 0x10)
+    chip.dev.set_attr(GRP, attr(2, abi.IPI_STATUS), 0x10)
     assert status(chip, 2) == 0x10
     assert chip.vm.events == []
-    assert chip.dev.implied_lines()[2] == IPI_LINE  # deliberately out of step with the line
+    assert implied_lines(chip.dev)[2] == IPI_LINE  # deliberately out of step with the line
     assert chip.vm.line(2, INT_IPI) == 0
     chip.vm.guest_iocsr_write(0, IPI_SEND, 4, cpu(1) | 0)  # status was non-zero: no raise
     assert chip.vm.events == []
-    chip.dev.set_attr(GRP, attr(2, 0x00), 0)
-    assert chip.dev.get_attr(GRP, attr(2, 0x00)) == 0
+    chip.dev.set_attr(GRP, attr(2, abi.IPI_STATUS), 0)
+    assert chip.dev.get_attr(GRP, attr(2, abi.IPI_STATUS)) == 0
 
 
 def test_set_and_clear_attrs_are_storage_only(chip: Chip) -> None:
-    chip.dev.set_attr(GRP, attr(0, 0x08), 0xFFFF_FFFF)
-    chip.dev.set_attr(GRP, attr(0, 0x0C), 0x1234)
-    assert chip.dev.get_attr(GRP, attr(0, 0x08)) == 0xFFFF_FFFF
-    assert chip.dev.get_attr(GRP, attr(0, 0x0C)) == 0x1234
+    chip.dev.set_attr(GRP, attr(0, abi.IPI_SET), 0xFFFF_FFFF)
+    chip.dev.set_attr(GRP, attr(0, abi.IPI_CLEAR), 0x1234)
+    assert chip.dev.get_attr(GRP, attr(0, abi.IPI_SET)) == 0xFFFF_FFFF
+    assert chip.dev.get_attr(GRP, attr(0, abi.IPI_CLEAR)) == 0x1234
     assert status(chip, 0) == 0
     assert chip.vm.guest_iocsr_read(0, SET, 4) == 0
     assert chip.vm.events == []
@@ -449,7 +452,7 @@ def test_buf_attrs_are_the_8_byte_mailboxes(chip: Chip, index: int) -> None:
 def test_attr_register_is_the_low_byte(chip: Chip) -> None:
     # kvm_ipi_regs_access decodes attr & 0xff; bits 8..15 do not choose a register.
     chip.dev.set_attr(GRP, attr(0, 0x104), 5)
-    assert chip.dev.get_attr(GRP, attr(0, 0x04)) == 5
+    assert chip.dev.get_attr(GRP, attr(0, abi.IPI_EN)) == 5
 
 
 @pytest.mark.parametrize("off", [0x01, 0x02, 0x10, 0x1C, 0x24, 0x3C, 0x40, 0x48, 0x58, 0xFF])
@@ -467,10 +470,10 @@ def test_attr_bad_offset_is_einval(chip: Chip, off: int) -> None:
 @pytest.mark.parametrize("vcpu_id", [3, 255, 0x3FF])
 def test_attr_missing_vcpu_is_einval(chip: Chip, vcpu_id: int) -> None:
     with pytest.raises(KvmError) as e:
-        chip.dev.set_attr(GRP, attr(vcpu_id, 0x04), 1)
+        chip.dev.set_attr(GRP, attr(vcpu_id, abi.IPI_EN), 1)
     assert e.value.name == "EINVAL"
     with pytest.raises(KvmError) as e:
-        chip.dev.get_attr(GRP, attr(vcpu_id, 0x04))
+        chip.dev.get_attr(GRP, attr(vcpu_id, abi.IPI_EN))
     assert e.value.name == "EINVAL"
 
 
@@ -494,10 +497,10 @@ def test_attr_value_wider_than_the_register_is_einval(chip: Chip, off: int, valu
 
 
 def test_attr_widest_values_fit(chip: Chip) -> None:
-    chip.dev.set_attr(GRP, attr(0, 0x04), U32_MAX)
-    chip.dev.set_attr(GRP, attr(0, 0x38), U64_MAX)
-    assert chip.dev.get_attr(GRP, attr(0, 0x04)) == U32_MAX
-    assert chip.dev.get_attr(GRP, attr(0, 0x38)) == U64_MAX
+    chip.dev.set_attr(GRP, attr(0, abi.IPI_EN), U32_MAX)
+    chip.dev.set_attr(GRP, attr(0, abi.IPI_BUF + 24), U64_MAX)
+    assert chip.dev.get_attr(GRP, attr(0, abi.IPI_EN)) == U32_MAX
+    assert chip.dev.get_attr(GRP, attr(0, abi.IPI_BUF + 24)) == U64_MAX
 
 
 @pytest.mark.parametrize("group", [0, 1, 0x40000000, 0x40000002, 0x40000003])
@@ -581,7 +584,7 @@ def test_mailbox_bytes_match_a_bytearray_model(
     off, size = probe
     expected = int.from_bytes(model[off : off + size], "little") if off % size == 0 else 0
     assert c.vm.guest_iocsr_read(0, BUF + off, size) == expected
-    assert c.dev.get_attr(GRP, attr(0, 0x20)) == int.from_bytes(model[:8], "little")
+    assert c.dev.get_attr(GRP, attr(0, abi.IPI_BUF)) == int.from_bytes(model[:8], "little")
 
 
 phyids = st.sampled_from([3, 0, 1, 2, 256, 0x3FF])
@@ -606,7 +609,7 @@ def test_lines_agree_with_implied_lines_under_guest_traffic(
             c.vm.guest_iocsr_write(sender, ANY_SEND, 8, bits << 32 | cpu(who) | target_reg)
         else:
             c.vm.guest_iocsr_write(who, reg, 4, bits)
-        implied = c.dev.implied_lines()
+        implied = implied_lines(c.dev)
         assert implied == {v: c.vm.lines[v] & IPI_LINE for v in c.vm.vcpu_ids()}
         assert all(
             (c.dev.get_attr(GRP, attr(v, 0)) != 0) == bool(implied[v]) for v in c.vm.vcpu_ids()

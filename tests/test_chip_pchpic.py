@@ -7,38 +7,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvz.plugins.api import Device, IoHandler
-from lvz.plugins.eiointc import COREMAP, EIOINTC_BASE, ENABLE, IPMAP, Eiointc
-from lvz.plugins.pchpic import (
-    AUTO_CTRL0,
-    AUTO_CTRL1,
-    CLEAR,
-    CTRL_INIT,
-    EDGE,
-    GRP_CTRL,
-    GRP_REGS,
-    HTMSI_EN,
-    HTMSI_VEC,
-    ID_WORD,
-    INT_ID,
-    INT_IRR,
-    INT_ISR,
-    MASK,
-    POLARITY,
-    ROUTE_ENTRY,
-    PchPic,
-    lvz_device_types,
-)
-from lvz.protocol.constants import (
+from lvz.plugins.eiointc import Eiointc
+from lvz.plugins.pchpic import ID_WORD, PchPic, lvz_device_types
+from lvz.protocol import abi
+from lvz.protocol.abi import (
     DEV_EIOINTC,
     DEV_PCHPIC,
+    EIOINTC_BASE,
     INT_HWI0,
     KVM_DEV_TYPE_LOONGARCH_PCHPIC,
     U64_MAX,
 )
 from lvz.protocol.errors import KvmError
-from tests.chipfake import FakeVm
+from tests.chipfake import FakeVm, implied_lines
 
-BASE = 0x10000000
+# kvm_pch_pic.h's short names, as the chip module uses them.
+INT_ID, MASK, HTMSI_EN, EDGE = (abi.PCH_PIC_INT_ID, abi.PCH_PIC_MASK, abi.PCH_PIC_HTMSI_EN,
+                                abi.PCH_PIC_EDGE)
+CLEAR, AUTO_CTRL0, AUTO_CTRL1 = abi.PCH_PIC_CLEAR, abi.PCH_PIC_AUTO_CTRL0, abi.PCH_PIC_AUTO_CTRL1
+ROUTE_ENTRY, HTMSI_VEC = abi.PCH_PIC_ROUTE_ENTRY, abi.PCH_PIC_HTMSI_VEC
+INT_IRR, INT_ISR, POLARITY = abi.PCH_PIC_INT_IRR, abi.PCH_PIC_INT_ISR, abi.PCH_PIC_POLARITY
+GRP_REGS, GRP_CTRL = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS, abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
+CTRL_INIT = abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT
+COREMAP, ENABLE, IPMAP = abi.EIOINTC_COREMAP, abi.EIOINTC_ENABLE, abi.EIOINTC_IPMAP
+
+BASE = abi.VIRT_PCH_PIC_BASE
 
 
 class Recorder(Device):
@@ -132,8 +125,8 @@ def test_ctrl_attrs() -> None:
     assert pic.get_attr(GRP_CTRL, CTRL_INIT) == BASE  # lvz extension: the base reads back
     einval(lambda: pic.get_attr(GRP_CTRL, 1))
     einval(lambda: pic.set_attr(GRP_CTRL, CTRL_INIT, -1))
-    einval(lambda: pic.get_attr(0x40000004, 0))
-    einval(lambda: pic.set_attr(0x40000002, 0, 0))
+    einval(lambda: pic.get_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL, 0))
+    einval(lambda: pic.set_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS, 0, 0))
 
 
 # --- registers as the guest sees them ---------------------------------------------------------
@@ -357,7 +350,7 @@ def test_implied_lines_is_empty() -> None:
     vm.add_vcpu(0, 0)
     unmask(vm, 0)
     pic.set_input(0, 1)
-    assert pic.implied_lines() == {}
+    assert implied_lines(pic) == {}
 
 
 # --- the chain: PCH-PIC pin -> EIOINTC -> the vCPU the coremap's phyid names ------------------
@@ -399,7 +392,7 @@ def test_chain_pin_reaches_vcpu_named_by_phyid() -> None:
         (2, INT_HWI0 + 2, 1),
         (2, INT_HWI0 + 2, 0),
     ]
-    assert eio.implied_lines() == {0: 0, 1: 0, 2: 0}
+    assert implied_lines(eio) == {0: 0, 1: 0, 2: 0}
 
 
 def test_chain_default_route_is_vcpu_id_0_not_phyid_0() -> None:
@@ -421,7 +414,8 @@ def test_chain_edge_pin_cleared_by_guest() -> None:
     assert vm.events == [(2, INT_HWI0, 1)]
     wr(vm, CLEAR, 8, 1 << 1)
     assert vm.events == [(2, INT_HWI0, 1), (2, INT_HWI0, 0)]
-    assert eio.get_attr(0x40000002, 0x300) == 0  # EIOINTC ISR follows the PCH-PIC output
+    # EIOINTC ISR follows the PCH-PIC output
+    assert eio.get_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS, abi.EIOINTC_ISR) == 0
 
 
 PIN_OPS = st.one_of(
@@ -458,4 +452,4 @@ def test_chain_invariants(ops: list[tuple[object, ...]]) -> None:
         irr, isr, mask = pic.regs[INT_IRR], pic.regs[INT_ISR], pic.regs[MASK]
         assert isr & ~irr == 0  # a serviced pin is still requested
         assert irr & ~mask & ~isr == 0  # every unmasked request is serviced
-        assert eio.implied_lines() == vm.lines
+        assert implied_lines(eio) == vm.lines

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lvz.clients import Kvm, regs
+from lvz.clients import Kvm, abi
 from lvz.clients.cli import main
 
 pytest_plugins = ["tests.daemon_fixtures"]
@@ -22,8 +22,8 @@ def named_vm(lvz_socket: Path, vm_name: str) -> Iterator[str]:
     """A named VM with vCPUs 0..2 at phyids 42, 7 and unset."""
     with Kvm.connect(lvz_socket) as kvm:
         vm = kvm.create_vm(name=vm_name)
-        vm.create_vcpu(0).set_one_reg(regs.CPUID, 42)
-        vm.create_vcpu(1).set_one_reg(regs.CPUID, 7)
+        vm.create_vcpu(0).set_one_reg(abi.CPUID, 42)
+        vm.create_vcpu(1).set_one_reg(abi.CPUID, 7)
         vm.create_vcpu(2)
         yield vm_name
         vm.destroy()

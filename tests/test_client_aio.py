@@ -19,8 +19,8 @@ from lvz.clients import (
     EventsLost,
     IrqEvent,
     KvmError,
+    abi,
     open_kvm,
-    regs,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ async def test_pipelined_calls_are_paired_by_msgid(lvz_socket: Path) -> None:
 
             async def create(i: int) -> None:
                 vcpu = await vm.create_vcpu(i)
-                await vcpu.set_one_reg(regs.CPUID, 255 - i)
+                await vcpu.set_one_reg(abi.CPUID, 255 - i)
                 vcpus.append(vcpu)
 
             for i in range(32):
@@ -58,12 +58,12 @@ async def test_pipelined_calls_are_paired_by_msgid(lvz_socket: Path) -> None:
             async with trio.open_nursery() as nursery:
                 for _ in range(4):
                     for vcpu in vcpus:
-                        nursery.start_soon(read, vcpu, regs.TMID)
-                        nursery.start_soon(read, vcpu, regs.CPUID)
+                        nursery.start_soon(read, vcpu, abi.TMID)
+                        nursery.start_soon(read, vcpu, abi.CPUID)
         assert len(answers) == 64
         for vcpu in vcpus:
-            assert answers[vcpu.vcpu_id, regs.TMID] == vcpu.vcpu_id
-            assert answers[vcpu.vcpu_id, regs.CPUID] == 255 - vcpu.vcpu_id
+            assert answers[vcpu.vcpu_id, abi.TMID] == vcpu.vcpu_id
+            assert answers[vcpu.vcpu_id, abi.CPUID] == 255 - vcpu.vcpu_id
         assert in_flight > 1, "the calls were not pipelined"
         assert not kvm._pending
 
@@ -72,17 +72,17 @@ async def test_errors_are_kvm_errors_with_errno(lvz_socket: Path) -> None:
     async with open_kvm(lvz_socket) as kvm:
         vm = await kvm.create_vm()
         vcpu = await vm.create_vcpu(0)
-        await vcpu.set_one_reg(regs.CPUID, 9)
+        await vcpu.set_one_reg(abi.CPUID, 9)
         with pytest.raises(KvmError) as exc:
-            await vcpu.set_one_reg(regs.CPUID, 10)
+            await vcpu.set_one_reg(abi.CPUID, 10)
         assert exc.value.errno == errno.EINVAL and exc.value.name == "EINVAL"
-        assert await vcpu.get_one_reg(regs.CPUID) == 9
+        assert await vcpu.get_one_reg(abi.CPUID) == 9
         with pytest.raises(KvmError) as dup:
             await vm.create_vcpu(0)
         assert dup.value.errno == errno.EEXIST
         await vcpu.close()
         with pytest.raises(KvmError) as closed:
-            await vcpu.get_one_reg(regs.CPUID)
+            await vcpu.get_one_reg(abi.CPUID)
         assert closed.value.errno == errno.EBADF
         with pytest.raises(KvmError) as nodev:
             await vm.create_device("no-such-chip")
@@ -150,8 +150,8 @@ async def test_run_waits_without_blocking_other_calls(lvz_socket: Path) -> None:
     async with open_kvm(lvz_socket) as kvm:
         vm = await kvm.create_vm()
         sleeper, waker = await vm.create_vcpu(0), await vm.create_vcpu(1)
-        await sleeper.set_one_reg(regs.CPUID, 3)
-        await waker.set_one_reg(regs.CPUID, 4)
+        await sleeper.set_one_reg(abi.CPUID, 3)
+        await waker.set_one_reg(abi.CPUID, 4)
         results = []
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -237,7 +237,7 @@ async def test_protocol_error_fails_the_connection(lvz_socket: Path) -> None:
                 async with kvm._send_lock:  # as a request would, so bytes never interleave
                     await kvm._stream.send_all(b"\xc1")  # a byte msgpack never uses
         with pytest.raises(ConnectionLost) as exc:
-            await vcpu.get_one_reg(regs.TMID)
+            await vcpu.get_one_reg(abi.TMID)
         assert "protocol error" in str(exc.value)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from lvz.clients import Kvm, regs
+from lvz.clients import Kvm, abi
 
 from .daemon_fixtures import DaemonProcess, start_daemon, unique_name
 
@@ -70,7 +70,7 @@ def _assert_still_serving(daemon: DaemonProcess, watcher: str) -> None:
     with Kvm.connect(daemon.socket) as kvm:
         vm = kvm.open_vm(watcher)
         assert vm.phyid_lookup(7) == 0
-        assert vm.open_vcpu(0).get_one_reg(regs.CPUID) == 7
+        assert vm.open_vcpu(0).get_one_reg(abi.CPUID) == 7
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def scene(daemon: DaemonProcess) -> Iterator[tuple[DaemonProcess, str, str]]:
     watcher, busy = unique_name("watch"), unique_name("busy")
     with Kvm.connect(daemon.socket) as kvm:
         w = kvm.create_vm(name=watcher)
-        w.create_vcpu(0).set_one_reg(regs.CPUID, 7)
+        w.create_vcpu(0).set_one_reg(abi.CPUID, 7)
         kvm.create_vm(name=busy).create_vcpu(0)
     yield daemon, watcher, busy
     _assert_still_serving(daemon, watcher)

@@ -12,7 +12,7 @@ import msgpack
 import trio
 
 from lvz.daemon.server import Daemon
-from lvz.protocol import Notification, Response, regs
+from lvz.protocol import Notification, Response, abi
 
 from .conftest import Connect
 from .rawwire import Raw
@@ -30,7 +30,7 @@ async def make_vm(raw: Raw, **kw: object) -> tuple[int, list[int]]:
 
 async def snapshot(raw: Raw, vm: int, vcpus: list[int]) -> tuple[object, ...]:
     m = await raw.ok("vm.phyid_map", vm=vm)
-    cpuids = [(await raw.ok("vcpu.get_one_reg", vcpu=v, id=regs.CPUID))["value"] for v in vcpus]
+    cpuids = [(await raw.ok("vcpu.get_one_reg", vcpu=v, id=abi.CPUID))["value"] for v in vcpus]
     return m["limit"], m["entries"], cpuids
 
 
@@ -43,7 +43,7 @@ async def test_socket_is_private(daemon: Daemon, connect: Connect) -> None:
 async def test_garbage_closes_only_that_connection(connect: Connect) -> None:
     good = await connect()
     vm, vcpus = await make_vm(good, name="keep")
-    await good.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.CPUID, value=9)
+    await good.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.CPUID, value=9)
     before = await snapshot(good, vm, vcpus)
     for junk in (b"\xc1\xc1\xc1", pack(msgpack.ExtType(5, b"x")), b"\x93" + b"\xc1"):
         bad = await connect()
@@ -100,10 +100,10 @@ async def test_checks_come_in_protocol_order(connect: Connect) -> None:
     vm, vcpus = await make_vm(raw)
     assert await raw.err("vcpu.nope", vcpu=99) == "ENOTTY"  # unknown method before handles
     assert await raw.err("vcpu.get_one_reg", vcpu=99, id="x") == "EINVAL"  # params before handles
-    assert await raw.err("vcpu.get_one_reg", vcpu=99, id=regs.CPUID) == "EBADF"
-    assert await raw.err("vcpu.get_one_reg", vcpu=vm, id=regs.CPUID) == "ENOTTY"
+    assert await raw.err("vcpu.get_one_reg", vcpu=99, id=abi.CPUID) == "EBADF"
+    assert await raw.err("vcpu.get_one_reg", vcpu=vm, id=abi.CPUID) == "ENOTTY"
     assert await raw.err("vm.phyid_map", vm=vcpus[0]) == "ENOTTY"
-    assert await raw.err("vcpu.get_one_reg", vcpu=vcpus[0], id=regs.csr_id(0x800)) == "EINVAL"
+    assert await raw.err("vcpu.get_one_reg", vcpu=vcpus[0], id=abi.csr_id(0x800)) == "EINVAL"
     assert await raw.err("hello", protocol=2) == "EPROTONOSUPPORT"
     hello = await raw.ok("hello", protocol=1)
     assert hello["protocol"] == 1
@@ -119,7 +119,7 @@ async def test_unnamed_vm_lives_while_any_handle_does(connect: Connect) -> None:
     await a.ok("close", handle=vm)
     assert await a.err("vm.phyid_map", vm=vm) == "EBADF"
     assert len((await observer.ok("kvm.list_vms"))["vms"]) == 1  # the vCPU handle keeps it
-    assert (await a.ok("vcpu.get_one_reg", vcpu=vcpu, id=regs.TMID))["value"] == 4
+    assert (await a.ok("vcpu.get_one_reg", vcpu=vcpu, id=abi.TMID))["value"] == 4
     await a.ok("close", handle=vcpu)
     assert (await observer.ok("kvm.list_vms"))["vms"] == []
     assert await a.err("close", handle=vcpu) == "EBADF"
@@ -129,7 +129,7 @@ async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name="shared", max_phyid=4096))["vm"]
     v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
-    await a.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=4000)
+    await a.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=4000)
     await a.aclose()
     await trio.sleep(0.05)
     b = await connect()
@@ -143,7 +143,7 @@ async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
     v2 = (await b.ok("vm.open_vcpu", vm=vm2, vcpu_id=300))["vcpu"]
     await b.ok("vm.destroy", vm=vm2)
     for method, params in (("vm.phyid_map", {"vm": vm2}), ("close", {"handle": vm2}),
-                           ("vcpu.get_one_reg", {"vcpu": v2, "id": regs.CPUID})):
+                           ("vcpu.get_one_reg", {"vcpu": v2, "id": abi.CPUID})):
         assert await b.err(method, **params) == "EBADF"
     assert await b.err("kvm.open_vm", name="shared") == "ENOENT"
     fresh = (await b.ok("kvm.create_vm"))["vm"]
@@ -168,7 +168,7 @@ async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
     assert ev.msgid == msgid
     await raw.ok("vcpu.interrupt", vcpu=vcpus[2], irq=5)  # already up: no event
     await raw.ok("vcpu.interrupt", vcpu=vcpus[2], irq=-5)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[0], id=regs.ESTAT, value=(1 << 12) | 2)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[0], id=abi.ESTAT, value=(1 << 12) | 2)
     await raw.ok("vcpu.csr_xchg", vcpu=vcpus[0], csr=5, value=0, mask=3)
     got = [(n.params["vcpu_id"], n.params["irq"], n.params["level"], n.params["seq"])
            for n in raw.notifications]
@@ -181,7 +181,7 @@ async def test_vcpu_run_waits_without_blocking_later_requests(connect: Connect) 
     run_id, data = raw.conn.send_request("vcpu.run", {"vcpu": vcpus[1], "timeout": 10})
     await raw.send(data)
     assert await raw.err("vcpu.run", vcpu=vcpus[1], timeout=1) == "EBUSY"
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.CPUID, value=3)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.CPUID, value=3)
     await raw.ok("vcpu.hypercall", vcpu=vcpus[0], code=0x100, args=[1, 1, 0, 3])  # PV IPI
     r = await raw.response(run_id)
     assert r.result == {"exit_reason": "irq", "estat": 1}
@@ -223,7 +223,7 @@ async def test_racing_connections_exactly_one_wins_a_phyid(connect: Connect) -> 
     results: list[str | None] = []
 
     async def attempt(c: Raw, v: int) -> None:
-        r = await c.call("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=77)
+        r = await c.call("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=77)
         results.append(None if r.error is None else r.error.name)
 
     async with trio.open_nursery() as nursery:
@@ -309,13 +309,13 @@ async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     for i in range(10):  # hot-plug churn on one connection, closing each dead handle
         v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
-        await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=7)
+        await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=7)
         await raw.ok("vcpu.destroy", vcpu=v)
         assert await raw.err("close", handle=v) == "EBADF"  # still EBADF, as PROTOCOL §3 says
     for i in range(10, 20):  # ... and without closing them
         v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
         await raw.ok("vcpu.destroy", vcpu=v)
-        assert await raw.err("vcpu.get_one_reg", vcpu=v, id=regs.CPUID) == "EBADF"
+        assert await raw.err("vcpu.get_one_reg", vcpu=v, id=abi.CPUID) == "EBADF"
     assert (await raw.ok("vm.phyid_map", vm=vm))["entries"] == []
     a = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=30))["vcpu"]
     await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=31)

@@ -18,12 +18,20 @@ from hypothesis import strategies as st
 
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.daemon.model import Vm
-from lvz.plugins import eiointc as E
-from lvz.plugins import ipi as I
 from lvz.plugins import pv_ipi
-from lvz.protocol.constants import U32_MAX
+from lvz.plugins.eiointc import Eiointc
+from lvz.plugins.ipi import IpiDevice
+from lvz.protocol.abi import U32_MAX
 
-from .fuzzing import CHIPS, ChipFuzzer, FuzzFailure, FuzzStats, fuzz_seed, run_in_trio
+from .fuzzing import (
+    CHIPS,
+    ChipFuzzer,
+    E,
+    FuzzFailure,
+    FuzzStats,
+    fuzz_seed,
+    run_in_trio,
+)
 
 HOST: PluginHost = load_plugins()
 
@@ -79,18 +87,18 @@ def _caught(seeds: range = range(20, 26), steps: int = 3000) -> str:
 
 
 def test_catches_ipi_line_left_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    def clear_without_lowering(self: I.IpiDevice, vcpu_id: int, bits: int) -> None:
+    def clear_without_lowering(self: IpiDevice, vcpu_id: int, bits: int) -> None:
         st = self._state(vcpu_id)
         st.status &= ~bits & U32_MAX
 
-    monkeypatch.setattr(I.IpiDevice, "_ipi_clear", clear_without_lowering)
+    monkeypatch.setattr(IpiDevice, "_ipi_clear", clear_without_lowering)
     assert "lines" in _caught()
 
 
 def test_catches_eiointc_line_left_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = E.Eiointc.update_irq
+    real = Eiointc.update_irq
 
-    def never_lower(self: E.Eiointc, irq: int, level: int) -> None:
+    def never_lower(self: Eiointc, irq: int, level: int) -> None:
         if level:
             real(self, irq, level)
             return
@@ -99,7 +107,7 @@ def test_catches_eiointc_line_left_up(monkeypatch: pytest.MonkeyPatch) -> None:
         if pending is not None:
             pending[self.ipnum(irq)] &= ~(1 << irq)
 
-    monkeypatch.setattr(E.Eiointc, "update_irq", never_lower)
+    monkeypatch.setattr(Eiointc, "update_irq", never_lower)
     assert "lines" in _caught()
 
 
@@ -131,13 +139,13 @@ def test_catches_a_phyid_map_that_is_not_a_bijection(monkeypatch: pytest.MonkeyP
 
 
 def test_catches_an_exception_escaping_a_chip(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = E.Eiointc._virt_write
+    real = Eiointc._virt_write
 
-    def crash_on_config(self: E.Eiointc, vcpu_id: int, offset: int, size: int,
+    def crash_on_config(self: Eiointc, vcpu_id: int, offset: int, size: int,
                         value: int) -> None:
         if offset == E.VIRT_CONFIG and value & 0x4:
             raise IndexError("planted")
         real(self, vcpu_id, offset, size, value)
 
-    monkeypatch.setattr(E.Eiointc, "_virt_write", crash_on_config)
+    monkeypatch.setattr(Eiointc, "_virt_write", crash_on_config)
     assert "EIO" in _caught()

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lvz.protocol import regs
-from lvz.protocol.constants import U32_MAX, U64_MAX
+from lvz.protocol import abi
+from lvz.protocol.abi import U32_MAX, U64_MAX
 from lvz.protocol.methods import METHODS
 
 from .daemon_fixtures import DaemonProcess, start_daemon, unique_name
@@ -69,7 +69,7 @@ def target() -> Iterator[Target]:
 
 INTS = st.one_of(
     st.integers(-4, 300),
-    st.sampled_from([U32_MAX, U32_MAX + 1, U64_MAX, -(1 << 63), 1 << 63, regs.CPUID, regs.ESTAT,
+    st.sampled_from([U32_MAX, U32_MAX + 1, U64_MAX, -(1 << 63), 1 << 63, abi.CPUID, abi.ESTAT,
                      0x1000, 0x1008, 0x1040, 0x1400, 0x40000001, 0x40000004, 0x40000006]),
     st.integers(-(1 << 63), U64_MAX),
 )

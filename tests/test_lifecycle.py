@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lvz.clients import Kvm, KvmError, regs
+from lvz.clients import Kvm, KvmError, abi
 
 from .daemon_fixtures import DaemonProcess, start_daemon
 
@@ -74,7 +74,7 @@ def test_state_dir_keeps_named_vms_across_restarts(sock_dir: Path) -> None:
         with Kvm.connect(d.socket) as kvm:
             vm = kvm.create_vm(name="persist", max_phyid=4096)
             for vid, phyid in ((0, 4095), (9, 3)):
-                vm.create_vcpu(vid).set_one_reg(regs.CPUID, phyid)
+                vm.create_vcpu(vid).set_one_reg(abi.CPUID, phyid)
             vm.create_device("loongarch-ipi")
             kvm.create_vm(name="doomed")
             kvm.create_vm()  # unnamed: not persistent
@@ -97,7 +97,7 @@ def test_snapshot_and_restore_commands(sock_dir: Path) -> None:
         with Kvm.connect(d.socket) as kvm:
             vm = kvm.create_vm(name="src")
             for vid in range(3):
-                vm.create_vcpu(vid).set_one_reg(regs.CPUID, 10 + vid)
+                vm.create_vcpu(vid).set_one_reg(abi.CPUID, 10 + vid)
             vm.create_device("loongarch-eiointc")
         f = sock_dir / "src.lvz"
         r = lvz("snapshot", "src", str(f), *sock)

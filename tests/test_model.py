@@ -20,8 +20,8 @@ from hypothesis.stateful import (
 
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.daemon.model import Vm
-from lvz.protocol import KvmError, regs
-from lvz.protocol.constants import CSR_CPUID
+from lvz.protocol import KvmError, abi
+from lvz.protocol.abi import CSR_CPUID
 
 HOST: PluginHost = load_plugins()
 
@@ -55,8 +55,8 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
             assert got == expect
             if expect is None:
                 self.ref[vid] = None
-                assert self.vm.get_one_reg(self.vm.vcpus[vid], regs.CPUID) == limit
-                assert self.vm.get_one_reg(self.vm.vcpus[vid], regs.TMID) == vid
+                assert self.vm.get_one_reg(self.vm.vcpus[vid], abi.CPUID) == limit
+                assert self.vm.get_one_reg(self.vm.vcpus[vid], abi.TMID) == vid
 
         @rule(vid=ids, val=values)
         def set_cpuid(self, vid: int, val: int) -> None:
@@ -71,7 +71,7 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
                 expect = "EINVAL"  # held by another vCPU (we hold none)
             else:
                 expect = None
-            got = errno_of(self.vm.set_one_reg, self.vm.vcpus[vid], regs.CPUID, val)
+            got = errno_of(self.vm.set_one_reg, self.vm.vcpus[vid], abi.CPUID, val)
             assert got == expect, (vid, val, cur)
             if expect is None and cur is None:
                 self.ref[vid] = val
@@ -115,9 +115,9 @@ async def test_the_map_lock_guards_set_and_drop(nursery: trio.Nursery) -> None:
     """Set and drop take the VM's trio.Lock; finding it held is a loud bug, never a silent race."""
     vm = Vm(HOST, name=None, max_phyid=256)
     a, b = vm.create_vcpu(0), vm.create_vcpu(1)
-    vm.set_one_reg(a, regs.CPUID, 3)
+    vm.set_one_reg(a, abi.CPUID, 3)
     assert not vm.map_lock.locked()  # released again, also after an error:
-    assert errno_of(vm.set_one_reg, b, regs.CPUID, 3) == "EINVAL"
+    assert errno_of(vm.set_one_reg, b, abi.CPUID, 3) == "EINVAL"
     assert not vm.map_lock.locked()
     holding, release = trio.Event(), trio.Event()
 
@@ -129,7 +129,7 @@ async def test_the_map_lock_guards_set_and_drop(nursery: trio.Nursery) -> None:
     nursery.start_soon(hold)
     await holding.wait()
     with pytest.raises(RuntimeError, match="held across an await"):
-        vm.set_one_reg(b, regs.CPUID, 4)
+        vm.set_one_reg(b, abi.CPUID, 4)
     with pytest.raises(RuntimeError, match="held across an await"):
         vm.destroy_vcpu(a)
     release.set()
@@ -143,17 +143,17 @@ async def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None
     seen: list[tuple[int, int, int, int]] = []
     vm.listener = lambda _vm, vid, irq, level, seq: seen.append((vid, irq, level, seq))
     vcpu = vm.create_vcpu(1)
-    vm.set_one_reg(vcpu, regs.ESTAT, (1 << 3) | (1 << 12) | (1 << 10))  # HWI1, IPI, PCOV bit
-    assert vm.get_one_reg(vcpu, regs.ESTAT) == (1 << 3) | (1 << 12) | (1 << 10)
+    vm.set_one_reg(vcpu, abi.ESTAT, (1 << 3) | (1 << 12) | (1 << 10))  # HWI1, IPI, PCOV bit
+    assert vm.get_one_reg(vcpu, abi.ESTAT) == (1 << 3) | (1 << 12) | (1 << 10)
     assert seen == [(1, 3, 1, 1), (1, 12, 1, 2)]  # bit 10 is no line
-    vm.set_one_reg(vcpu, regs.ESTAT, 0)  # OR: cannot lower
-    assert vm.get_one_reg(vcpu, regs.ESTAT) & (1 << 12)
+    vm.set_one_reg(vcpu, abi.ESTAT, 0)  # OR: cannot lower
+    assert vm.get_one_reg(vcpu, abi.ESTAT) & (1 << 12)
     vm.interrupt(vcpu, 12)  # already up: no event
     vm.interrupt(vcpu, -12)
     assert seen[-1] == (1, 12, 0, 3)
-    vm.set_one_reg(vcpu, regs.VCPU_RESET, 0)
+    vm.set_one_reg(vcpu, abi.VCPU_RESET, 0)
     assert seen[-1] == (1, 3, 0, 4)
-    assert vm.get_one_reg(vcpu, regs.ESTAT) & 0x1BFF == 0
+    assert vm.get_one_reg(vcpu, abi.ESTAT) & 0x1BFF == 0
 
 
 async def test_csr_xchg_writes_only_what_a_guest_may() -> None:
@@ -161,16 +161,16 @@ async def test_csr_xchg_writes_only_what_a_guest_may() -> None:
     vcpu = vm.create_vcpu(0)
     vm.interrupt(vcpu, 12)
     vm.hypercall(vcpu, 0x100, [1, 1, 0, 0])  # not mapped: nothing happens
-    vm.set_one_reg(vcpu, regs.CPUID, 0)
+    vm.set_one_reg(vcpu, abi.CPUID, 0)
     assert vm.hypercall(vcpu, 0x100, [1, 1, 0, 0]) == 0
-    assert vm.get_one_reg(vcpu, regs.ESTAT) & 1
+    assert vm.get_one_reg(vcpu, abi.ESTAT) & 1
     old = vm.csr_xchg(vcpu, 0x5, 0, 0xFFFFFFFF)  # clears SWI0/1 only
     assert old & 1 and old & (1 << 12)
-    assert vm.get_one_reg(vcpu, regs.ESTAT) == 1 << 12
+    assert vm.get_one_reg(vcpu, abi.ESTAT) == 1 << 12
     assert vm.csr_xchg(vcpu, CSR_CPUID, 7, 0xFF) == 0
-    assert vm.get_one_reg(vcpu, regs.CPUID) == 0  # read-only to the guest
+    assert vm.get_one_reg(vcpu, abi.CPUID) == 0  # read-only to the guest
     assert vm.csr_xchg(vcpu, 0x30, 0xAB, 0xF0) == 0
-    assert vm.get_one_reg(vcpu, regs.csr_id(0x30)) == 0xA0
+    assert vm.get_one_reg(vcpu, abi.csr_id(0x30)) == 0xA0
     assert errno_of(vm.csr_xchg, vcpu, 0x800, 0, 0) == "EINVAL"
 
 
@@ -199,6 +199,6 @@ async def test_interrupt_numbers_outside_1_to_14_are_einval() -> None:
 async def test_cpucfg2_architectural_rules(value: int, errno_name: str | None) -> None:
     vm = Vm(HOST, name=None, max_phyid=256)
     vcpu = vm.create_vcpu(0)
-    assert errno_of(vm.set_one_reg, vcpu, regs.cpucfg_id(2), value) == errno_name
-    assert vm.get_one_reg(vcpu, regs.cpucfg_id(2)) == (value if errno_name is None else 0)
-    assert errno_of(vm.set_one_reg, vcpu, regs.cpucfg_id(3), 0xFFFFFFFF) is None  # others: any u32
+    assert errno_of(vm.set_one_reg, vcpu, abi.cpucfg_id(2), value) == errno_name
+    assert vm.get_one_reg(vcpu, abi.cpucfg_id(2)) == (value if errno_name is None else 0)
+    assert errno_of(vm.set_one_reg, vcpu, abi.cpucfg_id(3), 0xFFFFFFFF) is None  # others: any u32

@@ -14,7 +14,7 @@ from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import PluginLoadError, load_plugins
 from lvz.daemon.server import serve
 from lvz.plugins import Device, DeviceType, VmApi, hookimpl
-from lvz.protocol import regs
+from lvz.protocol import abi
 
 from .conftest import Connect
 
@@ -53,7 +53,7 @@ async def test_external_plugin_through_entry_points(
     await raw.ok("vm.subscribe", vm=vm)
     v0 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
     v1 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=1))["vcpu"]
-    await raw.ok("vcpu.set_one_reg", vcpu=v1, id=regs.CPUID, value=42)
+    await raw.ok("vcpu.set_one_reg", vcpu=v1, id=abi.CPUID, value=42)
     dev = (await raw.ok("vm.create_device", vm=vm, type="doorbell"))["device"]
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=42)  # rings phyid 42
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=7)  # nobody: ignored
@@ -121,8 +121,8 @@ async def test_a_failing_plugin_fails_only_that_request(
     raw = await connect(cfg.socket)
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
-    await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=3)
-    ipi = (await raw.ok("vm.create_device", vm=vm, type="loongarch-ipi"))["device"]
+    await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=3)
+    ipi = (await raw.ok("vm.create_device", vm=vm, type=abi.DEV_IPI))["device"]
     dev = (await raw.ok("vm.create_device", vm=vm, type="faulty"))["device"]
     for method, params in (
         ("vcpu.iocsr_write", {"vcpu": v, "addr": 0x7000, "size": 4, "value": 1}),
@@ -136,10 +136,13 @@ async def test_a_failing_plugin_fails_only_that_request(
         assert "faulty-chip" in r.error.message, r.error.message
     # the VM's other state and the other chips are untouched
     assert (await raw.ok("vm.phyid_map", vm=vm))["entries"] == [[3, 0]]
-    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=0x1040, size=4, value=(3 << 16) | 1)
-    assert (await raw.ok("vcpu.get_one_reg", vcpu=v, id=regs.ESTAT))["value"] == 1 << 12
-    assert (await raw.ok("device.get_attr", device=ipi, group=0x40000001, attr=0))["value"] == 2
-    assert (await raw.ok("vcpu.hypercall", vcpu=v, code=0x100, args=[1, 1, 0, 3]))["a0"] == 0
+    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=abi.IOCSR_IPI_BASE + abi.IPI_SEND, size=4,
+                 value=abi.ipi_send(3, 1))
+    assert (await raw.ok("vcpu.get_one_reg", vcpu=v, id=abi.ESTAT))["value"] == 1 << abi.INT_IPI
+    assert (await raw.ok("device.get_attr", device=ipi, group=abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+                         attr=abi.ipi_attr(0, abi.IPI_STATUS)))["value"] == 1 << 1
+    assert (await raw.ok("vcpu.hypercall", vcpu=v, code=abi.KVM_HCALL_SERVICE,
+                         args=[abi.KVM_HCALL_FUNC_IPI, 1, 0, 3]))["a0"] == abi.KVM_HCALL_SUCCESS
 
 
 def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
@@ -150,8 +153,9 @@ def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setenv("LVZ_TRACE_PLUGINS", "1")
     host = load_plugins()
-    vm = Vm(host, name=None, max_phyid=256)
+    vm = Vm(host, name=None, max_phyid=abi.KVM_MAX_PHYID)
     with caplog.at_level(logging.INFO, logger="lvz.plugins"):
-        assert host.call_first("lvz_hypercall", vm=vm, vcpu_id=0, code=0x100,
-                               args=[1, 0, 0, 0, 0, 0]) == (0, "pv-ipi")
+        assert host.call_first("lvz_hypercall", vm=vm.chip_api, vcpu_id=0,
+                               code=abi.KVM_HCALL_SERVICE,
+                               args=[abi.KVM_HCALL_FUNC_IPI, 0, 0, 0, 0, 0]) == (0, "pv-ipi")
     assert "hook lvz_hypercall: pv-ipi(0, 256, [1, 0, 0, 0, 0, 0]) -> 0" in caplog.text

@@ -18,7 +18,7 @@ from lvz.protocol import (
     Request,
     Response,
     ServerConnection,
-    regs,
+    abi,
 )
 from lvz.protocol.errors import ERRNO
 from lvz.protocol.methods import METHODS, validate
@@ -28,7 +28,7 @@ def pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-REQ = pack([0, 7, "vcpu.get_one_reg", {"vcpu": 3, "id": regs.CPUID}])
+REQ = pack([0, 7, "vcpu.get_one_reg", {"vcpu": 3, "id": abi.CPUID}])
 
 
 def drain(conn: ServerConnection | ClientConnection) -> list[object]:
@@ -42,7 +42,7 @@ def test_whole_message_is_one_validated_request() -> None:
     s = ServerConnection()
     s.receive_data(REQ)
     assert drain(s) == [Request(msgid=7, method="vcpu.get_one_reg",
-                                params={"vcpu": 3, "id": regs.CPUID})]
+                                params={"vcpu": 3, "id": abi.CPUID})]
 
 
 def test_one_byte_at_a_time_needs_data_until_the_last_byte() -> None:
@@ -239,25 +239,25 @@ def test_client_msgids_wrap_at_u32() -> None:
 
 
 def test_register_ids_match_the_kernel_encoding() -> None:
-    assert regs.CPUID == 0x9030000000010100
-    assert regs.TMID == 0x9030000000010200
-    assert regs.ESTAT == 0x9030000000010028
-    assert regs.COUNTER == 0x9030000000020001
-    assert regs.decode(regs.CPUID) == (regs.RegClass.CSR, 0x20)
-    assert regs.decode(regs.cpucfg_id(20)) == (regs.RegClass.CPUCFG, 20)
+    assert abi.CPUID == 0x9030000000010100
+    assert abi.TMID == 0x9030000000010200
+    assert abi.ESTAT == 0x9030000000010028
+    assert abi.COUNTER == 0x9030000000020001
+    assert abi.decode(abi.CPUID) == (abi.RegClass.CSR, 0x20)
+    assert abi.decode(abi.cpucfg_id(20)) == (abi.RegClass.CPUCFG, 20)
 
 
 @pytest.mark.parametrize(
     "reg_id",
     [
-        regs.CPUID & ~regs.KVM_REG_SIZE_MASK | 0x0020000000000000,  # U32
-        regs.csr_id(0x800),
-        regs.cpucfg_id(21),
-        regs.KVM_REG_LOONGARCH | regs.KVM_REG_SIZE_U64 | 0x30000,  # FPSIMD
-        regs.KVM_REG_SIZE_U64 | 0x10000 | (0x20 << 3),  # no LoongArch arch bits
+        abi.CPUID & ~abi.KVM_REG_SIZE_MASK | 0x0020000000000000,  # U32
+        abi.csr_id(0x800),
+        abi.cpucfg_id(21),
+        abi.KVM_REG_LOONGARCH | abi.KVM_REG_SIZE_U64 | 0x30000,  # FPSIMD
+        abi.KVM_REG_SIZE_U64 | 0x10000 | (0x20 << 3),  # no LoongArch arch bits
     ],
 )
 def test_register_decode_errors_are_einval(reg_id: int) -> None:
     with pytest.raises(KvmError) as exc:
-        regs.decode(reg_id)
+        abi.decode(reg_id)
     assert exc.value.name == "EINVAL"

@@ -9,7 +9,7 @@ import trio
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
 from lvz.daemon.server import Daemon, serve
-from lvz.protocol import Notification, regs
+from lvz.protocol import Notification, abi
 
 from .conftest import Connect
 
@@ -37,7 +37,7 @@ async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
             await driver.response(msgid)
             assert slow_conn.queued_events <= cfg.max_events
             assert slow_conn.out_bytes < 200 * cfg.max_events
-    assert (await driver.ok("vcpu.get_one_reg", vcpu=v, id=regs.ESTAT))["value"] == 0
+    assert (await driver.ok("vcpu.get_one_reg", vcpu=v, id=abi.ESTAT))["value"] == 0
 
     # now the slow subscriber reads everything that is there
     seqs: list[int] = []
@@ -73,7 +73,7 @@ async def test_a_client_that_never_reads_answers_stops_being_read(
     v = 0
     for i in range(512):  # make vm.phyid_map a ~5 KiB answer
         v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
-        await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=i * 100)
+        await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=i * 100)
     [model] = daemon.vms
     # each pair: a big answer, and a line toggle that counts (vm.seq) how far the daemon got
     burst = b"".join(raw.conn.send_request(m, p)[1] for _ in range(50) for m, p in (

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from lvz.protocol import KvmError, regs
+from lvz.protocol import KvmError, abi
 from lvz.protocol import snapshot as snap
 
 from .conftest import Connect
@@ -46,9 +46,9 @@ async def build_busy_vm(raw: Raw) -> int:
     for vid, phyid in ((0, 7), (1, 300), (3, 0), (5, None)):
         vcpus[vid] = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=vid))["vcpu"]
         if phyid is not None:
-            await raw.ok("vcpu.set_one_reg", vcpu=vcpus[vid], id=regs.CPUID, value=phyid)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=regs.csr_id(0x30), value=0xDEADBEEF)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=regs.cpucfg_id(2), value=0x4007)
+            await raw.ok("vcpu.set_one_reg", vcpu=vcpus[vid], id=abi.CPUID, value=phyid)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.csr_id(0x30), value=0xDEADBEEF)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=abi.cpucfg_id(2), value=0x4007)
     await raw.ok("vcpu.set_attr", vcpu=vcpus[0], group=0, attr=0x40000004,
                  value=(1 << 1) | (1 << 2))  # PV features: IPI + steal time
     await raw.ok("vcpu.interrupt", vcpu=vcpus[5], irq=11)
@@ -77,7 +77,7 @@ async def read_all(raw: Raw, vm: int) -> dict[str, Any]:
     state["map"] = (await raw.ok("vm.phyid_map", vm=vm))
     state["info"] = {k: info[k] for k in ("vcpus", "devices", "max_phyid")}
     for v in state["vcpus"]:
-        v["regs"] = [r for r in v["regs"] if r[0] != regs.COUNTER]  # wall clock moves on
+        v["regs"] = [r for r in v["regs"] if r[0] != abi.COUNTER]  # wall clock moves on
     return state
 
 
@@ -90,7 +90,7 @@ async def test_restore_is_indistinguishable(connect: Connect) -> None:
     after = await read_all(raw, copy)
     assert after == before
     assert before["map"]["entries"] == [[0, 3], [7, 0], [300, 1]]
-    estat = {v["vcpu_id"]: dict(v["regs"]).get(regs.ESTAT, 0) for v in before["vcpus"]}
+    estat = {v["vcpu_id"]: dict(v["regs"]).get(abi.ESTAT, 0) for v in before["vcpus"]}
     assert estat[3] & (1 << 2)  # HWI0 from the device pin
     assert estat[1] & (1 << 12)  # IPI
     assert estat[5] & (1 << 11)  # TI
@@ -126,7 +126,7 @@ async def test_failed_restore_leaves_no_vm(connect: Connect) -> None:
     raw = await connect()
     vm = await build_busy_vm(raw)
     saved = await drive(snap.save_vm(vm), raw)
-    saved["vcpus"][0]["regs"].append([regs.csr_id(0x20), 999])  # a second, different CPUID
+    saved["vcpus"][0]["regs"].append([abi.csr_id(0x20), 999])  # a second, different CPUID
     with pytest.raises(KvmError) as exc:
         await drive(snap.restore_vm(saved, name="broken"), raw)
     assert exc.value.name == "EINVAL"
@@ -142,7 +142,7 @@ async def test_routes_to_vcpu_ids_past_255_survive_a_restore(connect: Connect) -
     raw = await connect()
     vm = (await raw.ok("kvm.create_vm", name="wide", max_phyid=4096))["vm"]
     v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
-    await raw.ok("vcpu.set_one_reg", vcpu=v, id=regs.CPUID, value=2)
+    await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=2)
     await raw.ok("vm.create_device", vm=vm, type=EIO)
     await raw.ok("vcpu.iocsr_write", vcpu=v, addr=0x1C00, size=8, value=4)  # irq 0 -> phyid 2
     saved = await drive(snap.save_vm(vm), raw)

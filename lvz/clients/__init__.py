@@ -8,7 +8,7 @@ rust-vmm's kvm-ioctls: ``Kvm`` → ``Vm`` → ``Vcpu`` / ``Device``, errors as `
 
 from __future__ import annotations
 
-from lvz.protocol import regs
+from lvz.protocol import abi
 from lvz.protocol.errors import KvmError
 
 from .aio import AsyncDevice, AsyncKvm, AsyncVcpu, AsyncVm, open_kvm
@@ -29,6 +29,9 @@ from .sync import (
     VmSummary,
 )
 
+#: The old name of ``abi`` (it held only the register ids), kept for one release.
+regs = abi
+
 __all__ = [
     # trio client
     "open_kvm", "AsyncKvm", "AsyncVm", "AsyncVcpu", "AsyncDevice",
@@ -36,5 +39,7 @@ __all__ = [
     "Kvm", "Vm", "Vcpu", "Device",
     # values and errors
     "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
-    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "regs",
+    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable",
+    # the KVM ABI: register ids, attrs, offsets, lines, hypercalls (``regs``: its old name)
+    "abi", "regs",
 ]

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from lvz import __version__
-from lvz.protocol import regs, snapshot
-from lvz.protocol.constants import (
+from lvz.protocol import abi, snapshot
+from lvz.protocol.abi import (
     DEV_EIOINTC,
     DEV_IPI,
     DEV_PCHPIC,
@@ -338,8 +338,7 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
 
 # --- vcpu ---------------------------------------------------------------------------------------
 
-LINE_NAMES: Final = {0: "SWI0", 1: "SWI1", 11: "TI", 12: "IPI"} | {
-    2 + n: f"HWI{n}" for n in range(8)}
+LINE_NAMES: Final = abi.LINE_NAMES
 
 
 def raised_lines(estat: int) -> list[str]:
@@ -355,7 +354,7 @@ def cmd_vcpu_ls(args: argparse.Namespace) -> int:
         phyid_of = vm.phyid_map().by_vcpu()
         for vcpu_id in info.vcpus:
             with vm.open_vcpu(vcpu_id) as vcpu:  # one handle at a time, whatever the VM's size
-                estat = vcpu.get_one_reg(regs.ESTAT)
+                estat = vcpu.get_one_reg(abi.ESTAT)
             rows.append({"vcpu_id": vcpu_id, "phyid": phyid_of.get(vcpu_id),
                          "lines": raised_lines(estat), "estat": estat})
     return listing(args, ["VCPU", "PHYID", "LINES", "ESTAT"],
@@ -368,24 +367,19 @@ def cmd_vcpu_ls(args: argparse.Namespace) -> int:
 
 
 def register_names() -> dict[str, int]:
-    """Public register-id constants by name: ``lvz.protocol.abi`` when present, else ``regs``."""
+    """Public register-id constants of ``lvz.protocol.abi`` by name (``cpuid``, ``estat``…)."""
     names: dict[str, int] = {}
-    modules: list[Any] = [regs]
-    with contextlib.suppress(ImportError):
-        import importlib
-
-        modules.insert(0, importlib.import_module("lvz.protocol.abi"))
-    for module in modules:
-        for key, value in vars(module).items():
-            if (key.isupper() and type(value) is int and value >> 60 == 0x9
-                    and key.lower() not in names and _is_register(value)):
-                names[key.lower()] = value
+    for key, value in vars(abi).items():
+        if (key.isupper() and type(value) is int
+                and value & abi.KVM_REG_LOONGARCH == abi.KVM_REG_LOONGARCH
+                and key.lower() not in names and _is_register(value)):
+            names[key.lower()] = value
     return names
 
 
 def _is_register(value: int) -> bool:
     try:
-        regs.decode(value)
+        abi.decode(value)
     except KvmError:
         return False
     return True
@@ -400,9 +394,9 @@ def parse_register(text: str) -> int:
     kind, sep, index = low.partition(":")
     if sep and kind in ("csr", "cpucfg"):
         number = _any_int(index)
-        if not 0 <= number < 0x4000:
+        if not 0 <= number <= abi.KVM_REG_INDEX_MASK >> abi.KVM_REG_INDEX_SHIFT:
             raise argparse.ArgumentTypeError(f"{kind} index out of range: {index}")
-        return regs.csr_id(number) if kind == "csr" else regs.cpucfg_id(number)
+        return abi.csr_id(number) if kind == "csr" else abi.cpucfg_id(number)
     try:
         return _u64(text)
     except argparse.ArgumentTypeError:
@@ -415,11 +409,11 @@ def register_label(reg_id: int) -> str:
     for name, value in register_names().items():
         if value == reg_id:
             return name
-    cls = reg_id & regs.KVM_REG_LOONGARCH_MASK
-    index = (reg_id & 0x7FFF) >> 3
-    if cls == regs.RegClass.CSR:
+    cls = reg_id & abi.KVM_REG_LOONGARCH_MASK
+    index = (reg_id & abi.KVM_REG_INDEX_MASK) >> abi.KVM_REG_INDEX_SHIFT
+    if cls == abi.RegClass.CSR:
         return f"csr:{index:#x}"
-    if cls == regs.RegClass.CPUCFG:
+    if cls == abi.RegClass.CPUCFG:
         return f"cpucfg:{index}"
     return f"{reg_id:#x}"
 
@@ -547,16 +541,16 @@ def cmd_events(args: argparse.Namespace) -> int:
 #: vcpu_id i gets DEMO_PHYIDS[i]: sparse, and deliberately not vcpu_id order, so that every
 #: routed interrupt below shows the map (not the vcpu_id) choosing its target.
 DEMO_PHYIDS: Final = (255, 200, 128, 99, 42, 17, 2, 0)
-IOCSR_IPI_SEND: Final = 0x1040
-IOCSR_EIOINTC_ENABLE: Final = 0x1600
-IOCSR_EIOINTC_COREMAP: Final = 0x1C00
-PCHPIC_GRP_CTRL: Final = 0x40000006
-PCHPIC_CTRL_INIT: Final = 0
-PCHPIC_BASE: Final = 0x10000000
-PCHPIC_MASK: Final = 0x20
-HCALL_SERVICE: Final = 0x100
-HCALL_FUNC_IPI: Final = 1
-MSI_ADDRESS: Final = 0x2FF00000
+IOCSR_IPI_SEND: Final = abi.IOCSR_IPI_BASE + abi.IPI_SEND
+IOCSR_EIOINTC_ENABLE: Final = abi.EIOINTC_BASE + abi.EIOINTC_ENABLE
+IOCSR_EIOINTC_COREMAP: Final = abi.EIOINTC_BASE + abi.EIOINTC_COREMAP
+PCHPIC_GRP_CTRL: Final = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
+PCHPIC_CTRL_INIT: Final = abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT
+PCHPIC_BASE: Final = abi.VIRT_PCH_PIC_BASE
+PCHPIC_MASK: Final = abi.PCH_PIC_MASK
+HCALL_SERVICE: Final = abi.KVM_HCALL_SERVICE
+HCALL_FUNC_IPI: Final = abi.KVM_HCALL_FUNC_IPI
+MSI_ADDRESS: Final = abi.VIRT_PCH_MSI_ADDR
 
 
 def _accepts(path: Path) -> bool:
@@ -665,7 +659,7 @@ class Demo:
     def _tour(self, vm: Vm) -> None:
         vcpus = {i: vm.create_vcpu(i) for i in range(len(DEMO_PHYIDS))}
         for i, phyid in enumerate(DEMO_PHYIDS):
-            vcpus[i].set_one_reg(regs.CPUID, phyid)
+            vcpus[i].set_one_reg(abi.CPUID, phyid)
         self.say(f"VM {vm.name}: {len(vcpus)} vCPUs, CPUID set with KVM_SET_ONE_REG")
         self.say()
         self.show_map(vm)
@@ -686,21 +680,21 @@ class Demo:
 
     def _rules(self, vm: Vm, vcpus: dict[int, Vcpu]) -> None:
         v0, p0 = vcpus[0], DEMO_PHYIDS[0]
-        got = _attempt(lambda: v0.set_one_reg(regs.CPUID, p0))
-        now = v0.get_one_reg(regs.CPUID)
+        got = _attempt(lambda: v0.set_one_reg(abi.CPUID, p0))
+        now = v0.get_one_reg(abi.CPUID)
         self.check("same value again", got == "ok" and now == p0,
                    f"vCPU 0 := {p0} again → {got}, CPUID {now}", f"ok, CPUID {p0}")
 
-        got = _attempt(lambda: v0.set_one_reg(regs.CPUID, 7))
-        now = v0.get_one_reg(regs.CPUID)
+        got = _attempt(lambda: v0.set_one_reg(abi.CPUID, 7))
+        now = v0.get_one_reg(abi.CPUID)
         free = vm.phyid_lookup(7)
         self.check("change refused", got == "EINVAL" and now == p0 and free is None,
                    f"vCPU 0 := 7 → {got}, CPUID {now}", f"EINVAL, CPUID {p0}")
 
         v8 = vcpus[8] = vm.create_vcpu(8)
         limit = vm.info().max_phyid
-        got = _attempt(lambda: v8.set_one_reg(regs.CPUID, p0))
-        now = v8.get_one_reg(regs.CPUID)
+        got = _attempt(lambda: v8.set_one_reg(abi.CPUID, p0))
+        now = v8.get_one_reg(abi.CPUID)
         owner = vm.phyid_lookup(p0)
         self.check("sharing refused", got == "EINVAL" and now == limit and owner == 0,
                    f"vCPU 8 := {p0} → {got}, CPUID {now} (unset)",
@@ -709,7 +703,7 @@ class Demo:
         p3 = DEMO_PHYIDS[3]
         vcpus.pop(3).destroy()
         freed = vm.phyid_lookup(p3)
-        got = _attempt(lambda: v8.set_one_reg(regs.CPUID, p3))
+        got = _attempt(lambda: v8.set_one_reg(abi.CPUID, p3))
         owner = vm.phyid_lookup(p3)
         self.check("destroy then reuse", freed is None and got == "ok" and owner == 8,
                    f"destroy vCPU 3; vCPU 8 := {p3} → {got}, {p3} is vCPU {owner}",
@@ -755,7 +749,7 @@ class Demo:
 
         # 1. IPI device: a guest store to IPI_SEND names the target by phyid.
         target, vector = 42, 1
-        sender.iocsr_write(IOCSR_IPI_SEND, 4, (target << 16) | vector)
+        sender.iocsr_write(IOCSR_IPI_SEND, 4, abi.ipi_send(target, vector))
         self._report("IPI", f"vCPU 0 IPI_SEND to phyid {target}", vm,
                      {(by_phyid[target], 12)})
 

@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from lvz.protocol import snapshot
+from lvz.protocol.abi import PROTOCOL_VERSION
 from lvz.protocol.connection import NEED_DATA, ClientConnection
-from lvz.protocol.constants import PROTOCOL_VERSION
 from lvz.protocol.endpoint import resolve_socket_path
 from lvz.protocol.errors import KvmError, LocalProtocolError, RemoteProtocolError
 from lvz.protocol.events import Notification, Response

@@ -79,19 +79,11 @@ class PluginHost:
         self.trace = bool(os.environ.get("LVZ_TRACE_PLUGINS"))
         self._impls = {
             name: list(reversed(getattr(pm.hook, name).get_hookimpls()))
-            for name in ("lvz_hypercall", "lvz_vcpu_created", "lvz_vcpu_destroyed",
-                         "lvz_phyid_set", "lvz_phyid_dropped")
+            for name in ("lvz_hypercall",)
         }
-
-    def call_each(self, hook: str, **kwargs: Any) -> None:
-        """Call every implementation of a lifecycle hook; the first failure is EIO."""
-        self._call(hook, kwargs, first=False)
 
     def call_first(self, hook: str, **kwargs: Any) -> tuple[Any, str]:
         """Call a firstresult hook; returns (result, plugin name) or (None, "")."""
-        return self._call(hook, kwargs, first=True)
-
-    def _call(self, hook: str, kwargs: dict[str, Any], first: bool) -> tuple[Any, str]:
         # In pluggy's order (last registered first), each with the arguments it asked for.
         for impl in self._impls[hook]:
             try:
@@ -103,7 +95,7 @@ class PluginHost:
             if self.trace:
                 log.info("hook %s: %s%r -> %r", hook, impl.plugin_name,
                          tuple(kwargs[a] for a in impl.argnames if a != "vm"), result)
-            if first and result is not None:
+            if result is not None:
                 return result, impl.plugin_name
         return None, ""
 

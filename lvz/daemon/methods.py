@@ -13,7 +13,7 @@ import os
 from typing import Any, ClassVar
 
 import lvz
-from lvz.protocol import constants as C
+from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError
 from lvz.protocol.methods import METHODS
 
@@ -350,3 +350,18 @@ class Methods:
             raise plugin_failure(rec.plugin if rec else "?",
                                  TypeError(f"get_attr returned {value!r}, not a u64"))
         return {"value": value}
+
+    def m_device_save_state(self, conn: Connection, p: dict[str, Any],
+                            h: Handle | None) -> dict[str, Any]:
+        """The chip's declared state (``Device.save_state``), checked before it leaves."""
+        assert h is not None
+        state = h.vm.device_call(h.obj, "save_state")  # type: ignore[arg-type]
+        try:
+            attrs = [[g, a, v] for g, a, v in state]
+            if not all(type(x) is int and 0 <= x <= C.U64_MAX for e in attrs for x in e):
+                raise TypeError("an entry is not three u64")
+        except (TypeError, ValueError) as exc:
+            rec = h.vm.devices.get(h.obj.type_name)  # type: ignore[union-attr]
+            raise plugin_failure(rec.plugin if rec else "?",
+                                 TypeError(f"save_state returned {state!r:.80}: {exc}")) from exc
+        return {"attrs": attrs}

@@ -24,19 +24,34 @@ from typing import Any
 import trio
 
 from lvz.plugins.api import Device, IoHandler
-from lvz.protocol import regs
-from lvz.protocol.constants import (
+from lvz.protocol import abi
+from lvz.protocol.abi import (
+    ACCESS_SIZES,
+    CPUCFG2_FP,
+    CPUCFG2_FPDP,
+    CPUCFG2_FPSP,
+    CPUCFG2_LASX,
+    CPUCFG2_LLFTP,
+    CPUCFG2_LSX,
     CPUCFG_KVM_FEATURE,
     CSR_CPUID,
     CSR_CRMD,
     CSR_CRMD_DA,
     CSR_ESTAT,
     CSR_GINTC,
+    CSR_GINTC_HWIS,
     CSR_MAX_NUMS,
     CSR_TMID,
+    ESTAT_HWI_SHIFT,
     EXCCODE_INT_NUM,
     GUEST_WRITABLE_ESTAT,
     INSN_HVCL,
+    INT_HWI0,
+    INT_HWI7,
+    INT_IPI,
+    INT_SWI0,
+    INT_SWI1,
+    INT_TI,
     KVM_HCALL_INVALID_CODE,
     KVM_HCALL_SWDBG,
     KVM_LOONGARCH_VCPU_CPUCFG,
@@ -49,22 +64,19 @@ from lvz.protocol.errors import KvmError
 
 from .host import PluginHost, plugin_failure
 
-__all__ = ["LineListener", "Vcpu", "Vm"]
+__all__ = ["ChipApi", "LineListener", "Vcpu", "Vm"]
 
 #: ESTAT bits that are lines and live in ESTAT itself (SWI0, SWI1, TI, IPI).
-_ESTAT_LINES = 0b11 | (1 << 11) | (1 << 12)
-_HWI_SHIFT = 2
+_ESTAT_LINES = (1 << INT_SWI0) | (1 << INT_SWI1) | (1 << INT_TI) | (1 << INT_IPI)
+_HWI_SHIFT = ESTAT_HWI_SHIFT
+_HWIS = CSR_GINTC_HWIS
 
 #: (vm, vcpu_id, irq, level, seq) -> None; the daemon fans it out to subscribers and waiters.
 LineListener = Callable[["Vm", int, int, int, int], None]
 
 
 def _lines(estat: int, gintc: int) -> int:
-    return (estat & _ESTAT_LINES) | ((gintc & 0xFF) << _HWI_SHIFT)
-
-
-_CPUCFG2_FP, _CPUCFG2_FPSP, _CPUCFG2_FPDP = 1 << 0, 1 << 1, 1 << 2
-_CPUCFG2_LSX, _CPUCFG2_LASX, _CPUCFG2_LLFTP = 1 << 6, 1 << 7, 1 << 14
+    return (estat & _ESTAT_LINES) | ((gintc & _HWIS) << _HWI_SHIFT)
 
 
 def _check_cpucfg(index: int, value: int) -> None:
@@ -77,13 +89,13 @@ def _check_cpucfg(index: int, value: int) -> None:
         raise KvmError("EINVAL", f"CPUCFG{index} is 32 bits wide; {value:#x} does not fit")
     if index != 2:
         return
-    if not value & _CPUCFG2_LLFTP:
+    if not value & CPUCFG2_LLFTP:
         raise KvmError("EINVAL", "CPUCFG2 must set LLFTP: guests must have a constant timer")
-    if value & _CPUCFG2_FP and not (value & _CPUCFG2_FPSP and value & _CPUCFG2_FPDP):
+    if value & CPUCFG2_FP and not (value & CPUCFG2_FPSP and value & CPUCFG2_FPDP):
         raise KvmError("EINVAL", "CPUCFG2: FP needs both FPSP and FPDP")
-    if value & _CPUCFG2_LSX and not value & _CPUCFG2_FP:
+    if value & CPUCFG2_LSX and not value & CPUCFG2_FP:
         raise KvmError("EINVAL", "CPUCFG2: LSX architecturally implies FP")
-    if value & _CPUCFG2_LASX and not value & _CPUCFG2_LSX:
+    if value & CPUCFG2_LASX and not value & CPUCFG2_LSX:
         raise KvmError("EINVAL", "CPUCFG2: LASX architecturally implies LSX")
 
 
@@ -135,8 +147,8 @@ class _DeviceRecord:
 class Vm:
     """A VM: what KVM keeps per ``struct kvm`` that matters for identity and routing.
 
-    It is also the ``VmApi`` its chips see (lvz.plugins.api): the chip-facing methods are the
-    ones without a leading underscore in the "chip API" section.
+    Its chips never see it: they get ``chip_api``, a ``ChipApi`` facade (lvz.plugins.api's
+    ``VmApi``), built over the methods in the "what chips use" section.
     """
 
     def __init__(self, host: PluginHost, *, name: str | None, max_phyid: int,
@@ -160,6 +172,8 @@ class Vm:
         self.alive = True
         self.listener: LineListener | None = None
         self._constructing = ""
+        #: All its chips see of this VM.
+        self.chip_api = ChipApi(self)
 
     # ---------------------------------------------------------------- lifecycle ---------------
 
@@ -178,7 +192,6 @@ class Vm:
             for rec in list(self.devices.values()):
                 with self._guard(rec.plugin):
                     rec.device.vcpu_created(vcpu_id)
-            self.host.call_each("lvz_vcpu_created", vm=self, vcpu_id=vcpu_id)
         except KvmError:
             # A chip refused the new vCPU: undo, so a retry does not meet EEXIST.
             del self.vcpus[vcpu_id]
@@ -200,10 +213,6 @@ class Vm:
                     rec.device.vcpu_destroyed(vcpu.vcpu_id)
             except KvmError as err:
                 errors.append(err)
-        try:
-            self.host.call_each("lvz_vcpu_destroyed", vm=self, vcpu_id=vcpu.vcpu_id)
-        except KvmError as err:
-            errors.append(err)
         if errors:
             # The vCPU is gone whatever a chip thought of it; report the first complaint.
             raise errors[0]
@@ -233,7 +242,7 @@ class Vm:
         self._constructing = type_name
         try:
             with self._guard(plugin):
-                device = dtype.factory(self)
+                device = dtype.factory(self.chip_api)
                 if not isinstance(device, Device):
                     raise TypeError(f"factory returned {type(device).__name__}, not a Device")
         except KvmError:
@@ -287,7 +296,6 @@ class Vm:
             for rec in list(self.devices.values()):
                 with self._guard(rec.plugin):
                     rec.device.phyid_set(vcpu.vcpu_id, val)
-            self.host.call_each("lvz_phyid_set", vm=self, vcpu_id=vcpu.vcpu_id, phyid=val)
         finally:
             self.map_lock.release()
 
@@ -307,25 +315,20 @@ class Vm:
                         rec.device.phyid_dropped(vcpu.vcpu_id, cur)
                 except KvmError:
                     pass  # logged; the drop itself must happen whatever a chip says
-            try:
-                self.host.call_each("lvz_phyid_dropped", vm=self, vcpu_id=vcpu.vcpu_id,
-                                    phyid=cur)
-            except KvmError:
-                pass
         finally:
             self.map_lock.release()
 
     # ---------------------------------------------------------------- registers ---------------
 
     def get_one_reg(self, vcpu: Vcpu, reg_id: int) -> int:
-        cls, index = regs.decode(reg_id)
-        if cls is regs.RegClass.CSR:
+        cls, index = abi.decode(reg_id)
+        if cls is abi.RegClass.CSR:
             return self._get_csr(vcpu, index)
-        if cls is regs.RegClass.CPUCFG:
+        if cls is abi.RegClass.CPUCFG:
             return vcpu.cpucfg.get(index, 0) if vcpu.cpucfg else 0
-        if reg_id == regs.COUNTER:
+        if reg_id == abi.COUNTER:
             return (_stable_counter() + self.time_offset) & U64_MAX
-        if reg_id == regs.DEBUG_INST:
+        if reg_id == abi.DEBUG_INST:
             return INSN_HVCL | KVM_HCALL_SWDBG
         raise KvmError("EINVAL", f"KVM register {reg_id:#x} cannot be read")
 
@@ -335,27 +338,27 @@ class Vm:
         Only CSRs that were ever written take memory, so they are the ones listed; CPUCFG words
         likewise, and the board counter (whose offset only vCPU 0 can set).
         """
-        ids = [regs.csr_id(i) for i in sorted(vcpu.csrs)]
+        ids = [abi.csr_id(i) for i in sorted(vcpu.csrs)]
         if vcpu.cpucfg:
-            ids += [regs.cpucfg_id(i) for i in sorted(vcpu.cpucfg)]
+            ids += [abi.cpucfg_id(i) for i in sorted(vcpu.cpucfg)]
         if vcpu.vcpu_id == 0:
-            ids.append(regs.COUNTER)
+            ids.append(abi.COUNTER)
         return ids
 
     def set_one_reg(self, vcpu: Vcpu, reg_id: int, value: int) -> None:
-        cls, index = regs.decode(reg_id)
-        if cls is regs.RegClass.CSR:
+        cls, index = abi.decode(reg_id)
+        if cls is abi.RegClass.CSR:
             self._set_csr(vcpu, index, value)
-        elif cls is regs.RegClass.CPUCFG:
+        elif cls is abi.RegClass.CPUCFG:
             _check_cpucfg(index, value)
             if vcpu.cpucfg is None:
                 vcpu.cpucfg = {}
             vcpu.cpucfg[index] = value
-        elif reg_id == regs.COUNTER:
+        elif reg_id == abi.COUNTER:
             # The counter is board-wide: only vCPU 0 sets the offset, as in the kernel.
             if vcpu.vcpu_id == 0:
                 self.time_offset = value - _stable_counter()
-        elif reg_id == regs.VCPU_RESET:
+        elif reg_id == abi.VCPU_RESET:
             # Clears pending and injected interrupts; CPUID is deliberately left alone.
             self._set_lines(vcpu, 0, 0)
         else:
@@ -364,7 +367,7 @@ class Vm:
     def _get_csr(self, vcpu: Vcpu, index: int) -> int:
         c = vcpu.csrs
         if index == CSR_ESTAT:
-            return c.get(CSR_ESTAT, 0) | ((c.get(CSR_GINTC, 0) & 0xFF) << _HWI_SHIFT)
+            return c.get(CSR_ESTAT, 0) | ((c.get(CSR_GINTC, 0) & _HWIS) << _HWI_SHIFT)
         return c.get(index, 0)
 
     def _set_csr(self, vcpu: Vcpu, index: int, value: int) -> None:
@@ -373,8 +376,8 @@ class Vm:
         if index == CSR_CPUID:
             self.set_cpuid(vcpu, value)
         elif index == CSR_ESTAT:
-            self._set_lines(vcpu, c.get(CSR_ESTAT, 0) | (value & ~(0xFF << _HWI_SHIFT)),
-                            c.get(CSR_GINTC, 0) | ((value >> _HWI_SHIFT) & 0xFF))
+            self._set_lines(vcpu, c.get(CSR_ESTAT, 0) | (value & ~(_HWIS << _HWI_SHIFT)),
+                            c.get(CSR_GINTC, 0) | ((value >> _HWI_SHIFT) & _HWIS))
         elif index == CSR_GINTC:
             self._set_lines(vcpu, c.get(CSR_ESTAT, 0), value)
         else:
@@ -383,7 +386,8 @@ class Vm:
     def csr_xchg(self, vcpu: Vcpu, index: int, value: int, mask: int) -> int:
         """A guest ``csrxchg``: only what the architecture lets a guest write changes."""
         if index >= CSR_MAX_NUMS:
-            raise KvmError("EINVAL", f"CSR index {index:#x} is out of range (< 0x800)")
+            raise KvmError("EINVAL", f"CSR index {index:#x} is out of range "
+                                     f"(< {CSR_MAX_NUMS:#x})")
         old = self._get_csr(vcpu, index)
         if not mask or index in (CSR_CPUID, CSR_GINTC):
             return old  # CPUID is read-only to a guest; GINTC is the hypervisor's
@@ -424,10 +428,10 @@ class Vm:
 
     def _queue(self, vcpu: Vcpu, irq: int) -> None:
         c = vcpu.csrs
-        if 2 <= irq <= 9:
+        if INT_HWI0 <= irq <= INT_HWI7:
             gintc = c.get(CSR_GINTC, 0)
-            if not gintc & (1 << (irq - 2)):
-                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc | (1 << (irq - 2)))
+            if not gintc & (1 << (irq - INT_HWI0)):
+                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc | (1 << (irq - INT_HWI0)))
         elif (1 << irq) & _ESTAT_LINES:
             estat = c.get(CSR_ESTAT, 0)
             if not estat & (1 << irq):
@@ -436,10 +440,10 @@ class Vm:
 
     def _dequeue(self, vcpu: Vcpu, irq: int) -> None:
         c = vcpu.csrs
-        if 2 <= irq <= 9:
+        if INT_HWI0 <= irq <= INT_HWI7:
             gintc = c.get(CSR_GINTC, 0)
-            if gintc & (1 << (irq - 2)):
-                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc & ~(1 << (irq - 2)))
+            if gintc & (1 << (irq - INT_HWI0)):
+                self._set_lines(vcpu, c.get(CSR_ESTAT, 0), gintc & ~(1 << (irq - INT_HWI0)))
         elif (1 << irq) & _ESTAT_LINES:
             estat = c.get(CSR_ESTAT, 0)
             if estat & (1 << irq):
@@ -467,8 +471,8 @@ class Vm:
     def hypercall(self, vcpu: Vcpu, code: int, args: list[int]) -> int:
         """``hvcl code``: plugins decide (firstresult); nobody answering is INVALID_CODE."""
         a = [x & U64_MAX for x in args] + [0] * (6 - len(args))
-        result, plugin = self.host.call_first("lvz_hypercall", vm=self, vcpu_id=vcpu.vcpu_id,
-                                              code=code, args=a)
+        result, plugin = self.host.call_first("lvz_hypercall", vm=self.chip_api,
+                                              vcpu_id=vcpu.vcpu_id, code=code, args=a)
         if result is None:
             return KVM_HCALL_INVALID_CODE
         if type(result) is not int:
@@ -500,7 +504,7 @@ class Vm:
 
     def _route(self, space: str, addr: int, size: int) -> tuple[_Claim, int]:
         """The claim an access lands in and its offset there (the kernel's io bus lookup)."""
-        if size not in (1, 2, 4, 8):
+        if size not in ACCESS_SIZES:
             raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
         addr &= U32_MAX
         claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
@@ -508,23 +512,32 @@ class Vm:
             raise KvmError("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
         return claim, addr - claim.base
 
-    def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
-        """A guest load: zero-extended by the chip, sign-extended here (decision 7)."""
+    def guest_load(self, space: str, vcpu_id: int, addr: int, size: int) -> int:
+        """The one guest-load path (protocol and chips alike): zero-extended to ``size``."""
         claim, offset = self._route(space, addr, size)
         with self._guard(self._owner_plugin(claim)):
-            raw = claim.handler.read(vcpu.vcpu_id, offset, size)
+            raw = claim.handler.read(vcpu_id, offset, size)
             if type(raw) is not int:
                 raise TypeError(f"read returned {raw!r}, not an int")
+        return raw & ((1 << (8 * size)) - 1)
+
+    def guest_store(self, space: str, vcpu_id: int, addr: int, size: int, value: int) -> None:
+        """The one guest-store path (protocol and chips alike)."""
+        claim, offset = self._route(space, addr, size)
+        with self._guard(self._owner_plugin(claim)):
+            claim.handler.write(vcpu_id, offset, size, value)
+
+    def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
+        """A guest load by ``vcpu``: ``guest_load``, sign-extended to 64 bits (decision 7)."""
+        raw = self.guest_load(space, vcpu.vcpu_id, addr, size)
         bits = 8 * size
-        raw &= (1 << bits) - 1
         if raw >> (bits - 1):
             raw |= U64_MAX ^ ((1 << bits) - 1)
         return raw
 
     def guest_write(self, space: str, vcpu: Vcpu, addr: int, size: int, value: int) -> None:
-        claim, offset = self._route(space, addr, size)
-        with self._guard(self._owner_plugin(claim)):
-            claim.handler.write(vcpu.vcpu_id, offset, size, value)
+        """A guest store by ``vcpu``."""
+        self.guest_store(space, vcpu.vcpu_id, addr, size, value)
 
     def device_call(self, device: Device, method: str, *args: int) -> Any:
         """Call a device's attr / input method under its plugin's guard."""
@@ -532,7 +545,7 @@ class Vm:
         with self._guard(rec.plugin if rec else device.type_name):
             return getattr(device, method)(*args)
 
-    # ---------------------------------------------------------------- chip API (VmApi) --------
+    # ---------------------------------------------------------------- what chips use ---------
 
     @property
     def max_phyid(self) -> int:
@@ -548,12 +561,6 @@ class Vm:
         vcpu = self.phyids.get(phyid)
         return None if vcpu is None else vcpu.vcpu_id
 
-    def vcpu_exists(self, vcpu_id: int) -> bool:
-        return vcpu_id in self.vcpus
-
-    def vcpu_ids(self) -> list[int]:
-        return sorted(self.vcpus)
-
     def queue_irq(self, vcpu_id: int, irq: int) -> None:
         vcpu = self.vcpus.get(vcpu_id)
         if vcpu is not None and 0 <= irq < EXCCODE_INT_NUM:
@@ -564,8 +571,9 @@ class Vm:
         if vcpu is not None and 0 <= irq < EXCCODE_INT_NUM:
             self._dequeue(vcpu, irq)
 
-    def _claim(self, table: list[_Claim], space: str, base: int, size: int,
-               handler: IoHandler) -> None:
+    def claim(self, space: str, base: int, size: int, handler: IoHandler) -> None:
+        """Route ``space`` accesses in [base, base+size) to ``handler``; EEXIST on overlap."""
+        table = self._iocsr if space == "iocsr" else self._mmio
         owner = self._constructing or next(
             (c.owner for c in table if c.handler is handler), "")
         rest = [c for c in table if c.handler is not handler]
@@ -576,12 +584,6 @@ class Vm:
         rest.append(_Claim(base, size, handler, owner))
         table[:] = rest
 
-    def claim_iocsr(self, base: int, size: int, handler: IoHandler) -> None:
-        self._claim(self._iocsr, "iocsr", base, size, handler)
-
-    def claim_mmio(self, base: int, size: int, handler: IoHandler) -> None:
-        self._claim(self._mmio, "mmio", base, size, handler)
-
     def set_chip_input(self, device_type: str, line: int, level: int) -> None:
         rec = self.devices.get(device_type)
         if rec is None:
@@ -589,21 +591,54 @@ class Vm:
         with self._guard(rec.plugin):
             rec.device.set_input(line, level)
 
-    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int | None:
-        vcpu = self.vcpus.get(vcpu_id)
-        addr &= U32_MAX
-        claim = self._find(self._iocsr, addr, size)
-        if vcpu is None or claim is None:
-            return None
-        with self._guard(self._owner_plugin(claim)):
-            return claim.handler.read(vcpu_id, addr - claim.base, size) & ((1 << 8 * size) - 1)
 
-    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> bool:
-        vcpu = self.vcpus.get(vcpu_id)
-        addr &= U32_MAX
-        claim = self._find(self._iocsr, addr, size)
-        if vcpu is None or claim is None:
-            return False
-        with self._guard(self._owner_plugin(claim)):
-            claim.handler.write(vcpu_id, addr - claim.base, size, value)
-        return True
+class ChipApi:
+    """The ``VmApi`` a VM's chips and hypercall handlers receive: the VM, narrowed.
+
+    A chip sees a phyid lookup, vCPU ids, line queue/dequeue, range claims, another chip's
+    input, the PV feature word and IOCSR accesses as another vCPU, and nothing else of the
+    ``Vm`` (no registers, no map mutation, no devices, no host). One per VM, made with it.
+    """
+
+    __slots__ = ("_vm",)
+
+    def __init__(self, vm: Vm) -> None:
+        self._vm = vm
+
+    @property
+    def max_phyid(self) -> int:
+        return self._vm.max_phyid
+
+    @property
+    def pv_features(self) -> int:
+        return self._vm.pv_features
+
+    def vcpu_by_phyid(self, phyid: int) -> int | None:
+        return self._vm.vcpu_by_phyid(phyid)
+
+    def vcpu_exists(self, vcpu_id: int) -> bool:
+        return vcpu_id in self._vm.vcpus
+
+    def vcpu_ids(self) -> list[int]:
+        return sorted(self._vm.vcpus)
+
+    def queue_irq(self, vcpu_id: int, irq: int) -> None:
+        self._vm.queue_irq(vcpu_id, irq)
+
+    def dequeue_irq(self, vcpu_id: int, irq: int) -> None:
+        self._vm.dequeue_irq(vcpu_id, irq)
+
+    def claim_iocsr(self, base: int, size: int, handler: IoHandler) -> None:
+        self._vm.claim("iocsr", base, size, handler)
+
+    def claim_mmio(self, base: int, size: int, handler: IoHandler) -> None:
+        self._vm.claim("mmio", base, size, handler)
+
+    def set_chip_input(self, device_type: str, line: int, level: int) -> None:
+        self._vm.set_chip_input(device_type, line, level)
+
+    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int:
+        return self._vm.guest_load("iocsr", vcpu_id, addr, size)
+
+    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
+        self._vm.guest_store("iocsr", vcpu_id, addr, size, value)

@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from lvz.plugins.api import Device
-from lvz.protocol import regs, snapshot
+from lvz.protocol import abi, snapshot
 from lvz.protocol.connection import NEED_DATA
 from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
@@ -372,7 +372,7 @@ class Daemon(Methods):
         lines = vcpu.lines
         if lines:
             conn.put(conn.proto.send_result(msgid, {"exit_reason": "irq",
-                                                    "estat": h.vm.get_one_reg(vcpu, regs.ESTAT)}))
+                                                    "estat": h.vm.get_one_reg(vcpu, abi.ESTAT)}))
             return
         wait = RunWait(conn, h, vcpu, msgid)
         self.running[vcpu] = wait
@@ -387,7 +387,7 @@ class Daemon(Methods):
         if error is not None:
             conn.put(conn.proto.send_error(wait.msgid, error))
         else:
-            estat = wait.handle.vm.get_one_reg(wait.vcpu, regs.ESTAT)
+            estat = wait.handle.vm.get_one_reg(wait.vcpu, abi.ESTAT)
             conn.put(conn.proto.send_result(wait.msgid, {"exit_reason": reason,
                                                          "estat": estat}))
         conn.wakeup.unpark_all()  # the pump writes it if no request is being answered

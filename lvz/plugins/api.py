@@ -1,6 +1,7 @@
 """The narrow API between a VM and its irqchips: all a chip may see of the daemon.
 
-A chip is a plain state machine. It is built by a ``DeviceType.factory`` with a ``VmApi``, keeps
+A chip is a plain state machine. It is built by a ``DeviceType.factory`` with a ``VmApi`` (a
+small facade the daemon makes per VM, never the VM model itself), keeps
 its registers itself, and reaches vCPUs only through the VM's phyid map (``vcpu_by_phyid``, the
 seed's ``kvm_get_vcpu_by_cpuid``) or by vcpu_id where the kernel does (device attrs, COREISR).
 It never awaits and never does I/O; the daemon calls it with the VM's map lock held where the
@@ -79,20 +80,27 @@ class VmApi(Protocol):
         """
         ...
 
-    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int | None:
-        """An IOCSR load dispatched as ``vcpu_id`` (IPI ANY_SEND); None if nothing claims it."""
+    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int:
+        """An IOCSR load made as ``vcpu_id`` (IPI ANY_SEND), zero-extended to ``size`` bytes.
+
+        It is the very path a guest's ``vcpu.iocsr_read`` takes, less the sign extension:
+        KvmError ENXIO when nothing claims ``addr``, EINVAL for a size that is not 1/2/4/8.
+        """
         ...
 
-    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> bool:
-        """An IOCSR store dispatched as ``vcpu_id``; False if nothing claims ``addr``."""
+    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
+        """An IOCSR store made as ``vcpu_id``: the path of ``vcpu.iocsr_write``, same errors."""
         ...
 
 
 class Device:
     """Base of an irqchip instance: one per VM and type. Override what the chip supports.
 
-    The lifecycle methods are called with the map lock held, after the VM changed: a chip that
-    caches routing (EIOINTC's coremap) refreshes it here instead of keeping its own phyid table.
+    The lifecycle methods (``vcpu_created``, ``vcpu_destroyed``, ``phyid_set``,
+    ``phyid_dropped``) are lvz's one mechanism for VM events: there are no lifecycle hooks. They
+    are called after the VM changed: a chip that caches routing (EIOINTC's coremap) refreshes it
+    here instead of keeping its own phyid table. ``vcpu_created`` may refuse the vCPU by raising
+    KvmError (the creation is undone); the others cannot stop what already happened.
     """
 
     #: Set by the daemon from the DeviceType that built the device.
@@ -125,12 +133,20 @@ class Device:
     def phyid_dropped(self, vcpu_id: int, phyid: int) -> None:
         """``phyid`` is free again."""
 
-    def implied_lines(self) -> dict[int, int]:
-        """vcpu_id -> bitmask of INT_* lines this chip's state says are up (for invariant checks).
+    def save_state(self) -> list[tuple[int, int, int]]:
+        """The device's whole state as ``(group, attr, value)`` device attrs, in restore order.
 
-        A chip that drives no lines returns {}; a vCPU missing from the dict implies none.
+        Snapshots (``lvz snapshot``, ``--state-dir``) save a device by asking for this list
+        (``device.save_state``) and restore it by replaying each entry with ``set_attr`` on a
+        fresh device of the same type, in a VM whose vCPUs and registers were restored first.
+        So the list may contain write-only attrs (a CTRL "init" or "load finished" step) and
+        must contain every attr ``set_attr`` needs to rebuild what the guest can observe.
+
+        A chip that keeps no state returns ``[]``. The default declares nothing, so a VM with
+        this device cannot be saved: EINVAL naming the device type, never a partial snapshot.
         """
-        return {}
+        raise KvmError("EINVAL", f"a {self.type_name} cannot be saved: its plugin declares no "
+                                 f"state (Device.save_state)")
 
 
 @dataclass(frozen=True, slots=True)

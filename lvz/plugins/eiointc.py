@@ -32,77 +32,57 @@ from collections.abc import Callable
 from lvz.plugins.api import Device, DeviceType, VmApi
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
-from lvz.protocol.constants import (
+from lvz.protocol import abi
+from lvz.protocol.abi import (
+    ACCESS_SIZES,
     DEV_EIOINTC,
+    EIOINTC_ATTR_CPU_SHIFT,
+    EIOINTC_ATTR_OFFSET_MASK,
+    EIOINTC_BASE,
+    EIOINTC_HAS_VIRT_EXTENSION,
     EIOINTC_IRQS,
+    EIOINTC_ROUTE_MAX_VCPUS,
+    EIOINTC_SIZE,
+    EIOINTC_STATUS_CPU_ENCODE,
+    EIOINTC_STATUS_ENABLE,
+    EIOINTC_STATUS_INT_ENCODE,
+    EIOINTC_SW_STATUS_ROUTE,
+    EIOINTC_VIRT_BASE,
+    EIOINTC_VIRT_SIZE,
+    HWI_LINES,
     INT_HWI0,
     KVM_DEV_TYPE_LOONGARCH_EIOINTC,
     U32_MAX,
     U64_MAX,
+    eiointc_attr,
+    eiointc_route_attr,
 )
 from lvz.protocol.errors import KvmError
 
 __all__ = ["Eiointc", "lvz_device_types"]
 
-# --- layout (kvm_eiointc.h) ----------------------------------------------------------------------
+# The kernel header's short names for this chip, bound to the ABI module's constants.
+COREISR = abi.EIOINTC_COREISR
+COREMAP = abi.EIOINTC_COREMAP
+ENABLE = abi.EIOINTC_ENABLE
+IPMAP = abi.EIOINTC_IPMAP
+ISR = abi.EIOINTC_ISR
+REGISTERS = abi.EIOINTC_REGISTERS
+VIRT_CONFIG = abi.EIOINTC_VIRT_CONFIG
+VIRT_FEATURES = abi.EIOINTC_VIRT_FEATURES
+CTRL_INIT_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE
+CTRL_INIT_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU
+CTRL_LOAD_FINISHED = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_LOAD_FINISHED
+GRP_CTRL = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL
+GRP_REGS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS
+GRP_SW_STATUS = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS
+SW_STATUS_FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_FEATURE
+SW_STATUS_NUM_CPU = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_NUM_CPU
+SW_STATUS_STATE = abi.KVM_DEV_LOONGARCH_EXTIOI_SW_STATUS_STATE
 
-EIOINTC_BASE = 0x1400
-EIOINTC_SIZE = 0x900
-EIOINTC_VIRT_BASE = 0x40000000
-EIOINTC_VIRT_SIZE = 0x1000
-
-NODETYPE = 0x0A0
-IPMAP = 0x0C0
-ENABLE = 0x200
-BOUNCE = 0x280
-ISR = 0x300
-COREISR = 0x400
-COREMAP = 0x800
-
-#: Register start -> size in bytes. ISR is here for the attrs; the guest cannot see it.
-REGISTERS: dict[int, int] = {
-    NODETYPE: 0x20,
-    IPMAP: 0x08,
-    ENABLE: 0x20,
-    BOUNCE: 0x20,
-    ISR: 0x20,
-    COREISR: 0x20,
-    COREMAP: 0x100,
-}
-
-VIRT_FEATURES = 0x0
-VIRT_CONFIG = 0x4
-
-# Feature bits (FEATURES, INIT_FEATURE) and status bits (CONFIG, SW_STATUS STATE).
-HAS_VIRT_EXTENSION = 0
-HAS_ENABLE_OPTION = 1
-HAS_INT_ENCODE = 2
-HAS_CPU_ENCODE = 3
-STATUS_ENABLE = 1
-STATUS_ENABLE_INT_ENCODE = 2
-STATUS_ENABLE_CPU_ENCODE = 3
-
-ROUTE_MAX_VCPUS = 256
-U16_MAX = 0xFFFF
-LOONGSON_IP_NUM = 8
-
-# Device attr groups and attrs (uapi asm/kvm.h).
-GRP_REGS = 0x40000002
-GRP_SW_STATUS = 0x40000003
-GRP_CTRL = 0x40000004
-SW_STATUS_NUM_CPU = 0
-SW_STATUS_FEATURE = 1
-SW_STATUS_STATE = 2
-#: lvz extension: SW_STATUS attr ``(irq << 16) | SW_STATUS_ROUTE`` is sw_coremap[irq], the vcpu_id
-#: an irq is delivered to. The kernel keeps it private and LOAD_FINISHED re-derives it from the
-#: coremap bytes, which differs from the live route whenever a byte named an unmapped phyid when
-#: it was written; lvz snapshots save and restore it so a restored VM routes exactly as before.
-SW_STATUS_ROUTE = 0x100
-CTRL_INIT_NUM_CPU = 0
-CTRL_INIT_FEATURE = 1
-CTRL_LOAD_FINISHED = 3
-
-_SIZES = (1, 2, 4, 8)
+#: The kernel's sw_coremap is a u8; lvz's routes reach every vcpu_id below this.
+_ROUTE_LIMIT = 1 << 16
+_BYTE = 0xFF
 
 
 def _bit(value: int, n: int) -> bool:
@@ -156,7 +136,7 @@ class Eiointc(Device):
     # --- decoding ------------------------------------------------------------------------------
 
     def coremap_byte(self, irq: int) -> int:
-        return (self.regs[COREMAP] >> (8 * irq)) & 0xFF
+        return (self.regs[COREMAP] >> (8 * irq)) & _BYTE
 
     def decode_coremap_byte(self, byte: int) -> int:
         """The physical CPUID a coremap byte names.
@@ -165,7 +145,7 @@ class Eiointc(Device):
         naming CPUs 4..7 falls back to CPUID 0 (b97bd69eb0f6, where ffs(0) - 1 used to index
         phys_map[-1]). CPU_ENCODE mode is the virt extension's way to reach 256 CPUs.
         """
-        if _bit(self.status, STATUS_ENABLE_CPU_ENCODE):
+        if self.status & EIOINTC_STATUS_CPU_ENCODE:
             return byte
         cpuid = _ctz(byte)
         return cpuid if 0 <= cpuid < 4 else 0
@@ -176,9 +156,9 @@ class Eiointc(Device):
         Decoding at use rather than caching mirrors the kernel: an IPMAP write does not move
         lines already up, and lowering afterwards acts on the new ip.
         """
-        byte = (self.regs[IPMAP] >> (8 * (irq // 32))) & 0xFF
-        if _bit(self.status, STATUS_ENABLE_INT_ENCODE):
-            return min(byte, LOONGSON_IP_NUM - 1)  # kernel: unchecked, > 7 is out of bounds
+        byte = (self.regs[IPMAP] >> (8 * (irq // 32))) & _BYTE
+        if self.status & EIOINTC_STATUS_INT_ENCODE:
+            return min(byte, HWI_LINES - 1)  # kernel: unchecked, > 7 is out of bounds
         ip = _ctz(byte)
         return ip if 0 <= ip < 4 else 0
 
@@ -195,7 +175,7 @@ class Eiointc(Device):
         if not self.vm.vcpu_exists(vid):
             return  # kernel: kvm_err("invalid target cpu") and drop
         bit = 1 << irq
-        pending = self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)
+        pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
         if level:
             if not _bit(self.regs[ENABLE], irq):
                 return
@@ -217,7 +197,7 @@ class Eiointc(Device):
         """Resolve coremap bytes to vcpu_ids; an unmapped CPUID leaves that irq's route alone."""
         for i in range(nbytes):
             irq = first_irq + i
-            cpuid = self.decode_coremap_byte((value >> (8 * i)) & 0xFF)
+            cpuid = self.decode_coremap_byte((value >> (8 * i))  & _BYTE)
             vid = self.vm.vcpu_by_phyid(cpuid)
             if vid is None or self.sw_coremap[irq] == vid:
                 continue
@@ -245,7 +225,7 @@ class Eiointc(Device):
             vid = self.vm.vcpu_by_phyid(self.decode_coremap_byte(self.coremap_byte(irq)))
             if vid is None:
                 continue
-            pending = self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)
+            pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
             if _bit(self.coreisr.get(vid, 0), irq):
                 pending[ip] |= 1 << irq
             else:
@@ -264,7 +244,7 @@ class Eiointc(Device):
         return self.coreisr.get(cpu, 0) if start == COREISR else self.regs[start]
 
     def _guest_read(self, vcpu_id: int, offset: int, size: int) -> int:
-        if size not in _SIZES or offset % size:
+        if size not in ACCESS_SIZES or offset % size:
             return 0
         shift = offset & 7
         word = offset - shift
@@ -275,7 +255,7 @@ class Eiointc(Device):
         return (data >> (8 * shift)) & ((1 << (8 * size)) - 1)
 
     def _guest_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
-        if size not in _SIZES or offset % size:
+        if size not in ACCESS_SIZES or offset % size:
             return
         shift = offset & 7
         word = offset - shift
@@ -323,7 +303,7 @@ class Eiointc(Device):
         if offset != VIRT_CONFIG:
             return  # FEATURES is read-only
         value &= U32_MAX
-        if _bit(self.status, STATUS_ENABLE) and value:
+        if self.status & EIOINTC_STATUS_ENABLE and value:
             return  # features are chosen while disabled; only a write of 0 gets through
         self.status = value & self.features
 
@@ -341,8 +321,8 @@ class Eiointc(Device):
         The kernel reads the attr into an int, so bits 32 and up are dropped; a cpu field with
         bit 15 set (negative there, an out-of-bounds index) is simply >= num_cpu here.
         """
-        cpu = (attr & U32_MAX) >> 16
-        off = attr & 0xFFFF
+        cpu = (attr & U32_MAX) >> EIOINTC_ATTR_CPU_SHIFT
+        off = attr & EIOINTC_ATTR_OFFSET_MASK
         start = self._locate(off)
         if start is None:
             raise KvmError("EINVAL", f"EIOINTC has no register at offset {off:#x}")
@@ -357,38 +337,38 @@ class Eiointc(Device):
             start, cpu, byte = self._regs_slot(attr)
             return (self._load(start, cpu) >> (8 * byte)) & U32_MAX
         if group == GRP_SW_STATUS:
-            which = attr & 0xFFFF
+            which = attr & EIOINTC_ATTR_OFFSET_MASK
             if which == SW_STATUS_NUM_CPU:
                 return self.num_cpu
             if which == SW_STATUS_FEATURE:
                 return self.features
             if which == SW_STATUS_STATE:
                 return self.status
-            if which == SW_STATUS_ROUTE:
+            if which == EIOINTC_SW_STATUS_ROUTE:
                 return self.sw_coremap[self._route_irq(attr)]
             raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
         raise KvmError("EINVAL", f"EIOINTC cannot read attr group {group:#x}")
 
     @staticmethod
     def _route_irq(attr: int) -> int:
-        irq = (attr >> 16) & 0xFFFF
+        irq = (attr >> EIOINTC_ATTR_CPU_SHIFT) & EIOINTC_ATTR_OFFSET_MASK
         if irq >= EIOINTC_IRQS:
             raise KvmError("EINVAL", f"EIOINTC has no irq {irq} (0..255)")
         return irq
 
     def _set_route(self, irq: int, vid: int) -> None:
         """Restore a live route, moving the irq's pending bit with it; no line changes."""
-        if vid > U16_MAX:
+        if vid >= _ROUTE_LIMIT:
             # The kernel's sw_coremap is a u8 because its vcpu_ids stop at 255; lvz's stop at
             # max(256, max_phyid) - 1, and a coremap write may route to any of them.
             raise KvmError("EINVAL", f"EIOINTC routes to vcpu_ids below 65536, not {vid}")
         self.sw_coremap[irq] = vid
         bit = 1 << irq
         for pending in self.sw_coreisr.values():
-            for ip in range(LOONGSON_IP_NUM):
+            for ip in range(HWI_LINES):
                 pending[ip] &= ~bit
         if _bit(self.coreisr.get(vid, 0), irq) and self.vm.vcpu_exists(vid):
-            self.sw_coreisr.setdefault(vid, [0] * LOONGSON_IP_NUM)[self.ipnum(irq)] |= bit
+            self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)[self.ipnum(irq)] |= bit
 
     def set_attr(self, group: int, attr: int, value: int) -> None:
         if group == GRP_CTRL:
@@ -403,14 +383,14 @@ class Eiointc(Device):
             else:
                 self.regs[start] = new  # raw copy: nothing is re-routed or re-delivered
         elif group == GRP_SW_STATUS:
-            which = attr & 0xFFFF
+            which = attr & EIOINTC_ATTR_OFFSET_MASK
             if which not in (SW_STATUS_NUM_CPU, SW_STATUS_FEATURE, SW_STATUS_STATE,
-                             SW_STATUS_ROUTE):
+                             EIOINTC_SW_STATUS_ROUTE):
                 raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
             self._u32(value, "SW_STATUS attr")
             if which == SW_STATUS_STATE:
                 self.status = value
-            elif which == SW_STATUS_ROUTE:
+            elif which == EIOINTC_SW_STATUS_ROUTE:
                 self._set_route(self._route_irq(attr), value)
             # NUM_CPU and FEATURE are read-only here; the kernel accepts and ignores writes.
         else:
@@ -418,15 +398,15 @@ class Eiointc(Device):
 
     def _ctrl(self, attr: int, value: int) -> None:
         if attr == CTRL_INIT_NUM_CPU:
-            if self._u32(value, "INIT_NUM_CPU") > ROUTE_MAX_VCPUS:
+            if self._u32(value, "INIT_NUM_CPU") > EIOINTC_ROUTE_MAX_VCPUS:
                 raise KvmError(
-                    "EINVAL", f"EIOINTC routes at most {ROUTE_MAX_VCPUS} vCPUs, not {value}"
+                    "EINVAL", f"EIOINTC routes at most {EIOINTC_ROUTE_MAX_VCPUS} vCPUs, not {value}"
                 )
             self.num_cpu = value
         elif attr == CTRL_INIT_FEATURE:
             self.features = self._u32(value, "INIT_FEATURE")
-            if not _bit(self.features, HAS_VIRT_EXTENSION):
-                self.status |= 1 << STATUS_ENABLE  # without the extension it is always on
+            if not self.features & EIOINTC_HAS_VIRT_EXTENSION:
+                self.status |= EIOINTC_STATUS_ENABLE  # without the extension it is always on
         elif attr == CTRL_LOAD_FINISHED:
             # After a state restore: rebuild the derived routing, without touching any line
             # (the vCPUs' own interrupt state is restored separately).
@@ -442,16 +422,30 @@ class Eiointc(Device):
     def vcpu_destroyed(self, vcpu_id: int) -> None:
         self.sw_coreisr.pop(vcpu_id, None)
 
-    def implied_lines(self) -> dict[int, int]:
-        """Per vCPU, the INT_* lines sw_coreisr says are up: the daemon's consistency check."""
-        lines: dict[int, int] = {}
-        for vid in self.vm.vcpu_ids():
-            mask = 0
-            for ip, pending in enumerate(self.sw_coreisr.get(vid, ())):
-                if pending:
-                    mask |= 1 << (INT_HWI0 + ip)
-            lines[vid] = mask
-        return lines
+    def save_state(self) -> list[tuple[int, int, int]]:
+        """CTRL init, then the registers, then LOAD_FINISHED, then the live routes.
+
+        The order is KVM's restore order: INIT_NUM_CPU before the COREISR attrs it bounds,
+        INIT_FEATURE before STATE (INIT_FEATURE forces ENABLE on without the virt extension),
+        the raw registers, LOAD_FINISHED to rebuild routing from them, and last the live routes
+        LOAD_FINISHED cannot know (a coremap byte that named an unmapped phyid when written).
+        """
+        regs, sw, ctrl = (GRP_REGS,
+                          GRP_SW_STATUS,
+                          GRP_CTRL)
+        out = [(ctrl, CTRL_INIT_NUM_CPU, self.num_cpu),
+               (ctrl, CTRL_INIT_FEATURE, self.features),
+               (sw, SW_STATUS_STATE, self.status)]
+        attrs = [eiointc_attr(off) for start, size in REGISTERS.items()
+                 if start != COREISR for off in range(start, start + size, 4)]
+        attrs += [eiointc_attr(off, cpu) for cpu in range(self.num_cpu)
+                  for off in range(COREISR,
+                                   COREISR + REGISTERS[COREISR], 4)]
+        out += [(regs, attr, self.get_attr(regs, attr)) for attr in attrs]
+        out.append((ctrl, CTRL_LOAD_FINISHED, 0))
+        out += [(sw, eiointc_route_attr(irq), self.sw_coremap[irq])
+                for irq in range(EIOINTC_IRQS)]
+        return out
 
 
 @hookimpl

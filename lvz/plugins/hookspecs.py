@@ -2,7 +2,9 @@
 
 Every hook is synchronous and does no I/O; pluggy never awaits and a chip is a state machine.
 Call hooks with keyword arguments only; an implementation may take any subset of a hook's
-parameters, so new parameters can be added without breaking plugins. ``docs/plugins.md``
+parameters, so new parameters can be added without breaking plugins. VM lifecycle events
+(vCPU created/destroyed, phyid set/dropped) reach a chip as ``Device`` methods, not as hooks:
+one mechanism, called on the one device each VM has of the plugin's type. ``docs/plugins.md``
 documents each hook, and a test fails when a hook or its signature is missing from it.
 """
 
@@ -40,26 +42,3 @@ def lvz_hypercall(vm: VmApi, vcpu_id: int, code: int, args: list[int]) -> int | 
     (the daemon answers KVM_HCALL_INVALID_CODE, -1, when nobody does).
     """
     raise NotImplementedError
-
-
-# --- lifecycle (every implementation is called; return values are ignored) ---------------------
-
-
-@hookspec
-def lvz_vcpu_created(vm: VmApi, vcpu_id: int) -> None:
-    """A vCPU was created in ``vm``."""
-
-
-@hookspec
-def lvz_vcpu_destroyed(vm: VmApi, vcpu_id: int) -> None:
-    """A vCPU was destroyed (its phyid, if any, was dropped first)."""
-
-
-@hookspec
-def lvz_phyid_set(vm: VmApi, vcpu_id: int, phyid: int) -> None:
-    """``vcpu_id`` took physical CPUID ``phyid`` (a first, successful ``kvm_set_cpuid``)."""
-
-
-@hookspec
-def lvz_phyid_dropped(vm: VmApi, vcpu_id: int, phyid: int) -> None:
-    """``phyid`` was released by ``vcpu_id`` (``kvm_drop_cpuid``, on vCPU destroy)."""

@@ -33,52 +33,58 @@ from dataclasses import dataclass, field
 
 from lvz.plugins.api import Device, DeviceType, VmApi
 from lvz.plugins.hookspecs import hookimpl
-from lvz.protocol.constants import DEV_IPI, INT_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, U32_MAX, U64_MAX
+from lvz.protocol.abi import (
+    ANY_SEND,
+    DEV_IPI,
+    INT_IPI,
+    IOCSR_IPI_BASE,
+    IOCSR_IPI_SIZE,
+    IPI_ATTR_CPU_MASK,
+    IPI_ATTR_CPU_SHIFT,
+    IPI_ATTR_REG_MASK,
+    IPI_ATTR_REGS,
+    IPI_BUF,
+    IPI_BUF_END,
+    IPI_CLEAR,
+    IPI_EN,
+    IPI_SEND,
+    IPI_SEND_ADDR_MASK,
+    IPI_SEND_CPU_MASK,
+    IPI_SEND_CPU_SHIFT,
+    IPI_SEND_KEEP_MASK,
+    IPI_SEND_KEEP_SHIFT,
+    IPI_SEND_MAILBOX_MASK,
+    IPI_SEND_MAILBOX_SHIFT,
+    IPI_SEND_VECTOR_MASK,
+    IPI_SET,
+    IPI_STATUS,
+    KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+    KVM_DEV_TYPE_LOONGARCH_IPI,
+    MAIL_SEND,
+    U32_MAX,
+    U64_MAX,
+    ipi_attr,
+)
 from lvz.protocol.errors import KvmError
 
 __all__ = ["IpiDevice", "IpiState", "lvz_device_types"]
 
-IOCSR_IPI_BASE = 0x1000
-IOCSR_IPI_SIZE = 0x160
-
-# Offsets relative to IOCSR_IPI_BASE (asm/kvm_ipi.h).
-IPI_STATUS = 0x00
-IPI_EN = 0x04
-IPI_SET = 0x08
-IPI_CLEAR = 0x0C
-IPI_BUF = 0x20
-IPI_BUF_END = 0x40  # four u64 mailboxes, 0x20..0x3f
-IPI_SEND = 0x40
-MAIL_SEND = 0x48
-ANY_SEND = 0x158
-
-KVM_DEV_LOONGARCH_IPI_GRP_REGS = 0x40000001
-
-#: attr offset -> width in bytes of the register the attr copies.
-_ATTR_WIDTH = {
-    IPI_STATUS: 4,
-    IPI_EN: 4,
-    IPI_SET: 4,
-    IPI_CLEAR: 4,
-    0x20: 8,
-    0x28: 8,
-    0x30: 8,
-    0x38: 8,
-}
+_BYTE = 0xFF
 
 #: SEND bits 27..30 -> the 32-bit mask of the bytes the store keeps (bit 27+i keeps byte i).
 _KEEP_MASK = tuple(
-    sum(0xFF << (8 * i) for i in range(4) if (nibble >> i) & 1) for nibble in range(16)
+    sum(_BYTE << (8 * i) for i in range(4) if (nibble >> i) & 1)
+    for nibble in range(IPI_SEND_KEEP_MASK + 1)
 )
 
 
 def _send_target_phyid(data: int) -> int:
     """The 10-bit physical CPUID field every SEND register carries (≥ max_phyid finds nobody)."""
-    return ((data & U32_MAX) >> 16) & 0x3FF
+    return ((data & U32_MAX) >> IPI_SEND_CPU_SHIFT) & IPI_SEND_CPU_MASK
 
 
 def _keep_mask(data: int) -> int:
-    return _KEEP_MASK[(data >> 27) & 0xF]
+    return _KEEP_MASK[(data >> IPI_SEND_KEEP_SHIFT) & IPI_SEND_KEEP_MASK]
 
 
 @dataclass(slots=True)
@@ -102,21 +108,22 @@ class IpiDevice(Device):
 
     def __init__(self, vm: VmApi) -> None:
         super().__init__(vm)
-        self._states: dict[int, IpiState] = {vcpu_id: IpiState() for vcpu_id in vm.vcpu_ids()}
+        #: vcpu_id -> its IPI registers.
+        self.states: dict[int, IpiState] = {vcpu_id: IpiState() for vcpu_id in vm.vcpu_ids()}
         vm.claim_iocsr(IOCSR_IPI_BASE, IOCSR_IPI_SIZE, self)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def vcpu_created(self, vcpu_id: int) -> None:
         # A reused vcpu_id is a new vCPU: it must not inherit a predecessor's mailboxes.
-        self._states[vcpu_id] = IpiState()
+        self.states[vcpu_id] = IpiState()
 
     def vcpu_destroyed(self, vcpu_id: int) -> None:
-        self._states.pop(vcpu_id, None)
+        self.states.pop(vcpu_id, None)
 
     def _state(self, vcpu_id: int) -> IpiState:
-        st = self._states.get(vcpu_id)
+        st = self.states.get(vcpu_id)
         if st is None:
-            st = self._states[vcpu_id] = IpiState()
+            st = self.states[vcpu_id] = IpiState()
         return st
 
     # --- the interrupt line -------------------------------------------------------------------
@@ -134,16 +141,6 @@ class IpiDevice(Device):
         st.status &= ~bits & U32_MAX
         if st.status == 0:
             self.vm.dequeue_irq(vcpu_id, INT_IPI)
-
-    def implied_lines(self) -> dict[int, int]:
-        """vcpu_id -> the INT_* lines this chip's state says should be up (INT_IPI iff STATUS).
-
-        For a fuzzer to check lines against chip state. The agreement holds for everything a
-        guest can do, but not after a device attr: ``set_attr`` copies STATUS raw, without
-        raising or lowering INT_IPI, exactly as the kernel's ``kvm_ipi_regs_access`` does (a VMM
-        restoring a snapshot restores ESTAT separately). A checker must allow for that.
-        """
-        return {vcpu_id: (1 << INT_IPI) if st.status else 0 for vcpu_id, st in self._states.items()}
 
     # --- guest IOCSR access ---------------------------------------------------------------------
     def read(self, vcpu_id: int, offset: int, size: int) -> int:
@@ -181,7 +178,7 @@ class IpiDevice(Device):
         elif offset == IPI_SEND:
             target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
             if target is not None:
-                self._ipi_set(target, 1 << (data & 0x1F))
+                self._ipi_set(target, 1 << (data & IPI_SEND_VECTOR_MASK))
         elif offset == MAIL_SEND:
             self._mail_send(data)
         elif offset == ANY_SEND:
@@ -192,7 +189,7 @@ class IpiDevice(Device):
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
         if target is None:
             return
-        start = 4 * (((data & U32_MAX) >> 2) & 7)
+        start = 4 * (((data & U32_MAX) >> IPI_SEND_MAILBOX_SHIFT) & IPI_SEND_MAILBOX_MASK)
         buf = self._state(target).buf
         keep = _keep_mask(data)
         old = int.from_bytes(buf[start : start + 4], "little")
@@ -208,26 +205,27 @@ class IpiDevice(Device):
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
         if target is None:
             return
-        addr = data & 0xFFFF
+        addr = data & IPI_SEND_ADDR_MASK
         keep = _keep_mask(data)
         new = (data >> 32) & ~keep & U32_MAX
-        if keep:
-            old = self.vm.iocsr_read(target, addr, 4)
-            if old is None:
-                return
-            new |= old & keep
-        self.vm.iocsr_write(target, addr, 4, new)
+        try:
+            if keep:
+                new |= self.vm.iocsr_read(target, addr, 4) & keep
+            self.vm.iocsr_write(target, addr, 4, new)
+        except KvmError as err:
+            if err.name != "ENXIO":
+                raise
 
     # --- device attrs (the VMM's raw view, by vcpu_id) -------------------------------------------
     def _attr_reg(self, group: int, attr: int) -> tuple[IpiState, int, int]:
         """Decode like ``kvm_ipi_regs_access``: cpu = bits 16..25, register = the low byte."""
         if group != KVM_DEV_LOONGARCH_IPI_GRP_REGS:
             raise KvmError("EINVAL", f"{DEV_IPI}: no attribute group {group:#x}")
-        vcpu_id = (attr >> 16) & 0x3FF
-        off = attr & 0xFF
+        vcpu_id = (attr >> IPI_ATTR_CPU_SHIFT) & IPI_ATTR_CPU_MASK
+        off = attr & IPI_ATTR_REG_MASK
         if not self.vm.vcpu_exists(vcpu_id):
             raise KvmError("EINVAL", f"{DEV_IPI}: attr {attr:#x} names no vCPU (vcpu_id {vcpu_id})")
-        width = _ATTR_WIDTH.get(off)
+        width = IPI_ATTR_REGS.get(off)
         if width is None:
             raise KvmError("EINVAL", f"{DEV_IPI}: attr {attr:#x} names no register ({off:#x})")
         return self._state(vcpu_id), off, width
@@ -263,6 +261,16 @@ class IpiDevice(Device):
             return st.clear
         start = off - IPI_BUF
         return int.from_bytes(st.buf[start : start + 8], "little")
+
+    def save_state(self) -> list[tuple[int, int, int]]:
+        """Every vCPU's registers, as ``kvm_ipi_regs_access`` copies them (any order restores)."""
+        grp = KVM_DEV_LOONGARCH_IPI_GRP_REGS
+        out = []
+        for vcpu_id in self.vm.vcpu_ids():
+            for off in IPI_ATTR_REGS:
+                attr = ipi_attr(vcpu_id, off)
+                out.append((grp, attr, self.get_attr(grp, attr)))
+        return out
 
 
 @hookimpl

@@ -22,11 +22,16 @@ from __future__ import annotations
 from lvz.plugins.api import Device, DeviceType, VmApi
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
-from lvz.protocol.constants import (
+from lvz.protocol import abi
+from lvz.protocol.abi import (
+    ACCESS_SIZES,
     DEV_EIOINTC,
     DEV_PCHPIC,
     KVM_DEV_TYPE_LOONGARCH_PCHPIC,
-    KVM_IRQCHIP_NUM_PINS,
+    PCH_PIC_INT_ID_VAL,
+    PCH_PIC_INT_ID_VER,
+    PCH_PIC_IRQ_NUM,
+    PCH_PIC_SIZE,
     U32_MAX,
     U64_MAX,
 )
@@ -34,38 +39,26 @@ from lvz.protocol.errors import KvmError
 
 __all__ = ["PchPic", "lvz_device_types"]
 
-# --- layout (kvm_pch_pic.h) ----------------------------------------------------------------------
+# The kernel header's short names for this chip, bound to the ABI module's constants.
+CTRL_INIT = abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT
+GRP_CTRL = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
+GRP_REGS = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS
+PINS = abi.KVM_IRQCHIP_NUM_PINS
+CLEAR = abi.PCH_PIC_CLEAR
+EDGE = abi.PCH_PIC_EDGE
+HTMSI_EN = abi.PCH_PIC_HTMSI_EN
+HTMSI_VEC = abi.PCH_PIC_HTMSI_VEC
+INT_ID = abi.PCH_PIC_INT_ID
+INT_IRR = abi.PCH_PIC_INT_IRR
+INT_ISR = abi.PCH_PIC_INT_ISR
+MASK = abi.PCH_PIC_MASK
+POLARITY = abi.PCH_PIC_POLARITY
+ROUTE_ENTRY = abi.PCH_PIC_ROUTE_ENTRY
+WORD_REGS = abi.PCH_PIC_WORD_REGS
 
-PCH_PIC_SIZE = 0x3E8
-
-INT_ID = 0x000
-MASK = 0x020
-HTMSI_EN = 0x040
-EDGE = 0x060
-CLEAR = 0x080
-AUTO_CTRL0 = 0x0C0
-AUTO_CTRL1 = 0x0E0
-ROUTE_ENTRY = 0x100  # u8 x 64
-HTMSI_VEC = 0x200  # u8 x 64
-INT_IRR = 0x380
-INT_ISR = 0x3A0
-POLARITY = 0x3E0
-
-PINS = KVM_IRQCHIP_NUM_PINS  # 64
-IRQ_NUM = 32  # pins the ID register advertises and the defaults cover
-INT_ID_VAL = 0x7
-INT_ID_VER = 0x1
 #: union pch_pic_id: byte 3 = id, byte 4 = version, byte 6 = irq_num - 1.
-ID_WORD = (INT_ID_VAL << 24) | (INT_ID_VER << 32) | ((IRQ_NUM - 1) << 48)
-
-#: The 8-byte registers device attrs and (most) guest accesses reach by name.
-WORD_REGS = (MASK, HTMSI_EN, EDGE, AUTO_CTRL0, AUTO_CTRL1, INT_IRR, INT_ISR, POLARITY)
-
-GRP_REGS = 0x40000005
-GRP_CTRL = 0x40000006
-CTRL_INIT = 0
-
-_SIZES = (1, 2, 4, 8)
+ID_WORD = (PCH_PIC_INT_ID_VAL << 24) | (PCH_PIC_INT_ID_VER << 32) | ((PCH_PIC_IRQ_NUM - 1) << 48)
+_BYTE = 0xFF
 
 
 class PchPic(Device):
@@ -79,7 +72,7 @@ class PchPic(Device):
         self.regs[MASK] = U64_MAX
         self.route_entry = bytearray(PINS)
         self.htmsi_vector = bytearray(PINS)
-        for pin in range(IRQ_NUM):
+        for pin in range(PCH_PIC_IRQ_NUM):
             self.route_entry[pin] = 1
             self.htmsi_vector[pin] = pin  # pins 32..63 stay 0: they all reach EIOINTC irq 0
 
@@ -123,7 +116,7 @@ class PchPic(Device):
 
     def _aligned(self, offset: int, size: int) -> bool:
         base = self.base or 0
-        return size in _SIZES and not (base + offset) & (size - 1)
+        return size in ACCESS_SIZES and not (base + offset) & (size - 1)
 
     def read(self, vcpu_id: int, offset: int, size: int) -> int:
         if not self._aligned(offset, size):
@@ -199,7 +192,7 @@ class PchPic(Device):
         if group != GRP_REGS:
             raise KvmError("EINVAL", f"PCH-PIC has no attr group {group:#x}")
         reg, index = self._regs_slot(attr)
-        limit = 0xFF if reg in (ROUTE_ENTRY, HTMSI_VEC) else U64_MAX
+        limit = _BYTE if reg in (ROUTE_ENTRY, HTMSI_VEC) else U64_MAX
         if not 0 <= value <= limit:
             raise KvmError(
                 "EINVAL", f"PCH-PIC attr {attr:#x} holds {limit.bit_length() // 8} byte(s)"
@@ -234,11 +227,15 @@ class PchPic(Device):
             raise KvmError("EFAULT", f"PCH-PIC MMIO at {base:#x}: {exc.message}") from exc
         self.base = base
 
-    # --- introspection --------------------------------------------------------------------------
-
-    def implied_lines(self) -> dict[int, int]:
-        """PCH-PIC drives no vCPU line; everything it asserts goes through EIOINTC."""
-        return {}
+    def save_state(self) -> list[tuple[int, int, int]]:
+        """CTRL_INIT (the window's base, if placed), then every register, raw."""
+        regs, ctrl = GRP_REGS, GRP_CTRL
+        out = [] if self.base is None else [(ctrl, CTRL_INIT,
+                                             self.base)]
+        attrs = [*WORD_REGS,
+                 *(ROUTE_ENTRY + pin for pin in range(PINS)),
+                 *(HTMSI_VEC + pin for pin in range(PINS))]
+        return out + [(regs, attr, self.get_attr(regs, attr)) for attr in attrs]
 
 
 @hookimpl

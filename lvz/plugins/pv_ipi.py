@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from lvz.plugins.api import VmApi
 from lvz.plugins.hookspecs import hookimpl
-from lvz.protocol.constants import (
+from lvz.protocol.abi import (
     INT_SWI0,
     KVM_FEATURE_IPI,
     KVM_HCALL_FUNC_IPI,
@@ -67,7 +67,7 @@ def lvz_hypercall(vm: VmApi, vcpu_id: int, code: int, args: list[int]) -> int | 
     """
     if code != KVM_HCALL_SERVICE:
         return None
-    if args[0] != KVM_HCALL_FUNC_IPI or not (vm.pv_features >> KVM_FEATURE_IPI) & 1:
+    if args[0] != KVM_HCALL_FUNC_IPI or not vm.pv_features & KVM_FEATURE_IPI:
         return KVM_HCALL_INVALID_CODE
     send_pv_ipi(vm, args[1], args[2], args[3])
     return KVM_HCALL_SUCCESS

@@ -4,7 +4,7 @@ Bytes in, typed events out; events in, bytes out. Both the daemon and the client
 adapters over ``ServerConnection`` / ``ClientConnection``.
 """
 
-from . import constants, regs
+from . import abi
 from .connection import (
     DEFAULT_MAX_MESSAGE,
     NEED_DATA,
@@ -26,5 +26,5 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE", "NEED_DATA", "ClientConnection", "ServerConnection",
     "ERRNO", "ERRNO_NAMES", "KvmError", "LocalProtocolError",
     "ProtocolError", "RemoteProtocolError", "BadRequest", "Event", "Malformed", "Notification",
-    "Request", "Response", "HANDLE_PARAM", "METHODS", "validate", "constants", "regs",
+    "Request", "Response", "HANDLE_PARAM", "METHODS", "validate", "abi",
 ]

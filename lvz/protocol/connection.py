@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .constants import U32_MAX
+from .abi import U32_MAX
 from .errors import KvmError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import BadRequest, Event, Malformed, Notification, Request, Response
 from .methods import validate

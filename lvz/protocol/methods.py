@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from .constants import I64_MIN, U32_MAX, U64_MAX
+from .abi import I64_MIN, U32_MAX, U64_MAX
 from .errors import KvmError
 
 __all__ = ["HANDLE_KINDS", "METHODS", "ParamSpec", "validate"]
@@ -118,6 +118,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
         ("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
     ),
     "device.get_attr": (("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R)),
+    # lvz addition: the device's own state as [group, attr, value] in restore order (snapshots).
+    "device.save_state": (("device", "device", _R),),
 }
 
 # Compiled form: method -> ({name: (check, what)}, required names)

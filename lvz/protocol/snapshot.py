@@ -12,10 +12,10 @@ daemon answered). A driver sends a batch however it likes — pipelined on the a
 by one on the blocking client, or straight into the daemon's dispatch for ``--state-dir`` — so
 one procedure serves all three.
 
-Like a VMM, the snapshot knows its devices: the three in-kernel irqchips' state is their device
-attrs, listed here in the order KVM wants them restored (EIOINTC: CTRL init, registers, then
-LOAD_FINISHED). A VM with a device type this module does not know cannot be saved; that is an
-EINVAL naming the type, not a silent partial snapshot.
+The snapshot knows no device: every chip, built-in or third-party, declares its own state
+(``Device.save_state`` in lvz.plugins.api), which ``device.save_state`` returns as device attrs
+in restore order, and restoring replays them with ``device.set_attr``. A device whose plugin
+declares no state makes the save fail with EINVAL naming its type, never a partial snapshot.
 
 The file is msgpack: ``{"format": "lvz-snapshot", "version": 1, "vm": …, "vcpus": […],
 "devices": […]}``. ``decode`` checks every field before anything is created, so a corrupt or
@@ -29,12 +29,9 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from . import regs
-from .constants import (
+from . import abi
+from .abi import (
     CPUCFG_KVM_FEATURE,
-    DEV_EIOINTC,
-    DEV_IPI,
-    DEV_PCHPIC,
     KVM_LOONGARCH_VCPU_CPUCFG,
     MAX_PHYID_LIMIT,
     PV_FEATURES_DEFAULT,
@@ -52,59 +49,11 @@ Batch = list[tuple[str, dict[str, Any]]]
 Results = list["dict[str, Any] | KvmError"]
 T = TypeVar("T")
 
-# In-kernel irqchip attribute layout (SEMANTICS.md §8-§10).
-_IPI_REGS = 0x40000001
-_IPI_OFFSETS = (0x00, 0x04, 0x08, 0x0C, 0x20, 0x28, 0x30, 0x38)
-_EIO_REGS, _EIO_SW_STATUS, _EIO_CTRL = 0x40000002, 0x40000003, 0x40000004
-_EIO_SHARED = [(0x0A0, 0x0C0), (0x0C0, 0x0C8), (0x200, 0x220), (0x280, 0x2A0), (0x300, 0x320),
-               (0x800, 0x900)]  # NODETYPE, IPMAP, ENABLE, BOUNCE, ISR, COREMAP
-_EIO_COREISR = (0x400, 0x420)
-_EIO_ROUTE = 0x100  # lvz's SW_STATUS extension: sw_coremap[irq] (plugins/eiointc.py)
-_PCH_REGS, _PCH_CTRL = 0x40000005, 0x40000006
-_PCH_WIDE = (0x20, 0x40, 0x60, 0xC0, 0xE0, 0x380, 0x3A0, 0x3E0)
-_PCH_BYTES = [0x100 + i for i in range(64)] + [0x200 + i for i in range(64)]
-
-
 def _ok(results: Results) -> list[dict[str, Any]]:
     for r in results:
         if isinstance(r, KvmError):
             raise r
     return results  # type: ignore[return-value]
-
-
-def _attr_reads(dev: int, attrs: list[tuple[int, int]]) -> Batch:
-    return [("device.get_attr", {"device": dev, "group": g, "attr": a}) for g, a in attrs]
-
-
-def _save_device(kind: str, dev: int, vcpu_ids: list[int]) -> Generator[Batch, Results,
-                                                                         list[list[int]]]:
-    """The attrs that make up one device's state, in restore order, as [group, attr, value]."""
-    if kind == DEV_IPI:
-        attrs = [(_IPI_REGS, (v << 16) | off) for v in vcpu_ids for off in _IPI_OFFSETS]
-        values = _ok((yield _attr_reads(dev, attrs)))
-        return [[g, a, r["value"]] for (g, a), r in zip(attrs, values, strict=True)]
-    if kind == DEV_EIOINTC:
-        num_cpu, features, state = (r["value"] for r in _ok((yield _attr_reads(
-            dev, [(_EIO_SW_STATUS, 0), (_EIO_SW_STATUS, 1), (_EIO_SW_STATUS, 2)]))))
-        attrs = [(_EIO_REGS, off) for lo, hi in _EIO_SHARED for off in range(lo, hi, 4)]
-        attrs += [(_EIO_REGS, (cpu << 16) | off) for cpu in range(num_cpu)
-                  for off in range(*_EIO_COREISR, 4)]
-        routes = [(_EIO_SW_STATUS, (irq << 16) | _EIO_ROUTE) for irq in range(256)]
-        values = _ok((yield _attr_reads(dev, attrs + routes)))
-        saved = [[g, a, r["value"]] for (g, a), r in zip(attrs + routes, values, strict=True)]
-        return [[_EIO_CTRL, 0, num_cpu], [_EIO_CTRL, 1, features], [_EIO_SW_STATUS, 2, state],
-                *saved[:len(attrs)],
-                [_EIO_CTRL, 3, 0],  # LOAD_FINISHED: rebuild routing from the registers,
-                *saved[len(attrs):]]  # then put back the live routes it cannot know
-    if kind == DEV_PCHPIC:
-        attrs = [(_PCH_REGS, off) for off in (*_PCH_WIDE, *_PCH_BYTES)]
-        results = yield _attr_reads(dev, [(_PCH_CTRL, 0), *attrs])
-        base = results[0]
-        out = [] if isinstance(base, KvmError) else [[_PCH_CTRL, 0, base["value"]]]
-        values = _ok(results[1:])
-        return out + [[g, a, r["value"]] for (g, a), r in zip(attrs, values, strict=True)]
-    raise KvmError("EINVAL", f"a {kind} cannot be saved: lvz snapshots know the in-kernel "
-                             f"irqchips only")
 
 
 def save_vm(vm: int) -> Generator[Batch, Results, dict[str, Any]]:
@@ -129,10 +78,9 @@ def save_vm(vm: int) -> Generator[Batch, Results, dict[str, Any]]:
             pv = _ok((yield [("vcpu.get_attr", {"vcpu": vcpus[0],
                                                 "group": KVM_LOONGARCH_VCPU_CPUCFG,
                                                 "attr": CPUCFG_KVM_FEATURE})]))[0]["value"]
-        devices = []
-        for kind, dev in zip(info["devices"], devs, strict=True):
-            devices.append({"type": kind, "attrs": (yield from _save_device(kind, dev,
-                                                                            vcpu_ids))})
+        states = _ok((yield [("device.save_state", {"device": d}) for d in devs]))
+        devices = [{"type": kind, "attrs": state["attrs"]}
+                   for kind, state in zip(info["devices"], states, strict=True)]
     finally:
         yield [("close", {"handle": h}) for h in (*vcpus, *devs)]
     return {"format": FORMAT, "version": VERSION,
@@ -160,7 +108,7 @@ def restore_vm(snap: dict[str, Any], name: str | None = None) -> Generator[Batch
         unset = spec["max_phyid"]
         writes = [("vcpu.set_one_reg", {"vcpu": h, "id": i, "value": value})
                   for h, v in zip(vcpus, snap["vcpus"], strict=True) for i, value in v["regs"]
-                  if not (i == regs.CPUID and value == unset) and i != regs.VCPU_RESET]
+                  if not (i == abi.CPUID and value == unset) and i != abi.VCPU_RESET]
         _ok((yield writes))
         made = _ok((yield [("vm.create_device", {"vm": vm, "type": d["type"]})
                            for d in snap["devices"]]))

@@ -8,7 +8,7 @@ how many doorbells rang. Device attr group 1, attr 0 reads/sets that counter.
 from __future__ import annotations
 
 from lvz.plugins import Device, DeviceType, VmApi, hookimpl
-from lvz.protocol.constants import INT_TI
+from lvz.protocol.abi import INT_TI
 from lvz.protocol.errors import KvmError
 
 BASE = 0x9000
@@ -43,6 +43,10 @@ class Doorbell(Device):
         if (group, attr) != (1, 0):
             raise KvmError("EINVAL", f"doorbell: no attr {group:#x}/{attr:#x}")
         self.rings = value
+
+    # snapshots: the state to save, as the attrs that restore it
+    def save_state(self) -> list[tuple[int, int, int]]:
+        return [(1, 0, self.rings)]
 
 
 @hookimpl
