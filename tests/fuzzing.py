@@ -16,8 +16,8 @@ After **every** step the fuzzer checks:
   into EIO naming the plugin, so an EIO *is* an escaped exception);
 * every vCPU's interrupt lines agree with the chips' state: HWI0-7 (ESTAT bits 2-9) equal the OR
   of EIOINTC's ``implied_lines`` (tests/chipfake.py), the IPI bit equals the IPI chip's, TI is
-  down, and SWI0/SWI1 equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets the fuzzer computes on
-  its own from SEMANTICS §7, and only a guest ``csrxchg`` changes SWI0/SWI1);
+  down, and SWI0/SWI1 equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets
+  the fuzzer computes on its own from SEMANTICS §7, and only a guest ``csrxchg`` changes SWI0/SWI1);
 * the phyid map is a bijection between the set vCPUs and their ids: ``vm.phyids`` is exactly
   ``{v.csrs[CPUID]: v for live v if CPUID < max_phyid}`` with no id held twice.
 
