@@ -6,7 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
-from lvz.plugins import hookspecs
+from lvz.plugins import Device, VmApi, hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
@@ -33,3 +33,23 @@ def test_hookspecs_are_typed_and_explained() -> None:
             assert fn.__doc__, name
             assert all(p.annotation is not inspect.Parameter.empty
                        for p in inspect.signature(fn).parameters.values()), name
+
+
+def test_the_chip_contract_is_documented_whole() -> None:
+    """Every VmApi member and every Device method a chip may override is in docs/plugins.md."""
+    text = DOCS.read_text()
+    members = [n for n in dir(VmApi) if not n.startswith("_")]
+    methods = [n for n, _ in inspect.getmembers(Device, inspect.isfunction)
+               if not n.startswith("_")]
+    assert "vcpu_by_phyid" in members and "save_state" in methods
+    for name in members + methods:
+        assert f"`{name}" in text, name
+
+
+def test_lifecycle_events_have_one_mechanism() -> None:
+    """VM events reach chips as Device methods only: no hookspec duplicates them."""
+    hooks = {n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction)
+             if n.startswith("lvz_")}
+    assert hooks == {"lvz_device_types", "lvz_hypercall"}
+    for event in ("vcpu_created", "vcpu_destroyed", "phyid_set", "phyid_dropped"):
+        assert callable(getattr(Device, event))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from lvz.clients.cli import main as cli_main
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import PluginLoadError, load_plugins
 from lvz.daemon.server import serve
@@ -159,3 +160,98 @@ def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
                                code=abi.KVM_HCALL_SERVICE,
                                args=[abi.KVM_HCALL_FUNC_IPI, 0, 0, 0, 0, 0]) == (0, "pv-ipi")
     assert "hook lvz_hypercall: pv-ipi(0, 256, [1, 0, 0, 0, 0, 0]) -> 0" in caplog.text
+
+
+async def test_doorbell_state_survives_lvz_snapshot_and_restore(
+        doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    """A third-party chip declares its state (Device.save_state); the CLI saves and restores it."""
+    cfg = ServeConfig(socket=sock_dir / "bell.sock")
+    await nursery.start(serve, cfg, load_plugins())
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm", name="bell"))["vm"]
+    v0 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
+    v1 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=1))["vcpu"]
+    await raw.ok("vcpu.set_one_reg", vcpu=v1, id=abi.CPUID, value=42)
+    await raw.ok("vm.create_device", vm=vm, type="doorbell")
+    for _ in range(3):
+        await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=42)
+    file = sock_dir / "bell.lvzsnap"
+    sock = ["--socket", str(cfg.socket)]
+    assert await trio.to_thread.run_sync(cli_main, ["snapshot", "bell", str(file), *sock]) == 0
+    assert await trio.to_thread.run_sync(
+        cli_main, ["restore", str(file), "--name", "bell2", *sock]) == 0
+    copy = (await raw.ok("kvm.open_vm", name="bell2"))["vm"]
+    bell = (await raw.ok("vm.open_device", vm=copy, type="doorbell"))["device"]
+    assert (await raw.ok("device.get_attr", device=bell, group=1, attr=0))["value"] == 3
+    c0 = (await raw.ok("vm.open_vcpu", vm=copy, vcpu_id=0))["vcpu"]
+    c1 = (await raw.ok("vm.open_vcpu", vm=copy, vcpu_id=1))["vcpu"]
+    assert (await raw.ok("vcpu.get_one_reg", vcpu=c1, id=abi.ESTAT))["value"] == 1 << abi.INT_TI
+    await raw.ok("vcpu.iocsr_write", vcpu=c0, addr=0x9000, size=4, value=42)  # routes as before
+    assert (await raw.ok("vcpu.iocsr_read", vcpu=c0, addr=0x9000, size=4))["value"] == 4
+
+
+class Stateless(Device):
+    """Declares no state: a VM holding it cannot be saved."""
+
+
+class Garbled(Device):
+    def save_state(self) -> list[tuple[int, int, int]]:
+        return [(1, 2)]  # type: ignore[list-item]
+
+
+class StatePlugin:
+    @hookimpl
+    def lvz_device_types(self) -> list[DeviceType]:
+        return [DeviceType("stateless", 98, Stateless), DeviceType("garbled", 97, Garbled)]
+
+
+async def test_a_device_without_declared_state_is_refused_by_name(
+        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    cfg = ServeConfig(socket=sock_dir / "s.sock")
+    await nursery.start(serve, cfg, load_plugins(extra=[("state-chips", StatePlugin())]))
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm", name="nostate"))["vm"]
+    dev = (await raw.ok("vm.create_device", vm=vm, type="stateless"))["device"]
+    r = await raw.call("device.save_state", device=dev)
+    assert r.error is not None and r.error.name == "EINVAL"
+    assert "stateless cannot be saved" in r.error.message
+    file = sock_dir / "nostate.lvzsnap"
+    code = await trio.to_thread.run_sync(
+        cli_main, ["snapshot", "nostate", str(file), "--socket", str(cfg.socket)])
+    assert code == 1 and not file.exists()
+    garbled = (await raw.ok("vm.create_device", vm=vm, type="garbled"))["device"]
+    r = await raw.call("device.save_state", device=garbled)
+    assert r.error is not None and r.error.name == "EIO"
+    assert "state-chips" in r.error.message
+
+
+async def test_chips_get_a_facade_not_the_vm(
+        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    seen: list[object] = []
+
+    class Peek(Device):
+        def __init__(self, vm: VmApi) -> None:
+            super().__init__(vm)
+            seen.append(vm)
+
+    class PeekPlugin:
+        @hookimpl
+        def lvz_device_types(self) -> list[DeviceType]:
+            return [DeviceType("peek", 96, Peek)]
+
+    cfg = ServeConfig(socket=sock_dir / "p.sock")
+    await nursery.start(serve, cfg, load_plugins(extra=[("peek", PeekPlugin())]))
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=3)
+    await raw.ok("vm.create_device", vm=vm, type="peek")
+    (api,) = seen
+    assert type(api).__name__ == "ChipApi"
+    assert api.vcpu_ids() == [3]  # type: ignore[attr-defined]
+    for private in ("vcpus", "phyids", "set_cpuid", "set_one_reg", "devices", "host", "destroy"):
+        assert not hasattr(api, private), private
+    # every member of the documented contract is there
+    for member in ("max_phyid", "pv_features", "vcpu_by_phyid", "vcpu_exists", "vcpu_ids",
+                   "queue_irq", "dequeue_irq", "claim_iocsr", "claim_mmio", "set_chip_input",
+                   "iocsr_read", "iocsr_write"):
+        assert hasattr(api, member), member

@@ -36,7 +36,11 @@ async def drive(gen: Generator[snap.Batch, snap.Results, T], raw: Raw) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-IPI, EIO, PCH = "loongarch-ipi", "loongarch-eiointc", "loongarch-pchpic"
+IPI, EIO, PCH = abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC
+KS0 = abi.CSR_KS0  # a register the VMM saves and nothing interprets
+IPI_IO = abi.IOCSR_IPI_BASE
+EIO_ENABLE = abi.EIOINTC_BASE + abi.EIOINTC_ENABLE
+EIO_COREMAP = abi.EIOINTC_BASE + abi.EIOINTC_COREMAP
 
 
 async def build_busy_vm(raw: Raw) -> int:
@@ -47,25 +51,31 @@ async def build_busy_vm(raw: Raw) -> int:
         vcpus[vid] = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=vid))["vcpu"]
         if phyid is not None:
             await raw.ok("vcpu.set_one_reg", vcpu=vcpus[vid], id=abi.CPUID, value=phyid)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.csr_id(0x30), value=0xDEADBEEF)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=abi.cpucfg_id(2), value=0x4007)
-    await raw.ok("vcpu.set_attr", vcpu=vcpus[0], group=0, attr=0x40000004,
-                 value=(1 << 1) | (1 << 2))  # PV features: IPI + steal time
-    await raw.ok("vcpu.interrupt", vcpu=vcpus[5], irq=11)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.csr_id(KS0), value=0xDEADBEEF)
+    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=abi.cpucfg_id(2),
+                 value=abi.CPUCFG2_LLFTP | abi.CPUCFG2_FP | abi.CPUCFG2_FPSP | abi.CPUCFG2_FPDP)
+    await raw.ok("vcpu.set_attr", vcpu=vcpus[0], group=abi.KVM_LOONGARCH_VCPU_CPUCFG,
+                 attr=abi.CPUCFG_KVM_FEATURE,
+                 value=abi.KVM_FEATURE_IPI | abi.KVM_FEATURE_STEAL_TIME)
+    await raw.ok("vcpu.interrupt", vcpu=vcpus[5], irq=abi.INT_TI)
     for kind in (IPI, EIO, PCH):
         await raw.ok("vm.create_device", vm=vm, type=kind)
     eio = (await raw.ok("vm.open_device", vm=vm, type=EIO))["device"]
-    await raw.ok("device.set_attr", device=eio, group=0x40000004, attr=0, value=8)  # num_cpu
+    await raw.ok("device.set_attr", device=eio, group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
+                 attr=abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU, value=8)
     pch = (await raw.ok("vm.open_device", vm=vm, type=PCH))["device"]
-    await raw.ok("device.set_attr", device=pch, group=0x40000006, attr=0, value=0x10000000)
+    await raw.ok("device.set_attr", device=pch, group=abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+                 attr=abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, value=abi.VIRT_PCH_PIC_BASE)
     v0 = vcpus[0]
-    await raw.ok("vcpu.mmio_write", vcpu=v0, addr=0x10000020, size=8, value=~(1 << 4) & (2**64 - 1))
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x1600, size=8, value=0xFFFF)  # ENABLE 0..15
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x1C04, size=1, value=0x01)  # irq 4 -> phyid 0
+    await raw.ok("vcpu.mmio_write", vcpu=v0, addr=abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK, size=8,
+                 value=~(1 << 4) & abi.U64_MAX)  # unmask pin 4
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_ENABLE, size=8, value=0xFFFF)  # 0..15
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_COREMAP + 4, size=1, value=1)  # -> phyid 0
     await raw.ok("vm.irq_line", vm=vm, irq=4, level=1)  # pin 4 -> irq 4 -> phyid 0 = vCPU 3
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x1040, size=4, value=(300 << 16) | 3)  # IPI
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x1048, size=8,
-                 value=(0xCAFEF00D << 32) | (300 << 16) | (2 << 2))  # MAIL_SEND mailbox 2
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_IO + abi.IPI_SEND, size=4,
+                 value=abi.ipi_send(300, 3))
+    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_IO + abi.MAIL_SEND, size=8,
+                 value=abi.ipi_send(300, 2 << abi.IPI_SEND_MAILBOX_SHIFT, payload=0xCAFEF00D))
     return vm
 
 
@@ -91,9 +101,9 @@ async def test_restore_is_indistinguishable(connect: Connect) -> None:
     assert after == before
     assert before["map"]["entries"] == [[0, 3], [7, 0], [300, 1]]
     estat = {v["vcpu_id"]: dict(v["regs"]).get(abi.ESTAT, 0) for v in before["vcpus"]}
-    assert estat[3] & (1 << 2)  # HWI0 from the device pin
-    assert estat[1] & (1 << 12)  # IPI
-    assert estat[5] & (1 << 11)  # TI
+    assert estat[3] & (1 << abi.INT_HWI0)  # from the device pin
+    assert estat[1] & (1 << abi.INT_IPI)
+    assert estat[5] & (1 << abi.INT_TI)
 
     # and it routes the same: a new pin on both VMs reaches the same vCPU and line
     for handle in (vm, copy):
@@ -101,7 +111,8 @@ async def test_restore_is_indistinguishable(connect: Connect) -> None:
     raw.notifications.clear()
     for handle in (vm, copy):
         await raw.ok("vm.signal_msi", vm=handle, address=0, data=9)
-        await raw.ok("vcpu.hypercall", code=0x100, args=[1, 1 << 7, 0, 0],
+        await raw.ok("vcpu.hypercall", code=abi.KVM_HCALL_SERVICE,
+                     args=[abi.KVM_HCALL_FUNC_IPI, 1 << 7, 0, 0],
                      vcpu=(await raw.ok("vm.open_vcpu", vm=handle, vcpu_id=0))["vcpu"])
     seen = [(n.params["vm"], n.params["vcpu_id"], n.params["irq"], n.params["level"])
             for n in raw.notifications]
@@ -126,7 +137,7 @@ async def test_failed_restore_leaves_no_vm(connect: Connect) -> None:
     raw = await connect()
     vm = await build_busy_vm(raw)
     saved = await drive(snap.save_vm(vm), raw)
-    saved["vcpus"][0]["regs"].append([abi.csr_id(0x20), 999])  # a second, different CPUID
+    saved["vcpus"][0]["regs"].append([abi.CPUID, 999])  # a second, different CPUID
     with pytest.raises(KvmError) as exc:
         await drive(snap.restore_vm(saved, name="broken"), raw)
     assert exc.value.name == "EINVAL"
@@ -144,10 +155,11 @@ async def test_routes_to_vcpu_ids_past_255_survive_a_restore(connect: Connect) -
     v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
     await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=2)
     await raw.ok("vm.create_device", vm=vm, type=EIO)
-    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=0x1C00, size=8, value=4)  # irq 0 -> phyid 2
+    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=EIO_COREMAP, size=8, value=4)  # irq 0 -> phyid 2
     saved = await drive(snap.save_vm(vm), raw)
     copy = await drive(snap.restore_vm(saved, name="wide2"), raw)
     assert await read_all(raw, copy) == await read_all(raw, vm)
     eio = (await raw.ok("vm.open_device", vm=copy, type=EIO))["device"]
-    assert (await raw.ok("device.get_attr", device=eio, group=0x40000003,
-                         attr=0x100))["value"] == 300
+    assert (await raw.ok("device.get_attr", device=eio,
+                         group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS,
+                         attr=abi.eiointc_route_attr(0)))["value"] == 300

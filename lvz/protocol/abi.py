@@ -47,6 +47,7 @@ I64_MIN = -(1 << 63)
 CSR_CRMD = 0x0
 CSR_ESTAT = 0x5
 CSR_CPUID = 0x20
+CSR_KS0 = 0x30
 CSR_TMID = 0x40
 CSR_GINTC = 0x52
 #: CRMD.DA (mask): direct address translation, set at vCPU creation.
