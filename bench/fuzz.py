@@ -60,6 +60,12 @@ MAX_MESSAGE = 1 << 16
 #: Messages per pipelined connection before it is replaced by a fresh one.
 CONN_MESSAGES = 2000
 
+#: Numbers the daemon gives meaning to: chip addresses, attr groups, register ids.
+_INTERESTING = (abi.IOCSR_IPI_BASE + abi.IPI_SET, abi.IOCSR_IPI_BASE + abi.IPI_SEND,
+                abi.EIOINTC_BASE, abi.EIOINTC_BASE + abi.EIOINTC_ENABLE,
+                abi.EIOINTC_BASE + abi.EIOINTC_COREISR, abi.CPUCFG_KVM_FEATURE,
+                abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK, abi.CPUID, abi.ESTAT)
+
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -101,9 +107,7 @@ class Junk:
     def int_(self) -> int:
         rng = self.rng
         return rng.choice((rng.randrange(300), rng.randrange(9), rng.getrandbits(64),
-                           rng.getrandbits(32), U64_MAX, -(1 << 63), -1, 0x1008, 0x1040,
-                           0x1400, 0x1600, 0x1800, 0x40000004, 0x10000020, abi.CPUID,
-                           abi.ESTAT))
+                           rng.getrandbits(32), U64_MAX, -(1 << 63), -1, *_INTERESTING))
 
     def scalar(self) -> Any:
         rng = self.rng

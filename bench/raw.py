@@ -20,8 +20,9 @@ from typing import Any
 import msgpack
 import trio
 
+from lvz.protocol.abi import U32_MAX
+
 RECEIVE_BYTES = 65536
-U32_MAX = 0xFFFFFFFF
 
 MakeRequest = Callable[[int], tuple[str, dict[str, Any]]]
 #: Called with every notification ``[2, event, params]`` that arrives on a driven connection.

@@ -751,10 +751,10 @@ class Demo:
         target, vector = 42, 1
         sender.iocsr_write(IOCSR_IPI_SEND, 4, abi.ipi_send(target, vector))
         self._report("IPI", f"vCPU 0 IPI_SEND to phyid {target}", vm,
-                     {(by_phyid[target], 12)})
+                     {(by_phyid[target], abi.INT_IPI)})
 
-        # 2. PV IPI: hvcl 0x100 with a 128-bit bitmap relative to a base phyid, clustered the
-        # way Linux's pv_send_ipi_mask does when the targets span more than 128 ids.
+        # 2. PV IPI: hvcl KVM_HCALL_SERVICE with a 128-bit bitmap relative to a base phyid,
+        # clustered the way Linux's pv_send_ipi_mask does when the targets span more than 128 ids.
         phyids = sorted(by_phyid)
         clusters: dict[int, int] = {}
         for phyid in phyids:
@@ -764,9 +764,10 @@ class Demo:
         for base, bitmap in clusters.items():
             answers.append(sender.hypercall(HCALL_SERVICE, HCALL_FUNC_IPI, bitmap & U64_MAX,
                                             bitmap >> 64, base))
-        self._report("PV IPI", f"hvcl 0x100 to {len(phyids)} phyids, "
+        self._report("PV IPI", f"hvcl {HCALL_SERVICE:#x} to {len(phyids)} phyids, "
                      f"{len(clusters)} calls → a0 {answers}", vm,
-                     {(v, 0) for v in by_phyid.values()} if set(answers) == {0} else set())
+                     {(v, abi.INT_SWI0) for v in by_phyid.values()}
+                     if set(answers) == {abi.KVM_HCALL_SUCCESS} else set())
 
         # 3. A device interrupt: PCH-PIC pin → EIOINTC irq (= pin) → COREMAP → phyid → HWI0.
         pin, dev_phyid = 5, 0
@@ -776,7 +777,7 @@ class Demo:
         sender.iocsr_write(IOCSR_EIOINTC_COREMAP + pin, 1, 1 << dev_phyid)
         vm.irq_line(pin, 1)
         self._report("device interrupt", f"pin {pin} → EIOINTC {pin} → phyid {dev_phyid}",
-                     vm, {(by_phyid[dev_phyid], 2)})
+                     vm, {(by_phyid[dev_phyid], abi.INT_HWI0)})
         vm.irq_line(pin, 0)
 
         # 4. MSI: the data is the EIOINTC irq; bitmap-mode coremap bit n names phyid n.
@@ -785,7 +786,7 @@ class Demo:
         sender.iocsr_write(IOCSR_EIOINTC_COREMAP + irq, 1, 1 << msi_phyid)
         vm.signal_msi(MSI_ADDRESS, irq)
         self._report("MSI", f"data {irq} → EIOINTC {irq} → phyid {msi_phyid}", vm,
-                     {(by_phyid[msi_phyid], 2)})
+                     {(by_phyid[msi_phyid], abi.INT_HWI0)})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
