@@ -96,8 +96,8 @@ def test_device_type_and_claimed_ranges() -> None:
     dev = dt.factory(vm)
     assert isinstance(dev, Eiointc)
     assert [(base, size) for base, size, _ in vm.iocsr] == [
-        (0x1400, 0x900),
-        (0x40000000, 0x1000),
+        (abi.EIOINTC_BASE, abi.EIOINTC_SIZE),
+        (abi.EIOINTC_VIRT_BASE, abi.EIOINTC_VIRT_SIZE),
     ]
 
 
@@ -506,8 +506,8 @@ def test_ctrl_is_set_only_and_unknown_groups_fail() -> None:
     assert (eio.num_cpu, eio.features, eio.status) == (0, 0, 0)
     for call in (
         lambda: eio.get_attr(GRP_CTRL, CTRL_INIT_NUM_CPU),
-        lambda: eio.get_attr(0x40000001, 0),
-        lambda: eio.set_attr(0x40000005, 0, 0),
+        lambda: eio.get_attr(abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS, 0),
+        lambda: eio.set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS, 0, 0),
     ):
         with pytest.raises(KvmError) as e:
             call()
@@ -597,14 +597,15 @@ def test_route_attr_reads_and_restores_the_live_route_lvz_extension() -> None:
     for vid, phyid in ((0, 5), (2, 1)):
         vm.add_vcpu(vid, phyid)
     dev = vm.add_device("loongarch-eiointc", Eiointc(vm))
-    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 0
-    dev.set_attr(0x40000003, (9 << 16) | 0x100, 2)
-    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 2
+    assert dev.get_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9)) == 0
+    dev.set_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9), 2)
+    assert dev.get_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9)) == 2
     assert dev.sw_coremap[9] == 2
-    dev.set_attr(0x40000003, (9 << 16) | 0x100, 300)  # lvz vcpu_ids go past the kernel's u8
-    assert dev.get_attr(0x40000003, (9 << 16) | 0x100) == 300
-    for attr, value in (((256 << 16) | 0x100, 0), ((9 << 16) | 0x100, 65536)):
+    # lvz vcpu_ids go past the kernel's u8
+    dev.set_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9), 300)
+    assert dev.get_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9)) == 300
+    for attr, value in ((abi.eiointc_route_attr(256), 0), (abi.eiointc_route_attr(9), 65536)):
         with pytest.raises(KvmError) as exc:
-            dev.set_attr(0x40000003, attr, value)
+            dev.set_attr(GRP_SW_STATUS, attr, value)
         assert exc.value.name == "EINVAL"
     assert vm.events == []  # restoring a route never touches a line

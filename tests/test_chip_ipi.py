@@ -86,7 +86,7 @@ def test_device_type_hook() -> None:
 
 
 def test_claims_the_ipi_iocsr_window(chip: Chip) -> None:
-    assert chip.vm.iocsr == [(0x1000, 0x160, chip.dev)]
+    assert chip.vm.iocsr == [(abi.IOCSR_IPI_BASE, abi.IOCSR_IPI_SIZE, chip.dev)]
 
 
 def test_vcpus_that_predate_the_device_have_state() -> None:
@@ -441,7 +441,7 @@ def test_buf_attrs_are_the_8_byte_mailboxes(chip: Chip, index: int) -> None:
     assert chip.vm.guest_iocsr_read(1, BASE + off, 8) == 0x1122_3344_5566_7788
     assert chip.vm.guest_iocsr_read(1, BASE + off + 4, 4) == 0x1122_3344
     assert chip.vm.guest_iocsr_read(1, BASE + off + 1, 1) == 0x77
-    others = [chip.dev.get_attr(GRP, attr(1, 0x20 + 8 * i)) for i in range(4) if i != index]
+    others = [chip.dev.get_attr(GRP, attr(1, abi.IPI_BUF + 8 * i)) for i in range(4) if i != index]
     assert others == [0, 0, 0]
     chip.vm.guest_iocsr_write(1, BASE + off + 6, 2, 0xFFFF_0000_0000_ABCD)
     assert chip.dev.get_attr(GRP, attr(1, off)) == 0xABCD_3344_5566_7788
@@ -503,7 +503,8 @@ def test_attr_widest_values_fit(chip: Chip) -> None:
     assert chip.dev.get_attr(GRP, attr(0, abi.IPI_BUF + 24)) == U64_MAX
 
 
-@pytest.mark.parametrize("group", [0, 1, 0x40000000, 0x40000002, 0x40000003])
+@pytest.mark.parametrize("group", [0, 1, abi.CPUCFG_KVM_SIG, abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS,
+                                   abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS])
 def test_other_attr_groups_are_einval(chip: Chip, group: int) -> None:
     with pytest.raises(KvmError) as e:
         chip.dev.set_attr(group, attr(0, 0), 1)
