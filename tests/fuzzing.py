@@ -137,22 +137,22 @@ __all__ = [
 #: The chips accesses are counted for (``bench.fuzz`` wants a million of each).
 CHIPS = ("ipi", "eiointc", "pchpic", "pv_ipi")
 
-HWI_MASK = 0xFF << 2
+HWI_MASK = abi.CSR_GINTC_HWIS << abi.ESTAT_HWI_SHIFT
 IPI_BIT = 1 << INT_IPI
-SWI_MASK = 0b11
-LINE_BITS = 0x3FF | (1 << 11) | IPI_BIT
+SWI_MASK = abi.GUEST_WRITABLE_ESTAT
+LINE_BITS = abi.LINE_MASK
 
 IPI_BASE, IPI_END = I.IOCSR_IPI_BASE, I.IOCSR_IPI_BASE + I.IOCSR_IPI_SIZE
 EIO_BASE, EIO_END = E.EIOINTC_BASE, E.EIOINTC_BASE + E.EIOINTC_SIZE
 VIRT_BASE, VIRT_END = E.EIOINTC_VIRT_BASE, E.EIOINTC_VIRT_BASE + E.EIOINTC_VIRT_SIZE
 
-_IPI_ATTR_WIDTH = {0x00: 4, 0x04: 4, 0x08: 4, 0x0C: 4, 0x20: 8, 0x28: 8, 0x30: 8, 0x38: 8}
+_IPI_ATTR_WIDTH = abi.IPI_ATTR_REGS
 #: Line-carrying EIOINTC registers: attr writes there must be refused (too-wide values only).
 _EIO_FORBIDDEN = (E.ISR, E.COREISR, E.ENABLE, E.IPMAP, E.COREMAP)
 _EIO_ALLOWED = (E.NODETYPE, E.BOUNCE)
 _PCH_FORBIDDEN = (P.MASK, P.INT_IRR, P.INT_ISR)
 _PCH_ALLOWED_WORDS = (P.HTMSI_EN, P.EDGE, P.AUTO_CTRL0, P.AUTO_CTRL1, P.POLARITY)
-_PCH_BASES = (0x10000000, 0xE0000000, 0x2000, 0xFFFFFC18)
+_PCH_BASES = (abi.VIRT_PCH_PIC_BASE, 0xE0000000, 0x2000, 0xFFFFFC18)
 
 
 class FuzzFailure(AssertionError):
@@ -250,10 +250,10 @@ class ChipFuzzer:
         vm.device_call(eio, "set_attr", E.GRP_CTRL, E.CTRL_INIT_FEATURE, rng.choice((0, 0xF)))
         # What a booting guest does: enable irqs, route them, unmask PCH-PIC pins.
         v0 = self.vcpu_list[0]
-        for word in range(0, 0x20, 8):
+        for word in range(0, E.REGISTERS[E.ENABLE], 8):
             vm.guest_write("iocsr", v0, EIO_BASE + E.ENABLE + word, 8,
                            rng.choice((U64_MAX, U64_MAX, rng.getrandbits(64))))
-        for word in range(0, 0x100, 8):
+        for word in range(0, E.REGISTERS[E.COREMAP], 8):
             vm.guest_write("iocsr", v0, EIO_BASE + E.COREMAP + word, 8, self._coremap_word())
         vm.guest_write("iocsr", v0, EIO_BASE + E.IPMAP, 8, self._bytes_of((1, 2, 4, 8, 0)))
         if self.pch_base is not None:
@@ -376,8 +376,9 @@ class ChipFuzzer:
     def _ipi_offset(self) -> int:
         rng = self.rng
         if rng.random() < 0.85:
-            return rng.choice((0x0, 0x4, 0x8, 0xC, 0x8, 0xC, 0x20, 0x28, 0x30, 0x38, 0x24,
-                               0x40, 0x40, 0x48, 0x48, 0x158, 0x158))
+            return rng.choice((*_IPI_ATTR_WIDTH, I.IPI_SET, I.IPI_CLEAR, abi.IPI_BUF + 4,
+                               I.IPI_SEND, I.IPI_SEND, I.MAIL_SEND, I.MAIL_SEND, I.ANY_SEND,
+                               I.ANY_SEND))
         return rng.randrange(I.IOCSR_IPI_SIZE)
 
     def _ipi_data(self, off: int) -> int:
@@ -385,17 +386,19 @@ class ChipFuzzer:
         if off in (I.IPI_SEND, I.MAIL_SEND, I.ANY_SEND):
             low = rng.getrandbits(16) if rng.random() < 0.2 else 0
             if off == I.IPI_SEND:
-                low = rng.randrange(32) | (low & ~0x1F & 0xFFFF)
+                low = rng.randrange(32) | (low & ~abi.IPI_SEND_VECTOR_MASK & abi.IPI_SEND_ADDR_MASK)
             elif off == I.MAIL_SEND:
-                low = rng.randrange(8) << 2
+                low = rng.randrange(8) << abi.IPI_SEND_MAILBOX_SHIFT
             else:
-                low = rng.choice((0x1008, 0x1008, 0x100C, 0x1004, 0x1020, 0x103C, 0x1000,
+                low = rng.choice((IPI_BASE + I.IPI_SET, IPI_BASE + I.IPI_SET,
+                                  IPI_BASE + I.IPI_CLEAR, IPI_BASE + abi.IPI_EN,
+                                  IPI_BASE + abi.IPI_BUF, IPI_BASE + abi.IPI_BUF_END - 4, IPI_BASE,
                                   EIO_BASE + E.ENABLE, EIO_BASE + E.COREISR,
-                                  EIO_BASE + E.COREMAP + rng.randrange(0x100),
+                                  EIO_BASE + E.COREMAP + rng.randrange(E.REGISTERS[E.COREMAP]),
                                   rng.getrandbits(16)))
             keep = rng.choice((0, 0, rng.randrange(16)))
             payload = rng.getrandbits(32) if rng.random() < 0.7 else rng.choice((0, U32_MAX))
-            return (payload << 32) | (keep << 27) | (self._phyid_target() & 0x3FF) << 16 | low
+            return abi.ipi_send(self._phyid_target() & abi.IPI_SEND_CPU_MASK, low, payload, keep)
         if off == I.IPI_SET:
             return rng.choice((1 << rng.randrange(32), rng.getrandbits(32), 0, self._value()))
         if off == I.IPI_CLEAR:
@@ -412,11 +415,12 @@ class ChipFuzzer:
 
     def _eio_data(self, off: int) -> int:
         rng = self.rng
-        if E.COREMAP <= off < E.COREMAP + 0x100:
+        if E.COREMAP <= off < E.COREMAP + E.REGISTERS[E.COREMAP]:
             return self._coremap_word()
-        if E.IPMAP <= off < E.IPMAP + 8:
+        if E.IPMAP <= off < E.IPMAP + E.REGISTERS[E.IPMAP]:
             return self._bytes_of((1, 2, 4, 8, 0, 3, rng.randrange(256)))
-        if E.ENABLE <= off < E.ENABLE + 0x20 or E.COREISR <= off < E.COREISR + 0x20:
+        if (E.ENABLE <= off < E.ENABLE + E.REGISTERS[E.ENABLE]
+                or E.COREISR <= off < E.COREISR + E.REGISTERS[E.COREISR]):
             return rng.choice((U64_MAX, 0, rng.getrandbits(64), 1 << rng.randrange(64)))
         return self._value()
 
@@ -527,7 +531,10 @@ class ChipFuzzer:
         """An attr group the chip does not have (its neighbours and random numbers)."""
         rng = self.rng
         while True:
-            group = rng.choice((0, 1, 0x40000000, 0x40000007, 0x40000001, 0x40000004,
+            group = rng.choice((0, 1, abi.CPUCFG_KVM_SIG,
+                                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL + 1,
+                                abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+                                abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
                                 self._value() | (1 << 30), self._value()))
             if group not in known:
                 return group
@@ -538,7 +545,7 @@ class ChipFuzzer:
         group = (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS if rng.random() < 0.9
                  else self._other_group(I.KVM_DEV_LOONGARCH_IPI_GRP_REGS))
         # The attr's cpu field is 10 bits: a vcpu_id of 1024 or more cannot be named.
-        vid = (self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)) & 0x3FF
+        vid = (self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)) & abi.IPI_ATTR_CPU_MASK
         off = rng.choice(tuple(_IPI_ATTR_WIDTH)) if rng.random() < 0.85 else rng.randrange(256)
         attr = (vid << 16) | off
         if rng.random() < 0.1:
@@ -698,7 +705,7 @@ class ChipFuzzer:
         vm = self.vm
         vcpu = self._vcpu()
         code = KVM_HCALL_SERVICE if rng.random() < 0.93 else rng.choice(
-            (0x101, 0x102, 0, rng.getrandbits(15)))
+            (abi.KVM_HCALL_SWDBG, abi.KVM_HCALL_USER_SERVICE, 0, rng.getrandbits(15)))
         a0 = KVM_HCALL_FUNC_IPI if rng.random() < 0.93 else rng.choice((0, 2, 3, -1, 1 << 32 | 1))
         r = rng.random()
         targets = [self._phyid_target() for _ in range(rng.randrange(1, 4))]
@@ -789,13 +796,14 @@ class ChipFuzzer:
         vm = self.vm
         vcpu = self._vcpu()
         index = CSR_ESTAT if rng.random() < 0.9 else rng.choice(
-            (rng.randrange(0x800), 0x800, rng.getrandbits(16)))
+            (rng.randrange(abi.CSR_MAX_NUMS), abi.CSR_MAX_NUMS, rng.getrandbits(16)))
         mask = rng.choice((1, 2, 3, 3, U64_MAX, 0, self._value()))
         value = rng.choice((0, 0, 0, 1, 2, self._value()))
         before = vm.get_one_reg(vcpu, abi.ESTAT)
         old, err = self._call("csr_xchg", (vcpu.vcpu_id, hex(index), hex(value), hex(mask)),
                               vm.csr_xchg, vcpu, index, value, mask)
-        self._expect("csr_xchg", err, index < 0x800, None if index < 0x800 else "EINVAL")
+        self._expect("csr_xchg", err, index < abi.CSR_MAX_NUMS,
+                     None if index < abi.CSR_MAX_NUMS else "EINVAL")
         if index == CSR_ESTAT and err is None:
             if old != before:
                 raise self.fail(f"csr_xchg ESTAT returned {old:#x}, ESTAT was {before:#x}")
@@ -977,7 +985,9 @@ HANDLE_SETUP: list[tuple[str, dict[str, Any]]] = [
     ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
     ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
     ("vcpu.set_one_reg", {"vcpu": 3, "id": abi.CPUID, "value": 1}),
-    ("device.set_attr", {"device": 6, "group": 0x40000006, "attr": 0, "value": 0x10000000}),
+    ("device.set_attr", {"device": 6, "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+                         "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+                         "value": abi.VIRT_PCH_PIC_BASE}),
 ]
 
 
@@ -1119,7 +1129,7 @@ class Watcher:
     """
 
     PIN = 5
-    PCH_BASE = 0x10000000
+    PCH_BASE = abi.VIRT_PCH_PIC_BASE
     LAYOUT: tuple[tuple[int, int | None], ...] = ((0, 7), (5, 2), (9, None), (300, 4000))
     PROBE_CHANGES = 6
 
@@ -1147,7 +1157,7 @@ class Watcher:
              value=0x4 << (8 * self.PIN))
         w.ok("vcpu.mmio_write", vcpu=v0, addr=self.PCH_BASE + P.MASK, size=8,
              value=U64_MAX ^ (1 << self.PIN))
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + 0x20, size=8, value=0xFEEDFACE)
+        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + abi.IPI_BUF, size=8, value=0xFEEDFACE)
         w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + I.IPI_SEND, size=4,
              value=(7 << 16) | 3)  # vCPU 0 (CPUID 7) sends itself vector 3: stays pending
         self.baseline = self.observe()
@@ -1174,7 +1184,7 @@ class Watcher:
             "attrs": [
                 w.ok("device.get_attr", device=self.dev[DEV_IPI],
                      group=I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, attr=off)["value"]
-                for off in (I.IPI_STATUS, 0x20)
+                for off in (I.IPI_STATUS, abi.IPI_BUF)
             ] + [
                 w.ok("device.get_attr", device=self.dev[DEV_EIOINTC], group=E.GRP_REGS,
                      attr=off)["value"]
