@@ -545,7 +545,8 @@ class ChipFuzzer:
         group = (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS if rng.random() < 0.9
                  else self._other_group(I.KVM_DEV_LOONGARCH_IPI_GRP_REGS))
         # The attr's cpu field is 10 bits: a vcpu_id of 1024 or more cannot be named.
-        vid = (self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)) & abi.IPI_ATTR_CPU_MASK
+        vid = self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)
+        vid &= abi.IPI_ATTR_CPU_MASK
         off = rng.choice(tuple(_IPI_ATTR_WIDTH)) if rng.random() < 0.85 else rng.randrange(256)
         attr = (vid << 16) | off
         if rng.random() < 0.1:
