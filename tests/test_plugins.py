@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from lvz.clients import Kvm
 from lvz.clients.cli import main as cli_main
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import PluginLoadError, load_plugins
@@ -18,6 +19,7 @@ from lvz.plugins import Device, DeviceType, VmApi, hookimpl
 from lvz.protocol import abi
 
 from .conftest import Connect
+from .daemon_fixtures import start_daemon
 
 EXT = Path(__file__).resolve().parent / "extplugin"
 
@@ -255,3 +257,22 @@ async def test_chips_get_a_facade_not_the_vm(
                    "queue_irq", "dequeue_irq", "claim_iocsr", "claim_mmio", "set_chip_input",
                    "iocsr_read", "iocsr_write"):
         assert hasattr(api, member), member
+
+
+def test_doorbell_state_survives_a_daemon_restart(
+        doorbell_on_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--state-dir`` saves a third-party chip through its declared state, like a snapshot."""
+    monkeypatch.setenv("PYTHONPATH", str(doorbell_on_path))  # the daemons find the plugin
+    state = sock_dir / "state"
+    with start_daemon("--state-dir", str(state)) as d:
+        with Kvm.connect(d.socket) as kvm:
+            vm = kvm.create_vm(name="bell")
+            vm.create_vcpu(0).set_one_reg(abi.CPUID, 7)
+            vm.create_device("doorbell").set_attr(1, 0, 41)
+        assert d.stop() == 0
+    with start_daemon("--state-dir", str(state)) as d:
+        with Kvm.connect(d.socket) as kvm:
+            vm = kvm.open_vm("bell")
+            assert vm.open_device("doorbell").get_attr(1, 0) == 41
+            assert vm.phyid_map().entries == ((7, 0),)
+        assert d.stop() == 0
