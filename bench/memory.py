@@ -16,8 +16,6 @@ import json
 import sys
 import tracemalloc
 
-import trio
-
 from lvz.daemon.host import load_plugins
 from lvz.daemon.model import Vm
 from lvz.protocol.abi import DEV_EIOINTC, DEV_IPI, DEV_PCHPIC
@@ -25,7 +23,7 @@ from lvz.protocol.abi import DEV_EIOINTC, DEV_IPI, DEV_PCHPIC
 CHIPS = (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)
 
 
-async def measure(n: int, reps: int) -> list[float]:
+def measure(n: int, reps: int) -> list[float]:
     host = load_plugins()
     out: list[float] = []
     for _ in range(reps):
@@ -35,7 +33,7 @@ async def measure(n: int, reps: int) -> list[float]:
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(n):  # set_cpuid takes the VM's map lock itself
+        for i in range(n):
             vm.set_cpuid(vm.create_vcpu(i), i)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
@@ -47,10 +45,10 @@ async def measure(n: int, reps: int) -> list[float]:
     return out
 
 
-async def main(sizes: list[int], reps: int) -> dict[str, list[float]]:
-    return {str(n): await measure(n, reps) for n in sizes}
+def main(sizes: list[int], reps: int) -> dict[str, list[float]]:
+    return {str(n): measure(n, reps) for n in sizes}
 
 
 if __name__ == "__main__":
     args = [int(a) for a in sys.argv[1:]] or [256, 4096]
-    print(json.dumps(trio.run(main, args, 5)))
+    print(json.dumps(main(args, 5)))

@@ -20,9 +20,11 @@ from pathlib import Path
 import msgpack
 import trio
 
+from lvz.daemon import methods
 from lvz.daemon.config import ServeConfig
+from lvz.daemon.connection import Connection, VcpuHandle
 from lvz.daemon.host import load_plugins
-from lvz.daemon.server import Connection, Daemon
+from lvz.daemon.server import Daemon
 from lvz.protocol import abi
 from lvz.protocol.connection import NEED_DATA, ServerConnection
 from lvz.protocol.methods import validate
@@ -72,14 +74,13 @@ async def main() -> None:
     try:
         config = ServeConfig(socket=Path("/nonexistent"))
         daemon = Daemon(load_plugins(), config)
-        conn = Connection(None, config, 1)  # type: ignore[arg-type]
-        vm_h = daemon.m_kvm_create_vm(conn, {"max_phyid": 256}, None)["vm"]
-        h = conn.handles[vm_h]
-        vcpu_h = daemon.m_vm_create_vcpu(conn, {"vcpu_id": 0}, h)["vcpu"]
+        conn = Connection(None, config, 1)
+        vm_h = daemon._execute(conn, "kvm.create_vm", {"max_phyid": 256})["vm"]
+        vcpu_h = daemon._execute(conn, "vm.create_vcpu", {"vm": vm_h, "vcpu_id": 0})["vcpu"]
         p = ServerConnection()
         p.receive_data(pack([0, 1, "vcpu.get_one_reg", {"vcpu": vcpu_h, "id": abi.CPUID}]))
         event = p.next_event()
-        vh = conn.handles[vcpu_h]
+        vh = daemon._resolve(conn, vcpu_h, VcpuHandle, "m")
 
         def dispatch() -> None:
             daemon._dispatch(conn, event)  # type: ignore[arg-type]
@@ -87,17 +88,17 @@ async def main() -> None:
             conn.out_bytes = 0
         rows.append(("lvz: Daemon._dispatch (resolve, handler, encode, put)",
                      per_call(dispatch)))
-        rows.append(("  _resolve (handle lookup + Handle.alive)",
-                     per_call(lambda: daemon._resolve(conn, vcpu_h, "vcpu", "m"))))
-        lock = vh.vm.map_lock
+        rows.append(("  _resolve (handle lookup + liveness + kind)",
+                     per_call(lambda: daemon._resolve(conn, vcpu_h, VcpuHandle, "m"))))
+        lock = daemon.map_locks[vh.vm]
 
         def lock_cycle() -> None:
             lock.acquire_nowait()
             lock.release()
-        rows.append(("  VM map_lock acquire_nowait + release (set/drop only)",
+        rows.append(("  VM map lock acquire_nowait + release (set/drop only)",
                      per_call(lock_cycle)))
-        rows.append(("  m_vcpu_get_one_reg handler", per_call(
-            lambda: daemon.m_vcpu_get_one_reg(conn, params, vh))))
+        rows.append(("  methods.vcpu_get_one_reg handler", per_call(
+            lambda: methods.vcpu_get_one_reg(daemon, conn, params, vh))))
         rows.append(("    abi.decode(CPUID)", per_call(lambda: abi.decode(abi.CPUID))))
         rows.append(("  send_result (encode)", per_call(
             lambda: conn.proto.send_result(1, {"value": 256}))))

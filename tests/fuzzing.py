@@ -38,9 +38,7 @@ SW_STATUS NUM_CPU / FEATURE, CTRL INIT_NUM_CPU / INIT_FEATURE / unknown CTRL att
 HTMSI_EN / EDGE / AUTO_CTRL0/1 / POLARITY / ROUTE_ENTRY / HTMSI_VEC / CTRL_INIT -- is written with
 any value, plus unknown groups and offsets and out-of-range values, which must be ``KvmError``.
 
-The model takes ``vm.map_lock`` (a ``trio.Lock``) itself wherever the kernel takes
-``phyid_map_lock``, and ``acquire_nowait`` needs a running trio task, so the fuzzer runs inside
-``trio.run`` (``run_in_trio``); it never holds the lock itself.
+The model is plain Python (the map lock is the daemon's), so the fuzzer drives it directly.
 """
 
 from __future__ import annotations
@@ -54,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import trio
 
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.daemon.model import Vcpu, Vm
@@ -129,7 +126,7 @@ class P:
 
 
 __all__ = [
-    "CHIPS", "CLOSING_ERRORS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "run_in_trio",
+    "CHIPS", "CLOSING_ERRORS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "run_fuzzer",
     "wire_error_problem", "wire_message_problem", "Exchange", "SENTINEL", "SENTINEL_ID",
     "Watcher", "Wire", "exchange",
 ]
@@ -197,7 +194,7 @@ def _window(space: str, addr: int, size: int, pch_base: int | None) -> str:
 class ChipFuzzer:
     """One VM with all chips, and the random operations and invariant checks that drive it.
 
-    Call ``setup()`` and ``step()`` from inside a trio task (``run_in_trio`` does that).
+    Call ``setup()``, then ``step()`` or ``run()`` (``run_fuzzer`` does both).
     """
 
     def __init__(self, rng: random.Random, *, host: PluginHost | None = None,
@@ -896,21 +893,12 @@ class ChipFuzzer:
             lines_up["swi0"] += 1
 
 
-def run_in_trio(fuzzer_factory: Callable[[], ChipFuzzer], steps: int) -> ChipFuzzer:
-    """Build a fuzzer and run ``steps`` steps inside one trio task (the model's map lock needs
-    one); the lock must be free after every step, as nothing awaits while holding it."""
-    holder: list[ChipFuzzer] = []
-
-    async def main() -> None:
-        fuzzer = fuzzer_factory()
-        holder.append(fuzzer)
-        fuzzer.setup()
-        fuzzer.run(steps)
-        if fuzzer.vm.map_lock.locked():
-            raise fuzzer.fail("the VM's map lock was left held")
-
-    trio.run(main)
-    return holder[0]
+def run_fuzzer(fuzzer_factory: Callable[[], ChipFuzzer], steps: int) -> ChipFuzzer:
+    """Build a fuzzer, set it up and run ``steps`` steps."""
+    fuzzer = fuzzer_factory()
+    fuzzer.setup()
+    fuzzer.run(steps)
+    return fuzzer
 
 
 def fuzz_seed(seed: int, steps: int, *, host: PluginHost | None = None,
@@ -919,7 +907,7 @@ def fuzz_seed(seed: int, steps: int, *, host: PluginHost | None = None,
     rng = random.Random(seed)
     limit = max_phyid if max_phyid is not None else rng.choice((256, 4096, 16, 65536))
     n = rng.randrange(3, 8)
-    fuzzer = run_in_trio(lambda: ChipFuzzer(rng, host=host, max_phyid=limit, n_vcpus=n), steps)
+    fuzzer = run_fuzzer(lambda: ChipFuzzer(rng, host=host, max_phyid=limit, n_vcpus=n), steps)
     return fuzzer.stats
 
 

@@ -11,8 +11,10 @@ import stat
 import msgpack
 import trio
 
+from lvz.daemon import methods
 from lvz.daemon.server import Daemon
 from lvz.protocol import Notification, Response, abi
+from lvz.protocol.methods import HANDLE_PARAM, METHODS
 
 from .conftest import Connect
 from .rawwire import Raw
@@ -325,3 +327,39 @@ async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
     await raw.ok("close", handle=a)
     await raw.ok("close", handle=a + 1)
     assert daemon.vms == []  # and the last one let it go
+
+
+def test_every_method_has_one_handler_in_the_table_of_its_handle_kind() -> None:
+    """The dispatch tables are the whole routing: grep a method's name, find its handler."""
+    tables: dict[str, dict[str, object]] = {
+        "none": dict(methods.KVM), "": dict(methods.ANY), "vm": dict(methods.VM),
+        "vcpu": dict(methods.VCPU), "device": dict(methods.DEVICE),
+    }
+    seen = [name for table in tables.values() for name in table]
+    assert len(seen) == len(set(seen))
+    assert set(seen) | {"vcpu.run"} == set(METHODS)  # vcpu.run waits in a task of its own
+    for kind, table in tables.items():
+        for name in table:
+            assert HANDLE_PARAM.get(name, (None, "none"))[1] == kind, name
+    assert set(methods.WRITES_MAP) <= set(methods.VCPU)
+
+
+async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(
+        connect: Connect) -> None:
+    """Resolution by kind happens before any handler: EBADF first, then ENOTTY, then its own."""
+    raw = await connect()
+    vm = (await raw.ok("kvm.create_vm"))["vm"]
+    vcpu = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
+    wrong = {"vm": vcpu, "vcpu": vm, "device": vm}
+    for name, (param, kind) in sorted(HANDLE_PARAM.items()):
+        if not kind:
+            continue
+        params: dict[str, object] = {p: "x" if k == "str" else 0
+                                     for p, k, required in METHODS[name]
+                                     if required and p != param}
+        params[param] = wrong[kind]
+        r = await raw.call(name, **params)
+        assert r.error is not None and r.error.name == "ENOTTY", (name, r.error)
+        params[param] = 999
+        r = await raw.call(name, **params)
+        assert r.error is not None and r.error.name == "EBADF", (name, r.error)

@@ -30,7 +30,7 @@ from .fuzzing import (
     FuzzFailure,
     FuzzStats,
     fuzz_seed,
-    run_in_trio,
+    run_fuzzer,
 )
 
 HOST: PluginHost = load_plugins()
@@ -63,7 +63,7 @@ def test_seeded_runs_reach_pv_ipi_delivery() -> None:
        n_vcpus=st.integers(2, 7))
 def test_hypothesis_driven_run(rng: random.Random, limit: int, n_vcpus: int) -> None:
     """Hypothesis owns every random choice, so a failing sequence shrinks to a short one."""
-    fuzzer = run_in_trio(lambda: ChipFuzzer(rng, host=HOST, max_phyid=limit, n_vcpus=n_vcpus),
+    fuzzer = run_fuzzer(lambda: ChipFuzzer(rng, host=HOST, max_phyid=limit, n_vcpus=n_vcpus),
                         60)
     assert fuzzer.stats.steps == 60
 

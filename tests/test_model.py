@@ -1,13 +1,14 @@
 """The VM model as a pure object: the phyid map against a reference of SEMANTICS.md §4.
 
-The tests run inside trio tasks because set and drop take the VM's trio.Lock.
+Plain functions, no trio: the model is usable from any script (the map lock is the daemon's).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
-import trio
-import trio.lowlevel
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -104,41 +105,51 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
 
 
 @pytest.mark.parametrize("limit", [16, 256, 4096])
-async def test_phyid_map_matches_the_reference(limit: int) -> None:
+def test_phyid_map_matches_the_reference(limit: int) -> None:
     run_state_machine_as_test(
         make_machine(limit),
         settings=settings(max_examples=60, stateful_step_count=40, deadline=None),
     )
 
 
-async def test_the_map_lock_guards_set_and_drop(nursery: trio.Nursery) -> None:
-    """Set and drop take the VM's trio.Lock; finding it held is a loud bug, never a silent race."""
+def test_the_model_needs_no_trio() -> None:
+    """Import and drive the model with trio made unimportable: a fuzzer or a notebook can."""
+    script = (
+        "import sys; sys.modules['trio'] = None\n"
+        "from lvz.daemon.host import load_plugins\n"
+        "from lvz.daemon.model import Vm\n"
+        "from lvz.protocol import abi\n"
+        "vm = Vm(load_plugins(), name=None, max_phyid=256)\n"
+        "for t in ('loongarch-ipi', 'loongarch-eiointc', 'loongarch-pchpic'):\n"
+        "    vm.create_device(t)\n"
+        "a, b = vm.create_vcpu(0), vm.create_vcpu(1)\n"
+        "vm.set_one_reg(a, abi.CPUID, 7)\n"
+        "vm.destroy_vcpu(b)\n"
+        "print(vm.vcpu_by_phyid(7), vm.get_one_reg(a, abi.CPUID))\n"
+        "vm.destroy()\n"
+        "print(vm.alive, vm.vcpu_by_phyid(7))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "7", "False", "None"]
+
+
+def test_destroy_in_steps_kills_at_once_and_tears_down_in_chunks() -> None:
+    """What lets the daemon yield while a big VM goes: dead first, then chunk by chunk."""
     vm = Vm(HOST, name=None, max_phyid=256)
-    a, b = vm.create_vcpu(0), vm.create_vcpu(1)
-    vm.set_one_reg(a, abi.CPUID, 3)
-    assert not vm.map_lock.locked()  # released again, also after an error:
-    assert errno_of(vm.set_one_reg, b, abi.CPUID, 3) == "EINVAL"
-    assert not vm.map_lock.locked()
-    holding, release = trio.Event(), trio.Event()
-
-    async def hold() -> None:
-        async with vm.map_lock:
-            holding.set()
-            await release.wait()
-
-    nursery.start_soon(hold)
-    await holding.wait()
-    with pytest.raises(RuntimeError, match="held across an await"):
-        vm.set_one_reg(b, abi.CPUID, 4)
-    with pytest.raises(RuntimeError, match="held across an await"):
-        vm.destroy_vcpu(a)
-    release.set()
-    await trio.lowlevel.checkpoint()
-    assert vm.vcpu_by_phyid(4) is None
-    assert vm.vcpu_by_phyid(3) == a.vcpu_id
+    vcpus = [vm.create_vcpu(i) for i in range(10)]
+    for v in vcpus:
+        vm.set_one_reg(v, abi.CPUID, v.vcpu_id + 100)
+    steps = vm.begin_destroy(chunk=4)
+    assert not vm.alive and not any(v.alive for v in vcpus)
+    assert vm.vcpu_by_phyid(100) == 0  # torn down only as the steps run
+    assert list(steps) == [4, 8]
+    assert vm.phyids == {} and vm.vcpus == {} and vm.devices == {}
+    assert list(vm.begin_destroy()) == []  # a second destroy is a no-op
 
 
-async def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None:
+def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None:
     vm = Vm(HOST, name=None, max_phyid=256)
     seen: list[tuple[int, int, int, int]] = []
     vm.listener = lambda _vm, vid, irq, level, seq: seen.append((vid, irq, level, seq))
@@ -156,7 +167,7 @@ async def test_lines_follow_estat_writes_and_emit_one_event_per_change() -> None
     assert vm.get_one_reg(vcpu, abi.ESTAT) & 0x1BFF == 0
 
 
-async def test_csr_xchg_writes_only_what_a_guest_may() -> None:
+def test_csr_xchg_writes_only_what_a_guest_may() -> None:
     vm = Vm(HOST, name=None, max_phyid=256)
     vcpu = vm.create_vcpu(0)
     vm.interrupt(vcpu, 12)
@@ -174,7 +185,7 @@ async def test_csr_xchg_writes_only_what_a_guest_may() -> None:
     assert errno_of(vm.csr_xchg, vcpu, 0x800, 0, 0) == "EINVAL"
 
 
-async def test_interrupt_numbers_outside_1_to_14_are_einval() -> None:
+def test_interrupt_numbers_outside_1_to_14_are_einval() -> None:
     vm = Vm(HOST, name=None, max_phyid=256)
     vcpu = vm.create_vcpu(0)
     for irq in (0, 15, -15, 64, -(2**40)):
@@ -196,7 +207,7 @@ async def test_interrupt_numbers_outside_1_to_14_are_einval() -> None:
         (1 << 32, "EINVAL"),  # wider than 32 bits
     ],
 )
-async def test_cpucfg2_architectural_rules(value: int, errno_name: str | None) -> None:
+def test_cpucfg2_architectural_rules(value: int, errno_name: str | None) -> None:
     vm = Vm(HOST, name=None, max_phyid=256)
     vcpu = vm.create_vcpu(0)
     assert errno_of(vm.set_one_reg, vcpu, abi.cpucfg_id(2), value) == errno_name

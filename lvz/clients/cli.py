@@ -205,7 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lvz.daemon.config import ServeConfig
 
     options: dict[str, Any] = {}
-    for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_events"):
+    for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_events",
+                 "plugin_timeout"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
@@ -944,6 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vCPUs per VM (default: the whole vcpu_id range)")
     serve.add_argument("--max-events", type=_positive_int, metavar="N",
                        help="irq events queued per subscriber before dropping (default: 4096)")
+    serve.add_argument("--plugin-timeout", type=float, metavar="SECONDS",
+                       help="longest a plugin call may run; 0 = no limit (default: 1)")
     serve.add_argument("--state-dir", metavar="DIR", help="where named VMs are kept")
     serve.add_argument("--record", metavar="FILE",
                        help="write every byte of every connection to FILE (for `lvz replay`)")

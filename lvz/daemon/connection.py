@@ -6,6 +6,9 @@ except through ``flush``, which holds the send lock so there is one writer at a 
 
 from __future__ import annotations
 
+import heapq
+from typing import ClassVar
+
 import trio
 import trio.lowlevel
 
@@ -17,18 +20,78 @@ from .model import Vcpu, Vm
 
 
 class Handle:
-    """An fd-like reference from one connection to a VM, vCPU or device."""
+    """An fd-like reference from one connection to a VM, vCPU or device.
 
-    __slots__ = ("kind", "life", "number", "obj", "vm")
+    One subclass per kind, so that resolving a handle by kind (server.py) hands a handler the
+    typed object it works on: a vCPU method gets a ``VcpuHandle`` whose ``vcpu`` is a ``Vcpu``.
+    """
 
-    def __init__(self, number: int, kind: str, vm: Vm, obj: Vm | Vcpu | Device) -> None:
+    __slots__ = ("life", "number", "vm")
+    kind: ClassVar[str] = ""
+
+    def __init__(self, number: int, vm: Vm, life: Vm | Vcpu) -> None:
         self.number = number
-        self.kind = kind
         self.vm = vm
-        self.obj = obj
         # What decides whether the handle still works: its vCPU (destroyed with the VM too)
         # or its VM. Kept as one attribute because every request checks it.
-        self.life: Vm | Vcpu = obj if isinstance(obj, Vcpu) else vm
+        self.life = life
+
+
+class VmHandle(Handle):
+    __slots__ = ()
+    kind: ClassVar[str] = "vm"
+
+    def __init__(self, number: int, vm: Vm) -> None:
+        super().__init__(number, vm, vm)
+
+
+class VcpuHandle(Handle):
+    __slots__ = ("vcpu",)
+    kind: ClassVar[str] = "vcpu"
+
+    def __init__(self, number: int, vcpu: Vcpu) -> None:
+        super().__init__(number, vcpu.vm, vcpu)
+        self.vcpu = vcpu
+
+
+class DeviceHandle(Handle):
+    __slots__ = ("device",)
+    kind: ClassVar[str] = "device"
+
+    def __init__(self, number: int, vm: Vm, device: Device) -> None:
+        super().__init__(number, vm, vm)
+        self.device = device
+
+
+class Subscription:
+    """One connection's subscription to one VM: the handles it subscribed through.
+
+    Subscribing again is a no-op and events carry the lowest subscribed handle still open
+    (PROTOCOL.md §5); a heap with lazy deletion keeps both O(log n) however many handles a
+    client subscribes or closes, so no pipeline of them can stall the daemon.
+    """
+
+    __slots__ = ("carrier", "heap", "numbers")
+
+    def __init__(self) -> None:
+        self.numbers: set[int] = set()
+        self.heap: list[int] = []
+        self.carrier = 0  # the handle number events carry
+
+    def add(self, number: int) -> None:
+        if number not in self.numbers:
+            self.numbers.add(number)
+            heapq.heappush(self.heap, number)
+            self.carrier = self.heap[0]
+
+    def discard(self, number: int) -> bool:
+        """Drop a handle; True when none is left (the subscription has ended)."""
+        self.numbers.discard(number)
+        heap = self.heap
+        while heap and heap[0] not in self.numbers:
+            heapq.heappop(heap)
+        self.carrier = heap[0] if heap else 0
+        return not self.numbers
 
 
 class RunWait:
@@ -39,7 +102,7 @@ class RunWait:
 
     __slots__ = ("conn", "event", "handle", "msgid", "vcpu")
 
-    def __init__(self, conn: Connection, handle: Handle, vcpu: Vcpu, msgid: int) -> None:
+    def __init__(self, conn: Connection, handle: VcpuHandle, vcpu: Vcpu, msgid: int) -> None:
         self.conn = conn
         self.handle = handle
         self.vcpu = vcpu
@@ -67,6 +130,8 @@ class Connection:
         self.wakeup = trio.lowlevel.ParkingLot()
         self.closed = False
         self.nursery: trio.Nursery | None = None
+        #: ``Daemon.deaths`` when this connection last swept its handles of dead objects.
+        self.swept_at = -1
 
     def put(self, data: bytes) -> None:
         self.out.append(data)

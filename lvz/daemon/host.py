@@ -1,4 +1,4 @@
-"""The plugin host: loads irqchips through pluggy and calls them so a failure names its plugin.
+r"""The plugin host: loads irqchips through pluggy and calls them so a failure names its plugin.
 
 Built-in chips are not special: they are found through the ``lvz.irqchips`` entry-point group
 exactly like a third-party package's (pyproject.toml registers them), ``LVZ_PLUGINS`` (a comma
@@ -9,16 +9,29 @@ accepts a connection.
 Hooks are called one implementation at a time (in pluggy's order) rather than through
 ``pm.hook``: pluggy would let an exception escape without saying whose it was, and PROTOCOL.md
 §2 wants EIO *naming the plugin*. Hook wrappers are therefore not supported.
+
+Every call into plugin code goes through a ``PluginGuard``: whatever the plugin raises,
+``BaseException``\ s included (a stray ``sys.exit`` must not end the daemon), becomes EIO naming
+it; only trio's own ``Cancelled`` passes. ``WATCHDOG`` bounds how long plugin code may run: a
+lazily armed ``ITIMER_REAL`` whose SIGALRM handler raises ``PluginTimeout`` inside the plugin
+(pytest-timeout's signal method), which the guard turns into ETIMEDOUT and, for a device, marks
+it broken. The timer is armed when plugin code is entered and it is not already running, and
+never disarmed on the way out: a tick that finds no plugin running does nothing, so the common
+case (a chip call of a microsecond) costs two attribute writes, not two system calls.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol
 
 import pluggy
 
@@ -39,6 +52,137 @@ def plugin_failure(plugin: str, exc: BaseException) -> KvmError:
     """The EIO a request gets when ``plugin`` raised something other than a KvmError."""
     log.error("irqchip plugin %r failed: %r", plugin, exc, exc_info=exc)
     return KvmError("EIO", f"irqchip plugin {plugin!r} failed: {type(exc).__name__}: {exc}")
+
+
+class PluginTimeout(BaseException):
+    """Raised inside plugin code by the watchdog's SIGALRM handler.
+
+    A BaseException so that a plugin's own ``except Exception`` cannot swallow it.
+    """
+
+
+class Breakable(Protocol):
+    """What a guard marks when its plugin misbehaves: the device record (model.py)."""
+
+    broken: str
+
+
+class Watchdog:
+    """The one process-wide timer that interrupts plugin code running past ``timeout``."""
+
+    def __init__(self) -> None:
+        self.timeout = 1.0
+        self.enabled = False
+        self.depth = 0  # nesting of plugin calls (a chip calling another chip's input)
+        self.plugin = ""  # the innermost plugin running now
+        self.started = 0.0  # when the outermost plugin call began
+        self.armed = False
+        self.users = 0
+        self._previous: Any = None
+
+    def install(self, timeout: float) -> bool:
+        """Take over SIGALRM (``serve`` does, for its lifetime); 0 means no time limit.
+
+        False, and no limit, where signals cannot be handled (not the main thread). Counted,
+        so daemons started in one process (tests) share the handler.
+        """
+        if timeout <= 0:
+            return False
+        if self.users == 0:
+            try:
+                self._previous = signal.signal(signal.SIGALRM, self._tick)
+            except (ValueError, OSError, AttributeError):  # not the main thread / no SIGALRM
+                log.warning("plugin watchdog unavailable: plugin calls have no time limit")
+                return False
+        self.users += 1
+        self.timeout = timeout
+        self.enabled = True
+        return True
+
+    def uninstall(self) -> None:
+        if self.users == 0:
+            return
+        self.users -= 1
+        if self.users:
+            return
+        self.enabled = False
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+
+    def enter(self, plugin: str) -> None:
+        if self.depth == 0:
+            self.started = time.monotonic()
+            if self.enabled and not self.armed:
+                self.armed = True
+                signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        self.plugin = plugin
+        self.depth += 1  # last: a tick can raise only once the guard's __exit__ will run
+
+    def reset(self) -> None:
+        """Forget every plugin call in progress (after a timeout escaped a guard)."""
+        self.depth = 0
+        self.plugin = ""
+
+    def _tick(self, signum: int, frame: FrameType | None) -> None:
+        self.armed = False
+        if not self.enabled or self.depth == 0:
+            return  # no plugin running: stay unarmed until the next plugin call
+        left = self.started + self.timeout - time.monotonic()
+        if left > 0:
+            self.armed = True  # this call began after the timer was armed: wait the rest
+            signal.setitimer(signal.ITIMER_REAL, left)
+            return
+        self.started = time.monotonic()  # the outer call's remaining plugins get a fresh span
+        raise PluginTimeout(f"ran longer than {self.timeout:g} s (--plugin-timeout)")
+
+
+#: Process-wide: SIGALRM is a process-wide resource. ``serve`` installs it.
+WATCHDOG = Watchdog()
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """trio's cancellation belongs to trio (the model does not import trio to ask)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.Cancelled)
+
+
+class PluginGuard:
+    """``with PluginGuard(plugin, record):`` around any call into plugin code.
+
+    A class rather than a ``@contextmanager`` generator: it runs on every chip access.
+    """
+
+    __slots__ = ("outer", "plugin", "record")
+
+    def __init__(self, plugin: str, record: Breakable | None = None) -> None:
+        self.plugin = plugin
+        self.record = record
+
+    def __enter__(self) -> None:
+        record = self.record
+        if record is not None and record.broken:
+            raise KvmError("EIO", f"irqchip plugin {self.plugin!r}: the device is broken "
+                                  f"({record.broken}); destroy the VM")
+        self.outer = WATCHDOG.plugin
+        WATCHDOG.enter(self.plugin)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        WATCHDOG.depth -= 1
+        WATCHDOG.plugin = self.outer
+        if exc is None or isinstance(exc, KvmError) or _passes_through(exc):
+            return
+        if isinstance(exc, PluginTimeout):
+            log.error("irqchip plugin %r timed out: %s", self.plugin, exc)
+            if self.record is not None:
+                self.record.broken = f"timed out: {exc}"
+            raise KvmError("ETIMEDOUT",
+                           f"irqchip plugin {self.plugin!r} {exc}") from exc
+        raise plugin_failure(self.plugin, exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +230,8 @@ class PluginHost:
         """Call a firstresult hook; returns (result, plugin name) or (None, "")."""
         # In pluggy's order (last registered first), each with the arguments it asked for.
         for impl in self._impls[hook]:
-            try:
+            with PluginGuard(impl.plugin_name):
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except KvmError:
-                raise
-            except Exception as exc:
-                raise plugin_failure(impl.plugin_name, exc) from exc
             if self.trace:
                 log.info("hook %s: %s%r -> %r", hook, impl.plugin_name,
                          tuple(kwargs[a] for a in impl.argnames if a != "vm"), result)

@@ -1,367 +1,417 @@
-"""One handler per protocol method (PROTOCOL.md §4), ``m_<method with dots as underscores>``.
+"""The protocol's methods (PROTOCOL.md §4): one handler each, and the tables that route to them.
 
-Each handler runs after the method table validated the parameters and the daemon resolved the
-handle (``h``), so it does only the method's own checks, in the order the kernel makes them,
-and calls the model. Handlers are synchronous: a request takes effect without yielding. They
-live in a mixin of ``Daemon`` so that the connection machinery (server.py) and the meaning of
-each method (here) can be read apart.
+The tables at the bottom are the whole dispatch: a method's name maps to its handler in the
+table of the handle kind it takes, so the server resolves the handle by kind *before* calling
+(EBADF, then ENOTTY, PROTOCOL.md §2) and a vCPU handler receives a ``VcpuHandle`` — its ``vcpu``
+and ``vm`` already typed. Each handler does only the method's own checks, in the order the
+kernel makes them, and calls the model.
+
+Handlers are synchronous: a request takes effect without yielding. A handler that may have
+to wait returns a coroutine instead of a result, and the server awaits it before the
+connection's next request: ``vm.destroy`` (a VM of 65,536 vCPUs is torn down in chunks) and a
+big ``vm.phyid_map`` (built in chunks under the map lock, so it is one consistent picture).
+A vCPU request listed in ``WRITES_MAP`` runs under the VM's map lock, which the server takes
+without a scheduler pass when it is free (the usual case) and awaits otherwise.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+import trio.lowlevel
 
 import lvz
 from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError
 from lvz.protocol.methods import METHODS
 
-from .config import ServeConfig
-from .connection import Connection, Handle
-from .host import PluginHost, plugin_failure
-from .model import Vcpu, Vm
+from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
+from .host import plugin_failure
+
+if TYPE_CHECKING:
+    from .server import Daemon
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+#: What a handler that may wait returns: the result, or a coroutine producing it.
+MaybeLater = Result | Coroutine[Any, Any, Result]
+
+#: Map entries built between two yields of a big ``vm.phyid_map``.
+MAP_CHUNK = 4096
+
+# ---------------------------------------------------------------- kvm (no handle) ------------
 
 
-class Methods:
-    """The handlers; ``Daemon`` supplies the state and lifetime helpers declared here."""
+def hello(d: Daemon, conn: Connection, p: Params) -> Result:
+    if p["protocol"] != C.PROTOCOL_VERSION:
+        raise KvmError("EPROTONOSUPPORT",
+                       f"this daemon speaks protocol {C.PROTOCOL_VERSION}, not {p['protocol']}")
+    return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__}",
+            "api_version": C.KVM_API_VERSION, "methods": sorted(METHODS),
+            "device_types": d.device_type_names}
 
-    host: PluginHost
-    config: ServeConfig
-    vms: list[Vm]
-    named: dict[str, Vm]
-    subscribers: dict[Vm, dict[Connection, list[Handle]]]
-    device_type_names: list[str]
-    _vm_id_next: int = 0
 
-    def _new_handle(self, conn: Connection, kind: str, vm: Vm, obj: Any) -> int:
-        raise NotImplementedError
+def kvm_get_api_version(d: Daemon, conn: Connection, p: Params) -> Result:
+    return {"version": C.KVM_API_VERSION}
 
-    def _check_handle_room(self, conn: Connection) -> None:
-        raise NotImplementedError
 
-    def _release(self, conn: Connection, h: Handle) -> None:
-        raise NotImplementedError
+_CAPS: Final[dict[str, int]] = {
+    "one_reg": 1, "irqchip": 1, "max_vcpus": C.KVM_MAX_VCPUS,
+    "max_vcpu_id": C.KVM_MAX_VCPUS, "enable_cap": 1, "readonly_mem": 1,
+    "immediate_exit": 1, "ioeventfd": 1, "mp_state": 1, "set_guest_debug": 1,
+    "nr_vcpus": os.cpu_count() or 1, "max_phyid": C.MAX_PHYID_LIMIT,
+}
 
-    def _destroy_vm(self, vm: Vm) -> None:
-        raise NotImplementedError
 
-    def _end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
-        raise NotImplementedError
+def kvm_check_extension(d: Daemon, conn: Connection, p: Params) -> Result:
+    return {"value": _CAPS.get(p["cap"], 0)}
 
-    def _new_vm(self, name: str | None, max_phyid: int) -> Vm:
-        raise NotImplementedError
 
-    # ---------------------------------------------------------------- methods: kvm ------------
+def kvm_create_vm(d: Daemon, conn: Connection, p: Params) -> Result:
+    name = p.get("name")
+    max_phyid = p.get("max_phyid", C.KVM_MAX_PHYID)
+    if name is not None:
+        if not name:
+            raise KvmError("EINVAL", "kvm.create_vm: a VM name cannot be empty")
+        if name in d.named:
+            raise KvmError("EEXIST", f"kvm.create_vm: a VM named {name!r} exists")
+    if not 1 <= max_phyid <= C.MAX_PHYID_LIMIT:
+        raise KvmError("EINVAL", f"kvm.create_vm: max_phyid {max_phyid} is not in "
+                                 f"1..{C.MAX_PHYID_LIMIT}")
+    d.check_handle_room(conn)
+    if len(d.vms) >= d.config.max_vms:
+        raise KvmError("ENOSPC", f"kvm.create_vm: the daemon already hosts "
+                                 f"{d.config.max_vms} VMs")
+    vm = d.new_vm(name, max_phyid)
+    return {"vm": d.add_handle(conn, VmHandle(conn.next_handle, vm))}
 
-    def m_hello(self, conn: Connection, p: dict[str, Any], h: Handle | None) -> dict[str, Any]:
-        if p["protocol"] != C.PROTOCOL_VERSION:
-            raise KvmError("EPROTONOSUPPORT",
-                           f"this daemon speaks protocol {C.PROTOCOL_VERSION}, not {p['protocol']}")
-        return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__}",
-                "api_version": C.KVM_API_VERSION, "methods": sorted(METHODS),
-                "device_types": self.device_type_names}
 
-    def m_close(self, conn: Connection, p: dict[str, Any], h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        self._release(conn, h)
-        return {}
+def kvm_open_vm(d: Daemon, conn: Connection, p: Params) -> Result:
+    vm = d.named.get(p["name"])
+    if vm is None:
+        raise KvmError("ENOENT", f"kvm.open_vm: no VM named {p['name']!r}")
+    d.check_handle_room(conn)
+    return {"vm": d.add_handle(conn, VmHandle(conn.next_handle, vm))}
 
-    def m_kvm_get_api_version(self, conn: Connection, p: dict[str, Any],
-                              h: Handle | None) -> dict[str, Any]:
-        return {"version": C.KVM_API_VERSION}
 
-    _CAPS: ClassVar[dict[str, int]] = {
-        "one_reg": 1, "irqchip": 1, "max_vcpus": C.KVM_MAX_VCPUS,
-        "max_vcpu_id": C.KVM_MAX_VCPUS, "enable_cap": 1, "readonly_mem": 1,
-        "immediate_exit": 1, "ioeventfd": 1, "mp_state": 1, "set_guest_debug": 1,
-        "nr_vcpus": os.cpu_count() or 1, "max_phyid": C.MAX_PHYID_LIMIT,
-    }
+def kvm_list_vms(d: Daemon, conn: Connection, p: Params) -> Result:
+    return {"vms": [{"name": vm.name, "vcpus": len(vm.vcpus), "devices": len(vm.devices),
+                     "max_phyid": vm.max_phyid, "phyids": len(vm.phyids),
+                     "id": d.vm_ids[vm]}
+                    for vm in d.vms]}
 
-    def m_kvm_check_extension(self, conn: Connection, p: dict[str, Any],
-                              h: Handle | None) -> dict[str, Any]:
-        return {"value": self._CAPS.get(p["cap"], 0)}
 
-    def m_kvm_create_vm(self, conn: Connection, p: dict[str, Any],
-                        h: Handle | None) -> dict[str, Any]:
-        name = p.get("name")
-        max_phyid = p.get("max_phyid", C.KVM_MAX_PHYID)
-        if name is not None:
-            if not name:
-                raise KvmError("EINVAL", "kvm.create_vm: a VM name cannot be empty")
-            if name in self.named:
-                raise KvmError("EEXIST", f"kvm.create_vm: a VM named {name!r} exists")
-        if not 1 <= max_phyid <= C.MAX_PHYID_LIMIT:
-            raise KvmError("EINVAL", f"kvm.create_vm: max_phyid {max_phyid} is not in "
-                                     f"1..{C.MAX_PHYID_LIMIT}")
-        self._check_handle_room(conn)
-        if len(self.vms) >= self.config.max_vms:
-            raise KvmError("ENOSPC", f"kvm.create_vm: the daemon already hosts "
-                                     f"{self.config.max_vms} VMs")
-        vm = self._new_vm(name, max_phyid)
-        return {"vm": self._new_handle(conn, "vm", vm, vm)}
+def kvm_open_vm_id(d: Daemon, conn: Connection, p: Params) -> Result:
+    vm = d.vm_by_id.get(p["id"])
+    if vm is None:
+        raise KvmError("ENOENT", f"kvm.open_vm_id: no VM with id {p['id']}")
+    d.check_handle_room(conn)
+    return {"vm": d.add_handle(conn, VmHandle(conn.next_handle, vm))}
 
-    def m_kvm_open_vm(self, conn: Connection, p: dict[str, Any],
-                      h: Handle | None) -> dict[str, Any]:
-        vm = self.named.get(p["name"])
-        if vm is None:
-            raise KvmError("ENOENT", f"kvm.open_vm: no VM named {p['name']!r}")
-        self._check_handle_room(conn)
-        return {"vm": self._new_handle(conn, "vm", vm, vm)}
 
-    def m_kvm_list_vms(self, conn: Connection, p: dict[str, Any],
-                       h: Handle | None) -> dict[str, Any]:
-        return {"vms": [{"name": vm.name, "vcpus": len(vm.vcpus), "devices": len(vm.devices),
-                         "max_phyid": vm.max_phyid, "phyids": len(vm.phyids),
-                         "id": self._vm_id(vm)}
-                        for vm in self.vms]}
+def kvm_list_plugins(d: Daemon, conn: Connection, p: Params) -> Result:
+    types: dict[str, list[str]] = {}
+    for name, (_dt, plugin) in d.host.device_types.items():
+        types.setdefault(plugin, []).append(name)
+    return {"plugins": [{"name": lp.name, "version": lp.version, "dist": lp.dist,
+                         "device_types": sorted(types.get(lp.name, []))}
+                        for lp in d.host.loaded]}
 
-    def _vm_id(self, vm: Vm) -> int:
-        """A daemon-wide VM number, never reused: the only name an unnamed VM has.
 
-        Given out in creation order the first time anyone asks, kept beside the model rather
-        than in it: it is a protocol matter (``kvm.list_vms`` / ``kvm.open_vm_id``).
-        """
-        ids: dict[Vm, int] = self.__dict__.setdefault("_vm_ids", {})
-        if vm not in ids:
-            for dead in [v for v in ids if not v.alive]:
-                del ids[dead]
-            for live in self.vms:
-                if live not in ids:
-                    self._vm_id_next += 1
-                    ids[live] = self._vm_id_next
-        return ids[vm]
+# ---------------------------------------------------------------- any handle -----------------
 
-    def m_kvm_open_vm_id(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        vm = next((v for v in self.vms if v.alive and self._vm_id(v) == p["id"]), None)
-        if vm is None:
-            raise KvmError("ENOENT", f"kvm.open_vm_id: no VM with id {p['id']}")
-        self._check_handle_room(conn)
-        return {"vm": self._new_handle(conn, "vm", vm, vm)}
 
-    def m_kvm_list_plugins(self, conn: Connection, p: dict[str, Any],
-                           h: Handle | None) -> dict[str, Any]:
-        types: dict[str, list[str]] = {}
-        for name, (_dt, plugin) in self.host.device_types.items():
-            types.setdefault(plugin, []).append(name)
-        return {"plugins": [{"name": lp.name, "version": lp.version, "dist": lp.dist,
-                             "device_types": sorted(types.get(lp.name, []))}
-                            for lp in self.host.loaded]}
+def close(d: Daemon, conn: Connection, p: Params, h: Handle) -> Result:
+    d.release(conn, h)
+    return {}
 
-    # ---------------------------------------------------------------- methods: vm -------------
 
-    def m_vm_destroy(self, conn: Connection, p: dict[str, Any], h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        self._destroy_vm(h.vm)
-        return {}
+# ---------------------------------------------------------------- vm -------------------------
 
-    def m_vm_create_vcpu(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        self._check_handle_room(conn)
-        vcpu = h.vm.create_vcpu(p["vcpu_id"])
-        return {"vcpu": self._new_handle(conn, "vcpu", h.vm, vcpu)}
 
-    def m_vm_open_vcpu(self, conn: Connection, p: dict[str, Any],
-                       h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vcpu = h.vm.vcpus.get(p["vcpu_id"])
-        if vcpu is None:
-            raise KvmError("ENOENT", f"vm.open_vcpu: the VM has no vCPU {p['vcpu_id']}")
-        self._check_handle_room(conn)
-        return {"vcpu": self._new_handle(conn, "vcpu", h.vm, vcpu)}
+def vm_destroy(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> MaybeLater:
+    return _destroyed(d.destroy_vm(h.vm))
 
-    def m_vm_create_device(self, conn: Connection, p: dict[str, Any],
-                           h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        self._check_handle_room(conn)
-        device = h.vm.create_device(p["type"])
-        return {"device": self._new_handle(conn, "device", h.vm, device)}
 
-    def m_vm_open_device(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        rec = h.vm.devices.get(p["type"])
-        if rec is None:
-            raise KvmError("ENOENT", f"vm.open_device: the VM has no {p['type']}")
-        self._check_handle_room(conn)
-        return {"device": self._new_handle(conn, "device", h.vm, rec.device)}
+async def _destroyed(teardown: Coroutine[Any, Any, None]) -> Result:
+    await teardown
+    return {}
 
-    def m_vm_info(self, conn: Connection, p: dict[str, Any], h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vm = h.vm
-        return {"name": vm.name, "max_phyid": vm.max_phyid, "vcpus": sorted(vm.vcpus),
-                "devices": sorted(vm.devices), "seq": vm.seq}
 
-    def m_vm_irq_line(self, conn: Connection, p: dict[str, Any],
-                      h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vm = h.vm
-        missing = [t for t in (C.DEV_IPI, C.DEV_EIOINTC, C.DEV_PCHPIC) if t not in vm.devices]
-        if missing:
-            raise KvmError("ENXIO", f"vm.irq_line: the VM has no in-kernel irqchip "
-                                    f"({', '.join(missing)} missing)")
-        irq, level = p["irq"], p["level"]
-        if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
-            raise KvmError("EINVAL", f"vm.irq_line: irq {irq} is not a PCH-PIC pin (0..63)")
-        if level not in (0, 1):
-            raise KvmError("EINVAL", f"vm.irq_line: level {level} is not 0 or 1")
-        vm.set_chip_input(C.DEV_PCHPIC, irq, level)
-        return {}
+def vm_create_vcpu(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    d.check_handle_room(conn)
+    vcpu = h.vm.create_vcpu(p["vcpu_id"])
+    return {"vcpu": d.add_handle(conn, VcpuHandle(conn.next_handle, vcpu))}
 
-    def m_vm_signal_msi(self, conn: Connection, p: dict[str, Any],
-                        h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vm = h.vm
-        if C.DEV_EIOINTC not in vm.devices:
-            raise KvmError("ENXIO", "vm.signal_msi: the VM has no loongarch-eiointc")
-        if p["data"] >= C.EIOINTC_IRQS:
-            raise KvmError("EINVAL", f"vm.signal_msi: data {p['data']} is not an EIOINTC irq "
-                                     f"(0..255)")
-        vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
-        return {}
 
-    def m_vm_phyid_lookup(self, conn: Connection, p: dict[str, Any],
-                          h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"vcpu_id": h.vm.vcpu_by_phyid(p["phyid"])}
+def vm_open_vcpu(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    vcpu = h.vm.vcpus.get(p["vcpu_id"])
+    if vcpu is None:
+        raise KvmError("ENOENT", f"vm.open_vcpu: the VM has no vCPU {p['vcpu_id']}")
+    d.check_handle_room(conn)
+    return {"vcpu": d.add_handle(conn, VcpuHandle(conn.next_handle, vcpu))}
 
-    def m_vm_phyid_map(self, conn: Connection, p: dict[str, Any],
-                       h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vm = h.vm
+
+def vm_create_device(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    d.check_handle_room(conn)
+    device = h.vm.create_device(p["type"])
+    return {"device": d.add_handle(conn, DeviceHandle(conn.next_handle, h.vm, device))}
+
+
+def vm_open_device(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    rec = h.vm.devices.get(p["type"])
+    if rec is None:
+        raise KvmError("ENOENT", f"vm.open_device: the VM has no {p['type']}")
+    d.check_handle_room(conn)
+    return {"device": d.add_handle(conn, DeviceHandle(conn.next_handle, h.vm, rec.device))}
+
+
+def vm_info(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    vm = h.vm
+    return {"name": vm.name, "max_phyid": vm.max_phyid, "vcpus": sorted(vm.vcpus),
+            "devices": sorted(vm.devices), "seq": vm.seq}
+
+
+def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    vm = h.vm
+    missing = [t for t in (C.DEV_IPI, C.DEV_EIOINTC, C.DEV_PCHPIC) if t not in vm.devices]
+    if missing:
+        raise KvmError("ENXIO", f"vm.irq_line: the VM has no in-kernel irqchip "
+                                f"({', '.join(missing)} missing)")
+    irq, level = p["irq"], p["level"]
+    if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
+        raise KvmError("EINVAL", f"vm.irq_line: irq {irq} is not a PCH-PIC pin (0..63)")
+    if level not in (0, 1):
+        raise KvmError("EINVAL", f"vm.irq_line: level {level} is not 0 or 1")
+    vm.set_chip_input(C.DEV_PCHPIC, irq, level)
+    return {}
+
+
+def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    vm = h.vm
+    if C.DEV_EIOINTC not in vm.devices:
+        raise KvmError("ENXIO", "vm.signal_msi: the VM has no loongarch-eiointc")
+    if p["data"] >= C.EIOINTC_IRQS:
+        raise KvmError("EINVAL", f"vm.signal_msi: data {p['data']} is not an EIOINTC irq "
+                                 f"(0..255)")
+    vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
+    return {}
+
+
+def vm_phyid_lookup(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    return {"vcpu_id": h.vm.vcpu_by_phyid(p["phyid"])}
+
+
+def vm_phyid_map(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> MaybeLater:
+    vm = h.vm
+    if len(vm.phyids) <= MAP_CHUNK:
         return {"limit": vm.max_phyid,
                 "entries": [[phyid, vm.phyids[phyid].vcpu_id] for phyid in sorted(vm.phyids)]}
+    return _big_phyid_map(d, h)
 
-    def m_vm_subscribe(self, conn: Connection, p: dict[str, Any],
-                       h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        hs = self.subscribers.setdefault(h.vm, {}).setdefault(conn, [])
-        if h not in hs:
-            hs.append(h)
-            hs.sort(key=lambda x: x.number)
-        return {}
 
-    # ---------------------------------------------------------------- methods: vcpu -----------
+async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
+    """A map of up to 65,536 entries, built in chunks with other clients served in between.
 
-    def m_vcpu_destroy(self, conn: Connection, p: dict[str, Any],
-                       h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        vcpu: Vcpu = h.obj  # type: ignore[assignment]
-        try:
-            h.vm.destroy_vcpu(vcpu)
-        finally:
-            self._end_wait(vcpu, "the vCPU was destroyed")
-        return {}
+    Under the VM's map lock, so no set or drop lands between two chunks.
+    """
+    vm = h.vm
+    lock = d.map_locks.get(vm)
+    if lock is None:
+        raise KvmError("EBADF", f"vm.phyid_map: handle {h.number} is not open")
+    async with lock:
+        if not vm.alive:
+            raise KvmError("EBADF", f"vm.phyid_map: handle {h.number} is not open")
+        phyids = sorted(vm.phyids)
+        entries: list[list[int]] = []
+        for start in range(0, len(phyids), MAP_CHUNK):
+            entries += [[phyid, vm.phyids[phyid].vcpu_id]
+                        for phyid in phyids[start:start + MAP_CHUNK]]
+            await trio.lowlevel.checkpoint()
+        return {"limit": vm.max_phyid, "entries": entries}
 
-    def m_vcpu_set_one_reg(self, conn: Connection, p: dict[str, Any],
-                           h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.set_one_reg(h.obj, p["id"], p["value"])  # type: ignore[arg-type]
-        return {}
 
-    def m_vcpu_get_one_reg(self, conn: Connection, p: dict[str, Any],
-                           h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"value": h.vm.get_one_reg(h.obj, p["id"])}  # type: ignore[arg-type]
+def vm_subscribe(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    d.subscribe(conn, h)
+    return {}
 
-    def m_vcpu_get_reg_list(self, conn: Connection, p: dict[str, Any],
-                            h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"ids": h.vm.reg_list(h.obj)}  # type: ignore[arg-type]
 
-    def m_vcpu_interrupt(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.interrupt(h.obj, p["irq"])  # type: ignore[arg-type]
-        return {}
+# ---------------------------------------------------------------- vcpu -----------------------
 
-    def m_vcpu_csr_xchg(self, conn: Connection, p: dict[str, Any],
-                        h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        old = h.vm.csr_xchg(h.obj, p["csr"], p["value"], p["mask"])  # type: ignore[arg-type]
-        return {"old": old}
 
-    def m_vcpu_set_attr(self, conn: Connection, p: dict[str, Any],
-                        h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.set_vcpu_attr(p["group"], p["attr"], p["value"])
-        return {}
+def vcpu_destroy(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    d.destroy_vcpu(h.vcpu)
+    return {}
 
-    def m_vcpu_get_attr(self, conn: Connection, p: dict[str, Any],
-                        h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"value": h.vm.get_vcpu_attr(p["group"], p["attr"])}
 
-    def m_vcpu_iocsr_read(self, conn: Connection, p: dict[str, Any],
-                          h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"value": h.vm.guest_read("iocsr", h.obj, p["addr"], p["size"])}  # type: ignore[arg-type]
+def vcpu_set_one_reg(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    h.vm.set_one_reg(h.vcpu, p["id"], p["value"])
+    return {}
 
-    def m_vcpu_iocsr_write(self, conn: Connection, p: dict[str, Any],
-                           h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.guest_write("iocsr", h.obj, p["addr"], p["size"], p["value"])  # type: ignore[arg-type]
-        return {}
 
-    def m_vcpu_mmio_read(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"value": h.vm.guest_read("mmio", h.obj, p["addr"], p["size"])}  # type: ignore[arg-type]
+def vcpu_get_one_reg(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"value": h.vm.get_one_reg(h.vcpu, p["id"])}
 
-    def m_vcpu_mmio_write(self, conn: Connection, p: dict[str, Any],
-                          h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.guest_write("mmio", h.obj, p["addr"], p["size"], p["value"])  # type: ignore[arg-type]
-        return {}
 
-    def m_vcpu_kick(self, conn: Connection, p: dict[str, Any],
-                    h: Handle | None) -> dict[str, Any]:
-        """End a waiting ``vcpu.run`` on this vCPU (from any connection) with EINTR.
+def vcpu_get_reg_list(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"ids": h.vm.reg_list(h.vcpu)}
 
-        KVM_RUN returns -EINTR when a signal reaches the vCPU thread; this is that signal, so
-        a client that gives up on a run (a timeout of its own) frees the vCPU at once instead
-        of leaving it EBUSY until the daemon-side timeout. With no run waiting it does nothing.
-        """
-        assert h is not None
-        self._end_wait(h.obj, "vcpu.run: kicked (vcpu.kick)", "EINTR")  # type: ignore[arg-type]
-        return {}
 
-    def m_vcpu_hypercall(self, conn: Connection, p: dict[str, Any],
-                         h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        return {"a0": h.vm.hypercall(h.obj, p["code"], p.get("args", []))}  # type: ignore[arg-type]
+def vcpu_interrupt(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    h.vm.interrupt(h.vcpu, p["irq"])
+    return {}
 
-    # ---------------------------------------------------------------- methods: device ---------
 
-    def m_device_set_attr(self, conn: Connection, p: dict[str, Any],
-                          h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        h.vm.device_call(h.obj, "set_attr", p["group"], p["attr"], p["value"])  # type: ignore[arg-type]
-        return {}
+def vcpu_csr_xchg(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"old": h.vm.csr_xchg(h.vcpu, p["csr"], p["value"], p["mask"])}
 
-    def m_device_get_attr(self, conn: Connection, p: dict[str, Any],
-                          h: Handle | None) -> dict[str, Any]:
-        assert h is not None
-        value = h.vm.device_call(h.obj, "get_attr", p["group"], p["attr"])  # type: ignore[arg-type]
-        if type(value) is not int or not 0 <= value <= C.U64_MAX:
-            rec = h.vm.devices.get(h.obj.type_name)  # type: ignore[union-attr]
-            raise plugin_failure(rec.plugin if rec else "?",
-                                 TypeError(f"get_attr returned {value!r}, not a u64"))
-        return {"value": value}
 
-    def m_device_save_state(self, conn: Connection, p: dict[str, Any],
-                            h: Handle | None) -> dict[str, Any]:
-        """The chip's declared state (``Device.save_state``), checked before it leaves."""
-        assert h is not None
-        state = h.vm.device_call(h.obj, "save_state")  # type: ignore[arg-type]
-        try:
-            attrs = [[g, a, v] for g, a, v in state]
-            if not all(type(x) is int and 0 <= x <= C.U64_MAX for e in attrs for x in e):
-                raise TypeError("an entry is not three u64")
-        except (TypeError, ValueError) as exc:
-            rec = h.vm.devices.get(h.obj.type_name)  # type: ignore[union-attr]
-            raise plugin_failure(rec.plugin if rec else "?",
-                                 TypeError(f"save_state returned {state!r:.80}: {exc}")) from exc
-        return {"attrs": attrs}
+def vcpu_set_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    h.vm.set_vcpu_attr(p["group"], p["attr"], p["value"])
+    return {}
+
+
+def vcpu_get_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"value": h.vm.get_vcpu_attr(p["group"], p["attr"])}
+
+
+def vcpu_iocsr_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"value": h.vm.guest_read("iocsr", h.vcpu, p["addr"], p["size"])}
+
+
+def vcpu_iocsr_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    h.vm.guest_write("iocsr", h.vcpu, p["addr"], p["size"], p["value"])
+    return {}
+
+
+def vcpu_mmio_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"value": h.vm.guest_read("mmio", h.vcpu, p["addr"], p["size"])}
+
+
+def vcpu_mmio_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    h.vm.guest_write("mmio", h.vcpu, p["addr"], p["size"], p["value"])
+    return {}
+
+
+def vcpu_kick(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    """End a waiting ``vcpu.run`` on this vCPU (from any connection) with EINTR.
+
+    KVM_RUN returns -EINTR when a signal reaches the vCPU thread; this is that signal, so a
+    client that gives up on a run (a timeout of its own) frees the vCPU at once instead of
+    leaving it EBUSY until the daemon-side timeout. With no run waiting it does nothing.
+    """
+    d.end_wait(h.vcpu, "vcpu.run: kicked (vcpu.kick)", "EINTR")
+    return {}
+
+
+def vcpu_hypercall(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
+    return {"a0": h.vm.hypercall(h.vcpu, p["code"], p.get("args", []))}
+
+
+# ---------------------------------------------------------------- device ---------------------
+
+
+def device_set_attr(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -> Result:
+    h.vm.device_call(h.device, "set_attr", p["group"], p["attr"], p["value"])
+    return {}
+
+
+def device_get_attr(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -> Result:
+    value = h.vm.device_call(h.device, "get_attr", p["group"], p["attr"])
+    if type(value) is not int or not 0 <= value <= C.U64_MAX:
+        rec = h.vm.devices.get(h.device.type_name)
+        raise plugin_failure(rec.plugin if rec else "?",
+                             TypeError(f"get_attr returned {value!r}, not a u64"))
+    return {"value": value}
+
+
+def device_save_state(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -> Result:
+    """The chip's declared state (``Device.save_state``), checked before it leaves."""
+    state = h.vm.device_call(h.device, "save_state")
+    try:
+        attrs = [[g, a, v] for g, a, v in state]
+        if not all(type(x) is int and 0 <= x <= C.U64_MAX for e in attrs for x in e):
+            raise TypeError("an entry is not three u64")
+    except (TypeError, ValueError) as exc:
+        rec = h.vm.devices.get(h.device.type_name)
+        raise plugin_failure(rec.plugin if rec else "?",
+                             TypeError(f"save_state returned {state!r:.80}: {exc}")) from exc
+    return {"attrs": attrs}
+
+
+# ---------------------------------------------------------------- the tables -----------------
+
+#: Methods that take no handle.
+KVM: Final[dict[str, Callable[[Daemon, Connection, Params], Result]]] = {
+    "hello": hello,
+    "kvm.get_api_version": kvm_get_api_version,
+    "kvm.check_extension": kvm_check_extension,
+    "kvm.create_vm": kvm_create_vm,
+    "kvm.open_vm": kvm_open_vm,
+    "kvm.list_vms": kvm_list_vms,
+    "kvm.open_vm_id": kvm_open_vm_id,
+    "kvm.list_plugins": kvm_list_plugins,
+}
+
+#: Methods whose handle may be of any kind (``handle`` parameter).
+ANY: Final[dict[str, Callable[[Daemon, Connection, Params, Handle], Result]]] = {
+    "close": close,
+}
+
+#: VM methods; ``vm.destroy`` and ``vm.phyid_map`` may answer later (see the module doc).
+VM: Final[dict[str, Callable[[Daemon, Connection, Params, VmHandle], MaybeLater]]] = {
+    "vm.destroy": vm_destroy,
+    "vm.create_vcpu": vm_create_vcpu,
+    "vm.open_vcpu": vm_open_vcpu,
+    "vm.create_device": vm_create_device,
+    "vm.open_device": vm_open_device,
+    "vm.info": vm_info,
+    "vm.irq_line": vm_irq_line,
+    "vm.signal_msi": vm_signal_msi,
+    "vm.phyid_lookup": vm_phyid_lookup,
+    "vm.phyid_map": vm_phyid_map,
+    "vm.subscribe": vm_subscribe,
+}
+
+VCPU: Final[dict[str, Callable[[Daemon, Connection, Params, VcpuHandle], Result]]] = {
+    "vcpu.destroy": vcpu_destroy,
+    "vcpu.set_one_reg": vcpu_set_one_reg,
+    "vcpu.get_one_reg": vcpu_get_one_reg,
+    "vcpu.get_reg_list": vcpu_get_reg_list,
+    "vcpu.interrupt": vcpu_interrupt,
+    "vcpu.csr_xchg": vcpu_csr_xchg,
+    "vcpu.set_attr": vcpu_set_attr,
+    "vcpu.get_attr": vcpu_get_attr,
+    "vcpu.iocsr_read": vcpu_iocsr_read,
+    "vcpu.iocsr_write": vcpu_iocsr_write,
+    "vcpu.mmio_read": vcpu_mmio_read,
+    "vcpu.mmio_write": vcpu_mmio_write,
+    "vcpu.kick": vcpu_kick,
+    "vcpu.hypercall": vcpu_hypercall,
+    # vcpu.run is not here: it waits, in a task of its own (server.py ``_start_run``).
+}
+
+DEVICE: Final[dict[str, Callable[[Daemon, Connection, Params, DeviceHandle], Result]]] = {
+    "device.set_attr": device_set_attr,
+    "device.get_attr": device_get_attr,
+    "device.save_state": device_save_state,
+}
+
+
+def _sets_cpuid(p: Params, h: VcpuHandle) -> bool:
+    return p["id"] == C.CPUID and not h.vm.cpuid_unchanged(h.vcpu, p["value"])
+
+
+def _always(p: Params, h: VcpuHandle) -> bool:
+    return True
+
+
+#: vCPU requests that set or drop a phyid (when the predicate says so): they run under the
+#: VM's map lock, the kernel's ``phyid_map_lock``. ``vm.destroy`` takes it itself.
+WRITES_MAP: Final[dict[str, Callable[[Params, VcpuHandle], bool]]] = {
+    "vcpu.set_one_reg": _sets_cpuid,
+    "vcpu.destroy": _always,
+}

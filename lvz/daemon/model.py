@@ -1,27 +1,28 @@
 """The VM model: vCPUs, their registers and interrupt lines, the phyid map, and devices.
 
-Plain objects, no sockets, no awaiting: the server wraps them. The phyid map follows the seed
-(``kvm_set_cpuid`` / ``kvm_drop_cpuid`` / ``kvm_get_vcpu_by_cpuid``, SEMANTICS.md §4) with the
-VM's ``max_phyid`` in place of KVM_MAX_PHYID (decision 4). Set and drop hold the VM's
-``map_lock`` (a ``trio.Lock``) exactly where the kernel holds ``phyid_map_lock``; lookups are
-lockless, as in the kernel, because an entry changes only on a first set and on a drop.
+Plain objects, no sockets, no awaiting, no trio: usable from any script, fuzzer or benchmark.
+The phyid map follows the seed (``kvm_set_cpuid`` / ``kvm_drop_cpuid`` /
+``kvm_get_vcpu_by_cpuid``, SEMANTICS.md §4) with the VM's ``max_phyid`` in place of
+KVM_MAX_PHYID (decision 4). The kernel's ``phyid_map_lock`` is the daemon's business: it holds
+its per-VM ``trio.Lock`` around every request that sets or drops a phyid (server.py), across the
+await points such a request may have; the model itself never waits. Lookups are lockless, as
+in the kernel, because an entry changes only on a first set and on a drop.
 
 Interrupt lines live where the kernel keeps them: SWI0/1, TI and IPI in ESTAT, HWI0-7 in GINTC
 (shown as ESTAT bits 2-9). Every change of a line, whatever caused it, goes through
 ``_set_lines`` so that exactly one ``irq`` event with the next ``seq`` is emitted per change.
 
-Every call into a chip is guarded: an exception that is not a ``KvmError`` becomes EIO naming the
-plugin, so a broken chip fails the request that reached it and nothing else.
+Every call into a chip is guarded (``host.PluginGuard``): anything it raises that is not a
+``KvmError`` becomes EIO naming the plugin, a chip that runs past ``--plugin-timeout`` is
+interrupted (ETIMEDOUT) and its device is marked broken: from then on it answers EIO until the
+VM is destroyed, so no half-updated chip goes unnoticed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
-
-import trio
 
 from lvz.plugins.api import Device, IoHandler
 from lvz.protocol import abi
@@ -62,7 +63,7 @@ from lvz.protocol.abi import (
 )
 from lvz.protocol.errors import KvmError
 
-from .host import PluginHost, plugin_failure
+from .host import PluginGuard, PluginHost, plugin_failure
 
 __all__ = ["ChipApi", "LineListener", "Vcpu", "Vm"]
 
@@ -136,12 +137,13 @@ class _Claim:
 
 
 class _DeviceRecord:
-    __slots__ = ("device", "plugin", "type_name")
+    __slots__ = ("broken", "device", "plugin", "type_name")
 
     def __init__(self, device: Device, type_name: str, plugin: str) -> None:
         self.device = device
         self.type_name = type_name
         self.plugin = plugin
+        self.broken = ""  # why the device answers EIO until destroyed; "" while healthy
 
 
 class Vm:
@@ -159,7 +161,6 @@ class Vm:
         self.max_vcpu_id = max(256, max_phyid)
         self.max_vcpus = self.max_vcpu_id if max_vcpus is None else min(max_vcpus,
                                                                          self.max_vcpu_id)
-        self.map_lock = trio.Lock()
         self.vcpus: dict[int, Vcpu] = {}
         self.phyids: dict[int, Vcpu] = {}
         self.devices: dict[str, _DeviceRecord] = {}
@@ -190,7 +191,7 @@ class Vm:
         self.vcpus[vcpu_id] = vcpu
         try:
             for rec in list(self.devices.values()):
-                with self._guard(rec.plugin):
+                with PluginGuard(rec.plugin, rec):
                     rec.device.vcpu_created(vcpu_id)
         except KvmError:
             # A chip refused the new vCPU: undo, so a retry does not meet EEXIST.
@@ -203,13 +204,16 @@ class Vm:
         """Hot-unplug in ``kvm_arch_vcpu_destroy`` order: drop the phyid, then free the vCPU."""
         if not vcpu.alive:
             return
-        self._drop_cpuid(vcpu)
         vcpu.alive = False
-        del self.vcpus[vcpu.vcpu_id]
+        self._free_vcpu(vcpu)
+
+    def _free_vcpu(self, vcpu: Vcpu) -> None:
+        self._drop_cpuid(vcpu)
+        self.vcpus.pop(vcpu.vcpu_id, None)
         errors: list[KvmError] = []
         for rec in list(self.devices.values()):
             try:
-                with self._guard(rec.plugin):
+                with PluginGuard(rec.plugin, rec):
                     rec.device.vcpu_destroyed(vcpu.vcpu_id)
             except KvmError as err:
                 errors.append(err)
@@ -218,18 +222,37 @@ class Vm:
             raise errors[0]
 
     def destroy(self) -> None:
-        """``kvm_arch_destroy_vm``: every vCPU (dropping its phyid), then the devices."""
+        """``kvm_arch_destroy_vm`` in one go (see ``begin_destroy``)."""
+        for _ in self.begin_destroy():
+            pass
+
+    def begin_destroy(self, chunk: int = 1024) -> Iterator[int]:
+        """``kvm_arch_destroy_vm``: every vCPU (dropping its phyid), then the devices.
+
+        The VM and all its vCPUs are dead when this returns: nothing can create, set or reach
+        them any more. The teardown itself (phyid drops, the chips' ``vcpu_destroyed``) is the
+        returned iterator, which yields after every ``chunk`` vCPUs so that a daemon can let
+        other clients run while a 65,536-vCPU VM goes; run it to the end.
+        """
         if not self.alive:
-            return
-        for vcpu in list(self.vcpus.values()):
+            return iter(())
+        self.alive = False
+        vcpus = list(self.vcpus.values())
+        for vcpu in vcpus:
+            vcpu.alive = False
+        return self._tear_down(vcpus, chunk)
+
+    def _tear_down(self, vcpus: list[Vcpu], chunk: int) -> Iterator[int]:
+        for done, vcpu in enumerate(vcpus, 1):
             try:
-                self.destroy_vcpu(vcpu)
+                self._free_vcpu(vcpu)
             except KvmError:
                 pass  # teardown goes on; the plugin failure was logged by the guard
+            if done % chunk == 0:
+                yield done
         self.devices.clear()
         self._iocsr.clear()
         self._mmio.clear()
-        self.alive = False
 
     def create_device(self, type_name: str) -> Device:
         """KVM_CREATE_DEVICE: ENODEV for an unknown type, EINVAL for a second one."""
@@ -241,7 +264,7 @@ class Vm:
             raise KvmError("EINVAL", f"the VM already has a {type_name}")
         self._constructing = type_name
         try:
-            with self._guard(plugin):
+            with PluginGuard(plugin):
                 device = dtype.factory(self.chip_api)
                 if not isinstance(device, Device):
                     raise TypeError(f"factory returned {type(device).__name__}, not a Device")
@@ -257,66 +280,50 @@ class Vm:
 
     # ---------------------------------------------------------------- the phyid map -----------
 
-    def _lock_map(self) -> None:
-        """Take ``map_lock`` where the kernel takes ``phyid_map_lock`` (set and drop).
-
-        Nothing in lvz awaits while holding it, so it is always free here; finding it held
-        means someone did, which is a bug to report loudly rather than a client's error.
-        """
-        try:
-            self.map_lock.acquire_nowait()
-        except trio.WouldBlock:
-            raise RuntimeError("the phyid map lock is held across an await") from None
-
     def set_cpuid(self, vcpu: Vcpu, val: int) -> None:
         """``kvm_set_cpuid``: set once, same value again is a no-op, never changed or shared."""
         limit = self._max_phyid
         if val >= limit:  # checked before taking the lock, as the kernel does
             raise KvmError("EINVAL", f"CPUID {val} is out of range (0..{limit - 1})")
-        if vcpu.csrs[CSR_CPUID] == val and self.phyids.get(val) is vcpu:
-            # The same value again (VMMs re-put every register): nothing to change, so no
-            # lock, as a lookup takes none. The answer is what the locked path would give:
-            # entries change only under the lock, and nothing runs between these two reads.
-            return
-        self._lock_map()
-        try:
-            cur = vcpu.csrs[CSR_CPUID]
-            if cur < limit and self.phyids.get(cur) is not None:
-                if cur == val:
-                    return
-                raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
-                                         f"a CPUID cannot change")
-            owner = self.phyids.get(val)
-            if owner is not None:
-                if owner is vcpu:
-                    return
-                raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
-            vcpu.csrs[CSR_CPUID] = val
-            self.phyids[val] = vcpu
-            for rec in list(self.devices.values()):
-                with self._guard(rec.plugin):
-                    rec.device.phyid_set(vcpu.vcpu_id, val)
-        finally:
-            self.map_lock.release()
+        cur = vcpu.csrs[CSR_CPUID]
+        if cur < limit and self.phyids.get(cur) is not None:
+            if cur == val:
+                return  # the same value again (VMMs re-put every register): a no-op
+            raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
+                                     f"a CPUID cannot change")
+        owner = self.phyids.get(val)
+        if owner is not None:
+            if owner is vcpu:
+                return
+            raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
+        vcpu.csrs[CSR_CPUID] = val
+        self.phyids[val] = vcpu
+        for rec in list(self.devices.values()):
+            with PluginGuard(rec.plugin, rec):
+                rec.device.phyid_set(vcpu.vcpu_id, val)
+
+    def cpuid_unchanged(self, vcpu: Vcpu, val: int) -> bool:
+        """Would ``set_cpuid(vcpu, val)`` change nothing (the value it already holds)?
+
+        The daemon asks before taking the VM's map lock: VMMs re-put every register, and the
+        answer is what the locked path would give, since entries change only under the lock.
+        """
+        return vcpu.csrs[CSR_CPUID] == val and self.phyids.get(val) is vcpu
 
     def _drop_cpuid(self, vcpu: Vcpu) -> None:
         """``kvm_drop_cpuid``: the owner is not checked, as in the kernel."""
         cur = vcpu.csrs[CSR_CPUID]
         if cur >= self._max_phyid:
-            return  # never set: no lock taken, as in the kernel
-        self._lock_map()
-        try:
-            if self.phyids.pop(cur, None) is None:
-                return
-            vcpu.csrs[CSR_CPUID] = self._max_phyid
-            for rec in list(self.devices.values()):
-                try:
-                    with self._guard(rec.plugin):
-                        rec.device.phyid_dropped(vcpu.vcpu_id, cur)
-                except KvmError:
-                    pass  # logged; the drop itself must happen whatever a chip says
-        finally:
-            self.map_lock.release()
+            return  # never set
+        if self.phyids.pop(cur, None) is None:
+            return
+        vcpu.csrs[CSR_CPUID] = self._max_phyid
+        for rec in list(self.devices.values()):
+            try:
+                with PluginGuard(rec.plugin, rec):
+                    rec.device.phyid_dropped(vcpu.vcpu_id, cur)
+            except KvmError:
+                pass  # logged; the drop itself must happen whatever a chip says
 
     # ---------------------------------------------------------------- registers ---------------
 
@@ -482,18 +489,9 @@ class Vm:
 
     # ---------------------------------------------------------------- guest I/O ---------------
 
-    @contextmanager
-    def _guard(self, plugin: str) -> Iterator[None]:
-        try:
-            yield
-        except KvmError:
-            raise
-        except Exception as exc:
-            raise plugin_failure(plugin, exc) from exc
-
-    def _owner_plugin(self, claim: _Claim) -> str:
+    def _claim_guard(self, claim: _Claim) -> PluginGuard:
         rec = self.devices.get(claim.owner)
-        return rec.plugin if rec else claim.owner
+        return PluginGuard(rec.plugin, rec) if rec else PluginGuard(claim.owner)
 
     @staticmethod
     def _find(table: list[_Claim], addr: int, size: int) -> _Claim | None:
@@ -515,7 +513,7 @@ class Vm:
     def guest_load(self, space: str, vcpu_id: int, addr: int, size: int) -> int:
         """The one guest-load path (protocol and chips alike): zero-extended to ``size``."""
         claim, offset = self._route(space, addr, size)
-        with self._guard(self._owner_plugin(claim)):
+        with self._claim_guard(claim):
             raw = claim.handler.read(vcpu_id, offset, size)
             if type(raw) is not int:
                 raise TypeError(f"read returned {raw!r}, not an int")
@@ -524,7 +522,7 @@ class Vm:
     def guest_store(self, space: str, vcpu_id: int, addr: int, size: int, value: int) -> None:
         """The one guest-store path (protocol and chips alike)."""
         claim, offset = self._route(space, addr, size)
-        with self._guard(self._owner_plugin(claim)):
+        with self._claim_guard(claim):
             claim.handler.write(vcpu_id, offset, size, value)
 
     def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
@@ -542,7 +540,7 @@ class Vm:
     def device_call(self, device: Device, method: str, *args: int) -> Any:
         """Call a device's attr / input method under its plugin's guard."""
         rec = self.devices.get(device.type_name)
-        with self._guard(rec.plugin if rec else device.type_name):
+        with PluginGuard(rec.plugin, rec) if rec else PluginGuard(device.type_name):
             return getattr(device, method)(*args)
 
     # ---------------------------------------------------------------- what chips use ---------
@@ -588,7 +586,7 @@ class Vm:
         rec = self.devices.get(device_type)
         if rec is None:
             raise KvmError("ENXIO", f"the VM has no {device_type}")
-        with self._guard(rec.plugin):
+        with PluginGuard(rec.plugin, rec):
             rec.device.set_input(line, level)
 
 

@@ -6,16 +6,22 @@ module calls. One connection = one reader task (decode, dispatch, collect replie
 event pump; both write through ``Connection.flush`` under a StrictFIFOLock, so there is one
 writer per stream at a time and bytes never interleave.
 
-Ordering: requests of a connection run in arrival order and nothing inside a request awaits,
-so a request takes effect whole; ``vcpu.run`` alone waits, in a task of its own, so later
-requests are not held back. Line changes are queued to subscribers the moment they happen, so
-an event caused by a request is always in the connection's buffer before that request's
-response.
+Ordering: requests of a connection run in arrival order, one at a time. Almost every request
+is synchronous and takes effect whole without yielding; the few that await (``vm.destroy``,
+which yields between chunks of vCPUs, and a phyid-map write that finds its VM's map lock
+taken) hold back only their own connection's later requests. ``vcpu.run`` waits in a task of
+its own, so later requests are not held back. Line changes are queued to subscribers the
+moment they happen, so an event caused by a request is always in the connection's buffer
+before that request's response.
 
 Bounds: a connection's outgoing buffer is flushed whenever it passes ``FLUSH_BYTES`` mid-batch
 and the reader does not read again until it has been written (a client that does not read stops
 being read); queued ``irq`` events per subscriber are capped at ``max_events`` and the excess is
 dropped and reported with one ``events_lost`` notification per VM carrying the count.
+
+Fairness: a connection's reader yields to the others whenever it has run for ``SLICE``
+seconds without a break (a pipeline of expensive requests cannot hold the event loop), and
+long teardowns yield between chunks.
 """
 
 from __future__ import annotations
@@ -27,26 +33,35 @@ import signal
 import socket as _socket
 import struct
 import sys
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+import trio.lowlevel
 
-from lvz.plugins.api import Device
 from lvz.protocol import abi, snapshot
 from lvz.protocol.connection import NEED_DATA
 from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
 from lvz.protocol.methods import HANDLE_PARAM, METHODS, validate
 
-from . import systemd
+from . import methods, systemd
 from .config import ServeConfig
-from .connection import Connection, Handle, RunWait
-from .host import PluginHost, PluginLoadError, load_plugins
+from .connection import (
+    Connection,
+    DeviceHandle,
+    Handle,
+    RunWait,
+    Subscription,
+    VcpuHandle,
+    VmHandle,
+)
+from .host import WATCHDOG, PluginHost, PluginLoadError, PluginTimeout, load_plugins
 from .listener import SocketInUse, goodbye, notify_ready, open_listener, unlink_socket
-from .methods import Methods
+from .methods import MaybeLater, Params, Result
 from .model import Vcpu, Vm
 from .recorder import Recorder, RecordingFailed
 
@@ -55,6 +70,14 @@ log = logging.getLogger("lvz.daemon")
 RECEIVE_BYTES = 65536
 STATE_SUFFIX = ".lvzvm"
 FLUSH_BYTES = 256 * 1024
+#: Seconds a connection's reader may run before it lets other tasks in (fairness).
+SLICE = 0.02
+#: vCPUs torn down between two yields when a VM is destroyed.
+DESTROY_CHUNK = 1024
+
+H = TypeVar("H", bound=Handle)
+#: A request, its handle resolved: a result now, or a coroutine that will produce one.
+Call = Callable[[Connection, Params], MaybeLater]
 
 
 def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
@@ -64,7 +87,7 @@ def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class Daemon(Methods):
+class Daemon:
     """The service: VMs by name and by handle, connections, and the request dispatch table."""
 
     def __init__(self, host: PluginHost, config: ServeConfig) -> None:
@@ -73,19 +96,96 @@ class Daemon(Methods):
         self.vms: list[Vm] = []
         self.named: dict[str, Vm] = {}
         self.refs: dict[Vm, int] = {}
-        self.subscribers: dict[Vm, dict[Connection, list[Handle]]] = {}
+        #: Per VM, the kernel's ``phyid_map_lock``: held around every phyid set or drop,
+        #: across the await points of the request doing it (a teardown; a durable write).
+        self.map_locks: dict[Vm, trio.Lock] = {}
+        self.subscribers: dict[Vm, dict[Connection, Subscription]] = {}
         self.running: dict[Vcpu, RunWait] = {}
         self.connections: set[Connection] = set()
         self.conn_counter = 0
         self.shutting_down = False
         self.recorder: Recorder | None = None  # lvz serve --record
-        # Every method of the table has an ``m_<name>`` here, except vcpu.run (it waits).
-        self.handlers: dict[str, Callable[[Connection, dict[str, Any], Handle | None],
-                                          dict[str, Any]]] = {
-            name: getattr(self, "m_" + name.replace(".", "_"))
-            for name in METHODS if name != "vcpu.run"
-        }
+        #: Counts VM and vCPU deaths: a connection at its handle limit sweeps its handles of
+        #: dead objects only if something died since its last sweep, so refusals are O(1).
+        self.deaths = 0
+        #: Where teardowns of orphaned VMs run once ``serve`` is up; inline before that.
+        self.nursery: trio.Nursery | None = None
+        #: Daemon-wide VM numbers, in creation order, never reused (``kvm.list_vms``,
+        #: ``kvm.open_vm_id``): the only name an unnamed VM has. A protocol matter, so here.
+        self.vm_ids: dict[Vm, int] = {}
+        self.vm_by_id: dict[int, Vm] = {}
+        self.last_vm_id = 0
         self.device_type_names = sorted(host.device_types)
+        self.calls = self._routes()
+
+    def _routes(self) -> dict[str, Call]:
+        """methods.py's tables, each handler wrapped with the resolution of its handle."""
+        calls: dict[str, Call] = {}
+        for name, on_kvm in methods.KVM.items():
+            calls[name] = self._no_handle(on_kvm)
+        for name, on_any in methods.ANY.items():
+            calls[name] = self._on_handle(name, Handle, on_any)
+        for name, on_vm in methods.VM.items():
+            calls[name] = self._on_handle(name, VmHandle, on_vm)
+        for name, on_vcpu in methods.VCPU.items():
+            writes = methods.WRITES_MAP.get(name)
+            calls[name] = (self._on_handle(name, VcpuHandle, on_vcpu) if writes is None
+                           else self._writing_map(name, on_vcpu, writes))
+        for name, on_device in methods.DEVICE.items():
+            calls[name] = self._on_handle(name, DeviceHandle, on_device)
+        missing = set(METHODS) - set(calls) - {"vcpu.run"}
+        if missing:
+            raise RuntimeError(f"methods without a handler: {sorted(missing)}")
+        return calls
+
+    def _no_handle(self, fn: Callable[[Daemon, Connection, Params], Result]) -> Call:
+        def call(conn: Connection, p: Params) -> Result:
+            return fn(self, conn, p)
+        return call
+
+    def _on_handle(self, method: str, kind: type[H],
+                   fn: Callable[[Daemon, Connection, Params, H], MaybeLater]) -> Call:
+        param, table_kind = HANDLE_PARAM[method]  # the method table names the parameter
+        if table_kind != kind.kind:
+            raise RuntimeError(f"{method} takes a {table_kind or 'any'} handle, "
+                               f"but its handler is in the {kind.kind or 'any'} table")
+        resolve = self._resolve
+
+        def call(conn: Connection, p: Params) -> MaybeLater:
+            return fn(self, conn, p, resolve(conn, p[param], kind, method))
+        return call
+
+    def _writing_map(self, method: str,
+                     fn: Callable[[Daemon, Connection, Params, VcpuHandle], Result],
+                     writes: Callable[[Params, VcpuHandle], bool]) -> Call:
+        """A vCPU method that may set or drop a phyid: under the VM's map lock when it does.
+
+        The lock is taken without a scheduler pass when free (always, unless a teardown or a
+        durable write of the same VM is in progress); otherwise the request waits for it in a
+        coroutine, and resolves its handle again once it holds it: the vCPU may be gone.
+        """
+        if HANDLE_PARAM[method] != ("vcpu", "vcpu"):
+            raise RuntimeError(f"{method} is not a vCPU method")
+        resolve = self._resolve
+
+        async def wait_for_lock(conn: Connection, p: Params, lock: trio.Lock) -> Result:
+            async with lock:
+                return fn(self, conn, p, resolve(conn, p["vcpu"], VcpuHandle, method))
+
+        def call(conn: Connection, p: Params) -> MaybeLater:
+            h = resolve(conn, p["vcpu"], VcpuHandle, method)
+            if not writes(p, h):
+                return fn(self, conn, p, h)
+            lock = self.map_locks[h.vm]
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                return wait_for_lock(conn, p, lock)
+            try:
+                return fn(self, conn, p, h)
+            finally:
+                lock.release()
+        return call
 
     # ---------------------------------------------------------------- connection loop ---------
 
@@ -143,6 +243,7 @@ class Daemon(Methods):
         assert stream is not None
         while True:
             data = await stream.receive_some(RECEIVE_BYTES)
+            slice_end = time.perf_counter() + SLICE
             proto.receive_data(data)
             while True:
                 try:
@@ -158,7 +259,12 @@ class Daemon(Methods):
                 if event is NEED_DATA:
                     break
                 if type(event) is Request:
-                    self._dispatch(conn, event)
+                    pending = self._dispatch(conn, event)
+                    if pending is not None:
+                        await pending
+                    if time.perf_counter() >= slice_end:
+                        await trio.lowlevel.checkpoint()  # others' turn (fairness)
+                        slice_end = time.perf_counter() + SLICE
                 elif type(event) is BadRequest:
                     conn.put(proto.send_error(event.msgid, event.error))
                 elif type(event) is Malformed:
@@ -170,37 +276,71 @@ class Daemon(Methods):
             if not data:
                 return
 
-    def _execute(self, conn: Connection, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Resolve the handle and run the handler: every check after the method table's.
+    def _dispatch(self, conn: Connection, req: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer one request; a coroutine to await when its handler has to wait.
 
-        Synchronous on purpose: a request takes effect without yielding, so requests of one
-        connection apply in order and nothing else runs in between; the phyid map lock is
-        taken inside the model, exactly where the kernel takes its spinlock.
+        Every check after the method table's happens here or in the handler: the handle is
+        resolved by kind first (EBADF, ENOTTY), then the handler runs its own checks.
         """
-        hp = HANDLE_PARAM.get(method)
-        handle = None if hp is None else self._resolve(conn, params[hp[0]], hp[1], method)
-        return self.handlers[method](conn, params, handle)
-
-    def _dispatch(self, conn: Connection, req: Request) -> None:
         method = req.method
         params = req.params
         try:
             if method == "vcpu.run":
-                handle = self._resolve(conn, params["vcpu"], "vcpu", method)
+                handle = self._resolve(conn, params["vcpu"], VcpuHandle, method)
                 self._start_run(conn, req.msgid, handle, params)
-                return
-            result = self._execute(conn, method, params)
-            try:
-                data = conn.proto.send_result(req.msgid, result)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise KvmError("EIO", f"{method}: result cannot be encoded: {exc}") from exc
-            conn.put(data)
+                return None
+            result = self.calls[method](conn, params)
+            if not isinstance(result, dict):
+                return self._answer_later(conn, req.msgid, method, result)
+            self._answer(conn, req.msgid, method, result)
         except KvmError as err:
             conn.put(conn.proto.send_error(req.msgid, err))
         except Exception as exc:  # a bug of ours must fail one request, not the daemon
-            log.exception("internal error in %s", method)
-            conn.put(conn.proto.send_error(req.msgid, KvmError(
-                "EIO", f"{method}: internal error in lvz: {type(exc).__name__}: {exc}")))
+            self._internal_error(conn, req.msgid, method, exc)
+        except PluginTimeout as exc:
+            self._escaped_timeout(conn, req.msgid, method, exc)
+        return None
+
+    async def _answer_later(self, conn: Connection, msgid: int, method: str,
+                            pending: Coroutine[Any, Any, Result]) -> None:
+        try:
+            self._answer(conn, msgid, method, await pending)
+        except KvmError as err:
+            conn.put(conn.proto.send_error(msgid, err))
+        except Exception as exc:
+            self._internal_error(conn, msgid, method, exc)
+        except PluginTimeout as exc:
+            self._escaped_timeout(conn, msgid, method, exc)
+
+    @staticmethod
+    def _answer(conn: Connection, msgid: int, method: str, result: Result) -> None:
+        try:
+            data = conn.proto.send_result(msgid, result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise KvmError("EIO", f"{method}: result cannot be encoded: {exc}") from exc
+        conn.put(data)
+
+    @staticmethod
+    def _escaped_timeout(conn: Connection, msgid: int, method: str, exc: PluginTimeout) -> None:
+        """The watchdog fired in the instant a plugin call was returning, outside its guard."""
+        plugin = WATCHDOG.plugin
+        WATCHDOG.reset()
+        conn.put(conn.proto.send_error(msgid, KvmError(
+            "ETIMEDOUT", f"{method}: irqchip plugin {plugin!r} {exc}")))
+
+    @staticmethod
+    def _internal_error(conn: Connection, msgid: int, method: str, exc: Exception) -> None:
+        log.exception("internal error in %s", method, exc_info=exc)
+        conn.put(conn.proto.send_error(msgid, KvmError(
+            "EIO", f"{method}: internal error in lvz: {type(exc).__name__}: {exc}")))
+
+    def _execute(self, conn: Connection, method: str, params: Params) -> Result:
+        """Run one request synchronously (``call_local``): only methods that never wait here."""
+        result = self.calls[method](conn, params)
+        if not isinstance(result, dict):
+            result.close()
+            raise KvmError("EINVAL", f"{method} cannot run inside the daemon")
+        return result
 
     def call_local(self, conn: Connection, batch: snapshot.Batch) -> snapshot.Results:
         """Run requests from inside the daemon (``--state-dir``) with every check a socket
@@ -251,59 +391,73 @@ class Daemon(Methods):
             if stale not in keep:
                 stale.unlink()  # destroyed since the last save: it must not come back
 
-    def _resolve(self, conn: Connection, number: int, kind: str, method: str) -> Handle:
+    def _resolve(self, conn: Connection, number: int, kind: type[H], method: str) -> H:
+        """The open handle ``number`` of ``kind``: EBADF if not open, else ENOTTY if another."""
         h = conn.handles.get(number)
         if h is None or not h.life.alive:
             if h is not None and method == "close":
                 # Its object is gone, so close answers EBADF (PROTOCOL.md §3), but the slot
                 # is freed: a harness that creates and destroys vCPUs must not run out.
-                self._release(conn, h)
+                self.release(conn, h)
             raise KvmError("EBADF", f"{method}: handle {number} is not open")
-        if kind and h.kind != kind:
-            raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, not a {kind}")
+        if not isinstance(h, kind):
+            raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, "
+                                     f"not a {kind.kind}")
         return h
 
     # ---------------------------------------------------------------- handles, lifetimes ------
 
-    def _new_handle(self, conn: Connection, kind: str, vm: Vm, obj: Vm | Vcpu | Device) -> int:
-        number = conn.next_handle
+    def add_handle(self, conn: Connection, h: Handle) -> int:
+        """Register a new handle (numbered ``conn.next_handle``); its number."""
+        assert h.number == conn.next_handle
         conn.next_handle += 1
-        conn.handles[number] = Handle(number, kind, vm, obj)
-        self.refs[vm] = self.refs.get(vm, 0) + 1
-        return number
+        conn.handles[h.number] = h
+        self.refs[h.vm] = self.refs.get(h.vm, 0) + 1
+        return h.number
 
-    def _new_vm(self, name: str | None, max_phyid: int) -> Vm:
+    def new_vm(self, name: str | None, max_phyid: int) -> Vm:
         vm = Vm(self.host, name=name, max_phyid=max_phyid, max_vcpus=self.config.max_vcpus)
         vm.listener = self._on_line
         self.vms.append(vm)
+        self.map_locks[vm] = trio.Lock()
+        self.last_vm_id += 1
+        self.vm_ids[vm] = self.last_vm_id
+        self.vm_by_id[self.last_vm_id] = vm
         if name is not None:
             self.named[name] = vm
         log.info("VM %s created (max_phyid %d)", name or hex(id(vm)), max_phyid)
         return vm
 
-    def _check_handle_room(self, conn: Connection) -> None:
-        if len(conn.handles) >= conn.max_handles:
+    def check_handle_room(self, conn: Connection) -> None:
+        if len(conn.handles) >= conn.max_handles and conn.swept_at != self.deaths:
             # Handles whose objects were destroyed count only until they are needed: at the
-            # limit, they are dropped (they answer EBADF either way) before EMFILE is due.
+            # limit, they are dropped (they answer EBADF either way) before EMFILE is due —
+            # once per death, so a client hammering the limit costs O(1) per refusal.
+            conn.swept_at = self.deaths
             for h in [h for h in conn.handles.values() if not h.life.alive]:
-                self._release(conn, h)
+                self.release(conn, h)
         if len(conn.handles) >= conn.max_handles:
             raise KvmError("EMFILE", f"this connection already holds {conn.max_handles} handles")
 
-    def _release(self, conn: Connection, h: Handle) -> None:
+    def subscribe(self, conn: Connection, h: VmHandle) -> None:
+        subs = self.subscribers.setdefault(h.vm, {})
+        sub = subs.get(conn)
+        if sub is None:
+            sub = subs[conn] = Subscription()
+        sub.add(h.number)
+
+    def release(self, conn: Connection, h: Handle) -> None:
         """Drop one handle: end its run wait and subscription, destroy an orphaned unnamed VM."""
         conn.handles.pop(h.number, None)
-        if h.kind == "vcpu":
-            wait = self.running.get(h.obj)  # type: ignore[arg-type]
+        if isinstance(h, VcpuHandle):
+            wait = self.running.get(h.vcpu)
             if wait is not None and wait.handle is h:
                 self._finish_run(wait, KvmError("EBADF", "vcpu.run: the vCPU handle was closed"))
         subs = self.subscribers.get(h.vm)
-        if subs is not None and conn in subs:
-            hs = subs[conn]
-            if h in hs:
-                hs.remove(h)
-                if not hs:
-                    del subs[conn]
+        if subs is not None:
+            sub = subs.get(conn)
+            if sub is not None and sub.discard(h.number):
+                del subs[conn]
         vm = h.vm
         n = self.refs.get(vm, 0) - 1
         if n > 0:
@@ -311,33 +465,72 @@ class Daemon(Methods):
             return
         self.refs.pop(vm, None)
         if vm.alive and vm.name is None:
-            self._destroy_vm(vm)
+            self._orphaned(vm)
 
     def _drop_connection(self, conn: Connection) -> None:
         for h in list(conn.handles.values()):
             if h.vm.alive:
-                self._release(conn, h)
+                self.release(conn, h)
             else:
                 conn.handles.pop(h.number, None)
         conn.handles.clear()
         for subs in self.subscribers.values():
             subs.pop(conn, None)
 
-    def _destroy_vm(self, vm: Vm) -> None:
-        """Tear a VM down and release everything that waited on it."""
+    def destroy_vcpu(self, vcpu: Vcpu) -> None:
+        """``vcpu.destroy``, under the VM's map lock (it drops the phyid)."""
+        self.deaths += 1
+        try:
+            vcpu.vm.destroy_vcpu(vcpu)
+        finally:
+            self.end_wait(vcpu, "the vCPU was destroyed")
+
+    async def destroy_vm(self, vm: Vm) -> None:
+        """``vm.destroy``: dead at once to every client, torn down in chunks under its lock."""
+        await self._tear_down(vm, self._kill_vm(vm))
+
+    def _orphaned(self, vm: Vm) -> None:
+        """An unnamed VM lost its last handle: destroy it, in the background if it is big."""
+        steps = self._kill_vm(vm)
+        lock = self.map_locks[vm]
+        if self.nursery is not None and (len(vm.vcpus) > DESTROY_CHUNK or lock.locked()):
+            self.nursery.start_soon(self._tear_down, vm, steps)
+            return
+        for _ in steps:
+            pass  # small (or no event loop yet): at once, nothing can be waiting on the lock
+        self.map_locks.pop(vm, None)
+
+    def _kill_vm(self, vm: Vm) -> Iterator[int]:
+        """Make the VM dead to everyone now; returns its teardown steps (``Vm.begin_destroy``)."""
         vcpus = list(vm.vcpus.values())
-        vm.destroy()
+        steps = vm.begin_destroy(DESTROY_CHUNK)
+        self.deaths += 1
         for vcpu in vcpus:
-            self._end_wait(vcpu, "the VM was destroyed")
+            self.end_wait(vcpu, "the VM was destroyed")
         if vm.name is not None and self.named.get(vm.name) is vm:
             del self.named[vm.name]
         if vm in self.vms:
             self.vms.remove(vm)
         self.subscribers.pop(vm, None)
         self.refs.pop(vm, None)
+        self.vm_by_id.pop(self.vm_ids.pop(vm, 0), None)
         log.info("VM %s destroyed", vm.name or hex(id(vm)))
+        return steps
 
-    def _end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
+    async def _tear_down(self, vm: Vm, steps: Iterator[int]) -> None:
+        """Run a dead VM's teardown steps under its map lock, letting others run in between.
+
+        Shielded: a teardown once begun finishes (it is bounded), even during shutdown, so no
+        chip is left with half its vCPUs destroyed.
+        """
+        lock = self.map_locks.get(vm) or trio.Lock()
+        with trio.CancelScope(shield=True):
+            async with lock:
+                for _ in steps:
+                    await trio.lowlevel.checkpoint()
+        self.map_locks.pop(vm, None)
+
+    def end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
         wait = self.running.get(vcpu)
         if wait is not None:
             message = why if why.startswith("vcpu.run") else f"vcpu.run: {why}"
@@ -354,17 +547,16 @@ class Daemon(Methods):
                     self._finish_run(wait, None, "irq")
         subs = self.subscribers.get(vm)
         if subs:
-            for conn, hs in subs.items():
-                h = hs[0].number
+            for conn, sub in subs.items():
+                h = sub.carrier
                 conn.put_event(conn.proto.send_notification(
                     "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq, "level": level,
                             "seq": seq}), h)
 
     # ---------------------------------------------------------------- vcpu.run ----------------
 
-    def _start_run(self, conn: Connection, msgid: int, h: Handle,
-                   params: dict[str, Any]) -> None:
-        vcpu: Vcpu = h.obj  # type: ignore[assignment]
+    def _start_run(self, conn: Connection, msgid: int, h: VcpuHandle, params: Params) -> None:
+        vcpu = h.vcpu
         if vcpu in self.running:
             raise KvmError("EBUSY", f"vcpu.run: vCPU {vcpu.vcpu_id} is already running")
         if self.shutting_down:
@@ -434,9 +626,11 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
                                         [(p.name, p.version) for p in host.loaded])
     activated = systemd.activated_listener()
     listener = activated if activated is not None else await open_listener(path)
+    WATCHDOG.install(config.plugin_timeout)
     log.info("serving on %s (plugins: %s)", path, ", ".join(p.name for p in host.loaded))
     try:
         async with trio.open_nursery() as handlers:
+            daemon.nursery = handlers  # where big orphaned VMs are torn down
             accepting = trio.CancelScope()
 
             async def accept_loop() -> None:
@@ -463,6 +657,7 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
             await daemon.shutdown()
             handlers.cancel_scope.cancel()
     finally:
+        WATCHDOG.uninstall()
         if activated is None:
             unlink_socket(path)
         await trio.aclose_forcefully(listener)
