@@ -52,7 +52,7 @@ async def test_pipelined_calls_are_paired_by_msgid(lvz_socket: Path) -> None:
         async def read(vcpu: AsyncVcpu, reg: int) -> None:
             nonlocal in_flight
             answers[vcpu.vcpu_id, reg] = await vcpu.get_one_reg(reg)
-            in_flight = max(in_flight, len(kvm._pending) + 1)
+            in_flight = max(in_flight, len(kvm.session.pending) + 1)
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -65,7 +65,7 @@ async def test_pipelined_calls_are_paired_by_msgid(lvz_socket: Path) -> None:
             assert answers[vcpu.vcpu_id, abi.TMID] == vcpu.vcpu_id
             assert answers[vcpu.vcpu_id, abi.CPUID] == 255 - vcpu.vcpu_id
         assert in_flight > 1, "the calls were not pipelined"
-        assert not kvm._pending
+        assert not kvm.session.pending
 
 
 async def test_errors_are_kvm_errors_with_errno(lvz_socket: Path) -> None:
@@ -220,7 +220,7 @@ async def test_daemon_going_away_fails_pending_calls_and_streams(
                 await nursery.start(_pending_run, kvm)
                 nursery.start_soon(read_events)
                 await trio.testing.wait_all_tasks_blocked()  # run is in flight, reader waits
-                assert len(kvm._pending) == 1
+                assert len(kvm.session.pending) == 1
                 own_daemon.proc.send_signal(signal.SIGKILL)
         assert stream_error
         with pytest.raises(ConnectionLost):
@@ -234,8 +234,7 @@ async def test_protocol_error_fails_the_connection(lvz_socket: Path) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_pending_run, kvm)
                 await trio.testing.wait_all_tasks_blocked()  # the run request is out
-                async with kvm._send_lock:  # as a request would, so bytes never interleave
-                    await kvm._stream.send_all(b"\xc1")  # a byte msgpack never uses
+                kvm._send(b"\xc1")  # as a request would, so bytes never interleave
         with pytest.raises(ConnectionLost) as exc:
             await vcpu.get_one_reg(abi.TMID)
         assert "protocol error" in str(exc.value)

@@ -1,21 +1,37 @@
-"""Client side of lvz: async and blocking clients over one sans-I/O core; the ``lvz`` command.
+"""Client side of lvz: blocking and trio clients over one sans-I/O core; the ``lvz`` command.
 
-``open_kvm`` (trio) and ``Kvm.connect`` (blocking) give the same object model, shaped like
-rust-vmm's kvm-ioctls: ``Kvm`` → ``Vm`` → ``Vcpu`` / ``Device``, errors as ``KvmError`` (an
-``OSError`` carrying the errno the emulated ioctl returned), connection failures as
-``ConnectionError``.
+``Kvm.connect`` (blocking) and ``open_kvm`` (trio) give the same object model, named as rust-vmm's
+kvm-ioctls: ``Kvm`` → ``VmFd`` → ``VcpuFd`` / ``DeviceFd``, and for trio ``AsyncKvm`` →
+``AsyncVmFd`` → ``AsyncVcpuFd`` / ``AsyncDeviceFd``. Errors are ``KvmError`` (an ``OSError``
+carrying the errno the emulated ioctl returned); connection failures are ``ConnectionError``.
+
+The trio names are imported on first use, so ``from lvz.clients import Kvm`` (every ``lvz``
+command) does not pay for importing trio.
 """
 
 from __future__ import annotations
 
-from lvz.protocol import abi
+from typing import TYPE_CHECKING, Any
+
+from lvz.protocol import regs
+from lvz.protocol.constants import (
+    INT_HWI0,
+    INT_HWI7,
+    INT_IPI,
+    INT_SWI0,
+    INT_SWI1,
+    INT_TI,
+    LINE_MASK,
+)
 from lvz.protocol.errors import KvmError
 
-from .aio import AsyncDevice, AsyncKvm, AsyncVcpu, AsyncVm, open_kvm
+from . import ops
+from .core import LINE_NAMES, LINES_BY_NAME, Call, UntrustedDaemon, line_names
 from .sync import (
     ConnectionLost,
     DaemonUnreachable,
     Device,
+    DeviceFd,
     EventsLost,
     HelloInfo,
     IrqEvent,
@@ -24,22 +40,48 @@ from .sync import (
     PluginInfo,
     RunResult,
     Vcpu,
+    VcpuFd,
     Vm,
+    VmFd,
     VmInfo,
     VmSummary,
 )
 
-#: The old name of ``abi`` (it held only the register ids), kept for one release.
-regs = abi
+if TYPE_CHECKING:
+    from .aio import (
+        AsyncDevice,
+        AsyncDeviceFd,
+        AsyncKvm,
+        AsyncVcpu,
+        AsyncVcpuFd,
+        AsyncVm,
+        AsyncVmFd,
+        open_kvm,
+    )
+
+_TRIO_NAMES = frozenset({"open_kvm", "AsyncKvm", "AsyncVmFd", "AsyncVcpuFd", "AsyncDeviceFd",
+                         "AsyncVm", "AsyncVcpu", "AsyncDevice"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRIO_NAMES:
+        from . import aio
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     # trio client
-    "open_kvm", "AsyncKvm", "AsyncVm", "AsyncVcpu", "AsyncDevice",
+    "open_kvm", "AsyncKvm", "AsyncVmFd", "AsyncVcpuFd", "AsyncDeviceFd",
+    "AsyncVm", "AsyncVcpu", "AsyncDevice",
     # blocking client
-    "Kvm", "Vm", "Vcpu", "Device",
+    "Kvm", "VmFd", "VcpuFd", "DeviceFd", "Vm", "Vcpu", "Device",
+    # call specs, for pipelining with gather
+    "ops", "Call",
     # values and errors
     "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
-    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable",
-    # the KVM ABI: register ids, attrs, offsets, lines, hypercalls (``regs``: its old name)
-    "abi", "regs",
+    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon", "regs",
+    # interrupt lines (ESTAT bits)
+    "INT_SWI0", "INT_SWI1", "INT_HWI0", "INT_HWI7", "INT_TI", "INT_IPI", "LINE_MASK",
+    "LINE_NAMES", "LINES_BY_NAME", "line_names",
 ]

@@ -1,69 +1,76 @@
-"""Trio lvz client: the kvm-ioctls object model (``Kvm`` → ``Vm`` → ``Vcpu`` / ``Device``), async.
+"""Trio lvz client: ``AsyncKvm`` → ``AsyncVmFd`` → ``AsyncVcpuFd`` / ``AsyncDeviceFd``.
 
-One connection carries many calls at once. A single reader task owns the receiving half: it feeds
-bytes to the sans-I/O ``ClientConnection`` and hands each response to the caller waiting on its
-msgid, and each ``irq`` notification to the bounded queue of the VM it names. Callers share the
-sending half through a ``StrictFIFOLock``, so requests go out whole and in call order.
+A thin trio driver over the sans-I/O ``core.Session``; what each method sends lives in
+``ops.py``. It is built for pipelining, with as few trio primitives per call as the job needs:
+
+- A call encodes its request and writes it with one non-blocking ``send`` on the raw socket,
+  then parks with ``wait_task_rescheduled``: no lock, no cancel scope, no ``Event``. Bytes the
+  kernel did not take go to an outbox that a writer task finishes, so a cancelled caller can
+  never leave half a message on the stream, and later calls queue behind it in order.
+- One reader task feeds the session, which completes each call by rescheduling its task
+  directly: one task switch per response, none for the reader in between.
+- ``gather`` sends many calls in one write and parks once for all of them, so a harness needs
+  no nursery per batch: ``await kvm.gather([ops.get_one_reg(v, regs.CPUID) for v in vcpus])``.
 
 Failure is never a hang: when the daemon goes away, sends bytes we cannot read, or reports a
-``protocol_error``, the reader records why, wakes every waiting caller and event reader with a
-``ConnectionLost`` naming the cause, and every later call fails the same way at once.
-
-The reader never raises: ``open_kvm``'s nursery therefore only ever carries the caller's own
-exception, which is re-raised as itself rather than wrapped in an ``ExceptionGroup``.
+``protocol_error``, the session records why and wakes every waiting caller and event reader
+with a ``ConnectionLost`` naming the cause; every later call fails the same way at once. The
+reader and writer never raise, so ``open_kvm`` re-raises the caller's own exception as itself,
+not wrapped in an ``ExceptionGroup``.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import os
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import trio
 
 from lvz.protocol import snapshot
-from lvz.protocol.abi import PROTOCOL_VERSION
-from lvz.protocol.connection import NEED_DATA, ClientConnection
 from lvz.protocol.endpoint import resolve_socket_path
-from lvz.protocol.errors import KvmError, LocalProtocolError, RemoteProtocolError
-from lvz.protocol.events import Notification, Response
+from lvz.protocol.errors import KvmError
 
-from .sync import (
+from . import ops
+from .core import (
     DEFAULT_MAX_EVENTS,
+    END,
+    RECV_SIZE,
+    Call,
     ConnectionLost,
     DaemonUnreachable,
-    EventBuffer,
     EventsLost,
     HelloInfo,
     IrqEvent,
+    Op,
+    Pending,
     PhyidMap,
     PluginInfo,
     RunResult,
+    Session,
+    Stepper,
     StreamItem,
     VmInfo,
     VmSummary,
-    _int_field,
-    local_error,
-    lost_count,
-    parse_hello,
-    parse_irq,
-    parse_phyid_map,
-    parse_plugins,
-    parse_run,
-    parse_vm_info,
-    parse_vm_list,
-    protocol_failure,
+    WaitEvent,
+    check_peer,
+    parse_all,
 )
 
 __all__ = [
     "AsyncDevice",
+    "AsyncDeviceFd",
     "AsyncKvm",
     "AsyncVcpu",
+    "AsyncVcpuFd",
     "AsyncVm",
+    "AsyncVmFd",
     "ConnectionLost",
     "DaemonUnreachable",
     "EventsLost",
@@ -73,55 +80,20 @@ __all__ = [
     "open_kvm",
 ]
 
-_RECV_SIZE: Final = 65536
-#: How long a request may take to be written once its first byte is out (see ``_send``).
+T = TypeVar("T")
+#: How long the daemon may leave a started request unread before the connection is given up.
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
 
 
-@dataclass(slots=True)
-class _Pending:
-    """One caller waiting for its response."""
+class _Waiter:
+    """A task waiting for ``count`` responses; rescheduled once, when the last one is in."""
 
-    done: trio.Event = field(default_factory=trio.Event)
-    response: Response | None = None
+    __slots__ = ("count", "parked", "task")
 
-
-class _EventQueue:
-    """An ``EventBuffer`` a trio task can wait on; closing it ends (or fails) its readers."""
-
-    def __init__(self, vm: int, limit: int) -> None:
-        self.buffer = EventBuffer(vm, limit)
-        self._changed = trio.Event()
-        self._order = itertools.count()
-        self.closed = False
-        self.failure: ConnectionError | None = None
-
-    def put(self, item: StreamItem) -> None:
-        if self.closed:
-            return
-        self.buffer.put(next(self._order), item)
-        self._wake()
-
-    def close(self, failure: ConnectionError | None = None) -> None:
-        if not self.closed:
-            self.closed = True
-            self.failure = failure
-            self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def get(self) -> StreamItem:
-        while True:
-            item = self.buffer.pop()
-            if item is not None:
-                return item
-            if self.closed:
-                if self.failure is not None:
-                    raise ConnectionLost(str(self.failure))
-                raise StopAsyncIteration
-            await self._changed.wait()
+    def __init__(self, count: int) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.count = count
+        self.parked = False
 
 
 class AsyncKvm:
@@ -130,239 +102,212 @@ class AsyncKvm:
     Made by ``open_kvm``; every method may be called from many tasks at once.
     """
 
-    def __init__(self, stream: trio.abc.Stream, *, max_events: int = DEFAULT_MAX_EVENTS,
+    def __init__(self, sock: socket.socket, *, max_events: int = DEFAULT_MAX_EVENTS,
                  write_timeout: float = DEFAULT_WRITE_TIMEOUT, path: str = "") -> None:
         self.path = path
-        self._stream = stream
-        self._conn = ClientConnection()
-        self._send_lock = trio.StrictFIFOLock()
-        self._outbox: list[bytes] = []
-        self._pending: dict[int, _Pending] = {}
-        self._queues: dict[int, _EventQueue] = {}
-        self._max_events = max_events
+        self._sock = sock
+        self._outbox: deque[bytes] = deque()  # bytes the kernel did not take yet, in order
+        self._writer: trio.lowlevel.Task | None = None  # the writer task, while it idles
         self._write_timeout = write_timeout
-        self._failure: ConnectionError | None = None
-        self.info = HelloInfo(protocol=PROTOCOL_VERSION, server="", api_version=0,
-                              methods=(), device_types=())
-
-    # --- plumbing -------------------------------------------------------------------------------
+        self._events = trio.lowlevel.ParkingLot()
+        self.session = Session(max_events=max_events, complete=self._complete,
+                               wake_events=self._events.unpark_all)
+        self.info = HelloInfo(protocol=0, server="", api_version=0, methods=(), device_types=())
 
     @property
     def closed(self) -> bool:
-        return self._failure is not None
+        return self.session.failure is not None
 
-    def _fail(self, exc: ConnectionError) -> None:
-        """Record why the connection is over and wake everyone who waits on it."""
-        if self._failure is not None:
-            return
-        self._failure = exc
-        for pending in self._pending.values():
-            pending.done.set()
-        for queue in self._queues.values():
-            queue.close(exc)
+    # --- the driver -----------------------------------------------------------------------------
 
-    def _lost(self) -> ConnectionLost:
-        return ConnectionLost(str(self._failure))
+    @staticmethod
+    def _complete(pending: Pending) -> None:
+        waiter: _Waiter = pending.waiter  # type: ignore[assignment]
+        waiter.count -= 1
+        if waiter.count == 0 and waiter.parked:
+            waiter.parked = False
+            trio.lowlevel.reschedule(waiter.task)
 
-    async def _reader(self) -> None:
-        try:
-            while self._failure is None:
-                try:
-                    data = await self._stream.receive_some(_RECV_SIZE)
-                except (trio.BrokenResourceError, OSError) as exc:
-                    self._fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
-                    return
-                except trio.ClosedResourceError:
-                    self._fail(ConnectionLost("this lvz connection was closed"))
-                    return
-                self._conn.receive_data(bytes(data))
-                self._dispatch()
-                if not data:
-                    self._fail(ConnectionLost("the lvz daemon closed the connection"))
-        except RemoteProtocolError as exc:
-            self._fail(ConnectionLost(
-                f"the lvz daemon sent bytes this client cannot read ({exc.name}: {exc.message})"))
-        except Exception as exc:  # a bug here must fail the calls, not hang them
-            self._fail(ConnectionLost(f"the lvz client's reader failed: {exc!r}"))
-        finally:
-            self._fail(ConnectionLost("this lvz connection was closed"))
-
-    def _dispatch(self) -> None:
-        while self._failure is None:
-            event = self._conn.next_event()
-            if event is NEED_DATA:
-                return
-            if isinstance(event, Response):
-                pending = self._pending.get(event.msgid)
-                if pending is not None:  # else its caller was cancelled: drop the answer
-                    pending.response = event
-                    pending.done.set()
-            elif isinstance(event, Notification):
-                self._notify(event)
-
-    def _notify(self, note: Notification) -> None:
-        if note.event == "irq":
-            event = parse_irq(note.params)
-            if event is not None:
-                queue = self._queues.get(event.vm)
-                if queue is not None:
-                    queue.put(event)
-        elif note.event == "events_lost":
-            count = lost_count(note.params)
-            target = note.params.get("vm")
-            for vm, queue in self._queues.items():
-                if target is None or target == vm:  # an older daemon did not say which VM
-                    queue.put(EventsLost(vm=vm, count=count))
-        elif note.event == "protocol_error":
-            self._fail(protocol_failure(note.params))
-        # other notifications: the protocol may grow new events; ignore what we do not know
-
-    async def _send(self, data: bytes) -> None:
-        """Queue one encoded request; whoever holds the send lock writes the whole queue.
-
-        Pipelined callers started together thus share one ``send_all`` (and the daemon one
-        receive) instead of one each: the first caller takes the lock, the others append
-        and return, and the writer loops until the queue is empty. The queue holds only
-        requests whose callers are waiting for answers, so it is bounded by them.
-        """
-        if self._failure is not None:
-            raise self._lost()
-        self._outbox.append(data)
-        if self._send_lock.locked():
-            return  # the current writer sends it, in order
-        async with self._send_lock:
-            while self._outbox:
-                if self._failure is not None:
-                    raise self._lost()
-                batch = b"".join(self._outbox)
-                self._outbox.clear()
-                await self._write(batch)
-
-    async def _write(self, data: bytes) -> None:
-        # Once a request is started it must be finished: a half-written message would
-        # corrupt the stream for every other caller. So the write is shielded from the
-        # caller's cancellation, and bounded instead by a timeout that ends the connection.
-        with trio.CancelScope(shield=True), trio.move_on_after(self._write_timeout) as scope:
+    def _send(self, data: bytes) -> None:
+        """Write now if the stream is ours; else queue behind what the writer task finishes."""
+        if not self._outbox:
             try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
-                raise self._lost() from None
-        if scope.cancelled_caught:
-            self._fail(ConnectionLost(
-                f"the lvz daemon did not read a request for {self._write_timeout} s"))
-            await trio.aclose_forcefully(self._stream)
-            raise self._lost()
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.session.fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
+                raise self.session.lost() from None
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._outbox.append(data)
+        if self._writer is not None:
+            trio.lowlevel.reschedule(self._writer)
+            self._writer = None
+
+    async def _park(self, waiter: _Waiter, pendings: Sequence[Pending | KvmError]) -> None:
+        if waiter.count == 0:  # failed while sending: nothing to wait for
+            await trio.lowlevel.checkpoint()
+            return
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            waiter.parked = False
+            for p in pendings:  # cancelled: no entry outlives its caller, answers are dropped
+                if isinstance(p, Pending):
+                    self.session.pending.pop(p.msgid, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        waiter.parked = True
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _write_loop(self) -> None:
+        sock, outbox = self._sock, self._outbox
+        while self.session.failure is None:
+            if not outbox:
+                self._writer = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    self._writer = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                continue
+            # Only a stalled write pays for a cancel scope: the daemon must read within bounds.
+            with trio.move_on_after(self._write_timeout) as scope:
+                while outbox:
+                    await trio.lowlevel.wait_writable(sock)
+                    try:
+                        sent = sock.send(outbox[0])
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self.session.fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
+                        return
+                    if sent == len(outbox[0]):
+                        outbox.popleft()
+                    else:
+                        outbox[0] = outbox[0][sent:]
+            if scope.cancelled_caught:
+                self.session.fail(ConnectionLost(
+                    f"the lvz daemon did not read a request for {self._write_timeout} s"))
+
+    async def _read_loop(self) -> None:
+        sock, session = self._sock, self.session
+        try:
+            while session.failure is None:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                session.receive(data)
+        except (OSError, trio.ClosedResourceError) as exc:
+            session.fail(ConnectionLost(f"lost the lvz daemon: {exc}"))
+        except Exception as exc:  # a bug here must fail the calls, not hang them
+            session.fail(ConnectionLost(f"the lvz client's reader failed: {exc!r}"))
+
+    async def _batch(self, batch: snapshot.Batch) -> snapshot.Results:
+        waiter = _Waiter(0)
+        pendings, data = self.session.request_batch(batch, waiter)
+        waiter.count = sum(1 for p in pendings if isinstance(p, Pending))
+        if data:
+            self._send(data)
+        await self._park(waiter, pendings)
+        return self.session.outcomes(pendings)
+
+    async def _next_event(self, vm: int | None) -> StreamItem | None:
+        while True:
+            item = self.session.pop_event(vm)
+            if item is END:
+                return None
+            if item is not None:
+                return item
+            await self._events.park()
+
+    async def run(self, op: Call[T]) -> T:
+        """Run one call spec from ``ops`` (what every method below does)."""
+        waiter = _Waiter(1)
+        pending, data = self.session.request(op.method, op.params, waiter)
+        self._send(data)
+        await self._park(waiter, (pending,))
+        return op.parse(self.session.outcome(pending), op.method)
+
+    async def drive(self, op: Op[T]) -> T:
+        """Run a multi-step op from ``ops``: its calls, pipelined batches and event waits."""
+        st = Stepper(op)
+        while not st.done:
+            step = st.step
+            try:
+                if isinstance(step, Call):
+                    st.send(await self.run(step))
+                elif isinstance(step, WaitEvent):
+                    left = math.inf if step.deadline is None else step.deadline - time.monotonic()
+                    item = None
+                    with trio.move_on_after(left):
+                        item = await self._next_event(step.vm)
+                    st.send(item)
+                else:
+                    st.send(await self._batch(step))
+            except KvmError as err:
+                st.throw(err)
+        return st.result()
+
+    # --- the public surface ---------------------------------------------------------------------
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer; the escape hatch for any method."""
-        if self._failure is not None:
-            raise self._lost()
-        try:
-            msgid, data = self._conn.send_request(method, params)
-        except LocalProtocolError as exc:
-            raise local_error(exc) from None
-        pending = self._pending[msgid] = _Pending()
-        try:
-            await self._send(data)
-            await pending.done.wait()
-        finally:
-            del self._pending[msgid]  # also when cancelled: no entry outlives its caller
-        response = pending.response
-        if response is None:
-            raise self._lost()
-        if response.error is not None:
-            raise response.error
-        return response.result or {}
+        return await self.run(Call(method, params, lambda r, m: r))
 
-    def _queue(self, vm: int) -> _EventQueue:
-        queue = self._queues.get(vm)
-        if queue is None:
-            queue = self._queues[vm] = _EventQueue(vm, self._max_events)
-            if self._failure is not None:
-                queue.close(self._failure)
-        return queue
+    async def gather(self, calls: Sequence[Call[Any]]) -> list[Any]:
+        """Pipeline many ``ops`` calls from this one task: one write, one wait, no nursery.
 
-    def _forget(self, vm: int) -> None:
-        queue = self._queues.pop(vm, None)
-        if queue is not None:
-            queue.close()
-
-    # --- KVM system ioctls ----------------------------------------------------------------------
-
-    async def hello(self) -> HelloInfo:
-        self.info = parse_hello(await self.call("hello", {"protocol": PROTOCOL_VERSION}))
-        return self.info
-
-    async def get_api_version(self) -> int:
-        result = await self.call("kvm.get_api_version", {})
-        return _int_field(result, "version", "kvm.get_api_version")
-
-    async def check_extension(self, cap: str) -> int:
-        result = await self.call("kvm.check_extension", {"cap": cap})
-        return _int_field(result, "value", "kvm.check_extension")
-
-    async def create_vm(self, name: str | None = None, max_phyid: int | None = None) -> AsyncVm:
-        params: dict[str, Any] = {}
-        if name is not None:
-            params["name"] = name
-        if max_phyid is not None:
-            params["max_phyid"] = max_phyid
-        result = await self.call("kvm.create_vm", params)
-        return AsyncVm(self, _int_field(result, "vm", "kvm.create_vm"), name)
-
-    async def open_vm(self, name: str) -> AsyncVm:
-        result = await self.call("kvm.open_vm", {"name": name})
-        return AsyncVm(self, _int_field(result, "vm", "kvm.open_vm"), name)
-
-    async def list_vms(self) -> list[VmSummary]:
-        return parse_vm_list(await self.call("kvm.list_vms", {}))
-
-    async def list_plugins(self) -> list[PluginInfo]:
-        return parse_plugins(await self.call("kvm.list_plugins", {}))
-
-    # --- snapshots (lvz.protocol.snapshot drives these) ----------------------------------------
+        Results come in the calls' order; the first refusal is raised once every answer is in.
+        """
+        return parse_all(calls, await self._batch([(c.method, c.params) for c in calls]))
 
     async def call_batch(self, batch: snapshot.Batch) -> snapshot.Results:
         """Pipeline a batch of requests; a refused one is its KvmError, not a raise."""
-        results: snapshot.Results = [KvmError("EIO", "not answered")] * len(batch)
+        return await self._batch(batch)
 
-        async def one(i: int, method: str, params: dict[str, Any]) -> None:
-            try:
-                results[i] = await self.call(method, params)
-            except KvmError as err:
-                results[i] = err
+    async def hello(self) -> HelloInfo:
+        self.info = await self.run(ops.hello())
+        return self.info
 
-        async with trio.open_nursery() as nursery:
-            for i, (method, params) in enumerate(batch):
-                nursery.start_soon(one, i, method, params)
-        return results
+    async def get_api_version(self) -> int:
+        return await self.run(ops.get_api_version())
 
-    async def _drive(self, gen: Any) -> Any:
-        try:
-            batch = next(gen)
-            while True:
-                batch = gen.send(await self.call_batch(batch))
-        except StopIteration as stop:
-            return stop.value
+    async def check_extension(self, cap: str) -> int:
+        return await self.run(ops.check_extension(cap))
 
-    async def save_vm(self, vm: AsyncVm) -> dict[str, Any]:
-        """The VM's whole state, read through the protocol with pipelined batches."""
-        saved: dict[str, Any] = await self._drive(snapshot.save_vm(vm.handle))
-        return saved
+    async def create_vm(self, name: str | None = None,
+                        max_phyid: int | None = None) -> AsyncVmFd:
+        return AsyncVmFd(self, await self.run(ops.create_vm(name, max_phyid)), name)
 
-    async def restore_vm(self, saved: dict[str, Any], name: str | None = None) -> AsyncVm:
-        """Create a VM from ``save_vm``'s result; on any failure no VM is left behind."""
-        handle: int = await self._drive(snapshot.restore_vm(saved, name))
-        return AsyncVm(self, handle, name if name is not None else saved["vm"]["name"])
+    async def open_vm(self, name: str) -> AsyncVmFd:
+        return AsyncVmFd(self, await self.run(ops.open_vm(name)), name)
+
+    async def list_vms(self) -> list[VmSummary]:
+        return await self.run(ops.list_vms())
+
+    async def list_plugins(self) -> list[PluginInfo]:
+        return await self.run(ops.list_plugins())
+
+    async def save_vm(self, vm: AsyncVmFd) -> dict[str, Any]:
+        return await self.drive(ops.save_vm(vm))
+
+    async def restore_vm(self, saved: dict[str, Any], name: str | None = None) -> AsyncVmFd:
+        handle = await self.drive(ops.restore_vm(saved, name))
+        return AsyncVmFd(self, handle, name if name is not None else saved["vm"]["name"])
 
     async def close_handle(self, handle: int) -> None:
-        await self.call("close", {"handle": handle})
+        await self.run(ops.close(handle))
 
     async def aclose(self) -> None:
         """Hang up: pending calls fail with ``ConnectionLost``; the daemon drops our handles."""
-        self._fail(ConnectionLost("this lvz connection was closed"))
-        await trio.aclose_forcefully(self._stream)
+        self.session.fail(ConnectionLost("this lvz connection was closed"))
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
 
 
 @asynccontextmanager
@@ -370,33 +315,50 @@ async def open_kvm(
     path: str | os.PathLike[str] | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[AsyncKvm]:
-    """Connect to the daemon (``path`` > ``$LVZ_SOCKET`` > default) and say ``hello``.
+    """Connect to the daemon (``path`` > ``$LVZ_SOCKET`` > default), check who serves it
+    (``UntrustedDaemon`` unless our uid or root) and say ``hello``.
 
-    The connection lives for the ``async with`` block; its reader task runs in a nursery of its
-    own, so the caller needs none.
+    The connection lives for the ``async with`` block; its reader and writer tasks run in a
+    nursery of their own, so the caller needs none.
     """
-    where = resolve_socket_path(path)
+    where = os.fspath(resolve_socket_path(path))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
-        stream = await trio.open_unix_socket(os.fspath(where))
+        try:
+            sock.connect(where)
+        except BlockingIOError:  # a full accept backlog: wait as a connect would
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
     except OSError as exc:
+        sock.close()
         reason = exc.strerror or str(exc)
         raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: {reason}") from None
-    kvm = AsyncKvm(stream, max_events=max_events, write_timeout=write_timeout,
-                   path=os.fspath(where))
+    try:
+        check_peer(sock, where)
+    except BaseException:
+        sock.close()
+        raise
+    kvm = AsyncKvm(sock, max_events=max_events, write_timeout=write_timeout, path=where)
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(kvm._reader)
-        try:
-            await kvm.hello()
-            yield kvm
-        except BaseException as exc:
-            # Re-raised below, outside the nursery, so callers see their own exception and
-            # not an ExceptionGroup (the reader task never raises, see the module docstring).
-            body_error = exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await kvm.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kvm._read_loop)
+            nursery.start_soon(kvm._write_loop)
+            try:
+                await kvm.hello()
+                yield kvm
+            except BaseException as exc:
+                # Re-raised below, outside the nursery, so callers see their own exception and
+                # not an ExceptionGroup (the reader and writer never raise).
+                body_error = exc
+            finally:
+                kvm.session.fail(ConnectionLost("this lvz connection was closed"))
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
     if body_error is not None:
         try:
             raise body_error
@@ -404,15 +366,15 @@ async def open_kvm(
             body_error = None  # break the frame <-> traceback cycle
 
 
-class _AsyncHandle:
-    _kind = ""
+class _AsyncFd:
+    """A handle-backed object: closing it is ``close`` on the wire, like close(fd)."""
 
     def __init__(self, kvm: AsyncKvm, handle: int) -> None:
         self.kvm = kvm
         self.handle = handle
 
     async def close(self) -> None:
-        await self.kvm.call("close", {"handle": self.handle})
+        await self.kvm.run(ops.close(self.handle))
 
     async def __aenter__(self) -> Self:
         return self
@@ -426,84 +388,75 @@ class _AsyncHandle:
         except (KvmError, ConnectionError):
             pass
 
-    async def _call(self, method: str, **params: Any) -> dict[str, Any]:
-        params[self._kind] = self.handle
-        return await self.kvm.call(method, params)
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} handle={self.handle}>"
 
 
-class AsyncVm(_AsyncHandle):
-    """A VM handle (KVM's VM fd)."""
-
-    _kind = "vm"
+class AsyncVmFd(_AsyncFd):
+    """A VM handle (KVM's VM fd); see ``ops`` for what each method does."""
 
     def __init__(self, kvm: AsyncKvm, handle: int, name: str | None = None) -> None:
         super().__init__(kvm, handle)
         self.name = name
         self._gone = False  # closed or destroyed through this object: its stream has ended
 
-    async def create_vcpu(self, vcpu_id: int) -> AsyncVcpu:
-        result = await self._call("vm.create_vcpu", vcpu_id=vcpu_id)
-        return AsyncVcpu(self.kvm, _int_field(result, "vcpu", "vm.create_vcpu"), vcpu_id)
+    async def create_vcpu(self, vcpu_id: int) -> AsyncVcpuFd:
+        return AsyncVcpuFd(self.kvm, await self.kvm.run(ops.create_vcpu(self, vcpu_id)), vcpu_id)
 
-    async def open_vcpu(self, vcpu_id: int) -> AsyncVcpu:
-        result = await self._call("vm.open_vcpu", vcpu_id=vcpu_id)
-        return AsyncVcpu(self.kvm, _int_field(result, "vcpu", "vm.open_vcpu"), vcpu_id)
+    async def open_vcpu(self, vcpu_id: int) -> AsyncVcpuFd:
+        return AsyncVcpuFd(self.kvm, await self.kvm.run(ops.open_vcpu(self, vcpu_id)), vcpu_id)
 
-    async def create_device(self, type: str) -> AsyncDevice:
-        result = await self._call("vm.create_device", type=type)
-        return AsyncDevice(self.kvm, _int_field(result, "device", "vm.create_device"), type)
+    async def create_device(self, type: str) -> AsyncDeviceFd:
+        return AsyncDeviceFd(self.kvm, await self.kvm.run(ops.create_device(self, type)), type)
 
-    async def open_device(self, type: str) -> AsyncDevice:
-        result = await self._call("vm.open_device", type=type)
-        return AsyncDevice(self.kvm, _int_field(result, "device", "vm.open_device"), type)
+    async def open_device(self, type: str) -> AsyncDeviceFd:
+        return AsyncDeviceFd(self.kvm, await self.kvm.run(ops.open_device(self, type)), type)
 
     async def destroy(self) -> None:
-        await self._call("vm.destroy")
+        await self.kvm.run(ops.destroy_vm(self))
         self._gone = True
-        self.kvm._forget(self.handle)
+        self.kvm.session.forget(self.handle)
 
     async def close(self) -> None:
         self._gone = True
-        self.kvm._forget(self.handle)
+        self.kvm.session.forget(self.handle)
         await super().close()
 
     async def phyid_lookup(self, phyid: int) -> int | None:
-        value = (await self._call("vm.phyid_lookup", phyid=phyid)).get("vcpu_id")
-        return value if type(value) is int else None
+        return await self.kvm.run(ops.phyid_lookup(self, phyid))
 
     async def phyid_map(self) -> PhyidMap:
-        return parse_phyid_map(await self._call("vm.phyid_map"))
+        return await self.kvm.run(ops.phyid_map(self))
 
     async def info(self) -> VmInfo:
-        return parse_vm_info(await self._call("vm.info"))
+        return await self.kvm.run(ops.vm_info(self))
 
     async def irq_line(self, irq: int, level: int | bool) -> None:
-        await self._call("vm.irq_line", irq=irq, level=int(level))
+        await self.kvm.run(ops.irq_line(self, irq, level))
 
     async def signal_msi(self, address: int, data: int) -> None:
-        await self._call("vm.signal_msi", address=address, data=data)
+        await self.kvm.run(ops.signal_msi(self, address, data))
 
     async def subscribe(self) -> None:
         """Start queueing this VM's ``irq`` events; read them with ``events()``."""
-        existed = self.handle in self.kvm._queues
-        self.kvm._queue(self.handle)  # before the request: events may precede its answer
+        existed = self.kvm.session.open_stream(self.handle)  # events may precede the answer
         try:
-            await self._call("vm.subscribe")
+            await self.kvm.run(ops.subscribe(self))
         except BaseException:
             if not existed:
-                self.kvm._forget(self.handle)
+                self.kvm.session.forget(self.handle)
             raise
 
     async def next_event(self) -> StreamItem:
         """The next event (subscribing first if needed); StopAsyncIteration once closed."""
         if self._gone:
             raise StopAsyncIteration
-        if self.handle not in self.kvm._queues:
+        if self.handle not in self.kvm.session.buffers:
             await self.subscribe()
-        return await self.kvm._queue(self.handle).get()
+        item = await self.kvm._next_event(self.handle)
+        if item is None:
+            raise StopAsyncIteration
+        return item
 
     def events(self) -> _EventStream:
         """This VM's ``IrqEvent``s (and ``EventsLost`` markers) in order, until it is closed.
@@ -513,6 +466,14 @@ class AsyncVm(_AsyncHandle):
         """
         return _EventStream(self)
 
+    async def wait_for_line(self, vcpu_id: int, irq: int | str, level: int = 1,
+                            timeout: float | None = None,  # noqa: ASYNC109 - as the sync one
+                            ) -> IrqEvent | None:
+        """See ``ops.wait_for_line``: subscribes first if needed; TimeoutError when it is late."""
+        if self.handle not in self.kvm.session.buffers and not self._gone:
+            await self.subscribe()
+        return await self.kvm.drive(ops.wait_for_line(self, vcpu_id, irq, level, timeout))
+
 
 class _EventStream:
     """``async for`` over a VM's events.
@@ -521,7 +482,7 @@ class _EventStream:
     leaves nothing suspended for the garbage collector to finalise outside trio.
     """
 
-    def __init__(self, vm: AsyncVm) -> None:
+    def __init__(self, vm: AsyncVmFd) -> None:
         self._vm = vm
 
     def __aiter__(self) -> Self:
@@ -531,60 +492,54 @@ class _EventStream:
         return await self._vm.next_event()
 
 
-class AsyncVcpu(_AsyncHandle):
+class AsyncVcpuFd(_AsyncFd):
     """A vCPU handle (KVM's vCPU fd); ``vcpu_id`` is the id it was created with."""
-
-    _kind = "vcpu"
 
     def __init__(self, kvm: AsyncKvm, handle: int, vcpu_id: int) -> None:
         super().__init__(kvm, handle)
         self.vcpu_id = vcpu_id
 
     def __repr__(self) -> str:
-        return f"<AsyncVcpu handle={self.handle} vcpu_id={self.vcpu_id}>"
+        return f"<AsyncVcpuFd handle={self.handle} vcpu_id={self.vcpu_id}>"
 
     async def destroy(self) -> None:
-        await self._call("vcpu.destroy")
+        await self.kvm.run(ops.destroy_vcpu(self))
 
     async def set_one_reg(self, reg_id: int, value: int) -> None:
-        await self._call("vcpu.set_one_reg", id=reg_id, value=value)
+        await self.kvm.run(ops.set_one_reg(self, reg_id, value))
 
     async def get_one_reg(self, reg_id: int) -> int:
-        result = await self._call("vcpu.get_one_reg", id=reg_id)
-        return _int_field(result, "value", "vcpu.get_one_reg")
+        return await self.kvm.run(ops.get_one_reg(self, reg_id))
+
+    async def lines(self) -> tuple[str, ...]:
+        return await self.kvm.run(ops.lines(self))
 
     async def interrupt(self, irq: int) -> None:
-        await self._call("vcpu.interrupt", irq=irq)
+        await self.kvm.run(ops.interrupt(self, irq))
 
     async def csr_xchg(self, csr: int, value: int, mask: int) -> int:
-        result = await self._call("vcpu.csr_xchg", csr=csr, value=value, mask=mask)
-        return _int_field(result, "old", "vcpu.csr_xchg")
+        return await self.kvm.run(ops.csr_xchg(self, csr, value, mask))
 
     async def set_attr(self, group: int, attr: int, value: int) -> None:
-        await self._call("vcpu.set_attr", group=group, attr=attr, value=value)
+        await self.kvm.run(ops.vcpu_set_attr(self, group, attr, value))
 
     async def get_attr(self, group: int, attr: int) -> int:
-        result = await self._call("vcpu.get_attr", group=group, attr=attr)
-        return _int_field(result, "value", "vcpu.get_attr")
+        return await self.kvm.run(ops.vcpu_get_attr(self, group, attr))
 
     async def iocsr_read(self, addr: int, size: int) -> int:
-        result = await self._call("vcpu.iocsr_read", addr=addr, size=size)
-        return _int_field(result, "value", "vcpu.iocsr_read")
+        return await self.kvm.run(ops.iocsr_read(self, addr, size))
 
     async def iocsr_write(self, addr: int, size: int, value: int) -> None:
-        await self._call("vcpu.iocsr_write", addr=addr, size=size, value=value)
+        await self.kvm.run(ops.iocsr_write(self, addr, size, value))
 
     async def mmio_read(self, addr: int, size: int) -> int:
-        result = await self._call("vcpu.mmio_read", addr=addr, size=size)
-        return _int_field(result, "value", "vcpu.mmio_read")
+        return await self.kvm.run(ops.mmio_read(self, addr, size))
 
     async def mmio_write(self, addr: int, size: int, value: int) -> None:
-        await self._call("vcpu.mmio_write", addr=addr, size=size, value=value)
+        await self.kvm.run(ops.mmio_write(self, addr, size, value))
 
     async def hypercall(self, code: int, *args: int) -> int:
-        """``hvcl code`` with a0..a5 = ``args``; returns the guest's a0 afterwards (signed)."""
-        result = await self._call("vcpu.hypercall", code=code, args=list(args))
-        return _int_field(result, "a0", "vcpu.hypercall")
+        return await self.kvm.run(ops.hypercall(self, code, *args))
 
     async def run(self, timeout: float) -> RunResult:  # noqa: ASYNC109 - the daemon's wait
         """Idle until an interrupt line is up or ``timeout`` s pass; other calls keep flowing.
@@ -595,35 +550,37 @@ class AsyncVcpu(_AsyncHandle):
         free for the next ``run`` at once instead of EBUSY until the daemon-side timeout.
         """
         try:
-            return parse_run(await self._call("vcpu.run", timeout=timeout))
+            return await self.kvm.run(ops.run(self, timeout))
         except trio.Cancelled:
             with trio.CancelScope(shield=True), trio.move_on_after(self.kvm._write_timeout):
                 try:
-                    await self._call("vcpu.kick")
+                    await self.kvm.run(ops.kick(self))
                 except (KvmError, ConnectionError):
                     pass  # gone already: nothing left to free
             raise
 
     async def kick(self) -> None:
-        """End a ``run`` waiting on this vCPU (from any connection) with EINTR."""
-        await self._call("vcpu.kick")
+        await self.kvm.run(ops.kick(self))
 
 
-class AsyncDevice(_AsyncHandle):
+class AsyncDeviceFd(_AsyncFd):
     """A device handle (KVM's device fd) of an irqchip ``type``."""
-
-    _kind = "device"
 
     def __init__(self, kvm: AsyncKvm, handle: int, type: str) -> None:
         super().__init__(kvm, handle)
         self.type = type
 
     def __repr__(self) -> str:
-        return f"<AsyncDevice handle={self.handle} type={self.type!r}>"
+        return f"<AsyncDeviceFd handle={self.handle} type={self.type!r}>"
 
     async def set_attr(self, group: int, attr: int, value: int) -> None:
-        await self._call("device.set_attr", group=group, attr=attr, value=value)
+        await self.kvm.run(ops.device_set_attr(self, group, attr, value))
 
     async def get_attr(self, group: int, attr: int) -> int:
-        result = await self._call("device.get_attr", group=group, attr=attr)
-        return _int_field(result, "value", "device.get_attr")
+        return await self.kvm.run(ops.device_get_attr(self, group, attr))
+
+
+#: The names before the kvm-ioctls rename, kept for one release.
+AsyncVm = AsyncVmFd
+AsyncVcpu = AsyncVcpuFd
+AsyncDevice = AsyncDeviceFd
