@@ -21,6 +21,7 @@ not wrapped in an ``ExceptionGroup``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -37,30 +38,19 @@ from lvz.protocol import snapshot
 from lvz.protocol.endpoint import resolve_socket_path
 from lvz.protocol.errors import KvmError
 
-from . import ops
+from . import core, ops
 from .core import (
-    DEFAULT_MAX_EVENTS,
-    END,
-    RECV_SIZE,
-    Call,
     ConnectionLost,
     DaemonUnreachable,
     EventsLost,
     HelloInfo,
     IrqEvent,
-    Op,
-    Pending,
     PhyidMap,
     PluginInfo,
     RunResult,
-    Session,
-    Stepper,
     StreamItem,
     VmInfo,
     VmSummary,
-    WaitEvent,
-    check_peer,
-    parse_all,
 )
 
 __all__ = [
@@ -102,7 +92,7 @@ class AsyncKvm:
     Made by ``open_kvm``; every method may be called from many tasks at once.
     """
 
-    def __init__(self, sock: socket.socket, *, max_events: int = DEFAULT_MAX_EVENTS,
+    def __init__(self, sock: socket.socket, *, max_events: int = core.DEFAULT_MAX_EVENTS,
                  write_timeout: float = DEFAULT_WRITE_TIMEOUT, path: str = "") -> None:
         self.path = path
         self._sock = sock
@@ -110,7 +100,7 @@ class AsyncKvm:
         self._writer: trio.lowlevel.Task | None = None  # the writer task, while it idles
         self._write_timeout = write_timeout
         self._events = trio.lowlevel.ParkingLot()
-        self.session = Session(max_events=max_events, complete=self._complete,
+        self.session = core.Session(max_events=max_events, complete=self._complete,
                                wake_events=self._events.unpark_all)
         self.info = HelloInfo(protocol=0, server="", api_version=0, methods=(), device_types=())
 
@@ -121,7 +111,7 @@ class AsyncKvm:
     # --- the driver -----------------------------------------------------------------------------
 
     @staticmethod
-    def _complete(pending: Pending) -> None:
+    def _complete(pending: core.Pending) -> None:
         waiter: _Waiter = pending.waiter  # type: ignore[assignment]
         waiter.count -= 1
         if waiter.count == 0 and waiter.parked:
@@ -146,7 +136,7 @@ class AsyncKvm:
             trio.lowlevel.reschedule(self._writer)
             self._writer = None
 
-    async def _park(self, waiter: _Waiter, pendings: Sequence[Pending | KvmError]) -> None:
+    async def _park(self, waiter: _Waiter, pendings: Sequence[core.Pending | KvmError]) -> None:
         if waiter.count == 0:  # failed while sending: nothing to wait for
             await trio.lowlevel.checkpoint()
             return
@@ -154,7 +144,7 @@ class AsyncKvm:
         def abort(_: Any) -> trio.lowlevel.Abort:
             waiter.parked = False
             for p in pendings:  # cancelled: no entry outlives its caller, answers are dropped
-                if isinstance(p, Pending):
+                if isinstance(p, core.Pending):
                     self.session.pending.pop(p.msgid, None)
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -196,7 +186,7 @@ class AsyncKvm:
         try:
             while session.failure is None:
                 try:
-                    data = sock.recv(RECV_SIZE)
+                    data = sock.recv(core.RECV_SIZE)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
                     continue
@@ -209,7 +199,7 @@ class AsyncKvm:
     async def _batch(self, batch: snapshot.Batch) -> snapshot.Results:
         waiter = _Waiter(0)
         pendings, data = self.session.request_batch(batch, waiter)
-        waiter.count = sum(1 for p in pendings if isinstance(p, Pending))
+        waiter.count = sum(1 for p in pendings if isinstance(p, core.Pending))
         if data:
             self._send(data)
         await self._park(waiter, pendings)
@@ -218,13 +208,13 @@ class AsyncKvm:
     async def _next_event(self, vm: int | None) -> StreamItem | None:
         while True:
             item = self.session.pop_event(vm)
-            if item is END:
+            if item is core.END:
                 return None
             if item is not None:
                 return item
             await self._events.park()
 
-    async def run(self, op: Call[T]) -> T:
+    async def run(self, op: core.Call[T]) -> T:
         """Run one call spec from ``ops`` (what every method below does)."""
         waiter = _Waiter(1)
         pending, data = self.session.request(op.method, op.params, waiter)
@@ -232,15 +222,15 @@ class AsyncKvm:
         await self._park(waiter, (pending,))
         return op.parse(self.session.outcome(pending), op.method)
 
-    async def drive(self, op: Op[T]) -> T:
+    async def drive(self, op: core.Op[T]) -> T:
         """Run a multi-step op from ``ops``: its calls, pipelined batches and event waits."""
-        st = Stepper(op)
+        st = core.Stepper(op)
         while not st.done:
             step = st.step
             try:
-                if isinstance(step, Call):
+                if isinstance(step, core.Call):
                     st.send(await self.run(step))
-                elif isinstance(step, WaitEvent):
+                elif isinstance(step, core.WaitEvent):
                     left = math.inf if step.deadline is None else step.deadline - time.monotonic()
                     item = None
                     with trio.move_on_after(left):
@@ -256,14 +246,14 @@ class AsyncKvm:
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer; the escape hatch for any method."""
-        return await self.run(Call(method, params, lambda r, m: r))
+        return await self.run(core.Call(method, params, lambda r, m: r))
 
-    async def gather(self, calls: Sequence[Call[Any]]) -> list[Any]:
+    async def gather(self, calls: Sequence[core.Call[Any]]) -> list[Any]:
         """Pipeline many ``ops`` calls from this one task: one write, one wait, no nursery.
 
         Results come in the calls' order; the first refusal is raised once every answer is in.
         """
-        return parse_all(calls, await self._batch([(c.method, c.params) for c in calls]))
+        return core.parse_all(calls, await self._batch([(c.method, c.params) for c in calls]))
 
     async def call_batch(self, batch: snapshot.Batch) -> snapshot.Results:
         """Pipeline a batch of requests; a refused one is its KvmError, not a raise."""
@@ -312,7 +302,7 @@ class AsyncKvm:
 
 @asynccontextmanager
 async def open_kvm(
-    path: str | os.PathLike[str] | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
+    path: str | os.PathLike[str] | None = None, *, max_events: int = core.DEFAULT_MAX_EVENTS,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[AsyncKvm]:
     """Connect to the daemon (``path`` > ``$LVZ_SOCKET`` > default), check who serves it
@@ -322,25 +312,14 @@ async def open_kvm(
     nursery of their own, so the caller needs none.
     """
     where = os.fspath(resolve_socket_path(path))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
+    sock, in_progress = core.begin_connect(where, 0.0)
+    if in_progress:  # a full accept backlog: wait as a blocking connect would
         try:
-            sock.connect(where)
-        except BlockingIOError:  # a full accept backlog: wait as a connect would
             await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err)) from None
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: {reason}") from None
-    try:
-        check_peer(sock, where)
-    except BaseException:
-        sock.close()
-        raise
+        except BaseException:
+            sock.close()
+            raise
+    core.end_connect(sock, where)
     kvm = AsyncKvm(sock, max_events=max_events, write_timeout=write_timeout, path=where)
     body_error: BaseException | None = None
     try:
@@ -367,11 +346,10 @@ async def open_kvm(
 
 
 class _AsyncFd:
-    """A handle-backed object: closing it is ``close`` on the wire, like close(fd)."""
+    """Closing a handle-backed object is ``close`` on the wire, like close(fd)."""
 
-    def __init__(self, kvm: AsyncKvm, handle: int) -> None:
-        self.kvm = kvm
-        self.handle = handle
+    kvm: AsyncKvm
+    handle: int
 
     async def close(self) -> None:
         await self.kvm.run(ops.close(self.handle))
@@ -381,24 +359,14 @@ class _AsyncFd:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        # Best effort: the handle may be gone already (destroyed, or the connection lost) and
-        # that must not hide the exception that ended the block.
-        try:
+        # The handle may be gone already (destroyed, or the connection lost): that must not
+        # hide the exception that ended the block.
+        with contextlib.suppress(KvmError, ConnectionError):
             await self.close()
-        except (KvmError, ConnectionError):
-            pass
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} handle={self.handle}>"
 
 
-class AsyncVmFd(_AsyncFd):
-    """A VM handle (KVM's VM fd); see ``ops`` for what each method does."""
-
-    def __init__(self, kvm: AsyncKvm, handle: int, name: str | None = None) -> None:
-        super().__init__(kvm, handle)
-        self.name = name
-        self._gone = False  # closed or destroyed through this object: its stream has ended
+class AsyncVmFd(core.VmFdBase[AsyncKvm], _AsyncFd):
+    """A VM handle (KVM's VM fd), as ``VmFd`` but awaited."""
 
     async def create_vcpu(self, vcpu_id: int) -> AsyncVcpuFd:
         return AsyncVcpuFd(self.kvm, await self.kvm.run(ops.create_vcpu(self, vcpu_id)), vcpu_id)
@@ -492,15 +460,8 @@ class _EventStream:
         return await self._vm.next_event()
 
 
-class AsyncVcpuFd(_AsyncFd):
-    """A vCPU handle (KVM's vCPU fd); ``vcpu_id`` is the id it was created with."""
-
-    def __init__(self, kvm: AsyncKvm, handle: int, vcpu_id: int) -> None:
-        super().__init__(kvm, handle)
-        self.vcpu_id = vcpu_id
-
-    def __repr__(self) -> str:
-        return f"<AsyncVcpuFd handle={self.handle} vcpu_id={self.vcpu_id}>"
+class AsyncVcpuFd(core.VcpuFdBase[AsyncKvm], _AsyncFd):
+    """A vCPU handle (KVM's vCPU fd), as ``VcpuFd`` but awaited."""
 
     async def destroy(self) -> None:
         await self.kvm.run(ops.destroy_vcpu(self))
@@ -563,15 +524,8 @@ class AsyncVcpuFd(_AsyncFd):
         await self.kvm.run(ops.kick(self))
 
 
-class AsyncDeviceFd(_AsyncFd):
-    """A device handle (KVM's device fd) of an irqchip ``type``."""
-
-    def __init__(self, kvm: AsyncKvm, handle: int, type: str) -> None:
-        super().__init__(kvm, handle)
-        self.type = type
-
-    def __repr__(self) -> str:
-        return f"<AsyncDeviceFd handle={self.handle} type={self.type!r}>"
+class AsyncDeviceFd(core.DeviceFdBase[AsyncKvm], _AsyncFd):
+    """A device handle (KVM's device fd), as ``DeviceFd`` but awaited."""
 
     async def set_attr(self, group: int, attr: int, value: int) -> None:
         await self.kvm.run(ops.device_set_attr(self, group, attr, value))

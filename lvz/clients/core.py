@@ -33,16 +33,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Generic, TypeVar
 
+from lvz.protocol import constants
 from lvz.protocol.connection import NEED_DATA, ClientConnection
-from lvz.protocol.constants import (
-    INT_HWI0,
-    INT_HWI7,
-    INT_IPI,
-    INT_SWI0,
-    INT_SWI1,
-    INT_TI,
-    LINE_MASK,
-)
 from lvz.protocol.errors import KvmError, LocalProtocolError, RemoteProtocolError
 from lvz.protocol.events import Notification, Response
 
@@ -54,9 +46,10 @@ RECV_SIZE: Final = 65536
 
 #: Interrupt line names by ESTAT bit (PROTOCOL.md §6), as the kernel's INT_* constants name them.
 LINE_NAMES: Final[dict[int, str]] = {
-    INT_SWI0: "SWI0", INT_SWI1: "SWI1",
-    **{INT_HWI0 + i: f"HWI{i}" for i in range(INT_HWI7 - INT_HWI0 + 1)},
-    INT_TI: "TI", INT_IPI: "IPI",
+    constants.INT_SWI0: "SWI0", constants.INT_SWI1: "SWI1",
+    **{constants.INT_HWI0 + i: f"HWI{i}"
+       for i in range(constants.INT_HWI7 - constants.INT_HWI0 + 1)},
+    constants.INT_TI: "TI", constants.INT_IPI: "IPI",
 }
 LINES_BY_NAME: Final[dict[str, int]] = {name: irq for irq, name in LINE_NAMES.items()}
 
@@ -86,6 +79,35 @@ class UntrustedDaemon(ConnectionError):
     def __init__(self, message: str, uid: int) -> None:
         super().__init__(message)
         self.uid = uid
+
+
+def begin_connect(where: str, timeout: float | None) -> tuple[socket.socket, bool]:
+    """A socket connecting to ``where``; True if the connect is still in progress (only with
+    ``timeout=0``, a non-blocking socket, when the daemon's accept backlog is full)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(where)
+    except BlockingIOError:
+        return sock, True
+    except OSError as exc:
+        sock.close()
+        raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
+                                f"{exc.strerror or exc}") from None
+    return sock, False
+
+
+def end_connect(sock: socket.socket, where: str) -> None:
+    """Finish a connect (its error, if it failed in progress) and vet the peer; closes on error."""
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
+                                    f"{os.strerror(err)}")
+        check_peer(sock, where)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def check_peer(sock: socket.socket, path: str) -> None:
@@ -237,7 +259,7 @@ def line_names(estat: int) -> tuple[str, ...]:
 def line_number(line: int | str) -> int:
     """A line given as its ESTAT bit or its name (``"IPI"``, ``"hwi3"``), checked."""
     irq = LINES_BY_NAME.get(line.upper(), -1) if isinstance(line, str) else line
-    if irq < 0 or not LINE_MASK >> irq & 1:
+    if irq < 0 or not constants.LINE_MASK >> irq & 1:
         raise KvmError("EINVAL", f"{line!r} is not an interrupt line (one of "
                                  f"{', '.join(LINE_NAMES.values())})")
     return irq
@@ -330,6 +352,56 @@ class End(Enum):
 
 
 END: Final = End.END
+
+
+# --- handle objects: what both façades' VmFd / VcpuFd / DeviceFd hold -------------------------
+
+K = TypeVar("K")
+
+
+class FdBase(Generic[K]):
+    """A daemon handle on connection ``kvm``, as a KVM fd is on an open ``/dev/kvm``."""
+
+    def __init__(self, kvm: K, handle: int) -> None:
+        self.kvm = kvm
+        self.handle = handle
+
+    def _detail(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} handle={self.handle}{self._detail()}>"
+
+
+class VmFdBase(FdBase[K]):
+    """``name`` is the one it was created or opened by (None: unnamed)."""
+
+    def __init__(self, kvm: K, handle: int, name: str | None = None) -> None:
+        super().__init__(kvm, handle)
+        self.name = name
+        self._gone = False  # closed or destroyed through this object: its stream has ended
+
+
+class VcpuFdBase(FdBase[K]):
+    """``vcpu_id`` is the id the vCPU was created with."""
+
+    def __init__(self, kvm: K, handle: int, vcpu_id: int) -> None:
+        super().__init__(kvm, handle)
+        self.vcpu_id = vcpu_id
+
+    def _detail(self) -> str:
+        return f" vcpu_id={self.vcpu_id}"
+
+
+class DeviceFdBase(FdBase[K]):
+    """``type`` is the irqchip's device type."""
+
+    def __init__(self, kvm: K, handle: int, type: str) -> None:
+        super().__init__(kvm, handle)
+        self.type = type
+
+    def _detail(self) -> str:
+        return f" type={self.type!r}"
 
 
 # --- the session --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .core import (
     Call,
     ConnectionLost,
     DaemonUnreachable,
+    DeviceFdBase,
     EventsLost,
     HelloInfo,
     IrqEvent,
@@ -48,10 +49,13 @@ from .core import (
     Stepper,
     StreamItem,
     UntrustedDaemon,
+    VcpuFdBase,
+    VmFdBase,
     VmInfo,
     VmSummary,
     WaitEvent,
-    check_peer,
+    begin_connect,
+    end_connect,
     parse_all,
 )
 
@@ -118,20 +122,9 @@ class Kvm:
         (``vcpu.run``), and the daemon going away ends them anyway.
         """
         where = os.fspath(resolve_socket_path(path))
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(where)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            reason = exc.strerror or str(exc)
-            raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: {reason}") from None
-        try:
-            check_peer(sock, where)
-        except BaseException:
-            sock.close()
-            raise
+        sock, _ = begin_connect(where, timeout)
+        sock.settimeout(None)
+        end_connect(sock, where)
         kvm = cls(sock, max_events=max_events, path=where)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -370,11 +363,10 @@ class Kvm:
 
 
 class _Fd:
-    """A handle-backed object: closing it is ``close`` on the wire, like close(fd)."""
+    """Closing a handle-backed object is ``close`` on the wire, like close(fd)."""
 
-    def __init__(self, kvm: Kvm, handle: int) -> None:
-        self.kvm = kvm
-        self.handle = handle
+    kvm: Kvm
+    handle: int
 
     def close(self) -> None:
         self.kvm.run(ops.close(self.handle))
@@ -384,24 +376,14 @@ class _Fd:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        # Best effort: the handle may already be gone (destroyed, or the connection lost), and
-        # an error here must not hide the one that ended the block.
-        try:
+        try:  # best effort: an error here must not hide the one that ended the block
             self.close()
         except (KvmError, ConnectionError):
             pass
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} handle={self.handle}>"
 
-
-class VmFd(_Fd):
+class VmFd(VmFdBase["Kvm"], _Fd):
     """A VM handle (KVM's VM fd); see ``ops`` for what each method does."""
-
-    def __init__(self, kvm: Kvm, handle: int, name: str | None = None) -> None:
-        super().__init__(kvm, handle)
-        self.name = name
-        self._gone = False  # closed or destroyed through this object: no more events
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         return VcpuFd(self.kvm, self.kvm.run(ops.create_vcpu(self, vcpu_id)), vcpu_id)
@@ -480,15 +462,8 @@ class VmFd(_Fd):
         return self.kvm.drive(ops.wait_for_line(self, vcpu_id, irq, level, timeout))
 
 
-class VcpuFd(_Fd):
-    """A vCPU handle (KVM's vCPU fd); ``vcpu_id`` is the id it was created with."""
-
-    def __init__(self, kvm: Kvm, handle: int, vcpu_id: int) -> None:
-        super().__init__(kvm, handle)
-        self.vcpu_id = vcpu_id
-
-    def __repr__(self) -> str:
-        return f"<VcpuFd handle={self.handle} vcpu_id={self.vcpu_id}>"
+class VcpuFd(VcpuFdBase["Kvm"], _Fd):
+    """A vCPU handle (KVM's vCPU fd)."""
 
     def destroy(self) -> None:
         self.kvm.run(ops.destroy_vcpu(self))
@@ -537,15 +512,8 @@ class VcpuFd(_Fd):
         self.kvm.run(ops.kick(self))
 
 
-class DeviceFd(_Fd):
+class DeviceFd(DeviceFdBase["Kvm"], _Fd):
     """A device handle (KVM's device fd) of an irqchip ``type``."""
-
-    def __init__(self, kvm: Kvm, handle: int, type: str) -> None:
-        super().__init__(kvm, handle)
-        self.type = type
-
-    def __repr__(self) -> str:
-        return f"<DeviceFd handle={self.handle} type={self.type!r}>"
 
     def set_attr(self, group: int, attr: int, value: int) -> None:
         self.kvm.run(ops.device_set_attr(self, group, attr, value))
