@@ -21,6 +21,7 @@ from lvz.clients import (
     KvmError,
     abi,
     open_kvm,
+    ops,
 )
 
 if TYPE_CHECKING:
@@ -51,8 +52,8 @@ async def test_pipelined_calls_are_paired_by_msgid(lvz_socket: Path) -> None:
 
         async def read(vcpu: AsyncVcpu, reg: int) -> None:
             nonlocal in_flight
+            in_flight = max(in_flight, len(kvm.session.pending) + 1)  # others already out
             answers[vcpu.vcpu_id, reg] = await vcpu.get_one_reg(reg)
-            in_flight = max(in_flight, len(kvm.session.pending) + 1)
 
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -251,3 +252,43 @@ async def test_a_cancelled_run_frees_the_vcpu_at_once(lvz_socket: Path) -> None:
         with trio.fail_after(5):
             result = await vcpu.run(0.01)  # EBUSY here before vcpu.kick existed
         assert result.exit_reason == "timeout"
+
+
+async def test_lines_gather_and_wait_for_line(lvz_socket: Path) -> None:
+    async with open_kvm(lvz_socket) as kvm:
+        vm = await kvm.create_vm()
+        vcpus = [await vm.create_vcpu(i) for i in range(4)]
+        await vcpus[1].set_one_reg(abi.CPUID, 33)
+        assert await kvm.gather([ops.get_one_reg(v, abi.TMID) for v in vcpus]) == [0, 1, 2, 3]
+        assert await vcpus[1].lines() == ()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                got: list[IrqEvent | None] = []
+
+                async def wait() -> None:
+                    got.append(await vm.wait_for_line(1, "IPI"))
+                nursery.start_soon(wait)
+                while kvm._events.statistics().tasks_waiting == 0:
+                    await trio.testing.wait_all_tasks_blocked()  # until it waits for events
+                await vcpus[1].interrupt(INT_IPI)
+        event = got[0]
+        assert event is not None and (event.vcpu_id, event.line, event.phyid) == (1, "IPI", 33)
+        assert await vcpus[1].lines() == ("IPI",)
+        assert await vm.wait_for_line(1, INT_IPI, timeout=0) is None  # already up
+        with pytest.raises(TimeoutError):
+            await vm.wait_for_line(2, "TI", timeout=0)
+        await vcpus[2].close()
+        with pytest.raises(KvmError) as exc:
+            await kvm.gather([ops.get_one_reg(v, abi.TMID) for v in vcpus])
+        assert exc.value.name == "EBADF"
+        assert await kvm.get_api_version() == 12  # the stream is still in step
+
+
+async def test_a_cancelled_call_leaves_nothing_behind(lvz_socket: Path) -> None:
+    async with open_kvm(lvz_socket) as kvm:
+        vm = await kvm.create_vm()
+        vcpu = await vm.create_vcpu(0)
+        with trio.move_on_after(0):
+            await kvm.gather([ops.get_one_reg(vcpu, abi.TMID)] * 100)
+        assert not kvm.session.pending  # answers that still come are dropped
+        assert await vcpu.get_one_reg(abi.TMID) == 0

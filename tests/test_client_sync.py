@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import signal
+import socket
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 
 from lvz.clients import (
     ConnectionLost,
@@ -18,8 +25,12 @@ from lvz.clients import (
     Kvm,
     KvmError,
     PhyidMap,
+    UntrustedDaemon,
+    open_kvm,
+    ops,
     regs,
 )
+from lvz.clients.cli import main as lvz_main
 
 if TYPE_CHECKING:
     from tests.daemon_fixtures import DaemonProcess
@@ -207,3 +218,152 @@ def test_a_refused_message_reports_the_daemons_reason(lvz_socket: Path) -> None:
             kvm.call("hello", {"protocol": 1, "client": "x" * (8 << 20)})
         with pytest.raises(ConnectionLost, match="E2BIG"):
             kvm.get_api_version()  # and the connection stays failed with that reason
+
+
+def test_lines_names_the_raised_lines(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.lines() == ()
+        vcpu.interrupt(INT_IPI)
+        vcpu.interrupt(INT_TI)
+        assert vcpu.lines() == ("TI", "IPI")
+
+
+def test_irq_events_carry_the_vcpus_phyid(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        a, b = vm.create_vcpu(0), vm.create_vcpu(1)
+        a.set_one_reg(regs.CPUID, 42)
+        vm.subscribe()
+        a.interrupt(INT_IPI)
+        b.interrupt(INT_IPI)  # no CPUID set: no phyid
+        got = [(e.vcpu_id, e.phyid, e.line) for e in vm.events() if isinstance(e, IrqEvent)]
+        assert got == [(0, 42, "IPI"), (1, None, "IPI")]
+
+
+def test_wait_for_line(kvm: Kvm, lvz_socket: Path) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(2)
+        vcpu.set_one_reg(regs.CPUID, 7)
+        with pytest.raises(TimeoutError, match="line IPI did not go to 1"):
+            vm.wait_for_line(2, "IPI", timeout=0)
+        vcpu.interrupt(INT_IPI)
+        assert vm.wait_for_line(2, INT_IPI, timeout=0) is None  # already up
+        got: list[IrqEvent | None] = []
+        waiter = threading.Thread(target=lambda: got.append(vm.wait_for_line(2, "ipi", level=0)))
+        waiter.start()
+        while not (kvm._reading and not kvm.session.pending) and waiter.is_alive():
+            time.sleep(0.001)  # until the waiter has read ESTAT and waits for events
+        vcpu.interrupt(-INT_IPI)
+        waiter.join(10)
+        event = got[0]
+        assert event is not None and (event.vcpu_id, event.irq, event.level) == (2, INT_IPI, 0)
+        assert event.phyid == 7
+        with pytest.raises(KvmError) as exc:
+            vm.wait_for_line(9, "IPI", timeout=0)  # no such vCPU
+        assert exc.value.name == "ENOENT"
+
+
+def test_gather_pipelines_and_raises_the_first_refusal(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vcpus = [vm.create_vcpu(i) for i in range(8)]
+        assert kvm.gather([ops.get_one_reg(v, regs.TMID) for v in vcpus]) == list(range(8))
+        assert kvm.gather([]) == []
+        vcpus[3].close()
+        with pytest.raises(KvmError) as exc:
+            kvm.gather([ops.get_one_reg(v, regs.TMID) for v in vcpus])
+        assert exc.value.name == "EBADF"
+        assert kvm.get_api_version() == 12  # every answer was read: the stream is in step
+
+
+def test_threads_pipeline_on_one_connection(kvm: Kvm) -> None:
+    """A thread waiting in vcpu.run holds no lock: other threads' calls go on meanwhile."""
+    with kvm.create_vm() as vm:
+        sleeper, worker = vm.create_vcpu(0), vm.create_vcpu(1)
+        result: list[object] = []
+        runner = threading.Thread(target=lambda: result.append(sleeper.run(timeout=30)))
+        runner.start()
+
+        def hammer(i: int) -> None:
+            vcpu = vm.create_vcpu(10 + i)
+            for _ in range(50):
+                assert vcpu.get_one_reg(regs.TMID) == 10 + i  # each answer goes to its caller
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert worker.get_one_reg(regs.TMID) == 1
+        assert runner.is_alive()  # still waiting in the daemon, and nobody was held up
+        sleeper.interrupt(INT_IPI)
+        runner.join(10)
+        assert result and result[0].exit_reason == "irq"  # type: ignore[attr-defined]
+
+
+def test_close_wakes_a_thread_waiting_for_events(kvm: Kvm) -> None:
+    vm = kvm.create_vm()
+    vm.subscribe()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            vm.next_event(timeout=None)
+        except ConnectionLost as exc:
+            errors.append(exc)
+    t = threading.Thread(target=wait)
+    t.start()
+    while not kvm._reading and t.is_alive():
+        time.sleep(0.001)
+    kvm.close()
+    t.join(10)
+    assert not t.is_alive() and errors
+
+
+def _impostor(path: Path, ready: int, told: int) -> None:
+    """A listener as uid 65534 in a forked child; writes to ``told`` if a client sends bytes."""
+    try:
+        os.setgid(65534)
+        os.setuid(65534)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.fspath(path))
+        sock.listen()
+        os.write(ready, b"r")
+        while True:
+            conn, _ = sock.accept()
+            if conn.recv(1 << 16):
+                os.write(told, b"x")
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run an impostor as uid 65534")
+def test_a_daemon_of_another_user_is_refused_before_sending() -> None:
+    where = Path(tempfile.mkdtemp(prefix="lvz-impostor-"))
+    os.chmod(where, 0o777)  # the attacker's directory (issue 8)
+    path = where / "lvz.sock"
+    ready_r, ready_w = os.pipe()
+    told_r, told_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _impostor(path, ready_w, told_w)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        with pytest.raises(UntrustedDaemon) as exc:
+            Kvm.connect(path)
+        assert exc.value.uid == 65534 and "uid 65534" in str(exc.value)
+        assert str(path) in str(exc.value)
+        assert lvz_main(["vms", "--socket", str(path)]) == 125  # the CLI: lvz itself failed
+
+        async def connect_async() -> None:
+            async with open_kvm(path):
+                pass
+        with pytest.raises(UntrustedDaemon, match="uid 65534"):
+            trio.run(connect_async)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(where)
+    os.set_blocking(told_r, False)
+    with pytest.raises(BlockingIOError):
+        os.read(told_r, 1)  # the impostor received not a single byte
+    for fd in (ready_r, ready_w, told_r, told_w):
+        os.close(fd)

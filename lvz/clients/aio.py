@@ -232,6 +232,7 @@ class AsyncKvm:
                     st.send(await self.run(step))
                 elif isinstance(step, core.WaitEvent):
                     left = math.inf if step.deadline is None else step.deadline - time.monotonic()
+                    left = max(0.0, left)
                     item = None
                     with trio.move_on_after(left):
                         item = await self._next_event(step.vm)

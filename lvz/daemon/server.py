@@ -547,11 +547,13 @@ class Daemon:
                     self._finish_run(wait, None, "irq")
         subs = self.subscribers.get(vm)
         if subs:
+            v = vm.vcpus.get(vcpu_id)  # phyid: its CPUID while mapped (protocol-additions.md)
+            phyid = v.csrs[abi.CSR_CPUID] if v and vm.phyids.get(v.csrs[abi.CSR_CPUID]) is v else None
             for conn, sub in subs.items():
                 h = sub.carrier
                 conn.put_event(conn.proto.send_notification(
                     "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq, "level": level,
-                            "seq": seq}), h)
+                            "seq": seq, "phyid": phyid}), h)
 
     # ---------------------------------------------------------------- vcpu.run ----------------
 
