@@ -84,8 +84,10 @@ def plan_throughput(cfg: Config, res: Results, bench: Bench, cb: ClientBench | N
             bench.raw_sampler(which, True))
     for which, name in names.items():
         for kind, label, pipelined in (("sync", "sync client", False),
+                                       ("threads", "sync client, 64 threads", True),
                                        ("async", "async client", False),
-                                       ("async", "async client", True)):
+                                       ("async", "async client", True),
+                                       ("gather", "async client gather(64)", True)):
             mode = PIPE if pipelined else SEQ
             key = f"client.{kind}.{which}.{'pipe' if pipelined else 'seq'}"
             fig = Figure(key, f"{label} {name}, {mode}", "req/s",
@@ -95,6 +97,10 @@ def plan_throughput(cfg: Config, res: Results, bench: Bench, cb: ClientBench | N
                 add(fig, None)
             elif kind == "sync":
                 add(fig, cb.sync_sampler(which))
+            elif kind == "threads":
+                add(fig, cb.threads_sampler(which))
+            elif kind == "gather":
+                add(fig, cb.gather_sampler(which))
             else:
                 add(fig, cb.async_sampler(which, pipelined))
 

@@ -85,16 +85,23 @@ __all__ = [
 T = TypeVar("T")
 
 
+_NO_LOCK: Any = None
+
+
 class _Parker:
     """One parked thread: released by whoever completes its last call or hands it a turn."""
 
     __slots__ = ("count", "events", "lock")
 
     def __init__(self, events: bool = False) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
+        self.lock = _NO_LOCK  # made on first park: a lone thread never parks
         self.count = 0
         self.events = events
+
+    def prepare(self) -> None:
+        if self.lock is _NO_LOCK:
+            self.lock = threading.Lock()
+            self.lock.acquire()
 
 
 class Kvm:
@@ -105,7 +112,8 @@ class Kvm:
         self.path = path
         self._sock = sock
         self._state = threading.Lock()  # guards the session and the fields below
-        self._send_lock = threading.Lock()
+        self._outbox: list[bytes] = []  # requests not yet written, in order
+        self._sending = False  # a thread is writing the outbox
         self._reading = False
         self._parked: dict[_Parker, None] = {}
         self.session = Session(max_events=max_events, complete=self._complete,
@@ -150,14 +158,36 @@ class Kvm:
         for parker in [p for p in self._parked if p.events]:
             self._wake(parker)
 
+    def _queue(self, data: bytes) -> bool:
+        """Queue a request (state lock held); True if the caller is to write the queue now.
+
+        The first thread to find nobody sending writes the whole queue, so threads that call
+        at once share one ``sendall`` (and the daemon one receive) instead of taking turns at
+        a lock, each with its own syscall.
+        """
+        if self._sending:
+            self._outbox.append(data)
+            return False
+        self._sending = True
+        return True
+
     def _send(self, data: bytes) -> None:
-        with self._send_lock:
+        """Write ``data``, then whatever others queued meanwhile (we hold the sending role)."""
+        failed: OSError | None = None
+        while True:
             try:
                 self._sock.sendall(data)
             except OSError as exc:
                 failed = exc
-            else:
-                return
+            with self._state:
+                if not self._outbox or failed is not None:
+                    self._sending = False
+                    self._outbox.clear()
+                    break
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+        if failed is None:
+            return
         with self._state:
             if not self._reading:
                 # The daemon says why it hangs up (a protocol_error) before it does; read it
@@ -193,6 +223,7 @@ class Kvm:
                 if reader:
                     self._reading = True
                 else:
+                    parker.prepare()
                     self._parked[parker] = None
             if not reader:
                 if not self._park(parker, deadline):
@@ -243,8 +274,10 @@ class Kvm:
         with self._state:
             pendings, data = self.session.request_batch(batch, parker)
             parker.count = sum(1 for p in pendings if isinstance(p, Pending))
-        if data:
+            send = bool(data) and self._queue(data)
+        if send:
             self._send(data)
+        if data:
             if not self._wait(parker, lambda: parker.count == 0, deadline):
                 with self._state:
                     self.session.fail(ConnectionLost(
@@ -272,7 +305,9 @@ class Kvm:
         parker.count = 1
         with self._state:
             pending, data = self.session.request(op.method, op.params, parker)
-        self._send(data)
+            send = self._queue(data)
+        if send:
+            self._send(data)
         self._wait(parker, lambda: parker.count == 0, None)
         return op.parse(self.session.outcome(pending), op.method)
 
