@@ -164,7 +164,8 @@ async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
     await raw.send(data)
     ev = await raw.next_event()
     assert isinstance(ev, Notification)
-    assert ev.params == {"vm": vm, "vcpu_id": 2, "irq": 5, "level": 1, "seq": 1}
+    assert ev.params == {"vm": vm, "vcpu_id": 2, "irq": 5, "level": 1, "seq": 1,
+                         "phyid": None}  # no CPUID set: no phyid (protocol-additions.md)
     ev = await raw.next_event()
     assert isinstance(ev, Response)
     assert ev.msgid == msgid

@@ -277,11 +277,10 @@ class Kvm:
             send = bool(data) and self._queue(data)
         if send:
             self._send(data)
-        if data:
-            if not self._wait(parker, lambda: parker.count == 0, deadline):
-                with self._state:
-                    self.session.fail(ConnectionLost(
-                        f"the lvz daemon at {self.path} did not answer in time"))
+        if data and not self._wait(parker, lambda: parker.count == 0, deadline):
+            with self._state:
+                self.session.fail(ConnectionLost(
+                    f"the lvz daemon at {self.path} did not answer in time"))
         return self.session.outcomes(pendings)
 
     def _next_event(self, vm: int | None, timeout: float | None) -> StreamItem | None:
