@@ -13,20 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lvz.protocol import regs
-from lvz.protocol.constants import (
-    INT_HWI0,
-    INT_HWI7,
-    INT_IPI,
-    INT_SWI0,
-    INT_SWI1,
-    INT_TI,
-    LINE_MASK,
-)
+from lvz.protocol import abi
 from lvz.protocol.errors import KvmError
 
 from . import ops
-from .core import LINE_NAMES, LINES_BY_NAME, Call, UntrustedDaemon, line_names
+from .core import LINES_BY_NAME, Call, UntrustedDaemon, line_names
 from .sync import (
     ConnectionLost,
     DaemonUnreachable,
@@ -46,6 +37,9 @@ from .sync import (
     VmInfo,
     VmSummary,
 )
+
+#: The old name of ``abi`` (it held only the register ids), kept for one release.
+regs = abi
 
 if TYPE_CHECKING:
     from .aio import (
@@ -80,8 +74,13 @@ __all__ = [
     "ops", "Call",
     # values and errors
     "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
-    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon", "regs",
-    # interrupt lines (ESTAT bits)
+    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon",
+    # the KVM ABI: register ids, attrs, offsets, lines, hypercalls (``regs``: its old name)
+    "abi", "regs",
+    # interrupt lines (ESTAT bits, as in ``abi``) by name
     "INT_SWI0", "INT_SWI1", "INT_HWI0", "INT_HWI7", "INT_TI", "INT_IPI", "LINE_MASK",
     "LINE_NAMES", "LINES_BY_NAME", "line_names",
 ]
+#: The line numbers, straight from ``abi``, so ``from lvz.clients import INT_IPI`` works.
+INT_SWI0, INT_SWI1, INT_HWI0, INT_HWI7 = abi.INT_SWI0, abi.INT_SWI1, abi.INT_HWI0, abi.INT_HWI7
+INT_TI, INT_IPI, LINE_MASK, LINE_NAMES = abi.INT_TI, abi.INT_IPI, abi.LINE_MASK, abi.LINE_NAMES

@@ -10,7 +10,7 @@ A thin trio driver over the sans-I/O ``core.Session``; what each method sends li
 - One reader task feeds the session, which completes each call by rescheduling its task
   directly: one task switch per response, none for the reader in between.
 - ``gather`` sends many calls in one write and parks once for all of them, so a harness needs
-  no nursery per batch: ``await kvm.gather([ops.get_one_reg(v, regs.CPUID) for v in vcpus])``.
+  no nursery per batch: ``await kvm.gather([ops.get_one_reg(v, abi.CPUID) for v in vcpus])``.
 
 Failure is never a hang: when the daemon goes away, sends bytes we cannot read, or reports a
 ``protocol_error``, the session records why and wakes every waiting caller and event reader

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Generic, TypeVar
 
-from lvz.protocol import constants
+from lvz.protocol import abi
 from lvz.protocol.connection import NEED_DATA, ClientConnection
 from lvz.protocol.errors import KvmError, LocalProtocolError, RemoteProtocolError
 from lvz.protocol.events import Notification, Response
@@ -45,12 +45,7 @@ DEFAULT_MAX_EVENTS: Final = 4096
 RECV_SIZE: Final = 65536
 
 #: Interrupt line names by ESTAT bit (PROTOCOL.md §6), as the kernel's INT_* constants name them.
-LINE_NAMES: Final[dict[int, str]] = {
-    constants.INT_SWI0: "SWI0", constants.INT_SWI1: "SWI1",
-    **{constants.INT_HWI0 + i: f"HWI{i}"
-       for i in range(constants.INT_HWI7 - constants.INT_HWI0 + 1)},
-    constants.INT_TI: "TI", constants.INT_IPI: "IPI",
-}
+LINE_NAMES: Final[dict[int, str]] = abi.LINE_NAMES
 LINES_BY_NAME: Final[dict[str, int]] = {name: irq for irq, name in LINE_NAMES.items()}
 
 
@@ -259,7 +254,7 @@ def line_names(estat: int) -> tuple[str, ...]:
 def line_number(line: int | str) -> int:
     """A line given as its ESTAT bit or its name (``"IPI"``, ``"hwi3"``), checked."""
     irq = LINES_BY_NAME.get(line.upper(), -1) if isinstance(line, str) else line
-    if irq < 0 or not constants.LINE_MASK >> irq & 1:
+    if irq < 0 or not abi.LINE_MASK >> irq & 1:
         raise KvmError("EINVAL", f"{line!r} is not an interrupt line (one of "
                                  f"{', '.join(LINE_NAMES.values())})")
     return irq

@@ -5,7 +5,7 @@ that yields calls, batches and event waits). The blocking and trio façades wrap
 one-line method that runs it their way, so a new protocol method costs one function here and
 a one-line method per façade, and the two façades cannot drift apart.
 
-They are public for pipelining: ``kvm.gather([ops.get_one_reg(v, regs.CPUID) for v in
+They are public for pipelining: ``kvm.gather([ops.get_one_reg(v, abi.CPUID) for v in
 vcpus])`` sends every request at once and waits once, in the blocking and the trio client
 alike, with no thread or nursery per call.
 """
@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from lvz.protocol import regs, snapshot
-from lvz.protocol.constants import PROTOCOL_VERSION
+from lvz.protocol import abi, snapshot
 from lvz.protocol.errors import KvmError
 
 from .core import (
@@ -125,7 +124,7 @@ def _parse_lines(result: dict[str, Any], method: str) -> tuple[str, ...]:
 
 
 def hello() -> Call[HelloInfo]:
-    return Call("hello", {"protocol": PROTOCOL_VERSION}, parse_hello)
+    return Call("hello", {"protocol": abi.PROTOCOL_VERSION}, parse_hello)
 
 
 def get_api_version() -> Call[int]:
@@ -236,7 +235,7 @@ def wait_for_line(vm: Handle, vcpu_id: int, irq: int | str, level: int = 1,
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
     vcpu: int = yield open_vcpu(vm, vcpu_id)
     try:
-        estat: int = yield Call("vcpu.get_one_reg", {"vcpu": vcpu, "id": regs.ESTAT}, _value)
+        estat: int = yield Call("vcpu.get_one_reg", {"vcpu": vcpu, "id": abi.ESTAT}, _value)
     except KvmError:
         yield close(vcpu)
         raise
@@ -272,7 +271,7 @@ def get_one_reg(vcpu: Handle, reg_id: int) -> Call[int]:
 
 def lines(vcpu: Handle) -> Call[tuple[str, ...]]:
     """The vCPU's raised interrupt lines by name (``"IPI"``, ``"HWI0"``…), from its ESTAT."""
-    return Call("vcpu.get_one_reg", {"vcpu": vcpu.handle, "id": regs.ESTAT}, _parse_lines)
+    return Call("vcpu.get_one_reg", {"vcpu": vcpu.handle, "id": abi.ESTAT}, _parse_lines)
 
 
 def interrupt(vcpu: Handle, irq: int) -> Call[None]:

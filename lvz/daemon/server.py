@@ -548,7 +548,8 @@ class Daemon:
         subs = self.subscribers.get(vm)
         if subs:
             v = vm.vcpus.get(vcpu_id)  # phyid: its CPUID while mapped (protocol-additions.md)
-            phyid = v.csrs[abi.CSR_CPUID] if v and vm.phyids.get(v.csrs[abi.CSR_CPUID]) is v else None
+            cpuid = v.csrs[abi.CSR_CPUID] if v else -1
+            phyid = cpuid if v and vm.phyids.get(cpuid) is v else None
             for conn, sub in subs.items():
                 h = sub.carrier
                 conn.put_event(conn.proto.send_notification(
