@@ -9,7 +9,7 @@ import pytest
 
 from lvz.clients import LINE_NAMES, IrqEvent, KvmError, line_names, ops
 from lvz.clients.core import END, ConnectionLost, EventsLost, Pending, Session, Stepper, WaitEvent
-from lvz.protocol.constants import INT_HWI0, INT_IPI, INT_PCOV, INT_TI
+from lvz.protocol.abi import INT_HWI0, INT_IPI, INT_PCOV, INT_TI
 
 
 class _Vm:

@@ -336,7 +336,8 @@ def _impostor(path: Path, ready: int, told: int) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run an impostor as uid 65534")
-def test_a_daemon_of_another_user_is_refused_before_sending() -> None:
+def test_a_daemon_of_another_user_is_refused_before_sending(
+        capsys: pytest.CaptureFixture[str]) -> None:
     where = Path(tempfile.mkdtemp(prefix="lvz-impostor-"))
     os.chmod(where, 0o777)  # the attacker's directory (issue 8)
     path = where / "lvz.sock"
@@ -352,6 +353,7 @@ def test_a_daemon_of_another_user_is_refused_before_sending() -> None:
         assert exc.value.uid == 65534 and "uid 65534" in str(exc.value)
         assert str(path) in str(exc.value)
         assert lvz_main(["vms", "--socket", str(path)]) == 125  # the CLI: lvz itself failed
+        assert "served by uid 65534" in capsys.readouterr().err
 
         async def connect_async() -> None:
             async with open_kvm(path):

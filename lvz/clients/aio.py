@@ -226,11 +226,7 @@ class AsyncKvm:
 
     async def run(self, op: core.Call[T]) -> T:
         """Run one call spec from ``ops`` (what every method below does)."""
-        waiter = _Waiter(1)
-        pending, data = self.session.request(op.method, op.params, waiter)
-        self._send(data)
-        await self._park(waiter, (pending,))
-        return op.parse(self.session.outcome(pending), op.method)
+        return op.parse(await self.call(op.method, op.params), op.method)
 
     async def drive(self, op: core.Op[T]) -> T:
         """Run a multi-step op from ``ops``: its calls, pipelined batches and event waits."""
@@ -256,8 +252,13 @@ class AsyncKvm:
     # --- the public surface ---------------------------------------------------------------------
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its answer; the escape hatch for any method."""
-        return await self.run(core.Call(method, params, lambda r, m: r))
+        """Send one request and wait for its answer: the escape hatch for any method, and the
+        one door every single call goes through."""
+        waiter = _Waiter(1)
+        pending, data = self.session.request(method, params, waiter)
+        self._send(data)
+        await self._park(waiter, (pending,))
+        return self.session.outcome(pending)
 
     async def gather(self, calls: Sequence[core.Call[Any]]) -> list[Any]:
         """Pipeline many ``ops`` calls from this one task: one write, one wait, no nursery.

@@ -300,15 +300,7 @@ class Kvm:
 
     def run(self, op: Call[T]) -> T:
         """Run one call spec from ``ops`` (what every method below does)."""
-        parker = _Parker()
-        parker.count = 1
-        with self._state:
-            pending, data = self.session.request(op.method, op.params, parker)
-            send = self._queue(data)
-        if send:
-            self._send(data)
-        self._wait(parker, lambda: parker.count == 0, None)
-        return op.parse(self.session.outcome(pending), op.method)
+        return op.parse(self.call(op.method, op.params), op.method)
 
     def drive(self, op: Op[T]) -> T:
         """Run a multi-step op from ``ops``: its calls, batches and event waits."""
@@ -330,8 +322,17 @@ class Kvm:
     # --- the public surface ---------------------------------------------------------------------
 
     def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its answer; the escape hatch for any method."""
-        return self.run(Call(method, params, lambda r, m: r))
+        """Send one request and wait for its answer: the escape hatch for any method, and the
+        one door every single call goes through (the CLI's ``-vv`` traces it)."""
+        parker = _Parker()
+        parker.count = 1
+        with self._state:
+            pending, data = self.session.request(method, params, parker)
+            send = self._queue(data)
+        if send:
+            self._send(data)
+        self._wait(parker, lambda: parker.count == 0, None)
+        return self.session.outcome(pending)
 
     def gather(self, calls: Sequence[Call[Any]]) -> list[Any]:
         """Pipeline many ``ops`` calls: all sent at once, one wait; the first error is raised
