@@ -292,3 +292,15 @@ async def test_a_cancelled_call_leaves_nothing_behind(lvz_socket: Path) -> None:
             await kvm.gather([ops.get_one_reg(vcpu, abi.TMID)] * 100)
         assert not kvm.session.pending  # answers that still come are dropped
         assert await vcpu.get_one_reg(abi.TMID) == 0
+
+
+async def test_a_batch_bigger_than_the_socket_buffer_goes_out_whole(lvz_socket: Path) -> None:
+    """What the kernel does not take at once is finished by the writer task, in order."""
+    async with open_kvm(lvz_socket) as kvm:
+        vm = await kvm.create_vm()
+        vcpu = await vm.create_vcpu(5)
+        with trio.fail_after(30):
+            calls = [ops.get_one_reg(vcpu, abi.TMID)] * 20_000
+            results, tmid = await kvm.gather(calls), await vcpu.get_one_reg(abi.TMID)
+        assert results == [5] * 20_000 and tmid == 5
+        assert not kvm._outbox and not kvm.session.pending
