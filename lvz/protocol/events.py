@@ -9,7 +9,7 @@ assigns to one after it is built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import KvmError, ProtocolError
 
@@ -19,10 +19,12 @@ __all__ = ["BadRequest", "Event", "Malformed", "Notification", "Request", "Respo
 class Event:
     """Base of everything ``next_event`` returns; do not subclass the subclasses."""
 
+    #: The fields, named once: compiled (mypyc) classes have no ``__slots__`` to look at.
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
     __slots__ = ()
 
     def _fields(self) -> tuple[str, ...]:
-        return type(self).__slots__
+        return self._FIELDS
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(
@@ -40,7 +42,8 @@ class Event:
 class Request(Event):
     """A well-formed, validated request: ``params`` passed the method table."""
 
-    __slots__ = ("method", "msgid", "params")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("method", "msgid", "params")
+    __slots__ = _FIELDS
     msgid: int
     method: str
     params: dict[str, Any]
@@ -54,7 +57,8 @@ class Request(Event):
 class BadRequest(Event):
     """A request that must be answered with ``error`` (EBADMSG, ENOTTY or EINVAL)."""
 
-    __slots__ = ("error", "msgid")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("error", "msgid")
+    __slots__ = _FIELDS
     msgid: int
     error: KvmError
 
@@ -66,7 +70,8 @@ class BadRequest(Event):
 class Malformed(Event):
     """Valid msgpack with no usable msgid: answered by a ``protocol_error`` notification."""
 
-    __slots__ = ("error",)
+    _FIELDS: ClassVar[tuple[str, ...]] = ("error",)
+    __slots__ = _FIELDS
     error: ProtocolError
 
     def __init__(self, *, error: ProtocolError) -> None:
@@ -74,7 +79,8 @@ class Malformed(Event):
 
 
 class Response(Event):
-    __slots__ = ("error", "msgid", "result")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("error", "msgid", "result")
+    __slots__ = _FIELDS
     msgid: int
     error: KvmError | None
     result: dict[str, Any] | None
@@ -87,7 +93,8 @@ class Response(Event):
 
 
 class Notification(Event):
-    __slots__ = ("event", "params")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("event", "params")
+    __slots__ = _FIELDS
     event: str
     params: dict[str, Any]
 

@@ -154,10 +154,13 @@ HANDLE_PARAM: Final[dict[str, tuple[str, str]]] = {
 }
 
 
-def validate(method: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate(method: str, params: dict[Any, Any]) -> dict[str, Any]:
     """Check ``params`` against the table; return them with nil optionals dropped.
 
     Raises ``KvmError`` ENOTTY for an unknown method, EINVAL naming the first bad parameter.
+    ``params`` is typed with ``Any`` keys because it comes straight off the wire, where msgpack
+    also decodes binary keys (as bytes): the compiled build would otherwise cast each key to
+    ``str`` and raise TypeError instead of this function's EINVAL.
     """
     fast = _FAST.get(method)
     if fast is not None and len(params) == len(fast):
@@ -175,15 +178,17 @@ def validate(method: str, params: dict[str, Any]) -> dict[str, Any]:
         raise KvmError("ENOTTY", f"unknown method {method!r}")
     checks, required = compiled
     dropped = False
-    for name, value in params.items():
-        check = checks.get(name)
+    for key, value in params.items():
+        if type(key) is not str:
+            raise KvmError("EINVAL", f"{method}: parameter names are strings, not {key!r}")
+        check = checks.get(key)
         if check is None:
-            raise KvmError("EINVAL", f"{method}: unknown parameter {name!r}")
+            raise KvmError("EINVAL", f"{method}: unknown parameter {key!r}")
         if not check[0](value):
-            if value is None and name not in required:
+            if value is None and key not in required:
                 dropped = True
                 continue
-            raise KvmError("EINVAL", f"{method}: parameter {name!r} must be {check[1]}")
+            raise KvmError("EINVAL", f"{method}: parameter {key!r} must be {check[1]}")
     for name in required:
         if name not in params:
             raise KvmError("EINVAL", f"{method}: missing parameter {name!r}")
