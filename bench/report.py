@@ -49,6 +49,8 @@ class Figure:
     #: clock (%), per repetition: says whether the server or the client was the bottleneck.
     cpu_us: list[float] = field(default_factory=list)
     cpu_pct: list[float] = field(default_factory=list)
+    #: The benchmark process's own CPU per request (all its threads): the client side's cost.
+    client_us: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -116,12 +118,12 @@ def _num(x: float) -> str:
 
 
 def table(results: Results, title: str) -> str:
-    header = ("figure", "median", "min-max", "unit", "x ref", "srv us/req, busy", "target",
-              "result")
+    header = ("figure", "median", "min-max", "unit", "x ref", "srv us/req, busy",
+              "client us/req", "target", "result")
     rows: list[Sequence[str]] = []
     for fig in results.figures.values():
         if fig.skipped:
-            rows.append((fig.label, "-", "-", fig.unit, "-", "",
+            rows.append((fig.label, "-", "-", fig.unit, "-", "", "",
                          fig.target.text if fig.target else "", f"skipped: {fig.skipped}"))
             continue
         r = results.ratio(fig)
@@ -132,8 +134,9 @@ def table(results: Results, title: str) -> str:
             verdict += " (check failed)"
         cpu = (f"{statistics.median(fig.cpu_us):.1f}, {statistics.median(fig.cpu_pct):.0f}%"
                if fig.cpu_us else "")
+        client = f"{statistics.median(fig.client_us):.1f}" if fig.client_us else ""
         rows.append((fig.label, _num(fig.median), f"{_num(fig.lo)}-{_num(fig.hi)}", fig.unit,
-                     ratio, cpu, fig.target.text if fig.target else "", verdict))
+                     ratio, cpu, client, fig.target.text if fig.target else "", verdict))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = "  ".join("-" * w for w in widths)
     out = [title, line, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
@@ -166,16 +169,27 @@ def to_json(results: Results, *, quick: bool, reps: int, seconds: float, elapsed
             "checks_ok": all(fig.ok_checks) if fig.ok_checks else None,
             "server_cpu_us_per_request": fig.cpu_us or None,
             "server_busy_percent": fig.cpu_pct or None,
+            "client_cpu_us_per_request": fig.client_us or None,
             "note": fig.note, "skipped": fig.skipped or None,
         })
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                     "cpus": os.cpu_count()},
+        "build": build_name(),
         "quick": quick, "repetitions": reps, "seconds_per_sample": seconds,
         "elapsed_seconds": elapsed, "daemon_command": daemon_cmd,
         "figures": figs,
     }
+
+
+def build_name() -> str:
+    """Which build of lvz ran (the daemon starts from the same tree and environment)."""
+    try:
+        import lvz
+    except ImportError:
+        return "unknown"
+    return "compiled" if getattr(lvz, "compiled", False) else "pure"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
