@@ -21,11 +21,11 @@ from typing import Any
 
 import msgpack
 
-from lvz.protocol import regs
+from lvz.protocol import abi
 
 from .raw import RECEIVE_BYTES, U32_MAX, BenchError, MakeRequest, Run
 
-CPUID = regs.CPUID
+CPUID = abi.CPUID
 
 
 class BlockingRawClient:

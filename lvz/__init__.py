@@ -37,10 +37,9 @@ __version__ = "0.1.0"
 
 #: The modules every request runs through: the wire core and the daemon's per-request path.
 COMPILED_MODULES: tuple[str, ...] = (
-    "lvz.protocol.constants",
+    "lvz.protocol.abi",
     "lvz.protocol.events",
     "lvz.protocol.methods",
-    "lvz.protocol.regs",
     "lvz.protocol.connection",
     "lvz.daemon.connection",
     "lvz.daemon.model",

@@ -21,7 +21,7 @@ import pytest
 import lvz
 import lvz.daemon.model
 import lvz.protocol.connection
-from lvz.protocol import regs
+from lvz.protocol import abi
 
 from .conftest import Connect
 
@@ -123,10 +123,10 @@ async def test_bytes_parameter_names_are_einval_not_a_crash(connect: Connect) ->
     raw = await connect()
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     vcpu = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
-    for params in ({b"vcpu": vcpu, "id": regs.CPUID}, {"vcpu": vcpu, "id": regs.CPUID, b"x": 1},
-                   {b"vcpu": vcpu, b"id": regs.CPUID}):
+    for params in ({b"vcpu": vcpu, "id": abi.CPUID}, {"vcpu": vcpu, "id": abi.CPUID, b"x": 1},
+                   {b"vcpu": vcpu, b"id": abi.CPUID}):
         await raw.send(msgpack.packb([0, 9000, "vcpu.get_one_reg", params], use_bin_type=True))
         r = await raw.response(9000)
         assert r.error is not None and r.error.name == "EINVAL", r
         assert "parameter names are strings" in r.error.message
-    assert (await raw.ok("vcpu.get_one_reg", vcpu=vcpu, id=regs.CPUID))["value"] == 256
+    assert (await raw.ok("vcpu.get_one_reg", vcpu=vcpu, id=abi.CPUID))["value"] == 256

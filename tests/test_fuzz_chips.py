@@ -17,12 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lvz.daemon.host import PluginHost, load_plugins
-from lvz.daemon.model import Vm
 from lvz.plugins import pv_ipi
 from lvz.plugins.eiointc import Eiointc
 from lvz.plugins.ipi import IpiDevice
-from lvz.protocol.abi import U32_MAX
-from lvz.plugins.hookspecs import hookimpl
+from lvz.protocol.abi import CSR_CPUID, U32_MAX
 
 from .fuzzing import (
     CHIPS,
@@ -78,10 +76,10 @@ def test_same_seed_same_run() -> None:
 
 # ---------------------------------------------------------------------- planted bugs ------------
 
-def _caught(seeds: range = range(20, 26), steps: int = 3000, host: PluginHost = HOST) -> str:
+def _caught(seeds: range = range(20, 26), steps: int = 3000) -> str:
     for seed in seeds:
         try:
-            fuzz_seed(seed, steps, host=host, max_phyid=256)
+            fuzz_seed(seed, steps, host=HOST, max_phyid=256)
         except FuzzFailure as exc:
             return str(exc)
     pytest.fail("the fuzzer did not notice the planted bug")
@@ -122,23 +120,27 @@ def test_catches_a_lost_pv_ipi(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "SWI" in _caught(steps=6000)
 
 
-class _LeakyMap:
-    """A plugin that corrupts the map on every first set: a second phyid for the same vCPU.
+class _LeakyMapFuzzer(ChipFuzzer):
+    """After each CPUID set, leaves a stale second map entry for a vCPU that has one.
 
-    The bug is planted through a hook rather than by patching ``Vm.set_cpuid``: the model may
-    be mypyc-compiled, and compiled callers never see a patched method.
+    The bug is planted in the state the model keeps, not by patching ``Vm.set_cpuid``: the
+    model may be mypyc-compiled, and compiled callers never see a patched method.
     """
 
-    @hookimpl
-    def lvz_phyid_set(self, vm: Vm, vcpu_id: int, phyid: int) -> None:
-        spare = phyid ^ 1
-        if spare < vm.max_phyid and spare not in vm.phyids:
-            vm.phyids[spare] = vm.vcpus[vcpu_id]
+    def op_set_phyid(self) -> None:
+        super().op_set_phyid()
+        vm = self.vm
+        for vcpu in self.vcpu_list:
+            cur, spare = vcpu.csrs[CSR_CPUID], vcpu.csrs[CSR_CPUID] ^ 1
+            if cur < vm.max_phyid and spare < vm.max_phyid and spare not in vm.phyids:
+                vm.phyids[spare] = vcpu
+                return
 
 
 def test_catches_a_phyid_map_that_is_not_a_bijection() -> None:
-    message = _caught(host=load_plugins(extra=[("leaky-map", _LeakyMap())]))
-    assert "phyid" in message or "set_phyid" in message
+    with pytest.raises(FuzzFailure, match="phyid map"):
+        run_fuzzer(lambda: _LeakyMapFuzzer(random.Random(20), host=HOST, max_phyid=256,
+                                           n_vcpus=5), 3000)
 
 
 def test_catches_an_exception_escaping_a_chip(monkeypatch: pytest.MonkeyPatch) -> None:
