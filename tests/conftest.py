@@ -17,7 +17,8 @@ from lvz.daemon.server import Daemon, serve
 from .rawwire import Raw
 
 # Subprocess daemons started the way a user starts them (`lvz serve`), for the sync client/CLI.
-pytest_plugins = ["tests.daemon_fixtures"]
+# pytester: the pytest plugin's own tests run user test files through it.
+pytest_plugins = ["pytester", "tests.daemon_fixtures"]
 
 
 @pytest.fixture

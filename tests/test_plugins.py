@@ -25,8 +25,12 @@ EXT = Path(__file__).resolve().parent / "extplugin"
 
 
 @pytest.fixture
-def doorbell_on_path(sock_dir: Path) -> Iterator[Path]:
-    """Make tests/extplugin an installed distribution: package + dist-info with entry points."""
+def doorbell_on_path(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Make tests/extplugin an installed distribution: package + dist-info with entry points.
+
+    And lift the suite's own-chips-only restriction (``lvz_plugins``), which would hide it.
+    """
+    monkeypatch.delenv("LVZ_PLUGINS", raising=False)
     site = sock_dir / "site"
     shutil.copytree(EXT / "lvz_doorbell", site / "lvz_doorbell")
     info = site / "lvz_doorbell-0.1.0.dist-info"

@@ -213,7 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["state_dir"] = Path(args.state_dir)
     if args.record is not None:
         options["record"] = Path(args.record)
-    config = ServeConfig(socket=resolve_socket_path(args.socket), **options)
+    config = ServeConfig(socket=resolve_socket_path(args.socket),
+                         exit_with_parent=args.exit_with_parent, **options)
     return server.run(config, args.verbose)
 
 
@@ -950,6 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", metavar="DIR", help="where named VMs are kept")
     serve.add_argument("--record", metavar="FILE",
                        help="write every byte of every connection to FILE (for `lvz replay`)")
+    serve.add_argument("--exit-with-parent", action="store_true",
+                       help="shut down when the parent process dies (for test runners)")
 
     demo = add("demo", "a guided tour: a VM, its phyid map, its rules, interrupts routed by it",
                base, cmd_demo)

@@ -21,3 +21,4 @@ class ServeConfig:
     record: Path | None = None  # lvz serve --record: every byte of every connection, to a file
     grace: float = 0.5  # seconds in-flight work gets on shutdown
     plugin_timeout: float = 1.0  # seconds a plugin call may run -> ETIMEDOUT, device broken
+    exit_with_parent: bool = False  # SIGTERM ourselves when the parent dies (test daemons)

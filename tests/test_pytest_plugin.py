@@ -1,0 +1,204 @@
+"""The ``lvz`` pytest plugin as a user meets it: test files of their own, run by pytester."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from lvz.clients import Kvm
+from lvz.testing.spawn import own_plugins, spawn
+
+EXT = Path(__file__).resolve().parent / "extplugin"
+
+USER_TESTS = '''
+import pytest
+import trio
+from lvz.clients import regs
+
+def test_daemon_and_clients(lvz_daemon, kvm, vm):
+    assert lvz_daemon.socket.exists()
+    a = vm.create_vcpu(0)
+    a.set_one_reg(regs.CPUID, 42)
+    assert vm.phyid_lookup(42) == 0
+    assert kvm.get_api_version() == 12
+
+def test_each_test_gets_a_fresh_vm(vm):
+    assert not vm.info().vcpus
+
+@pytest.mark.trio
+async def test_trio_fixtures(trio_kvm, trio_vm):
+    vcpu = await trio_vm.create_vcpu(3)
+    await vcpu.set_one_reg(regs.CPUID, 7)
+    assert await trio_vm.phyid_lookup(7) == 3
+    assert await trio_kvm.get_api_version() == 12
+'''
+
+
+def test_a_users_test_file_passes_with_plain_pytest(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(USER_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_daemon_ends_with_the_session(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile('''
+        from pathlib import Path
+        def test_remember(lvz_daemon):
+            Path("daemon").write_text(f"{lvz_daemon.pid} {lvz_daemon.socket}")
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pid, sock = (pytester.path / "daemon").read_text().split()
+    assert not Path(sock).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+
+
+def test_a_daemon_that_fails_to_start_is_reported_with_its_stderr(
+        pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nlvz_serve_args = --max-vms 0\n")
+    pytester.makepyfile("def test_one(kvm): pass\ndef test_two(vm): pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*lvz serve exited with status 2 during start-up*",
+                                 "*argument --max-vms: must be at least 1: 0*"])
+    # One attempt, not one per test: the second test names the same failure.
+    assert result.stdout.str().count("during start-up") == 2
+
+
+def test_the_daemon_log_is_attached_to_a_failing_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile('''
+        def test_passes(vm):
+            vm.create_vcpu(0)
+
+        def test_fails(kvm):
+            kvm.create_vm(name="seen-in-the-log")
+            assert False, "the user's own failure"
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert out.count("lvz daemon log (") == 1  # only the failing test carries it
+    result.stdout.fnmatch_lines(["*- lvz daemon log (*lvz.sock) -*",
+                                 "*INFO lvz.daemon: VM seen-in-the-log created*"])
+
+
+def test_lvz_socket_uses_a_running_daemon(pytester: pytest.Pytester,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile('''
+        import os
+        def test_named(kvm, lvz_daemon):
+            kvm.create_vm(name=os.environ["VM_NAME"])
+            assert not hasattr(lvz_daemon, "proc")
+    ''')
+    with spawn() as daemon:
+        monkeypatch.setenv("VM_NAME", "from-the-option")
+        pytester.runpytest("-p", "no:cacheprovider",
+                           "--lvz-socket", str(daemon.socket)).assert_outcomes(passed=1)
+        monkeypatch.setenv("VM_NAME", "from-the-ini")
+        pytester.makeini(f"[pytest]\nlvz_socket = {daemon.socket}\n")
+        pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        with Kvm.connect(daemon.socket) as kvm:  # both runs' VMs, in *this* daemon
+            assert {"from-the-option", "from-the-ini"} <= {v.name for v in kvm.list_vms()}
+        assert daemon.alive()  # not ours to stop
+
+
+def test_lvz_socket_that_does_not_exist(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_one(kvm): pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--lvz-socket", "/nonexistent/s")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--lvz-socket /nonexistent/s: no such socket*"])
+
+
+def test_marker_starts_a_daemon_with_those_options(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile('''
+        import pytest
+        from lvz.clients import KvmError
+
+        @pytest.mark.lvz_serve("--max-vcpus", "1", plugins=["loongarch-ipi"])
+        def test_limited(vm, kvm):
+            vm.create_vcpu(1)
+            with pytest.raises(KvmError) as err:
+                vm.create_vcpu(2)
+            assert err.value.name == "EINVAL"
+            assert [p.name for p in kvm.list_plugins()] == ["loongarch-ipi"]
+
+        @pytest.mark.lvz_serve("--max-vcpus 1", plugins=["loongarch-ipi"])
+        def test_same_options_same_daemon(lvz_socket):
+            pass
+
+        def test_unmarked(vm):
+            vm.create_vcpu(1)
+            vm.create_vcpu(2)
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
+
+
+def test_a_daemon_whose_pytest_is_killed_exits_by_itself(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile('''
+        import os, signal
+        from pathlib import Path
+        def test_killed(lvz_daemon):
+            Path("pid").write_text(str(lvz_daemon.pid))
+            os.kill(os.getpid(), signal.SIGKILL)
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == -signal.SIGKILL
+    pid = int((pytester.path / "pid").read_text())
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        gone, _, _ = select.select([pidfd], [], [], 10.0)  # a bound, not a measurement
+    finally:
+        os.close(pidfd)
+    assert gone, f"lvz daemon {pid} outlived its killed pytest"
+
+
+# --- lvz's own suite loads only lvz's own plugins -------------------------------------------------
+
+
+@pytest.fixture
+def doorbell_installed(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tests/extplugin installed as a distribution with an entry point, for child processes."""
+    site = pytester.path / "site"
+    shutil.copytree(EXT / "lvz_doorbell", site / "lvz_doorbell")
+    info = site / "lvz_doorbell-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lvz-doorbell\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[lvz.irqchips]\ndoorbell = lvz_doorbell\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    return site
+
+
+LIST_PLUGINS = '''
+def test_plugins(kvm):
+    names = [p.name for p in kvm.list_plugins()]
+    print("PLUGINS", ",".join(names))
+'''
+
+
+def test_this_suite_names_exactly_lvz_own_plugins(pytestconfig: pytest.Config) -> None:
+    assert sorted(pytestconfig.getini("lvz_plugins")) == own_plugins()
+    assert os.environ["LVZ_PLUGINS"] == ",".join(pytestconfig.getini("lvz_plugins"))
+
+
+def test_an_installed_third_party_chip_stays_out_of_the_suite(
+        pytester: pytest.Pytester, doorbell_installed: Path, monkeypatch: pytest.MonkeyPatch,
+        pytestconfig: pytest.Config) -> None:
+    pytester.makepyfile(LIST_PLUGINS)
+    own = " ".join(pytestconfig.getini("lvz_plugins"))
+    pytester.makeini(f"[pytest]\nlvz_plugins = {own}\n")  # what lvz's pyproject.toml says
+    monkeypatch.delenv("LVZ_PLUGINS")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*PLUGINS {','.join(own_plugins())}*"])
+    # The control: without the restriction, the same installation does load the chip.
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.stdout.fnmatch_lines(["*PLUGINS *doorbell*"])
