@@ -13,7 +13,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -258,7 +257,7 @@ async def measure_connections(cfg: Config, res: Results) -> None:
     say("connections: done")
 
 
-async def measure_vm_scale(cfg: Config, res: Results, tmp: Path) -> None:
+async def measure_vm_scale(cfg: Config, res: Results) -> None:
     """Creation time and daemon RSS growth for 256 and 4,096 vCPUs, a fresh daemon per rep."""
     sizes = (256, 4096)
     create = {n: res.add(Figure(f"create.{n}", f"create VM + {n:,} vCPUs with CPUIDs "
@@ -269,9 +268,9 @@ async def measure_vm_scale(cfg: Config, res: Results, tmp: Path) -> None:
                              "B/vCPU",
                              note="VmRSS of the daemon before/after (includes allocator slack)"))
            for n in sizes}
-    for rep in range(cfg.reps):
-        path = tmp / f"fresh{rep}" / "lvz.sock"
-        with procs.server(procs.daemon_command(path), path) as proc:
+    for _ in range(cfg.reps):
+        with procs.daemon() as proc:
+            path = proc.socket
             for n in sizes:
                 before = procs.rss_bytes(proc.pid)
                 seconds = await populate(path, f"scale-{n}", n, list(range(n)))
@@ -295,13 +294,13 @@ async def measure_model_memory(cfg: Config, res: Results) -> None:
     say("model memory: done")
 
 
-async def run_all(cfg: Config, tmp: Path) -> Results:
+async def run_all(cfg: Config) -> Results:
     res = Results()
     await measure_throughput(cfg, res)
     if cfg.only:
         return res
     await measure_connections(cfg, res)
-    await measure_vm_scale(cfg, res, tmp)
+    await measure_vm_scale(cfg, res)
     await measure_model_memory(cfg, res)
     return res
 
@@ -322,21 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     raise_nofile()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lvz-bench-") as tmpname, ExitStack() as stack:
-        tmp = Path(tmpname)
+    with ExitStack() as stack:
+        floor = stack.enter_context(procs.floor())
+        daemon = stack.enter_context(procs.daemon())
         cfg = Config(quick=args.quick,
                      seconds=args.seconds or (0.2 if args.quick else 0.8),
-                     reps=REPS, lvz_path=tmp / "lvz" / "lvz.sock",
-                     floor_path=tmp / "floor.sock", daemon_cmd=[],
+                     reps=REPS, lvz_path=daemon.socket, floor_path=floor.socket,
+                     daemon_cmd=daemon.command,
                      only=tuple(p for p in args.only.split(",") if p))
-        cfg.daemon_cmd = procs.daemon_command(cfg.lvz_path)
-        say(f"floor: {' '.join(procs.floor_command(cfg.floor_path))}")
+        say(f"floor: {' '.join(floor.command)}")
         say(f"lvz:   {' '.join(cfg.daemon_cmd)}")
-        floor = stack.enter_context(procs.server(procs.floor_command(cfg.floor_path),
-                                                 cfg.floor_path))
-        daemon = stack.enter_context(procs.server(cfg.daemon_cmd, cfg.lvz_path))
         cfg.floor_pid, cfg.lvz_pid = floor.pid, daemon.pid
-        res = trio.run(run_all, cfg, tmp)
+        res = trio.run(run_all, cfg)
     elapsed = time.perf_counter() - started
     title = (f"lvz benchmark ({'quick' if cfg.quick else 'full'}, {lvz.build}): medians of "
              f"{cfg.reps} repetitions, {cfg.seconds:g} s per throughput sample, "

@@ -5,11 +5,13 @@ decodes whatever arrived, each request gets a small ``[1, msgid, None, {}]`` ans
 answers to one receive go out in one send. lvz runs on the same stack (trio, msgpack, AF_UNIX),
 so this is a ceiling no lvz figure can exceed; lvz is reported as a fraction of it.
 
-Run as ``python -m bench.floor PATH``; it serves until SIGTERM or SIGINT.
+Run as ``python -m bench.floor PATH``; it serves until SIGTERM or SIGINT, and says READY=1
+to ``$NOTIFY_SOCKET`` once it accepts.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket as _socket
 import sys
@@ -39,6 +41,14 @@ async def handle(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
+def _notify_ready() -> None:
+    """READY=1 as ``lvz serve`` sends it, so one spawner (lvz.testing.spawn) starts both."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if target:
+        with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", target)
+
+
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -52,6 +62,7 @@ async def serve(path: Path) -> None:
     await sock.bind(str(path))
     sock.listen(512)
     listener = trio.SocketListener(sock)
+    _notify_ready()
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

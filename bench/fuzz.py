@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -238,67 +235,61 @@ def throwaway_payload(rng: random.Random, junk: Junk) -> bytes:
 
 def soak(messages: int, connections: int, throwaway: int, deadline: float,
          seed: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="lvzfz", dir="/tmp"))
-    sock = tmp / "lvz.sock"
-    cmd = [*procs.daemon_command(sock), "--max-vms", "512", "--max-message", str(MAX_MESSAGE)]
     rng = random.Random(seed)
     out: dict[str, Any] = {}
-    try:
-        with procs.server(cmd, sock) as proc:
-            path = str(sock)
-            watcher = Watcher(path, f"soak-watch-{os.getpid()}")
-            watcher.check_probe_meaning()
-            out["rss_before"] = procs.rss_bytes(proc.pid)
-            counts = SoakCounts(closed_with=Counter())
-            t0 = time.perf_counter()
-            per_conn = (messages - throwaway) // connections + 1
-            rounds = 4  # the watcher checks in between rounds, not only at the end
-            for rnd in range(rounds):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("soak deadline passed")
+    with procs.daemon("--max-vms", "512", "--max-message", str(MAX_MESSAGE)) as proc:
+        path = str(proc.socket)
+        watcher = Watcher(path, f"soak-watch-{os.getpid()}")
+        watcher.check_probe_meaning()
+        out["rss_before"] = procs.rss_bytes(proc.pid)
+        counts = SoakCounts(closed_with=Counter())
+        t0 = time.perf_counter()
+        per_conn = (messages - throwaway) // connections + 1
+        rounds = 4  # the watcher checks in between rounds, not only at the end
+        for rnd in range(rounds):
+            if time.monotonic() > deadline:
+                raise RuntimeError("soak deadline passed")
 
-                async def lane(junk: Junk, total: int) -> None:
-                    # Short-lived connections of CONN_MESSAGES each: a random `close` or
-                    # `vm.destroy` soon leaves a connection without handles, so fresh set-ups
-                    # keep the requests reaching the chips.
-                    while total > 0:
-                        n = min(CONN_MESSAGES, total)
-                        await pipelined(path, junk, n, 256, counts)
-                        total -= n
+            async def lane(junk: Junk, total: int) -> None:
+                # Short-lived connections of CONN_MESSAGES each: a random `close` or
+                # `vm.destroy` soon leaves a connection without handles, so fresh set-ups
+                # keep the requests reaching the chips.
+                while total > 0:
+                    n = min(CONN_MESSAGES, total)
+                    await pipelined(path, junk, n, 256, counts)
+                    total -= n
 
-                async def main(r: int = rnd) -> None:
-                    async with trio.open_nursery() as nursery:
-                        for c in range(connections):
-                            junk = Junk(random.Random(seed * 1000 + r * 100 + c))
-                            nursery.start_soon(lane, junk, per_conn // rounds)
+            async def main(r: int = rnd) -> None:
+                async with trio.open_nursery() as nursery:
+                    for c in range(connections):
+                        junk = Junk(random.Random(seed * 1000 + r * 100 + c))
+                        nursery.start_soon(lane, junk, per_conn // rounds)
 
-                trio.run(main)
-                for _ in range(throwaway // rounds):
-                    junk = Junk(rng)
-                    ex = exchange(path, throwaway_payload(rng, junk))
-                    counts.throwaway += 1
-                    counts.sent += 1
-                    assert counts.closed_with is not None
-                    counts.closed_with[ex.closed_with or "answered"] += 1
-                if watcher.observe() != watcher.baseline:
-                    raise RuntimeError("the watcher's VM changed during the soak")
-                watcher.cleanup_others()
-                say(f"  soak: {counts.sent:,} messages, {counts.responses:,} responses, "
-                    f"{counts.protocol_errors:,} protocol_errors, {counts.throwaway:,} throwaway "
-                    f"connections ({counts.sent / (time.perf_counter() - t0):,.0f} msg/s), "
-                    f"daemon RSS {procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
-            seconds = time.perf_counter() - t0
-            if proc.poll() is not None:
-                raise RuntimeError(f"the daemon died (status {proc.returncode})")
+            trio.run(main)
+            for _ in range(throwaway // rounds):
+                junk = Junk(rng)
+                ex = exchange(path, throwaway_payload(rng, junk))
+                counts.throwaway += 1
+                counts.sent += 1
+                assert counts.closed_with is not None
+                counts.closed_with[ex.closed_with or "answered"] += 1
             if watcher.observe() != watcher.baseline:
                 raise RuntimeError("the watcher's VM changed during the soak")
-            out["rss_after"] = procs.rss_bytes(proc.pid)
-            watcher.close()
-            out.update(seconds=seconds, sent=counts.sent, responses=counts.responses,
-                       protocol_errors=counts.protocol_errors, throwaway=counts.throwaway,
-                       closed_with=dict(counts.closed_with or {}))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            watcher.cleanup_others()
+            say(f"  soak: {counts.sent:,} messages, {counts.responses:,} responses, "
+                f"{counts.protocol_errors:,} protocol_errors, {counts.throwaway:,} throwaway "
+                f"connections ({counts.sent / (time.perf_counter() - t0):,.0f} msg/s), "
+                f"daemon RSS {procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
+        seconds = time.perf_counter() - t0
+        if not proc.alive():
+            raise RuntimeError(f"the daemon died (status {proc.proc.returncode})")
+        if watcher.observe() != watcher.baseline:
+            raise RuntimeError("the watcher's VM changed during the soak")
+        out["rss_after"] = procs.rss_bytes(proc.pid)
+        watcher.close()
+        out.update(seconds=seconds, sent=counts.sent, responses=counts.responses,
+                   protocol_errors=counts.protocol_errors, throwaway=counts.throwaway,
+                   closed_with=dict(counts.closed_with or {}))
     return out
 
 

@@ -1,96 +1,62 @@
 """Starting and stopping the processes a benchmark talks to.
 
-The daemon is started the way a user starts it (``lvz serve --socket PATH``) so its figures
-include everything a user pays for. Every process started here is stopped with SIGTERM and then
-SIGKILL, also when the benchmark fails, so a broken run leaves nothing behind.
+Both servers are started by the one spawner lvz has (``lvz.testing.spawn``, also behind the
+pytest fixtures and ``lvz demo``): the daemon the way a user starts it (``lvz serve``) so its
+figures include everything a user pays for, the floor with the same readiness handshake. Every
+process is stopped with SIGTERM and then SIGKILL, also when the benchmark fails, and exits by
+itself if the benchmark is killed, so a broken run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-#: The repository root: child processes run there so ``python -m bench.*`` imports this package.
+from lvz.testing.spawn import DaemonProcess, spawn
+
+#: The repository root: child processes find ``bench`` here (``python -m bench.floor``).
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Until ``lvz.clients.cli`` exists the daemon is started through its library entry point.
-_FALLBACK_SERVE = (
-    "import sys; from pathlib import Path; from lvz.daemon.server import run; "
-    "from lvz.daemon.config import ServeConfig; "
-    "sys.exit(run(ServeConfig(socket=Path(sys.argv[1]))))"
-)
 
-
-def daemon_command(path: Path) -> list[str]:
-    """The command line a user types to start the daemon (the one-line switch lives here).
-
-    ``$LVZ_BENCH_DAEMON`` (a command with ``{socket}`` in it) replaces it, for A/B runs of a
-    patched daemon against the same floor.
-    """
-    override = os.environ.get("LVZ_BENCH_DAEMON")
-    if override:
-        return [part.replace("{socket}", str(path)) for part in shlex.split(override)]
-    if importlib.util.find_spec("lvz.clients.cli") is not None:
-        return [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", str(path)]
-    return [sys.executable, "-c", _FALLBACK_SERVE, str(path)]
-
-
-def floor_command(path: Path) -> list[str]:
-    return [sys.executable, "-m", "bench.floor", str(path)]
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Ready means the socket accepts a connection (PROTOCOL.md §1), polled for ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before serving")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                pass
-        time.sleep(0.01)
-    raise RuntimeError(f"{path} did not accept connections within {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL: never leave a server behind."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=grace)
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], path: Path, env: dict[str, str] | None = None,
-           ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` (which serves on ``path``) for the duration of the block."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
-    if env:
-        full_env.update(env)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL)
-    try:
-        wait_for_socket(path, proc)
+def daemon(*args: str) -> Iterator[DaemonProcess]:
+    """``lvz serve *args`` for the duration of the block; ``.socket``, ``.pid``, ``.proc.args``.
+
+    ``$LVZ_BENCH_DAEMON`` (a command with ``{socket}`` in it, which must send READY=1 to
+    ``$NOTIFY_SOCKET``) replaces ``lvz serve``, for A/B runs of a patched daemon against the
+    same floor.
+    """
+    override = os.environ.get("LVZ_BENCH_DAEMON")
+    command = [*shlex.split(override), *args] if override else None
+    with spawn(*args, command=command, env=_env(), prefix="lvzb") as proc:
         yield proc
-    finally:
-        stop(proc)
+
+
+@contextlib.contextmanager
+def profiled_daemon(profile: Path, *args: str) -> Iterator[DaemonProcess]:
+    """``lvz serve`` under cProfile, writing ``profile`` when it shuts down."""
+    command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "lvz.clients.cli",
+               "serve", "--socket", "{socket}", "--exit-with-parent", *args]
+    with spawn(command=command, env=_env(), prefix="lvzb") as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def floor() -> Iterator[DaemonProcess]:
+    """The bare trio + msgpack echo server (bench/floor.py) for the duration of the block."""
+    command = [sys.executable, "-m", "bench.floor", "{socket}"]
+    with spawn(command=command, env=_env(), prefix="lvzb") as proc:
+        yield proc
 
 
 def rss_bytes(pid: int) -> int:

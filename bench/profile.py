@@ -50,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lvz-prof-") as tmpname:
         tmp = Path(tmpname)
-        sock = tmp / "lvz" / "lvz.sock"
         prof = args.out or tmp / "daemon.prof"
-        serve = procs.daemon_command(sock)[1:]  # drop the interpreter
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), *serve]
-        with procs.server(cmd, sock):
-            rate = trio.run(drive, sock, args.method, args.pipelined, args.seconds)
+        with procs.profiled_daemon(prof) as daemon:
+            rate = trio.run(drive, daemon.socket, args.method, args.pipelined, args.seconds)
         stats = pstats.Stats(str(prof), stream=(buf := io.StringIO()))
         stats.strip_dirs()
         stats.sort_stats("tottime").print_stats(args.top)

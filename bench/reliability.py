@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import collections
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import msgpack
 
-from .procs import daemon_command, rss_bytes, server, stop
+from lvz.testing.spawn import DaemonProcess
+
+from .procs import daemon, rss_bytes
 
 CHANGES = 200_000
 
@@ -72,7 +72,7 @@ def slow_subscriber(path: Path, pid: int) -> None:
     drv.close()
 
 
-def shutdown_timing(path: Path, proc: subprocess.Popen[bytes]) -> None:
+def shutdown_timing(path: Path, proc: DaemonProcess) -> None:
     s, u = _connect(path)
     vm = _call(s, u, 1, "kvm.create_vm", {"name": "parked"})["vm"]
     for i in range(64):
@@ -104,24 +104,22 @@ def shutdown_timing(path: Path, proc: subprocess.Popen[bytes]) -> None:
     for t in threads:
         t.start()
     t0 = time.monotonic()
-    stop(proc)
+    status = proc.stop()
     took = time.monotonic() - t0
     for t in threads:
         t.join(10)
     for c, _ in parked:
         c.close()
     s.close()
-    print(f"SIGTERM with 64 vcpu.run parked: exit {proc.returncode} after {took:.3f} s; "
+    print(f"SIGTERM with 64 vcpu.run parked: exit {status} after {took:.3f} s; "
           f"answers {dict(collections.Counter(answers))}")
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="lvz-rel-") as tmp:
-        path = Path(tmp) / "lvz.sock"
-        with server(daemon_command(path), path) as proc:
-            slow_subscriber(path, proc.pid)
-        with server(daemon_command(path), path) as proc:
-            shutdown_timing(path, proc)
+    with daemon() as proc:
+        slow_subscriber(proc.socket, proc.pid)
+    with daemon() as proc:
+        shutdown_timing(proc.socket, proc)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,9 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import signal
 import socket
 import stat
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -568,44 +564,15 @@ def _accepts(path: Path) -> bool:
 @contextlib.contextmanager
 def private_daemon(verbose: int = 0, timeout: float = 15.0,
                    extra: Sequence[str] = ()) -> Iterator[Path]:
-    """A daemon of our own in a fresh 0700 directory, stopped with SIGTERM when we are done."""
-    tmp = Path(tempfile.mkdtemp(prefix="lvz"))
-    path = tmp / "lvz.sock"
-    log = tmp / "daemon.log"
-    cmd = [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", os.fspath(path)]
-    cmd += ["-v"] * verbose + list(extra)
-    try:
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err)
-        try:
-            deadline = time.monotonic() + timeout
-            while not _accepts(path):
-                if proc.poll() is not None:
-                    raise Fatal(f"the daemon exited with status {proc.returncode} before it "
-                                f"was ready: {_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise Fatal(f"the daemon did not accept connections within {timeout} s")
-                time.sleep(0.02)
-            yield path
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A daemon of our own (lvz.testing.spawn, as the test fixtures start theirs), stopped after."""
+    from lvz.testing.spawn import SpawnError, spawn
 
-
-def _tail(log: Path) -> str:
     try:
-        lines = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(lines[-3:]) or "(nothing on stderr)"
+        daemon = spawn(*extra, verbose=verbose, timeout=timeout)
+    except SpawnError as exc:
+        raise Fatal(str(exc)) from None
+    with daemon:
+        yield daemon.socket
 
 
 def _attempt(action: Callable[[], object]) -> str:

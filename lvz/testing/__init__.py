@@ -1,4 +1,4 @@
-"""Test support shipped with lvz: the one daemon spawner, the one raw wire client, the pytest plugin.
+"""Test support shipped with lvz: the daemon spawner, the raw wire client, the pytest plugin.
 
 ``spawn`` starts ``lvz serve`` for tests, the demo and the benchmarks alike; ``wire`` speaks the
 protocol byte by byte for tests and benchmarks that must send what no client library would;

@@ -207,7 +207,7 @@ def lvz_daemon(pytestconfig: pytest.Config) -> Iterator[Daemon]:
 
 @pytest.fixture
 def lvz_socket(request: pytest.FixtureRequest) -> Path:
-    """The socket of the daemon this test talks to (its ``lvz_serve`` marker's, or the session's)."""
+    """The socket of the daemon this test uses: its ``lvz_serve`` marker's, else the session's."""
     marker = request.node.get_closest_marker("lvz_serve")
     daemons = request.config.stash[DAEMONS]
     daemon: Daemon

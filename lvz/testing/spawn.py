@@ -61,11 +61,13 @@ def serve_command(socket_path: Path, *args: str, exit_with_parent: bool = True) 
 
 
 class DaemonProcess:
-    """A started daemon: ``socket`` to connect to, ``log`` with its stderr, ``proc`` itself."""
+    """A started daemon: ``socket`` to connect to, ``log`` with its stderr, ``proc`` itself,
+    ``command`` its command line."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], socket_path: Path, log: Path,
-                 directory: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], command: list[str], socket_path: Path,
+                 log: Path, directory: Path) -> None:
         self.proc = proc
+        self.command = command
         self.socket = socket_path
         self.log = log
         self.directory = directory
@@ -154,7 +156,7 @@ def spawn(*args: str, plugins: Sequence[str] | None = None,
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     env=full_env, start_new_session=True)
-        daemon = DaemonProcess(proc, sock, log, directory)
+        daemon = DaemonProcess(proc, cmd, sock, log, directory)
         try:
             _wait_ready(daemon, notify, timeout)
         except BaseException:
