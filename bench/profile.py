@@ -18,8 +18,9 @@ from pathlib import Path
 
 import trio
 
+from lvz.testing.wire import Wire
+
 from . import procs
-from .raw import RawClient
 from .scenarios import WINDOW, Bench
 
 
@@ -30,7 +31,7 @@ async def drive(path: Path, method: str, pipelined: bool, seconds: float) -> flo
         assert bench.main is not None
         make = {"get": bench.get_one_reg, "set": bench.set_one_reg,
                 "lookup": bench.phyid_lookup}[method]()
-        conn: RawClient = bench.main.conn
+        conn: Wire = bench.main.conn
         if pipelined:
             run = await conn.pipelined(make, WINDOW, seconds, 10_000_000)
         else:

@@ -11,57 +11,42 @@ Two figures the README quotes, measured on a real ``lvz serve``:
 from __future__ import annotations
 
 import collections
-import socket
 import threading
 import time
 from pathlib import Path
 
-import msgpack
-
 from lvz.testing.spawn import DaemonProcess
+from lvz.testing.wire import BlockingWire, WireError
 
 from .procs import daemon, rss_bytes
 
 CHANGES = 200_000
 
 
-def _call(sock: socket.socket, unpacker: msgpack.Unpacker, msgid: int, method: str,
-          params: dict[str, object]) -> dict[str, object]:
-    sock.sendall(msgpack.packb([0, msgid, method, params]))
-    while True:
-        for msg in unpacker:
-            if msg[0] == 1 and msg[1] == msgid:
-                if msg[2] is not None:
-                    raise RuntimeError(f"{method}: {msg[2]}")
-                return msg[3]  # type: ignore[no-any-return]
-        unpacker.feed(sock.recv(1 << 16))
-
-
-def _connect(path: Path) -> tuple[socket.socket, msgpack.Unpacker]:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(path))
-    return s, msgpack.Unpacker(raw=False)
-
-
 def slow_subscriber(path: Path, pid: int) -> None:
-    drv, du = _connect(path)
-    vm = _call(drv, du, 1, "kvm.create_vm", {"name": "slowsub"})["vm"]
-    vcpu = _call(drv, du, 2, "vm.create_vcpu", {"vm": vm, "vcpu_id": 0})["vcpu"]
-    sub, su = _connect(path)
-    svm = _call(sub, su, 1, "kvm.open_vm", {"name": "slowsub"})["vm"]
-    _call(sub, su, 2, "vm.subscribe", {"vm": svm})  # ... and never reads again
+    drv = BlockingWire(path)
+    vm = drv.ok("kvm.create_vm", name="slowsub")["vm"]
+    vcpu = drv.ok("vm.create_vcpu", vm=vm, vcpu_id=0)["vcpu"]
+    sub = BlockingWire(path)
+    svm = sub.ok("kvm.open_vm", name="slowsub")["vm"]
+    sub.ok("vm.subscribe", vm=svm)  # ... and never reads again
     before = rss_bytes(pid)
     t0 = time.monotonic()
-    msgid = 10
     batch = 500
     for _ in range(CHANGES // batch):
-        data = b"".join(msgpack.packb([0, msgid + i, "vcpu.interrupt",
-                                       {"vcpu": vcpu, "irq": 5 if i % 2 == 0 else -5}])
-                        for i in range(batch))
-        drv.sendall(data)
-        last = msgid + batch - 1
-        _call(drv, du, last + 1, "kvm.get_api_version", {})
-        msgid = last + 2
+        drv.send(b"".join(drv.send_request("vcpu.interrupt",
+                                           {"vcpu": vcpu, "irq": 5 if i % 2 == 0 else -5})[1]
+                          for i in range(batch)))
+        last, data = drv.send_request("kvm.get_api_version", {})
+        drv.send(data)
+        while True:  # skip the batch's answers as sent, without building objects for them
+            msg = drv.next_message()
+            if msg is None:
+                raise RuntimeError("the daemon closed the driver's connection")
+            if msg[0] == 1 and msg[2] is not None:
+                raise RuntimeError(f"vcpu.interrupt: {msg[2]}")
+            if msg[0] == 1 and msg[1] == last:
+                break
     elapsed = time.monotonic() - t0
     after = rss_bytes(pid)
     print(f"non-reading subscriber: {CHANGES:,} line changes in {elapsed:.2f} s "
@@ -73,34 +58,30 @@ def slow_subscriber(path: Path, pid: int) -> None:
 
 
 def shutdown_timing(path: Path, proc: DaemonProcess) -> None:
-    s, u = _connect(path)
-    vm = _call(s, u, 1, "kvm.create_vm", {"name": "parked"})["vm"]
+    owner = BlockingWire(path)
+    vm = owner.ok("kvm.create_vm", name="parked")["vm"]
     for i in range(64):
-        _call(s, u, 2 + i, "vm.create_vcpu", {"vm": vm, "vcpu_id": i})
-    parked = []
+        owner.ok("vm.create_vcpu", vm=vm, vcpu_id=i)
+    parked: list[tuple[BlockingWire, int]] = []
     for i in range(64):
-        c, cu = _connect(path)
-        h = _call(c, cu, 1, "kvm.open_vm", {"name": "parked"})["vm"]
-        v = _call(c, cu, 2, "vm.open_vcpu", {"vm": h, "vcpu_id": i})["vcpu"]
-        c.sendall(msgpack.packb([0, 3, "vcpu.run", {"vcpu": v, "timeout": 600}]))
-        parked.append((c, cu))
+        w = BlockingWire(path, timeout=5)
+        h = w.ok("kvm.open_vm", name="parked")["vm"]
+        v = w.ok("vm.open_vcpu", vm=h, vcpu_id=i)["vcpu"]
+        msgid, data = w.send_request("vcpu.run", {"vcpu": v, "timeout": 600})
+        w.send(data)
+        parked.append((w, msgid))
     time.sleep(0.3)  # the runs are waiting in the daemon now
     answers: list[str] = []
 
-    def collect(c: socket.socket, cu: msgpack.Unpacker) -> None:
-        c.settimeout(5)
-        while True:
-            for msg in cu:
-                if msg[0] == 1 and msg[1] == 3:
-                    answers.append(msg[2]["name"] if msg[2] else "ok")
-                    return
-            data = c.recv(1 << 16)
-            if not data:
-                answers.append("closed without an answer")
-                return
-            cu.feed(data)
+    def collect(w: BlockingWire, msgid: int) -> None:
+        try:
+            r = w.response(msgid)
+        except (WireError, OSError):
+            answers.append("closed without an answer")
+            return
+        answers.append(r.error.name if r.error else "ok")
 
-    threads = [threading.Thread(target=collect, args=pc) for pc in parked]
+    threads = [threading.Thread(target=collect, args=pm) for pm in parked]
     for t in threads:
         t.start()
     t0 = time.monotonic()
@@ -108,9 +89,9 @@ def shutdown_timing(path: Path, proc: DaemonProcess) -> None:
     took = time.monotonic() - t0
     for t in threads:
         t.join(10)
-    for c, _ in parked:
-        c.close()
-    s.close()
+    for w, _ in parked:
+        w.close()
+    owner.close()
     print(f"SIGTERM with 64 vcpu.run parked: exit {status} after {took:.3f} s; "
           f"answers {dict(collections.Counter(answers))}")
 

@@ -1,7 +1,7 @@
 """What is measured: setup of the VMs each figure needs, and one repetition of each figure.
 
-Every throughput scenario drives the daemon through ``raw.RawClient`` (or an ``lvz.clients``
-client, to show client overhead) and returns a ``raw.Run``. Interrupt scenarios also keep a
+Every throughput scenario drives the daemon through ``lvz.testing.wire.Wire`` (or an ``lvz.clients``
+client, to show client overhead) and returns a ``Run``. Interrupt scenarios also keep a
 subscriber connection that must see every line change, in order (consecutive ``seq``), or the
 repetition is marked as failed.
 """
@@ -9,7 +9,6 @@ repetition is marked as failed.
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +27,7 @@ from lvz.protocol.abi import (
     KVM_HCALL_SERVICE,
     U64_MAX,
 )
-
-from .raw import BenchError, RawClient, Run
+from lvz.testing.wire import BlockingWire, Run, Wire, WireError
 
 WINDOW = 64
 WAIT_SECONDS = 10.0
@@ -61,12 +59,12 @@ async def populate(path: Path, name: str, max_phyid: int, phyids: list[int]) -> 
     """
     chunks = [list(range(i, min(i + MAX_VCPUS_PER_CONN, len(phyids))))
               for i in range(0, len(phyids), MAX_VCPUS_PER_CONN)] or [[]]
-    conns = [await RawClient.connect(path) for _ in chunks]
+    conns = [await Wire.connect(path) for _ in chunks]
     try:
         t0 = time.perf_counter()
-        await conns[0].call("kvm.create_vm", {"name": name, "max_phyid": max_phyid})
+        await conns[0].result("kvm.create_vm", {"name": name, "max_phyid": max_phyid})
         for conn, ids in zip(conns, chunks, strict=True):
-            vm = (await conn.call("kvm.open_vm", {"name": name}))["vm"]
+            vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
             made = await conn.batch([("vm.create_vcpu", {"vm": vm, "vcpu_id": i}) for i in ids])
             await conn.batch([("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": CPUID,
                                                      "value": phyids[i]})
@@ -78,10 +76,10 @@ async def populate(path: Path, name: str, max_phyid: int, phyids: list[int]) -> 
 
 
 async def destroy_vm(path: Path, name: str) -> None:
-    conn = await RawClient.connect(path)
+    conn = await Wire.connect(path)
     try:
-        vm = (await conn.call("kvm.open_vm", {"name": name}))["vm"]
-        await conn.call("vm.destroy", {"vm": vm})
+        vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
+        await conn.result("vm.destroy", {"vm": vm})
     finally:
         await conn.aclose()
 
@@ -90,15 +88,15 @@ async def destroy_vm(path: Path, name: str) -> None:
 class VmConn:
     """A driver connection holding a VM handle and some of its vCPU handles (vcpu_id -> h)."""
 
-    conn: RawClient
+    conn: Wire
     vm: int
     vcpus: dict[int, int] = field(default_factory=dict)
     devices: dict[str, int] = field(default_factory=dict)
 
 
 async def open_vm(path: Path, name: str, vcpu_ids: Sequence[int] = ()) -> VmConn:
-    conn = await RawClient.connect(path)
-    vm = (await conn.call("kvm.open_vm", {"name": name}))["vm"]
+    conn = await Wire.connect(path)
+    vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
     got = await conn.batch([("vm.open_vcpu", {"vm": vm, "vcpu_id": i}) for i in vcpu_ids])
     return VmConn(conn, vm, {i: r["vcpu"] for i, r in zip(vcpu_ids, got, strict=True)})
 
@@ -113,7 +111,7 @@ class Subscriber:
     every change it caused has arrived, and ``last_raise_at`` times the event stream.
     """
 
-    def __init__(self, conn: RawClient) -> None:
+    def __init__(self, conn: Wire) -> None:
         self.conn = conn
         self.raised = 0
         self.lowered = 0
@@ -125,10 +123,10 @@ class Subscriber:
 
     @classmethod
     async def open(cls, path: Path, names: list[str]) -> Subscriber:
-        conn = await RawClient.connect(path)
+        conn = await Wire.connect(path)
         for name in names:
-            vm = (await conn.call("kvm.open_vm", {"name": name}))["vm"]
-            await conn.call("vm.subscribe", {"vm": vm})
+            vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
+            await conn.result("vm.subscribe", {"vm": vm})
         return cls(conn)
 
     def _fail(self, why: str) -> None:
@@ -140,7 +138,10 @@ class Subscriber:
         """Read notifications until cancelled (started in the scenario's nursery)."""
         conn = self.conn
         while True:
-            msg = await conn._next_message()
+            msg = await conn.next_message()
+            if msg is None:
+                self._fail("the daemon closed the subscriber's connection")
+                return
             if msg[0] != 2:
                 self._fail(f"unexpected message {msg!r:.100}")
                 continue
@@ -202,7 +203,7 @@ class Bench:
         self.path = lvz_path
         self.floor_path = floor_path
         self.max_count = max_count
-        self.floor: RawClient | None = None
+        self.floor: Wire | None = None
         self.main: VmConn | None = None
         self.irq: VmConn | None = None
         self.irq_sub: Subscriber | None = None
@@ -232,7 +233,7 @@ class Bench:
         """VM "bench-main": 128 vCPUs, CPUID = vcpu_id; the driver holds vCPU 0."""
         await populate(self.path, "bench-main", 256, list(range(128)))
         self.main = await open_vm(self.path, "bench-main", [0])
-        self.floor = await RawClient.connect(self.floor_path)
+        self.floor = await Wire.connect(self.floor_path)
 
     def floor_sampler(self, pipelined: bool) -> Sampler:
         make = self.get_one_reg()  # identical bytes to the lvz get_one_reg figure
@@ -269,20 +270,20 @@ class Bench:
         d = await open_vm(self.path, "bench-irq", [0, 1, 2, 3])
         c = d.conn
         for chip in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC):
-            d.devices[chip] = (await c.call("vm.create_device", {"vm": d.vm, "type": chip}))[
+            d.devices[chip] = (await c.result("vm.create_device", {"vm": d.vm, "type": chip}))[
                 "device"]
         v0 = d.vcpus[0]
-        await c.call("device.set_attr", {"device": d.devices[DEV_PCHPIC],
-                                         "group": PCHPIC_GRP_CTRL,
-                                         "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+        await c.result("device.set_attr", {"device": d.devices[DEV_PCHPIC],
+                                           "group": PCHPIC_GRP_CTRL,
+                                           "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
                                          "value": PCHPIC_BASE})
-        await c.call("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_ENABLE, "size": 8,
+        await c.result("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_ENABLE, "size": 8,
                                           "value": (1 << MSI_IRQ) | (1 << PIC_PIN)})
         byte = 1 << ROUTE_PHYID
-        await c.call("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_COREMAP, "size": 8,
+        await c.result("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_COREMAP, "size": 8,
                                           "value": (byte << (8 * MSI_IRQ))
                                           | (byte << (8 * PIC_PIN))})
-        await c.call("vcpu.mmio_write", {"vcpu": v0, "addr": PCHPIC_MASK, "size": 8,
+        await c.result("vcpu.mmio_write", {"vcpu": v0, "addr": PCHPIC_MASK, "size": 8,
                                          "value": U64_MAX & ~(1 << PIC_PIN)})
         self.irq = d
         self.irq_sub = await Subscriber.open(self.path, ["bench-irq"])
@@ -338,11 +339,11 @@ class Bench:
         names = [f"bench-pv-{k}" for k in range(self.PV_VMS)]
         for name in names:
             await populate(self.path, name, 256, list(range(self.PV_TARGETS)))
-        conn = await RawClient.connect(self.path)
+        conn = await Wire.connect(self.path)
         d = VmConn(conn, 0)
         self.pv_vcpus: list[tuple[int, int]] = []  # (vm handle, vcpu handle)
         for name in names:
-            vm = (await conn.call("kvm.open_vm", {"name": name}))["vm"]
+            vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
             got = await conn.batch([("vm.open_vcpu", {"vm": vm, "vcpu_id": i})
                                     for i in range(self.PV_TARGETS)])
             self.pv_first[vm] = got[0]["vcpu"]
@@ -430,50 +431,27 @@ class Bench:
 def many_connections(path: Path, n: int, timeout: float = 20.0) -> tuple[int, float, float]:
     """Open ``n`` connections, hold them all, send one request on each, read every answer.
 
-    Plain sockets in a worker thread, so the trio loop is not blocked. A full listen backlog
-    makes an AF_UNIX connect fail with EAGAIN; that is retried until ``timeout``.
+    Blocking clients in a worker thread, so the trio loop is not blocked; a full listen
+    backlog (EAGAIN on AF_UNIX) is retried by ``BlockingWire`` until ``timeout``.
     Returns (answered, connect seconds, answer seconds).
     """
-    import msgpack
-
-    socks: list[socket.socket] = []
-    request = msgpack.packb([0, 7, "kvm.get_api_version", {}])
+    wires: list[BlockingWire] = []
     answered = 0
     try:
         t0 = time.perf_counter()
-        deadline = t0 + timeout
-        for _ in range(n):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            socks.append(s)
-            s.settimeout(timeout)
-            while True:  # a full listen backlog is EAGAIN on AF_UNIX: wait for the daemon
-                try:
-                    s.connect(str(path))
-                    break
-                except BlockingIOError:
-                    if time.perf_counter() > deadline:
-                        raise
-                    time.sleep(0.001)
+        wires.extend(BlockingWire(path, timeout) for _ in range(n))  # kept as they open
         t1 = time.perf_counter()
-        for s in socks:
-            s.sendall(request)
-        for s in socks:
-            unpacker = msgpack.Unpacker(raw=False)
-            for _ in range(100):  # bounded; one small answer normally takes one recv
-                data = s.recv(4096)
-                if not data:
-                    break
-                unpacker.feed(data)
-                msg = next(unpacker, None)
-                if msg is not None:
-                    if msg[:3] == [1, 7, None] and msg[3].get("version") == 12:
-                        answered += 1
-                    break
+        for w in wires:
+            w.send(w.send_request("kvm.get_api_version", {})[1])
+        for w in wires:
+            msg = w.next_message()
+            if msg is not None and msg[:3] == [1, 0, None] and msg[3].get("version") == 12:
+                answered += 1
         t2 = time.perf_counter()
     finally:
-        for s in socks:
-            s.close()
+        for w in wires:
+            w.close()
     return answered, t1 - t0, t2 - t1
 
 
-__all__ = ["BenchError", "Bench", "Sample", "Subscriber", "many_connections", "populate"]
+__all__ = ["WireError", "Bench", "Sample", "Subscriber", "many_connections", "populate"]

@@ -13,8 +13,7 @@ import trio
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
 from lvz.daemon.server import Daemon, serve
-
-from .rawwire import Raw
+from lvz.testing.wire import Wire
 
 # Subprocess daemons started the way a user starts them (`lvz serve`), for the sync client/CLI.
 # pytester: the pytest plugin's own tests run user test files through it.
@@ -43,16 +42,16 @@ async def daemon(nursery: trio.Nursery, serve_config: ServeConfig) -> Daemon:
     return d
 
 
-Connect = Callable[..., Awaitable[Raw]]
+Connect = Callable[..., Awaitable[Wire]]
 
 
 @pytest.fixture
 async def connect(daemon: Daemon) -> AsyncIterator[Connect]:
     """Open raw protocol connections to ``daemon`` (or another path); all closed afterwards."""
-    opened: list[Raw] = []
+    opened: list[Wire] = []
 
-    async def _open(path: Path | None = None) -> Raw:
-        raw = await Raw.open(path or daemon.config.socket)
+    async def _open(path: Path | None = None) -> Wire:
+        raw = await Wire.open(path or daemon.config.socket)
         opened.append(raw)
         return raw
 

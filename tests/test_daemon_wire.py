@@ -15,22 +15,22 @@ from lvz.daemon import methods
 from lvz.daemon.server import Daemon
 from lvz.protocol import Notification, Response, abi
 from lvz.protocol.methods import HANDLE_PARAM, METHODS
+from lvz.testing.wire import Wire
 
 from .conftest import Connect
-from .rawwire import Raw
 
 
 def pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-async def make_vm(raw: Raw, **kw: object) -> tuple[int, list[int]]:
+async def make_vm(raw: Wire, **kw: object) -> tuple[int, list[int]]:
     vm = (await raw.ok("kvm.create_vm", **kw))["vm"]
     vcpus = [(await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"] for i in range(3)]
     return vm, vcpus
 
 
-async def snapshot(raw: Raw, vm: int, vcpus: list[int]) -> tuple[object, ...]:
+async def snapshot(raw: Wire, vm: int, vcpus: list[int]) -> tuple[object, ...]:
     m = await raw.ok("vm.phyid_map", vm=vm)
     cpuids = [(await raw.ok("vcpu.get_one_reg", vcpu=v, id=abi.CPUID))["value"] for v in vcpus]
     return m["limit"], m["entries"], cpuids
@@ -160,7 +160,7 @@ async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
     await raw.ok("vm.subscribe", vm=vm)  # again: a no-op, still one event per change
     vm_again = (await raw.ok("vm.info", vm=vm))
     assert vm_again["vcpus"] == [0, 1, 2]
-    msgid, data = raw.conn.send_request("vcpu.interrupt", {"vcpu": vcpus[2], "irq": 5})
+    msgid, data = raw.send_request("vcpu.interrupt", {"vcpu": vcpus[2], "irq": 5})
     await raw.send(data)
     ev = await raw.next_event()
     assert isinstance(ev, Notification)
@@ -181,7 +181,7 @@ async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
 async def test_vcpu_run_waits_without_blocking_later_requests(connect: Connect) -> None:
     raw = await connect()
     _vm, vcpus = await make_vm(raw)
-    run_id, data = raw.conn.send_request("vcpu.run", {"vcpu": vcpus[1], "timeout": 10})
+    run_id, data = raw.send_request("vcpu.run", {"vcpu": vcpus[1], "timeout": 10})
     await raw.send(data)
     assert await raw.err("vcpu.run", vcpu=vcpus[1], timeout=1) == "EBUSY"
     await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.CPUID, value=3)
@@ -200,7 +200,7 @@ async def test_vcpu_run_ends_with_ebadf_on_destroy_and_close(connect: Connect) -
     other = await connect()
     waits = []
     for v in vcpus[:2]:
-        msgid, data = raw.conn.send_request("vcpu.run", {"vcpu": v, "timeout": 30})
+        msgid, data = raw.send_request("vcpu.run", {"vcpu": v, "timeout": 30})
         await raw.send(data)
         waits.append(msgid)
     await raw.ok("vcpu.destroy", vcpu=vcpus[0])
@@ -225,7 +225,7 @@ async def test_racing_connections_exactly_one_wins_a_phyid(connect: Connect) -> 
         handles.append((await c.ok("vm.create_vcpu", vm=h, vcpu_id=i))["vcpu"])
     results: list[str | None] = []
 
-    async def attempt(c: Raw, v: int) -> None:
+    async def attempt(c: Wire, v: int) -> None:
         r = await c.call("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=77)
         results.append(None if r.error is None else r.error.name)
 
@@ -284,7 +284,7 @@ async def test_a_missing_socket_directory_is_created_private(
 async def test_vcpu_kick_ends_a_waiting_run_with_eintr(connect: Connect) -> None:
     raw = await connect()
     _vm, vcpus = await make_vm(raw, name="kicked")
-    msgid, data = raw.conn.send_request("vcpu.run", {"vcpu": vcpus[0], "timeout": 60})
+    msgid, data = raw.send_request("vcpu.run", {"vcpu": vcpus[0], "timeout": 60})
     await raw.send(data)
     other = await connect()  # any handle to the vCPU may kick it, as a signal to its thread
     vm2 = (await other.ok("kvm.open_vm", name="kicked"))["vm"]

@@ -22,9 +22,9 @@ from lvz.daemon.host import load_plugins
 from lvz.daemon.server import Daemon, serve
 from lvz.plugins import Device, DeviceType, VmApi, hookimpl
 from lvz.protocol import abi
+from lvz.testing.wire import Wire
 
 from .conftest import Connect
-from .rawwire import Raw
 
 PROBE = 0x9902
 WORK = 0x9901
@@ -72,7 +72,7 @@ async def recording_daemon(nursery: trio.Nursery, sock_dir: Path,
     return rec, cfg.socket, daemon
 
 
-async def probe_vcpu(raw: Raw) -> int:
+async def probe_vcpu(raw: Wire) -> int:
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     return int((await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"])
 
@@ -85,14 +85,14 @@ async def test_a_huge_destroy_lets_other_clients_in(
         nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "DESTROY_CHUNK", 4)  # 64 vCPUs: 16 chunks, as 65,536 are 64
     rec, path, _ = await recording_daemon(nursery, sock_dir)
-    a, b = await Raw.open(path), await Raw.open(path)
+    a, b = await Wire.open(path), await Wire.open(path)
     vm = (await a.ok("kvm.create_vm"))["vm"]
     await a.ok("vm.create_device", vm=vm, type="recorder")
     for i in range(64):
         v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"]
         await a.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=i)
     pv = await probe_vcpu(b)
-    msgid, data = a.conn.send_request("vm.destroy", {"vm": vm})
+    msgid, data = a.send_request("vm.destroy", {"vm": vm})
     await a.send(data)
     await rec.started.wait()
     assert (await b.ok("vcpu.hypercall", vcpu=pv, code=PROBE))["a0"] == 0
@@ -108,7 +108,7 @@ async def test_a_huge_orphaned_vm_is_torn_down_in_the_background(
     """An unnamed VM dies with its client's connection: in chunks too, and never half-way."""
     monkeypatch.setattr(server, "DESTROY_CHUNK", 4)
     rec, path, daemon = await recording_daemon(nursery, sock_dir)
-    a, b = await Raw.open(path), await Raw.open(path)
+    a, b = await Wire.open(path), await Wire.open(path)
     vm = (await a.ok("kvm.create_vm"))["vm"]
     await a.ok("vm.create_device", vm=vm, type="recorder")
     for i in range(64):
@@ -130,11 +130,11 @@ async def test_a_pipeline_of_requests_lets_other_clients_in(
     """A storm (LOAD_FINISHED, hypercalls, ...) in one send is served in slices."""
     monkeypatch.setattr(server, "SLICE", 0.0)  # every request ends a slice
     rec, path, _ = await recording_daemon(nursery, sock_dir)
-    a, b = await Raw.open(path), await Raw.open(path)
+    a, b = await Wire.open(path), await Wire.open(path)
     va, pv = await probe_vcpu(a), await probe_vcpu(b)
     ids, chunks = [], []
     for _ in range(200):
-        msgid, data = a.conn.send_request("vcpu.hypercall", {"vcpu": va, "code": WORK})
+        msgid, data = a.send_request("vcpu.hypercall", {"vcpu": va, "code": WORK})
         ids.append(msgid)
         chunks.append(data)
     await a.send(b"".join(chunks))
@@ -160,7 +160,7 @@ class CountingHandles(dict[int, Handle]):
 async def test_refusals_at_the_handle_limit_cost_no_scan(
         nursery: trio.Nursery, sock_dir: Path) -> None:
     _rec, path, daemon = await recording_daemon(nursery, sock_dir, max_handles=4)
-    a = await Raw.open(path)
+    a = await Wire.open(path)
     vm = (await a.ok("kvm.create_vm"))["vm"]
     vcpus = [(await a.ok("vm.create_vcpu", vm=vm, vcpu_id=i))["vcpu"] for i in range(3)]
     [conn] = daemon.connections
@@ -184,7 +184,7 @@ async def test_subscribe_is_idempotent_per_connection_and_vm(
     ids = []
     chunks = []
     for h in [second] * 500 + [vm] * 500:
-        msgid, data = a.conn.send_request("vm.subscribe", {"vm": h})
+        msgid, data = a.send_request("vm.subscribe", {"vm": h})
         ids.append(msgid)
         chunks.append(data)
     await a.send(b"".join(chunks))

@@ -34,12 +34,12 @@ async def test_phyid_writes_wait_for_the_lock_in_order_and_nothing_else_does(
     bv1 = (await b.ok("vm.open_vcpu", vm=bvm, vcpu_id=1))["vcpu"]
     lock = daemon.map_locks[daemon.named[name]]
     await lock.acquire()
-    set_a, data = a.conn.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
+    set_a, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
                                                            "value": 5})
-    read_a, more = a.conn.send_request("vcpu.get_one_reg", {"vcpu": v0, "id": abi.CPUID})
+    read_a, more = a.send_request("vcpu.get_one_reg", {"vcpu": v0, "id": abi.CPUID})
     await a.send(data + more)  # the read is pipelined behind the waiting write
     await trio.testing.wait_all_tasks_blocked()
-    set_b, data = b.conn.send_request("vcpu.set_one_reg", {"vcpu": bv1, "id": abi.CPUID,
+    set_b, data = b.send_request("vcpu.set_one_reg", {"vcpu": bv1, "id": abi.CPUID,
                                                            "value": 5})
     await b.send(data)
     await trio.testing.wait_all_tasks_blocked()
@@ -66,12 +66,12 @@ async def test_a_write_waiting_for_the_lock_sees_its_vm_destroyed(
     model = daemon.named[name]
     lock = daemon.map_locks[model]
     await lock.acquire()
-    pending, data = a.conn.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
+    pending, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
                                                              "value": 9})
     await a.send(data)
     await trio.testing.wait_all_tasks_blocked()
     bvm = (await b.ok("kvm.open_vm", name=name))["vm"]
-    gone, data = b.conn.send_request("vm.destroy", {"vm": bvm})
+    gone, data = b.send_request("vm.destroy", {"vm": bvm})
     await b.send(data)
     await trio.testing.wait_all_tasks_blocked()
     assert not model.alive and name not in daemon.named  # dead at once, torn down later

@@ -20,8 +20,7 @@ from lvz.daemon.host import load_plugins
 from lvz.daemon.server import serve
 from lvz.plugins import Device, DeviceType, VmApi, hookimpl
 from lvz.protocol import abi
-
-from .rawwire import Raw
+from lvz.testing.wire import Wire
 
 PLUGIN = "hostile-chip"
 
@@ -69,13 +68,13 @@ class HostilePlugin:
         return None
 
 
-async def hostile_daemon(nursery: trio.Nursery, sock_dir: Path) -> Raw:
+async def hostile_daemon(nursery: trio.Nursery, sock_dir: Path) -> Wire:
     cfg = ServeConfig(socket=sock_dir / "h.sock", plugin_timeout=0.05)
     await nursery.start(serve, cfg, load_plugins(extra=[(PLUGIN, HostilePlugin())]))
-    return await Raw.open(cfg.socket)
+    return await Wire.open(cfg.socket)
 
 
-async def vm_with_chips(raw: Raw) -> tuple[int, int, int, int]:
+async def vm_with_chips(raw: Wire) -> tuple[int, int, int, int]:
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
     await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=3)
@@ -84,7 +83,7 @@ async def vm_with_chips(raw: Raw) -> tuple[int, int, int, int]:
     return vm, v, ipi, dev
 
 
-async def failure(raw: Raw, method: str, **params: object) -> tuple[str, str]:
+async def failure(raw: Wire, method: str, **params: object) -> tuple[str, str]:
     r = await raw.call(method, **params)
     assert r.error is not None, f"{method} succeeded: {r.result}"
     return r.error.name, r.error.message
@@ -113,7 +112,7 @@ async def test_base_exceptions_from_a_plugin_fail_only_that_request(
 async def test_a_hung_chip_is_interrupted_and_its_device_broken(
         nursery: trio.Nursery, sock_dir: Path, value: int) -> None:
     raw = await hostile_daemon(nursery, sock_dir)
-    other = await Raw.open(sock_dir / "h.sock")
+    other = await Wire.open(sock_dir / "h.sock")
     vm, v, ipi, dev = await vm_with_chips(raw)
     _vm2, v2, _ipi2, dev2 = await vm_with_chips(other)
     name, message = await failure(raw, "vcpu.iocsr_write", vcpu=v, addr=0x7100, size=4,

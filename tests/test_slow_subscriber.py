@@ -32,7 +32,7 @@ async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
     with trio.fail_after(30):  # the driver is never held up by the slow reader
         for _ in range(changes // 500):
             for irq in (5, -5) * 250:
-                msgid, data = driver.conn.send_request("vcpu.interrupt", {"vcpu": v, "irq": irq})
+                msgid, data = driver.send_request("vcpu.interrupt", {"vcpu": v, "irq": irq})
                 await driver.send(data)
             await driver.response(msgid)
             assert slow_conn.queued_events <= cfg.max_events
@@ -76,7 +76,7 @@ async def test_a_client_that_never_reads_answers_stops_being_read(
         await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=i * 100)
     [model] = daemon.vms
     # each pair: a big answer, and a line toggle that counts (vm.seq) how far the daemon got
-    burst = b"".join(raw.conn.send_request(m, p)[1] for _ in range(50) for m, p in (
+    burst = b"".join(raw.send_request(m, p)[1] for _ in range(50) for m, p in (
         ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": 3}),
         ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": -3})))
     sent = 0

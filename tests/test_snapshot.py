@@ -9,21 +9,21 @@ import pytest
 
 from lvz.protocol import KvmError, abi
 from lvz.protocol import snapshot as snap
+from lvz.testing.wire import Wire
 
 from .conftest import Connect
-from .rawwire import Raw
 
 T = TypeVar("T")
 
 
-async def drive(gen: Generator[snap.Batch, snap.Results, T], raw: Raw) -> T:
+async def drive(gen: Generator[snap.Batch, snap.Results, T], raw: Wire) -> T:
     """Pipelined driver: each batch is written at once, then its responses collected."""
     try:
         batch = next(gen)
         while True:
             ids, data = [], b""
             for method, params in batch:
-                msgid, chunk = raw.conn.send_request(method, params)
+                msgid, chunk = raw.send_request(method, params)
                 ids.append(msgid)
                 data += chunk
             await raw.send(data)
@@ -43,7 +43,7 @@ EIO_ENABLE = abi.EIOINTC_BASE + abi.EIOINTC_ENABLE
 EIO_COREMAP = abi.EIOINTC_BASE + abi.EIOINTC_COREMAP
 
 
-async def build_busy_vm(raw: Raw) -> int:
+async def build_busy_vm(raw: Wire) -> int:
     """A VM with state everywhere: sparse phyids, raised lines, all three chips programmed."""
     vm = (await raw.ok("kvm.create_vm", name="orig", max_phyid=512))["vm"]
     vcpus = {}
@@ -79,7 +79,7 @@ async def build_busy_vm(raw: Raw) -> int:
     return vm
 
 
-async def read_all(raw: Raw, vm: int) -> dict[str, Any]:
+async def read_all(raw: Wire, vm: int) -> dict[str, Any]:
     """Everything a client can observe of a VM, handles aside."""
     state = await drive(snap.save_vm(vm), raw)
     info = await raw.ok("vm.info", vm=vm)
