@@ -1,6 +1,6 @@
 """``python -m bench.fuzz [--quick]``: the long fuzzers behind ``make fuzz``.
 
-(a) The chip fuzzer (``tests.fuzzing``) against the pure VM model until every chip -- IPI,
+(a) The chip fuzzer (``fuzzers.chips``) against the pure VM model until every chip -- IPI,
     EIOINTC, PCH-PIC and the PV IPI hypercall -- has taken at least a million accesses, with the
     line/chip agreement and the phyid bijection checked after every single step. The run is a
     series of segments, each a fresh VM shaped by its own seed (max_phyid 16 / 256 / 4096 /
@@ -32,24 +32,14 @@ from typing import Any
 import msgpack
 import trio
 
+from fuzzers.chips import CHIPS, FuzzFailure, FuzzStats, fuzz_seed
+from fuzzers.watcher import Watcher
+from fuzzers.wire import HANDLE_SETUP as SETUP
+from fuzzers.wire import SENTINEL, SENTINEL_ID, exchange, wire_message_problem
 from lvz.daemon.host import load_plugins
 from lvz.protocol import abi
 from lvz.protocol.abi import U64_MAX
 from lvz.protocol.methods import METHODS
-from tests.fuzzing import (
-    CHIPS,
-    SENTINEL,
-    SENTINEL_ID,
-    FuzzFailure,
-    FuzzStats,
-    Watcher,
-    exchange,
-    fuzz_seed,
-    wire_message_problem,
-)
-from tests.fuzzing import (
-    HANDLE_SETUP as SETUP,
-)
 
 from . import procs
 

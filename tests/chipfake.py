@@ -7,10 +7,10 @@ claimed IOCSR / MMIO ranges, and records every line change in ``events`` as
 
 from __future__ import annotations
 
+# implied_lines (what the chips' state says the lines are) is the chip fuzzer's invariant.
+from fuzzers.chips import implied_lines as implied_lines
 from lvz.plugins.api import Device, IoHandler
-from lvz.plugins.eiointc import Eiointc
-from lvz.plugins.ipi import IpiDevice
-from lvz.protocol.abi import INT_HWI0, INT_IPI, KVM_MAX_PHYID, PV_FEATURES_DEFAULT
+from lvz.protocol.abi import KVM_MAX_PHYID, PV_FEATURES_DEFAULT
 from lvz.protocol.errors import KvmError
 
 
@@ -117,25 +117,3 @@ class FakeVm:
 
     def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
         self.guest_iocsr_write(vcpu_id, addr, size, value)
-
-
-def implied_lines(dev: Device) -> dict[int, int]:
-    """vcpu_id -> the INT_* lines a built-in chip's state says are up (for invariant checks).
-
-    A test helper, not part of the plugin contract: it reads the chips' own state. IPI: INT_IPI
-    iff STATUS is non-zero (which stops holding after a device attr copies STATUS raw, exactly as
-    the kernel's ``kvm_ipi_regs_access`` does). EIOINTC: HWIn iff its sw_coreisr set for ip n is
-    non-empty. PCH-PIC drives no vCPU line (everything goes through EIOINTC): {}.
-    """
-    if isinstance(dev, IpiDevice):
-        return {vid: (1 << INT_IPI) if st.status else 0 for vid, st in dev.states.items()}
-    if isinstance(dev, Eiointc):
-        lines: dict[int, int] = {}
-        for vid in dev.vm.vcpu_ids():
-            mask = 0
-            for ip, pending in enumerate(dev.sw_coreisr.get(vid, ())):
-                if pending:
-                    mask |= 1 << (INT_HWI0 + ip)
-            lines[vid] = mask
-        return lines
-    return {}

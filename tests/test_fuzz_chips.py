@@ -1,6 +1,6 @@
 """Short chip-fuzz runs for ``make test`` (the million-access runs are ``make fuzz``).
 
-The engine is ``tests.fuzzing``: random guest IOCSR / MMIO accesses, device attrs, IRQ_LINE,
+The engine is ``fuzzers.chips``: random guest IOCSR / MMIO accesses, device attrs, IRQ_LINE,
 MSI, PV IPI, CPUID sets, csrxchg and vCPU hot-plug against one VM with every chip, with the
 line/chip agreement and the phyid bijection checked after every step. Seeded runs cover the VM
 shapes (max_phyid 16 / 256 / 4096 / 65536); a hypothesis-driven run lets failures shrink. The
@@ -16,21 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzers.chips import CHIPS, ChipFuzzer, E, FuzzFailure, FuzzStats, fuzz_seed, run_fuzzer
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.plugins import pv_ipi
 from lvz.plugins.eiointc import Eiointc
 from lvz.plugins.ipi import IpiDevice
 from lvz.protocol.abi import CSR_CPUID, U32_MAX
-
-from .fuzzing import (
-    CHIPS,
-    ChipFuzzer,
-    E,
-    FuzzFailure,
-    FuzzStats,
-    fuzz_seed,
-    run_fuzzer,
-)
 
 HOST: PluginHost = load_plugins()
 

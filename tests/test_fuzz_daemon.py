@@ -3,7 +3,7 @@
 Every example opens a fresh connection to a subprocess daemon (``lvz serve``, its own for this
 module, with a small ``--max-vms`` and ``--max-message`` so fuzz-created VMs and huge messages
 stay cheap), sends a payload and then a sentinel request, half-closes, and reads to the end.
-``tests.fuzzing.exchange`` checks what came back: every message is a well-formed response or
+``fuzzers.wire.exchange`` checks what came back: every message is a well-formed response or
 notification, error maps carry an errno/name pair from PROTOCOL.md's table, and the daemon
 closes only right after a ``protocol_error`` (EPROTO / E2BIG) -- otherwise it answers the
 sentinel. Each test adds an oracle for what *its* payloads must get.
@@ -23,13 +23,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzers.watcher import Watcher
+from fuzzers.wire import HANDLE_SETUP as SETUP
+from fuzzers.wire import exchange
 from lvz.protocol import abi
 from lvz.protocol.abi import U32_MAX, U64_MAX
 from lvz.protocol.methods import METHODS
 
 from .daemon_fixtures import DaemonProcess, start_daemon, unique_name
-from .fuzzing import HANDLE_SETUP as SETUP
-from .fuzzing import Watcher, exchange
 
 MAX_MESSAGE = 1 << 16
 MAX_VMS = 8

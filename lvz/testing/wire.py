@@ -384,6 +384,24 @@ class BlockingWire(_Codec):
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def shutdown_write(self) -> None:
+        """Half-close: the daemon sees EOF after what was sent (a partial message is EPROTO)."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def read_to_end(self) -> list[bytes]:
+        """Every byte the daemon sends until it closes, as received (a reset ends it too)."""
+        chunks = []
+        while True:
+            try:
+                data = self.sock.recv(RECEIVE_BYTES)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        self.closed = True
+        return chunks
+
     def next_message(self) -> Any:
         """The next decoded message as sent, or None at EOF (then ``closed`` is set)."""
         while True:

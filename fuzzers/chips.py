@@ -44,19 +44,17 @@ The model is plain Python (the map lock is the daemon's), so the fuzzer drives i
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from lvz.daemon.host import PluginHost, load_plugins
 from lvz.daemon.model import Vcpu, Vm
 from lvz.plugins.api import Device
 from lvz.plugins.eiointc import Eiointc
+from lvz.plugins.ipi import IpiDevice
 from lvz.plugins.pchpic import PchPic
 from lvz.protocol import abi
 from lvz.protocol.abi import (
@@ -66,6 +64,7 @@ from lvz.protocol.abi import (
     DEV_EIOINTC,
     DEV_IPI,
     DEV_PCHPIC,
+    INT_HWI0,
     INT_IPI,
     KVM_FEATURE_IPI,
     KVM_HCALL_FUNC_IPI,
@@ -74,9 +73,7 @@ from lvz.protocol.abi import (
     U32_MAX,
     U64_MAX,
 )
-from lvz.protocol.errors import ERRNO, KvmError
-
-from .chipfake import implied_lines
+from lvz.protocol.errors import KvmError
 
 
 class E:
@@ -126,9 +123,7 @@ class P:
 
 
 __all__ = [
-    "CHIPS", "CLOSING_ERRORS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "run_fuzzer",
-    "wire_error_problem", "wire_message_problem", "Exchange", "SENTINEL", "SENTINEL_ID",
-    "Watcher", "Wire", "exchange",
+    "CHIPS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "implied_lines", "run_fuzzer",
 ]
 
 #: The chips accesses are counted for (``bench.fuzz`` wants a million of each).
@@ -150,6 +145,28 @@ _EIO_ALLOWED = (E.NODETYPE, E.BOUNCE)
 _PCH_FORBIDDEN = (P.MASK, P.INT_IRR, P.INT_ISR)
 _PCH_ALLOWED_WORDS = (P.HTMSI_EN, P.EDGE, P.AUTO_CTRL0, P.AUTO_CTRL1, P.POLARITY)
 _PCH_BASES = (abi.VIRT_PCH_PIC_BASE, 0xE0000000, 0x2000, 0xFFFFFC18)
+
+
+def implied_lines(dev: Device) -> dict[int, int]:
+    """vcpu_id -> the INT_* lines a built-in chip's state says are up (for invariant checks).
+
+    A test helper, not part of the plugin contract: it reads the chips' own state. IPI: INT_IPI
+    iff STATUS is non-zero (which stops holding after a device attr copies STATUS raw, exactly as
+    the kernel's ``kvm_ipi_regs_access`` does). EIOINTC: HWIn iff its sw_coreisr set for ip n is
+    non-empty. PCH-PIC drives no vCPU line (everything goes through EIOINTC): {}.
+    """
+    if isinstance(dev, IpiDevice):
+        return {vid: (1 << INT_IPI) if st.status else 0 for vid, st in dev.states.items()}
+    if isinstance(dev, Eiointc):
+        lines: dict[int, int] = {}
+        for vid in dev.vm.vcpu_ids():
+            mask = 0
+            for ip, pending in enumerate(dev.sw_coreisr.get(vid, ())):
+                if pending:
+                    mask |= 1 << (INT_HWI0 + ip)
+            lines[vid] = mask
+        return lines
+    return {}
 
 
 class FuzzFailure(AssertionError):
@@ -909,323 +926,3 @@ def fuzz_seed(seed: int, steps: int, *, host: PluginHost | None = None,
     n = rng.randrange(3, 8)
     fuzzer = run_fuzzer(lambda: ChipFuzzer(rng, host=host, max_phyid=limit, n_vcpus=n), steps)
     return fuzzer.stats
-
-
-# ---------------------------------------------------------------------- wire checks -------------
-# Shared by tests/test_fuzz_daemon.py and bench/fuzz.py: what PROTOCOL.md §2 allows the daemon to
-# send, whatever it was sent.
-
-#: protocol_error names after which the daemon closes the connection (protocol-additions.md).
-CLOSING_ERRORS = frozenset({"EPROTO", "E2BIG", "EPERM"})
-
-
-def wire_error_problem(error: object) -> str | None:
-    """Why ``error`` is not a PROTOCOL.md §2 error map, or None if it is one."""
-    if type(error) is not dict:
-        return f"error {error!r:.80} is not a map"
-    name, number, message = error.get("name"), error.get("errno"), error.get("message")
-    if type(name) is not str or name not in ERRNO:
-        return f"error name {name!r} is not in PROTOCOL.md's table"
-    if number != ERRNO[name] or type(number) is not int:
-        return f"errno {number!r} does not match {name} ({ERRNO[name]})"
-    if type(message) is not str or not message:
-        return f"error message {message!r} is not a sentence"
-    return None
-
-
-def wire_message_problem(msg: object) -> str | None:
-    """Why ``msg`` is neither a well-formed response nor a notification, or None."""
-    if type(msg) is not list or not msg:
-        return f"{msg!r:.80} is not a non-empty array"
-    if msg[0] == 1 and type(msg[0]) is int:
-        if len(msg) != 4:
-            return f"response {msg!r:.80} does not have 4 elements"
-        _, msgid, error, result = msg
-        if type(msgid) is not int or not 0 <= msgid <= U32_MAX:
-            return f"response msgid {msgid!r} is not a u32"
-        if (error is None) == (result is None):
-            return f"response {msg!r:.80} must have exactly one of error and result"
-        if error is not None:
-            return wire_error_problem(error)
-        if type(result) is not dict:
-            return f"result {result!r:.80} is not a map"
-        return None
-    if msg[0] == 2 and type(msg[0]) is int:
-        if len(msg) != 3 or type(msg[1]) is not str or type(msg[2]) is not dict:
-            return f"notification {msg!r:.80} is not [2, str, map]"
-        if msg[1] == "protocol_error":
-            return wire_error_problem(msg[2])
-        return None
-    return f"{msg!r:.80} is neither a response nor a notification"
-
-
-#: The request sent after every fuzz payload: its answer proves the connection still works.
-SENTINEL_ID = 4242
-SENTINEL = msgpack.packb([0, SENTINEL_ID, "kvm.get_api_version", {}])
-
-
-#: Requests a wire fuzzer runs first on its connection, so the random requests after them have
-#: handles to act on: 1 the VM, 2-3 vCPUs (vCPU 3 holds phyid 1), 4-6 the three irqchips.
-HANDLE_SETUP: list[tuple[str, dict[str, Any]]] = [
-    ("kvm.create_vm", {"max_phyid": 4096}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 0}),
-    ("vm.create_vcpu", {"vm": 1, "vcpu_id": 3}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-ipi"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
-    ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
-    ("vcpu.set_one_reg", {"vcpu": 3, "id": abi.CPUID, "value": 1}),
-    ("device.set_attr", {"device": 6, "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                         "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
-                         "value": abi.VIRT_PCH_PIC_BASE}),
-]
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the daemon sent back for one payload + sentinel on a fresh connection."""
-
-    messages: list[Any]
-    #: the sentinel got ``{"version": 12}``
-    answered: bool
-    #: the name of the protocol_error the daemon closed with, "" if it did not close on error
-    closed_with: str
-
-    def replies(self) -> list[Any]:
-        """Messages before the sentinel's answer (or all of them), 'irq' events left out."""
-        out = []
-        for m in self.messages:
-            if m[0] == 1 and m[1] == SENTINEL_ID and m[3] == {"version": 12}:
-                break
-            if m[0] == 2 and m[1] != "protocol_error":
-                continue
-            out.append(m)
-        return out
-
-
-def exchange(path: str, payload: bytes, timeout: float = 10.0) -> Exchange:
-    """Send ``payload`` then the sentinel, half-close, and read everything until the daemon closes.
-
-    Half-closing makes the end deterministic: a payload that stops inside a message gets EPROTO
-    (PROTOCOL.md §2) instead of leaving both sides waiting. Checks every message's shape, that
-    a connection-closing protocol_error is the last thing sent, and that the daemon only closes
-    without answering the sentinel after such an error.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    chunks: list[bytes] = []
-    try:
-        sock.connect(path)
-        try:
-            sock.sendall(payload + SENTINEL)
-            sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it may already have refused the payload and closed; what it said is below
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        sock.close()
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 26)
-    unpacker.feed(b"".join(chunks))
-    messages = list(unpacker)
-    if unpacker.tell() != sum(map(len, chunks)):
-        raise AssertionError("the daemon's output ends inside a message")
-    answered = False
-    closed_with = ""
-    for i, msg in enumerate(messages):
-        problem = wire_message_problem(msg)
-        if problem:
-            raise AssertionError(f"message {i}: {problem}")
-        if msg[0] == 1 and msg[1] == SENTINEL_ID and msg[3] == {"version": 12}:
-            answered = True
-        if msg[0] == 2 and msg[1] == "protocol_error" and msg[2]["name"] in CLOSING_ERRORS:
-            if i != len(messages) - 1:
-                raise AssertionError(f"the daemon kept talking after {msg!r:.120}")
-            closed_with = msg[2]["name"]
-    if not answered and not closed_with and _whole_messages(payload):
-        raise AssertionError(f"the daemon closed without answering the sentinel and without a "
-                             f"protocol_error; it sent {messages!r:.300}")
-    if answered and closed_with:
-        raise AssertionError(f"{closed_with} after the sentinel was answered")
-    return Exchange(messages, answered, closed_with)
-
-
-def _whole_messages(payload: bytes) -> bool:
-    """Does ``payload`` decode (as the daemon decodes) into whole messages, so that the sentinel
-    after it is a message of its own? If not, the sentinel may have become part of a message."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=1 << 26,
-                                ext_hook=_no_ext)
-    unpacker.feed(payload)
-    end = 0  # tell() also moves inside a partial message: trust it only after a whole one
-    try:
-        for _ in unpacker:
-            end = unpacker.tell()
-    except Exception:
-        return False
-    return end == len(payload)
-
-
-def _no_ext(code: int, data: bytes) -> object:
-    raise ValueError(code)
-
-
-class Wire:
-    """A blocking msgpack-RPC client for set-up and checks between fuzz payloads."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 26)
-        self.next_id = 0
-
-    def call(self, method: str, **params: Any) -> tuple[dict[str, Any] | None, Any]:
-        """(error map or None, result)."""
-        msgid = self.next_id
-        self.next_id += 1
-        self.sock.sendall(msgpack.packb([0, msgid, method, params]))
-        while True:
-            for msg in self.unpacker:
-                if msg[0] == 1 and msg[1] == msgid:
-                    return msg[2], msg[3]
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError(f"the daemon closed the connection during {method}")
-            self.unpacker.feed(data)
-
-    def ok(self, method: str, **params: Any) -> Any:
-        error, result = self.call(method, **params)
-        if error is not None:
-            raise AssertionError(f"{method}{params} failed: {error}")
-        return result
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Watcher:
-    """A well-behaved client holding a named VM whose state no other connection may disturb.
-
-    The VM has vCPUs with vcpu_id != phyid (one unmapped, one beyond 255), all three chips, a
-    routed and enabled EIOINTC irq behind an unmasked PCH-PIC pin, an IPI pending on vCPU 0 and a
-    mailbox word. ``observe()`` reads that state back and runs a routing probe that raises and
-    lowers lines through IRQ_LINE, IPI_SEND and PV IPI, ending where it began.
-    """
-
-    PIN = 5
-    PCH_BASE = abi.VIRT_PCH_PIC_BASE
-    LAYOUT: tuple[tuple[int, int | None], ...] = ((0, 7), (5, 2), (9, None), (300, 4000))
-    PROBE_CHANGES = 6
-
-    def __init__(self, path: str, name: str) -> None:
-        self.wire = Wire(path)
-        self.name = name
-        self.last_seq: int | None = None
-        w = self.wire
-        self.vm: int = w.ok("kvm.create_vm", name=name, max_phyid=4096)["vm"]
-        self.vcpus: dict[int, int] = {}
-        for vid, phyid in self.LAYOUT:
-            h = w.ok("vm.create_vcpu", vm=self.vm, vcpu_id=vid)["vcpu"]
-            self.vcpus[vid] = h
-            if phyid is not None:
-                w.ok("vcpu.set_one_reg", vcpu=h, id=abi.CPUID, value=phyid)
-        self.dev = {t: w.ok("vm.create_device", vm=self.vm, type=t)["device"]
-                    for t in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)}
-        w.ok("device.set_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_CTRL, attr=P.CTRL_INIT,
-             value=self.PCH_BASE)
-        v0 = self.vcpus[0]
-        # irq PIN: enabled, IPMAP group 0 -> ip 1 (HWI1), coremap byte -> CPUID 2 -> vCPU 5.
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.ENABLE, size=8, value=1 << self.PIN)
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.IPMAP, size=8, value=0x2)
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.COREMAP, size=8,
-             value=0x4 << (8 * self.PIN))
-        w.ok("vcpu.mmio_write", vcpu=v0, addr=self.PCH_BASE + P.MASK, size=8,
-             value=U64_MAX ^ (1 << self.PIN))
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + abi.IPI_BUF, size=8, value=0xFEEDFACE)
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + I.IPI_SEND, size=4,
-             value=(7 << 16) | 3)  # vCPU 0 (CPUID 7) sends itself vector 3: stays pending
-        self.baseline = self.observe()
-
-    def _estat(self, vid: int) -> int:
-        value: int = self.wire.ok("vcpu.get_one_reg", vcpu=self.vcpus[vid], id=abi.ESTAT)["value"]
-        return value
-
-    def observe(self) -> dict[str, Any]:
-        w = self.wire
-        vm = self.vm
-        info = w.ok("vm.info", vm=vm)
-        seq = info.pop("seq")
-        seen: dict[str, Any] = {
-            "info": info,
-            # Line changes since the last probe ended: none may happen but the probe's own.
-            "seq_delta": 0 if self.last_seq is None else seq - self.last_seq,
-            "map": w.ok("vm.phyid_map", vm=vm),
-            "lookups": [w.ok("vm.phyid_lookup", vm=vm, phyid=p)["vcpu_id"]
-                        for p in (7, 2, 4000, 0, -1, 4096)],
-            "regs": {vid: [w.ok("vcpu.get_one_reg", vcpu=h, id=r)["value"]
-                           for r in (abi.CPUID, abi.TMID, abi.ESTAT)]
-                     for vid, h in self.vcpus.items()},
-            "attrs": [
-                w.ok("device.get_attr", device=self.dev[DEV_IPI],
-                     group=I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, attr=off)["value"]
-                for off in (I.IPI_STATUS, abi.IPI_BUF)
-            ] + [
-                w.ok("device.get_attr", device=self.dev[DEV_EIOINTC], group=E.GRP_REGS,
-                     attr=off)["value"]
-                for off in (E.ENABLE, E.IPMAP, E.COREMAP, E.ISR)
-            ] + [
-                w.ok("device.get_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_REGS,
-                     attr=P.MASK)["value"],
-            ],
-        }
-        # Routing probe: each path raises a line on the expected vCPU, then lowers it again.
-        probe = []
-        w.ok("vm.irq_line", vm=vm, irq=self.PIN, level=1)
-        probe.append(self._estat(5))
-        w.ok("vm.irq_line", vm=vm, irq=self.PIN, level=0)
-        probe.append(self._estat(5))
-        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[9], addr=IPI_BASE + I.IPI_SEND, size=4,
-             value=(2 << 16) | 9)
-        probe.append(self._estat(5))
-        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[5], addr=IPI_BASE + I.IPI_CLEAR, size=4,
-             value=1 << 9)
-        probe.append(self._estat(5))
-        a0 = w.ok("vcpu.hypercall", vcpu=self.vcpus[9], code=KVM_HCALL_SERVICE,
-                  args=[KVM_HCALL_FUNC_IPI, 1, 0, 4000])["a0"]
-        probe += [a0, self._estat(300)]
-        w.ok("vcpu.csr_xchg", vcpu=self.vcpus[300], csr=CSR_ESTAT, value=0, mask=1)
-        probe.append(self._estat(300))
-        seen["probe"] = probe
-        self.last_seq = seq + self.PROBE_CHANGES
-        return seen
-
-    def check_probe_meaning(self) -> None:
-        """The baseline itself must show routing working, or 'unchanged' proves nothing."""
-        p = self.baseline["probe"]
-        hwi1 = 1 << (2 + 1)
-        assert p[0] & hwi1 and not p[1] & hwi1, p
-        assert p[2] & IPI_BIT and not p[3] & IPI_BIT, p
-        assert p[4] == 0 and p[5] & 1 and not p[6] & 1, p
-        assert self.baseline["regs"][0][2] & IPI_BIT  # the pending self-IPI
-
-    def cleanup_others(self) -> int:
-        """Destroy every other named VM (fuzz payloads create them), so none run out."""
-        w = self.wire
-        gone = 0
-        for entry in w.ok("kvm.list_vms")["vms"]:
-            name = entry["name"]
-            if name is None or name == self.name:
-                continue
-            error, result = w.call("kvm.open_vm", name=name)
-            if error is None:
-                w.call("vm.destroy", vm=result["vm"])
-                gone += 1
-        return gone
-
-    def close(self) -> None:
-        self.wire.close()
