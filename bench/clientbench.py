@@ -74,10 +74,10 @@ class ClientBench:
     def _async_call(self, which: str) -> Callable[[int], Awaitable[object]]:
         vcpu, vm = self.avcpu, self.avm
         if which == "get":
-            return lambda i: vcpu.get_one_reg(CPUID)  # type: ignore[no-any-return]
+            return lambda i: vcpu.get_one_reg(CPUID)
         if which == "set":
-            return lambda i: vcpu.set_one_reg(CPUID, 0)  # type: ignore[no-any-return]
-        return lambda i: vm.phyid_lookup(i & 127)  # type: ignore[no-any-return]
+            return lambda i: vcpu.set_one_reg(CPUID, 0)
+        return lambda i: vm.phyid_lookup(i & 127)
 
     def sync_sampler(self, which: str) -> Sampler:
         call = self._sync_call(which)

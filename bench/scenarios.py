@@ -419,9 +419,10 @@ class Bench:
         return sample
 
     async def aclose(self) -> None:
-        for c in (self.floor, self.main and self.main.conn, self.irq and self.irq.conn,
-                  self.irq_sub and self.irq_sub.conn, self.pv and self.pv.conn,
-                  self.pv_sub and self.pv_sub.conn, *(d.conn for d, _ in self.scale.values())):
+        holders = (self.main, self.irq, self.irq_sub, self.pv, self.pv_sub)
+        conns = [self.floor, *(h.conn for h in holders if h is not None),
+                 *(d.conn for d, _ in self.scale.values())]
+        for c in conns:
             if c is not None:
                 await c.aclose()
 

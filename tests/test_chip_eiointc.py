@@ -597,6 +597,7 @@ def test_route_attr_reads_and_restores_the_live_route_lvz_extension() -> None:
     for vid, phyid in ((0, 5), (2, 1)):
         vm.add_vcpu(vid, phyid)
     dev = vm.add_device("loongarch-eiointc", Eiointc(vm))
+    assert isinstance(dev, Eiointc)
     assert dev.get_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9)) == 0
     dev.set_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9), 2)
     assert dev.get_attr(GRP_SW_STATUS, abi.eiointc_route_attr(9)) == 2

@@ -32,7 +32,7 @@ REQ = pack([0, 7, "vcpu.get_one_reg", {"vcpu": 3, "id": abi.CPUID}])
 
 
 def drain(conn: ServerConnection | ClientConnection) -> list[object]:
-    out = []
+    out: list[object] = []
     while (ev := conn.next_event()) is not NEED_DATA:
         out.append(ev)
     return out

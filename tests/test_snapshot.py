@@ -45,7 +45,7 @@ EIO_COREMAP = abi.EIOINTC_BASE + abi.EIOINTC_COREMAP
 
 async def build_busy_vm(raw: Wire) -> int:
     """A VM with state everywhere: sparse phyids, raised lines, all three chips programmed."""
-    vm = (await raw.ok("kvm.create_vm", name="orig", max_phyid=512))["vm"]
+    vm: int = (await raw.ok("kvm.create_vm", name="orig", max_phyid=512))["vm"]
     vcpus = {}
     for vid, phyid in ((0, 7), (1, 300), (3, 0), (5, None)):
         vcpus[vid] = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=vid))["vcpu"]
