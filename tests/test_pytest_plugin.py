@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -14,6 +15,7 @@ from lvz.clients import Kvm
 from lvz.testing.spawn import own_plugins, spawn
 
 EXT = Path(__file__).resolve().parent / "extplugin"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 USER_TESTS = '''
 import pytest
@@ -43,6 +45,22 @@ def test_a_users_test_file_passes_with_plain_pytest(pytester: pytest.Pytester) -
     pytester.makepyfile(USER_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+def test_the_documented_example_is_that_file_and_passes(pytester: pytest.Pytester) -> None:
+    example = (DOCS / "examples" / "test_routing.py").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "testing.md").read_text(), re.S)
+    assert example in blocks, "docs/testing.md and docs/examples/test_routing.py differ"
+    pytester.makepyfile(test_routing=example)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    block = readme.split("## Testing with lvz", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", block, re.S)[0]
+    pytester.makepyfile(test_readme=code)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
 def test_the_daemon_ends_with_the_session(pytester: pytest.Pytester) -> None:
@@ -146,7 +164,7 @@ def test_a_daemon_whose_pytest_is_killed_exits_by_itself(pytester: pytest.Pytest
             Path("pid").write_text(str(lvz_daemon.pid))
             os.kill(os.getpid(), signal.SIGKILL)
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
     assert result.ret == -signal.SIGKILL
     pid = int((pytester.path / "pid").read_text())
     try:
@@ -165,7 +183,8 @@ def test_a_daemon_whose_pytest_is_killed_exits_by_itself(pytester: pytest.Pytest
 
 @pytest.fixture
 def doorbell_installed(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """tests/extplugin installed as a distribution with an entry point, for child processes."""
+    """tests/extplugin installed as a distribution with an entry point, for the daemons the
+    plugin starts (child processes, which see $PYTHONPATH)."""
     site = pytester.path / "site"
     shutil.copytree(EXT / "lvz_doorbell", site / "lvz_doorbell")
     info = site / "lvz_doorbell-0.1.0.dist-info"
@@ -195,10 +214,10 @@ def test_an_installed_third_party_chip_stays_out_of_the_suite(
     own = " ".join(pytestconfig.getini("lvz_plugins"))
     pytester.makeini(f"[pytest]\nlvz_plugins = {own}\n")  # what lvz's pyproject.toml says
     monkeypatch.delenv("LVZ_PLUGINS")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*PLUGINS {','.join(own_plugins())}*"])
     # The control: without the restriction, the same installation does load the chip.
     pytester.makeini("[pytest]\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s")
     result.stdout.fnmatch_lines(["*PLUGINS *doorbell*"])
