@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick fuzz clean compiled test-compiled clean-compiled
+.PHONY: demo test lint bench bench-quick fuzz wheel-check clean compiled test-compiled clean-compiled
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,19 @@ bench-quick: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python -m bench.fuzz
+
+# What a user installs: the wheel, in a fresh venv, used from a directory outside the tree
+# (so neither the source nor this repository's pytest settings can help it).
+wheel-check: $(STAMP)
+	@set -e; d=$$(mktemp -d /tmp/lvz-wheel.XXXXXX); trap 'rm -rf "$$d"' EXIT; \
+	$(BIN)/python -m pip wheel -q --no-deps -w "$$d" . ; \
+	$(PYTHON) -m venv "$$d/venv"; \
+	"$$d/venv/bin/python" -m pip install -q "$$d"/lvz-*.whl pytest; \
+	cp docs/examples/test_routing.py "$$d/"; \
+	cd "$$d"; \
+	echo "wheel-check: $$(ls lvz-*.whl) in a fresh venv"; \
+	venv/bin/lvz demo >demo.out || { cat demo.out; exit 1; }; tail -1 demo.out; \
+	venv/bin/python -m pytest -q -p no:cacheprovider test_routing.py
 
 # The compiled build (README "Performance"): mypyc over lvz.COMPILED_MODULES, in place. Rebuilt
 # whenever a source of the hot path changes; lvz/_build.py is written last by the build, and
