@@ -10,6 +10,7 @@ import stat
 
 import msgpack
 import trio
+import trio.testing
 
 from lvz.daemon import methods
 from lvz.daemon.server import Daemon
@@ -76,7 +77,7 @@ async def test_half_a_message_then_disconnect(connect: Connect) -> None:
         half = await connect()
         await half.send(pack([0, 1, "kvm.create_vm", {"name": "half"}])[:9])
         await half.aclose()
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the daemon has done all it will do
     assert await snapshot(good, vm, vcpus) == before
     assert await good.err("kvm.open_vm", name="half") == "ENOENT"
 
@@ -133,7 +134,7 @@ async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
     v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=300))["vcpu"]
     await a.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=4000)
     await a.aclose()
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the daemon has done all it will do
     b = await connect()
     assert await b.err("kvm.create_vm", name="shared") == "EEXIST"
     assert await b.err("kvm.create_vm", name="") == "EINVAL"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
@@ -86,7 +87,7 @@ async def test_a_client_that_never_reads_answers_stops_being_read(
             sent += 100
     processed = model.seq
     assert processed < sent  # the daemon did not swallow everything it was sent
-    await trio.sleep(0.3)
+    await trio.testing.wait_all_tasks_blocked()  # the daemon has done all it will do
     assert model.seq == processed  # it stopped reading: nothing more gets processed
     [conn] = [c for c in daemon.connections if c.number == max(c.number for c in
                                                                   daemon.connections)]
