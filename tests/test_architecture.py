@@ -76,3 +76,25 @@ def test_the_daemon_does_not_import_the_clients(path: Path) -> None:
 def test_the_daemon_model_does_no_io() -> None:
     for name, _ in imports(ROOT / "daemon" / "model.py", "daemon"):
         assert not name.startswith(("socket", "lvz.daemon.server", "lvz.daemon.listener")), name
+
+
+TESTING = sorted((ROOT / "lvz" / "testing").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", TESTING, ids=lambda p: p.name)
+def test_testing_support_stays_light(path: Path) -> None:
+    """lvz.testing is loaded by every pytest run in a user's venv (the plugin) and by `lvz demo`
+    (the spawner): it reaches the daemon only as a process, and the clients only inside the
+    fixtures that use them."""
+    ROOMS.setdefault("testing", "lvz.testing")
+    for name, top_level in imports(path, "testing"):
+        assert not name.startswith("lvz.daemon"), f"{path.name} imports {name}"
+        if name.startswith(("lvz.clients", "trio")) and top_level:
+            assert path.name == "wire.py" and name == "trio", f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("room", ["protocol", "daemon", "plugins"])
+def test_nothing_in_the_product_imports_testing(room: str) -> None:
+    for path in sources(room):
+        for name, _ in imports(path, room):
+            assert not name.startswith("lvz.testing"), f"{room}/{path.name} imports {name}"
