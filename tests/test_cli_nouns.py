@@ -33,8 +33,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def lvz(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "lvz.clients.cli", *argv], capture_output=True,
-                          text=True, timeout=60, env=env, check=False, **kw)  # type: ignore[call-overload]
+    done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        [sys.executable, "-m", "lvz.clients.cli", *argv], capture_output=True, text=True,
+        timeout=60, env=env, check=False, **kw)
+    return done
 
 
 @pytest.fixture

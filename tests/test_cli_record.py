@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -123,7 +124,7 @@ def _edit_first_response(source: Path, target: Path, method: str, new_result: ob
     target.write_bytes(b"".join(out))
 
 
-def _messages(data: bytes) -> list[list[object]]:
+def _messages(data: bytes) -> list[list[Any]]:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
     unpacker.feed(data)
     return list(unpacker)
@@ -177,7 +178,8 @@ def test_serve_record_keeps_junk_and_several_connections(tmp: Path) -> None:
             while junk.recv(4096):  # the protocol_error, then the daemon closes
                 pass
     kinds = [r.kind for r in RecordingReader().feed(path.read_bytes())]
-    assert kinds.count("open") >= 4 and kinds.count("close") >= 4
+    # a, b and the junk one (the spawner waits for READY=1: no readiness probe connects)
+    assert kinds.count("open") >= 3 and kinds.count("close") >= 3
     result = lvz("replay", str(path), "-v")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "recorded by lvz" in result.stderr
