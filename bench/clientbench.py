@@ -132,9 +132,11 @@ class ClientBench:
     def gather_sampler(self, which: str) -> Sampler:
         """One trio task sending batches of 64 calls with ``kvm.gather``."""
         from lvz.clients import ops
+        from lvz.clients.core import Call
 
         vcpu, vm = self.avcpu, self.avm
         limit = self.max_count
+        batch: list[Call[Any]]
         if which == "get":
             batch = [ops.get_one_reg(vcpu, CPUID)] * WINDOW
         elif which == "set":
