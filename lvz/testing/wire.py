@@ -434,3 +434,74 @@ class BlockingWire(_Codec):
 
     def err(self, method: str, **params: Any) -> str:
         return self._err(method, self.call(method, **params))
+
+    # --- raw, for benchmarks (the blocking floor's client: no event loop in the way) -------------
+
+    def result(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One request, its result; notifications are skipped (nothing here subscribes)."""
+        expect = self._next_id
+        self.sock.sendall(self._encode(method, params))
+        while True:
+            msg = self.next_message()
+            if msg is None:
+                raise WireError("the server closed the connection")
+            if msg[0] == 2:
+                if msg[1] == "protocol_error":
+                    raise WireError(f"protocol error from the server: {msg[2]}")
+                continue
+            if msg[1] != expect or msg[2] is not None:
+                raise WireError(f"{method}: unexpected answer {msg!r:.200}")
+            result = msg[3]
+            assert isinstance(result, dict)
+            return result
+
+    def sequential(self, make: MakeRequest, seconds: float, max_count: int) -> Run:
+        """``Wire.sequential`` on a blocking socket."""
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        count = 0
+        while count < max_count:
+            method, params = make(count)
+            self.result(method, params)
+            count += 1
+            if time.perf_counter() >= deadline:
+                break
+        return Run(count, time.perf_counter() - t0)
+
+    def pipelined(self, make: MakeRequest, window: int, seconds: float, max_count: int) -> Run:
+        """``Wire.pipelined`` (without ``unit``) on a blocking socket."""
+        encode, unpacker, sock = self._encode, self._unpacker, self.sock
+        first_id = self._next_id
+        sent = done = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        out = []
+        while sent < window and sent < max_count:
+            out.append(encode(*make(sent)))
+            sent += 1
+        sock.sendall(b"".join(out))
+        topping = True
+        while done < sent:
+            data = sock.recv(RECEIVE_BYTES)
+            if not data:
+                raise WireError("the server closed the connection")
+            unpacker.feed(data)
+            answered = 0
+            for msg in unpacker:
+                if msg[0] == 2:
+                    continue
+                if msg[2] is not None or msg[1] != (first_id + done) & U32_MAX:
+                    raise WireError(f"request {done}: unexpected answer {msg!r:.200}")
+                done += 1
+                answered += 1
+            if topping and time.perf_counter() >= deadline:
+                topping = False
+            if topping and answered:
+                out = []
+                while answered and sent < max_count:
+                    out.append(encode(*make(sent)))
+                    sent += 1
+                    answered -= 1
+                if out:
+                    sock.sendall(b"".join(out))
+        return Run(done, time.perf_counter() - t0)
