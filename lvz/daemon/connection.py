@@ -137,24 +137,25 @@ class Connection:
         self.out.append(data)
         self.out_bytes += len(data)
 
-    def put_event(self, data: bytes, vm_handle: int) -> None:
+    def put_event(self, data: bytes, vm_handle: int) -> bool:
         """Queue a notification without ever blocking the VM that caused it.
 
         Past ``max_events`` unsent events the subscriber is not keeping up: the event is
         dropped and counted per VM, and each count goes out as one ``events_lost``
         notification ``{"vm": h, "count": n}`` as soon as the connection drains; the ``seq``
-        gap of that VM's next event agrees with it.
+        gap of that VM's next event agrees with it. Returns False when the event was dropped.
         """
         if self.closed:
-            return
+            return True
         if self.queued_events >= self.max_events:
             self.events_lost[vm_handle] = self.events_lost.get(vm_handle, 0) + 1
             self.wakeup.unpark_all()
-            return
+            return False
         self._report_lost()
         self.queued_events += 1
         self.put(data)
         self.wakeup.unpark_all()
+        return True
 
     def _report_lost(self) -> None:
         if self.events_lost:

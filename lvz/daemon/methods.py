@@ -28,6 +28,7 @@ from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError
 from lvz.protocol.methods import METHODS
 
+from . import stats
 from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
 from .host import plugin_failure
 
@@ -186,6 +187,7 @@ def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
         raise KvmError("EINVAL", f"vm.irq_line: irq {irq} is not a PCH-PIC pin (0..63)")
     if level not in (0, 1):
         raise KvmError("EINVAL", f"vm.irq_line: level {level} is not 0 or 1")
+    vm.irq_lines += level
     vm.set_chip_input(C.DEV_PCHPIC, irq, level)
     return {}
 
@@ -197,6 +199,7 @@ def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result
     if p["data"] >= C.EIOINTC_IRQS:
         raise KvmError("EINVAL", f"vm.signal_msi: data {p['data']} is not an EIOINTC irq "
                                  f"(0..255)")
+    vm.msis += 1
     vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
     return {}
 
@@ -342,6 +345,14 @@ def device_save_state(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -
     return {"attrs": attrs}
 
 
+def kvm_stats_(d: Daemon, conn: Connection, p: Params) -> Result:
+    return stats.kvm_stats(d, d.stats_schema, p)
+
+
+def vm_stats_(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    return stats.vm_stats(d, d.stats_schema, h.vm, p)
+
+
 # ---------------------------------------------------------------- the tables -----------------
 
 #: Methods that take no handle.
@@ -354,6 +365,7 @@ KVM: Final[dict[str, Callable[[Daemon, Connection, Params], Result]]] = {
     "kvm.list_vms": kvm_list_vms,
     "kvm.open_vm_id": kvm_open_vm_id,
     "kvm.list_plugins": kvm_list_plugins,
+    "kvm.stats": kvm_stats_,
 }
 
 #: Methods whose handle may be of any kind (``handle`` parameter).
@@ -374,6 +386,7 @@ VM: Final[dict[str, Callable[[Daemon, Connection, Params, VmHandle], MaybeLater]
     "vm.phyid_lookup": vm_phyid_lookup,
     "vm.phyid_map": vm_phyid_map,
     "vm.subscribe": vm_subscribe,
+    "vm.stats": vm_stats_,
 }
 
 VCPU: Final[dict[str, Callable[[Daemon, Connection, Params, VcpuHandle], Result]]] = {

@@ -108,7 +108,7 @@ def _stable_counter() -> int:
 class Vcpu:
     """One vCPU: a sparse CSR file (only written CSRs take memory), CPUCFG words, liveness."""
 
-    __slots__ = ("alive", "cpucfg", "csrs", "vcpu_id", "vm")
+    __slots__ = ("alive", "cpucfg", "csrs", "hypercalls", "raises", "vcpu_id", "vm")
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
@@ -119,6 +119,10 @@ class Vcpu:
             CSR_CRMD: CSR_CRMD_DA, CSR_TMID: vcpu_id, CSR_CPUID: vm.max_phyid,
         }
         self.cpucfg: dict[int, int] | None = None
+        # Counters for kvm.stats / lvz top: per-line raises (made on the first raise, so an
+        # idle vCPU carries none) and hypercalls.
+        self.raises: list[int] | None = None
+        self.hypercalls = 0
 
     @property
     def lines(self) -> int:
@@ -175,6 +179,10 @@ class Vm:
         self._constructing = ""
         #: All its chips see of this VM.
         self.chip_api = ChipApi(self)
+        # Counters for kvm.stats / lvz top, bumped where the event happens (lvz/daemon/stats.py).
+        self.irq_lines = 0
+        self.msis = 0
+        self.events_lost = 0
 
     # ---------------------------------------------------------------- lifecycle ---------------
 
@@ -419,9 +427,14 @@ class Vm:
             bit = changed & -changed
             changed ^= bit
             self.seq += 1
+            irq = bit.bit_length() - 1
+            if not old & bit:
+                raises = vcpu.raises
+                if raises is None:
+                    raises = vcpu.raises = [0] * EXCCODE_INT_NUM
+                raises[irq] += 1
             listener = self.listener
             if listener is not None:
-                irq = bit.bit_length() - 1
                 listener(self, vcpu.vcpu_id, irq, 0 if old & bit else 1, self.seq)
 
     def interrupt(self, vcpu: Vcpu, irq: int) -> None:
@@ -477,6 +490,7 @@ class Vm:
 
     def hypercall(self, vcpu: Vcpu, code: int, args: list[int]) -> int:
         """``hvcl code``: plugins decide (firstresult); nobody answering is INVALID_CODE."""
+        vcpu.hypercalls += 1
         a = [x & U64_MAX for x in args] + [0] * (6 - len(args))
         result, plugin = self.host.call_first("lvz_hypercall", vm=self.chip_api,
                                               vcpu_id=vcpu.vcpu_id, code=code, args=a)

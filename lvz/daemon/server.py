@@ -65,6 +65,7 @@ from .listener import SocketInUse, goodbye, notify_ready, open_listener, unlink_
 from .methods import MaybeLater, Params, Result
 from .model import Vcpu, Vm
 from .recorder import Recorder, RecordingFailed
+from .stats import StatsSchema
 
 log = logging.getLogger("lvz.daemon")
 
@@ -104,6 +105,8 @@ class Daemon:
         self.running: dict[Vcpu, RunWait] = {}
         self.connections: set[Connection] = set()
         self.conn_counter = 0
+        self.peak_connections = 0  # kvm.stats
+        self.started = time.monotonic()
         self.shutting_down = False
         self.recorder: Recorder | None = None  # lvz serve --record
         #: Counts VM and vCPU deaths: a connection at its handle limit sweeps its handles of
@@ -117,6 +120,7 @@ class Daemon:
         self.vm_by_id: dict[int, Vm] = {}
         self.last_vm_id = 0
         self.device_type_names = sorted(host.device_types)
+        self.stats_schema = StatsSchema(host)
         self.calls = self._routes()
 
     def _routes(self) -> dict[str, Call]:
@@ -200,6 +204,7 @@ class Daemon:
                 "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
             return
         self.connections.add(conn)
+        self.peak_connections = max(self.peak_connections, len(self.connections))
         log.info("connection %d opened", conn.number)
         try:
             # The one place a connection's tasks (reader, event pump, vcpu.run waits) run,
@@ -553,9 +558,10 @@ class Daemon:
             phyid = cpuid if v and vm.phyids.get(cpuid) is v else None
             for conn, sub in subs.items():
                 h = sub.carrier
-                conn.put_event(conn.proto.send_notification(
-                    "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq, "level": level,
-                            "seq": seq, "phyid": phyid}), h)
+                if not conn.put_event(conn.proto.send_notification(
+                        "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq, "level": level,
+                                "seq": seq, "phyid": phyid}), h):
+                    vm.events_lost += 1
 
     # ---------------------------------------------------------------- vcpu.run ----------------
 

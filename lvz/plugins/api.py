@@ -17,7 +17,13 @@ from typing import Protocol
 
 from lvz.protocol.errors import KvmError
 
-__all__ = ["Device", "DeviceType", "IoHandler", "VmApi"]
+__all__ = ["Device", "DeviceType", "IoHandler", "Stat", "VmApi"]
+
+#: What a counter means over time, as KVM_GET_STATS_FD's KVM_STATS_TYPE_*: ``cumulative``
+#: only grows (rates are its differences), ``instant`` is a level now, ``peak`` a high mark.
+STAT_KINDS = ("cumulative", "instant", "peak")
+#: What one value counts: events, a 0/1 state, a bit set, an identifier, or milliseconds.
+STAT_UNITS = ("count", "boolean", "bitmask", "id", "milliseconds")
 
 
 class IoHandler(Protocol):
@@ -133,6 +139,14 @@ class Device:
     def phyid_dropped(self, vcpu_id: int, phyid: int) -> None:
         """``phyid`` is free again."""
 
+    def stats(self) -> list[int | list[int]]:
+        """The current values of ``DeviceType.stats``, in its order (a list for ``size`` > 1).
+
+        Counters are plain ints the chip bumps where the event already happens; levels (pending,
+        masked) are read from its registers here, so asking costs nothing until someone asks.
+        """
+        return []
+
     def save_state(self) -> list[tuple[int, int, int]]:
         """The device's whole state as ``(group, attr, value)`` device attrs, in restore order.
 
@@ -150,9 +164,37 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class Stat:
+    """One counter a chip keeps, described once so ``lvz top`` needs no table of its own.
+
+    ``size`` > 1 makes it an array (one value per input line, say); ``help`` is the sentence a
+    viewer shows. ``Device.stats()`` returns the values in the order ``DeviceType.stats`` lists
+    these, so the descriptors cross the wire once and the values each time.
+    """
+
+    name: str
+    kind: str
+    unit: str = "count"
+    size: int = 1
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "a").isalnum() or not self.name.islower():
+            raise ValueError(f"stat name {self.name!r} is not lower_case_with_underscores")
+        if self.kind not in STAT_KINDS:
+            raise ValueError(f"stat {self.name!r}: kind {self.kind!r} is not one of {STAT_KINDS}")
+        if self.unit not in STAT_UNITS:
+            raise ValueError(f"stat {self.name!r}: unit {self.unit!r} is not one of {STAT_UNITS}")
+        if not 1 <= self.size <= 4096:
+            raise ValueError(f"stat {self.name!r}: size {self.size} is not 1..4096")
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceType:
     """What ``lvz_device_types`` returns: a name for ``vm.create_device`` and how to build it."""
 
     name: str
     kvm_type: int
     factory: Callable[[VmApi], Device]
+    #: The counters ``Device.stats()`` reports (``kvm.stats`` / ``vm.stats``, ``lvz top``).
+    stats: tuple[Stat, ...] = ()

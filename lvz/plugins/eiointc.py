@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.api import Device, DeviceType, Stat, VmApi
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -128,6 +128,9 @@ class Eiointc(Device):
         self.sw_coremap: list[int] = [0] * EIOINTC_IRQS
         #: vcpu_id -> per-ip 256-bit sets of irqs asserted there; a line is up iff its set is.
         self.sw_coreisr: dict[int, list[int]] = {}
+        #: Per-irq assertions that reached a vCPU, and those that reached none, for ``stats()``.
+        self.deliveries = [0] * EIOINTC_IRQS
+        self.drops = 0
         self.main_window = _Window(self._guest_read, self._guest_write)
         self.virt_window = _Window(self._virt_read, self._virt_write)
         vm.claim_iocsr(EIOINTC_BASE, EIOINTC_SIZE, self.main_window)
@@ -173,12 +176,14 @@ class Eiointc(Device):
         ip = self.ipnum(irq)
         vid = self.sw_coremap[irq]
         if not self.vm.vcpu_exists(vid):
+            self.drops += level
             return  # kernel: kvm_err("invalid target cpu") and drop
         bit = 1 << irq
         pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
         if level:
             if not _bit(self.regs[ENABLE], irq):
                 return
+            self.deliveries[irq] += 1
             self.coreisr[vid] = self.coreisr.get(vid, 0) | bit
             found = pending[ip] != 0
             pending[ip] |= bit
@@ -448,6 +453,24 @@ class Eiointc(Device):
         return out
 
 
+    def stats(self) -> list[int | list[int]]:
+        isr, enable = self.regs[ISR], self.regs[ENABLE]
+        return [self.deliveries, self.drops,
+                [(isr >> irq) & 1 for irq in range(EIOINTC_IRQS)],
+                [((enable >> irq) & 1) ^ 1 for irq in range(EIOINTC_IRQS)],
+                list(self.sw_coremap)]
+
+
+STATS = (
+    Stat("deliveries", "cumulative", size=EIOINTC_IRQS,
+         help="assertions of each irq that reached its routed vCPU"),
+    Stat("drops", "cumulative", help="assertions whose routed vCPU does not exist"),
+    Stat("pending", "instant", "boolean", size=EIOINTC_IRQS, help="ISR: the input is high"),
+    Stat("masked", "instant", "boolean", size=EIOINTC_IRQS, help="the irq is not enabled"),
+    Stat("route", "instant", "id", size=EIOINTC_IRQS, help="the vcpu_id each irq goes to"),
+)
+
+
 @hookimpl
 def lvz_device_types() -> list[DeviceType]:
-    return [DeviceType(DEV_EIOINTC, KVM_DEV_TYPE_LOONGARCH_EIOINTC, Eiointc)]
+    return [DeviceType(DEV_EIOINTC, KVM_DEV_TYPE_LOONGARCH_EIOINTC, Eiointc, STATS)]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.api import Device, DeviceType, Stat, VmApi
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol.abi import (
     ANY_SEND,
@@ -110,6 +110,10 @@ class IpiDevice(Device):
         super().__init__(vm)
         #: vcpu_id -> its IPI registers.
         self.states: dict[int, IpiState] = {vcpu_id: IpiState() for vcpu_id in vm.vcpu_ids()}
+        # Counters for ``stats()``: bumped where the send already happens, nothing more.
+        self.sends = 0
+        self.mail_sends = 0
+        self.drops = 0
         vm.claim_iocsr(IOCSR_IPI_BASE, IOCSR_IPI_SIZE, self)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -178,7 +182,10 @@ class IpiDevice(Device):
         elif offset == IPI_SEND:
             target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
             if target is not None:
+                self.sends += 1
                 self._ipi_set(target, 1 << (data & IPI_SEND_VECTOR_MASK))
+            else:
+                self.drops += 1
         elif offset == MAIL_SEND:
             self._mail_send(data)
         elif offset == ANY_SEND:
@@ -188,7 +195,9 @@ class IpiDevice(Device):
     def _mail_send(self, data: int) -> None:
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
         if target is None:
+            self.drops += 1
             return
+        self.mail_sends += 1
         start = 4 * (((data & U32_MAX) >> IPI_SEND_MAILBOX_SHIFT) & IPI_SEND_MAILBOX_MASK)
         buf = self._state(target).buf
         keep = _keep_mask(data)
@@ -204,6 +213,7 @@ class IpiDevice(Device):
         """
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))
         if target is None:
+            self.drops += 1
             return
         addr = data & IPI_SEND_ADDR_MASK
         keep = _keep_mask(data)
@@ -272,7 +282,19 @@ class IpiDevice(Device):
                 out.append((grp, attr, self.get_attr(grp, attr)))
         return out
 
+    def stats(self) -> list[int | list[int]]:
+        pending = sum(1 for st in self.states.values() if st.status)
+        return [self.sends, self.mail_sends, self.drops, pending]
+
+
+STATS = (
+    Stat("sends", "cumulative", help="IPI_SEND stores that reached a vCPU"),
+    Stat("mail_sends", "cumulative", help="MAIL_SEND stores that reached a vCPU"),
+    Stat("drops", "cumulative", help="sends whose target phyid maps to no vCPU"),
+    Stat("pending", "instant", help="vCPUs whose IPI STATUS is non-zero (INT_IPI up)"),
+)
+
 
 @hookimpl
 def lvz_device_types() -> list[DeviceType]:
-    return [DeviceType(DEV_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice)]
+    return [DeviceType(DEV_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice, STATS)]

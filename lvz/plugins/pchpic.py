@@ -19,7 +19,7 @@ reported as EFAULT (as the kernel does) with lvz's reason in the message.
 
 from __future__ import annotations
 
-from lvz.plugins.api import Device, DeviceType, VmApi
+from lvz.plugins.api import Device, DeviceType, Stat, VmApi
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -75,6 +75,9 @@ class PchPic(Device):
         for pin in range(PCH_PIC_IRQ_NUM):
             self.route_entry[pin] = 1
             self.htmsi_vector[pin] = pin  # pins 32..63 stay 0: they all reach EIOINTC irq 0
+        #: Per-pin raises and forwards to EIOINTC, for ``stats()``.
+        self.raises = [0] * PINS
+        self.forwarded = 0
 
     # --- pins (pch_pic_set_irq / pch_pic_update_irq) --------------------------------------------
 
@@ -84,6 +87,7 @@ class PchPic(Device):
             raise KvmError("EINVAL", f"PCH-PIC has pins 0..{PINS - 1}, not {line}")
         bit = 1 << line
         if level:
+            self.raises[line] += 1
             self.regs[INT_IRR] |= bit
         else:
             if self.regs[EDGE] & bit:
@@ -102,6 +106,7 @@ class PchPic(Device):
             if not bit & self.regs[INT_IRR] & ~self.regs[MASK]:
                 return
             self.regs[INT_ISR] |= bit
+            self.forwarded += 1
         else:
             if not bit & self.regs[INT_ISR] & ~self.regs[INT_IRR]:
                 return
@@ -238,6 +243,21 @@ class PchPic(Device):
         return out + [(regs, attr, self.get_attr(regs, attr)) for attr in attrs]
 
 
+    def stats(self) -> list[int | list[int]]:
+        irr, mask = self.regs[INT_IRR], self.regs[MASK]
+        return [self.raises, self.forwarded,
+                [(irr >> pin) & 1 for pin in range(PINS)],
+                [(mask >> pin) & 1 for pin in range(PINS)]]
+
+
+STATS = (
+    Stat("raises", "cumulative", size=PINS, help="times each pin was driven high"),
+    Stat("forwarded", "cumulative", help="pin assertions passed on to EIOINTC (unmasked)"),
+    Stat("pending", "instant", "boolean", size=PINS, help="IRR: the pin is requesting"),
+    Stat("masked", "instant", "boolean", size=PINS, help="MASK: the pin is masked"),
+)
+
+
 @hookimpl
 def lvz_device_types() -> list[DeviceType]:
-    return [DeviceType(DEV_PCHPIC, KVM_DEV_TYPE_LOONGARCH_PCHPIC, PchPic)]
+    return [DeviceType(DEV_PCHPIC, KVM_DEV_TYPE_LOONGARCH_PCHPIC, PchPic, STATS)]

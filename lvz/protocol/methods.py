@@ -77,6 +77,9 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "kvm.open_vm_id": (("id", "u64", _R),),
     # lvz addition: the irqchip plugins the daemon loaded (`lvz plugins`).
     "kvm.list_plugins": (),
+    # lvz additions, as KVM_GET_STATS_FD: self-describing counters (`lvz top`).
+    "kvm.stats": (("schema", "u64", _O), ("id", "u64", _O)),
+    "vm.stats": (("vm", "vm", _R), ("schema", "u64", _O)),
     "vm.destroy": (("vm", "vm", _R),),
     "vm.create_vcpu": (("vm", "vm", _R), ("vcpu_id", "int", _R)),
     "vm.create_device": (("vm", "vm", _R), ("type", "str", _R)),
