@@ -995,6 +995,11 @@ def build_parser() -> argparse.ArgumentParser:
     msi.add_argument("vm", metavar="VM", help="VM name or id")
     msi.add_argument("addr", metavar="ADDR", type=_u64, help="MSI address")
     msi.add_argument("data", metavar="DATA", type=_u64, help="MSI data: the EIOINTC irq")
+    from . import top  # its terminal library is imported only when the live view starts
+
+    tp = add("top", "a live view of interrupts per VM, vCPU and line, as kvm_stat", base,
+             lambda a: top.run(a, connect, str(resolve_socket_path(a.socket))))
+    top.add_arguments(tp)
     ev = add("events", "follow a VM's interrupt-line changes live", lists, cmd_events)
     ev.add_argument("vm", metavar="VM", help="VM name or id")
     ev.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
