@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from lvz.protocol import abi
 from lvz.protocol.errors import KvmError
 
 if TYPE_CHECKING:
@@ -34,8 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Sample", "Schema", "Source", "View", "add_arguments", "run"]
 
 #: The ESTAT bit numbers of the interrupt lines, as ``lvz events`` names them.
-LINE_NAMES: Final = {0: "SWI0", 1: "SWI1", 11: "TI", 12: "IPI"} | {
-    2 + i: f"HWI{i}" for i in range(8)}
+LINE_NAMES: Final = abi.LINE_NAMES
 
 Key = tuple[Any, ...]
 
@@ -193,10 +193,16 @@ def _row_text(cols: Sequence[Column], row: dict[str, Any]) -> str:
     return " ".join(out)
 
 
+def _fancy() -> bool:
+    """Whether the terminal takes arrows and ⏎; a C-locale one gets ASCII."""
+    return (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
+
+
 def _header_text(cols: Sequence[Column], sort_key: str, reverse: bool) -> str:
+    down, up = ("▼", "▲") if _fancy() else ("v", "^")
     out = []
     for c in cols:
-        h = c.header + (("▼" if reverse else "▲") if c.key == sort_key else "")
+        h = c.header + ((down if reverse else up) if c.key == sort_key else "")
         out.append(h.ljust(c.width) if c.left else h.rjust(c.width))
     return " ".join(out)
 
@@ -502,17 +508,20 @@ def _log(source: Source, view: View, args: argparse.Namespace) -> int:
 
 # --- the live screen ---------------------------------------------------------------------------
 
-FOOTER: Final = {
-    False: "q quit  s sort  o order  f filter  c clear  ↑↓ select  ⏎ drill down  r reset  "
-           "+/- interval",
-    True: "q quit  s sort  o order  ↑↓ scroll  b/← back  r reset  +/- interval",
-}
+def _footer(drilled: bool) -> str:
+    arrows, enter, left = ("↑↓", "⏎", "←") if _fancy() else ("up/down", "Enter", "left")
+    if drilled:
+        return f"q quit  s sort  o order  {arrows} scroll  b/{left} back  r reset  +/- interval"
+    return (f"q quit  s sort  o order  f filter  c clear  {arrows} select  {enter} drill down  "
+            f"r reset  +/- interval")
 
 
 def _interactive(source: Source, view: View, args: argparse.Namespace) -> int:
     import curses
+    import locale
     import os
 
+    locale.setlocale(locale.LC_ALL, "")  # so curses writes the terminal's encoding
     os.environ.setdefault("ESCDELAY", "25")  # Esc is a key here, not the start of a sequence
     return curses.wrapper(_loop, source, view)
 
@@ -644,7 +653,7 @@ def _draw(scr: curses.window, view: View, title: list[str], body: list[str],
         put(y, line, curses.A_REVERSE)
     for i, line in enumerate(body[scroll:scroll + room]):
         put(len(title) + i, line, curses.A_REVERSE if scroll + i == selected else 0)
-    footer = FOOTER[view.vm_id is not None]
+    footer = _footer(view.vm_id is not None)
     put(h - 1, f"{view.message}  |  {footer}" if view.message else footer, curses.A_DIM)
     scr.refresh()
 
