@@ -998,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import top  # its terminal library is imported only when the live view starts
 
     tp = add("top", "a live view of interrupts per VM, vCPU and line, as kvm_stat", base,
-             lambda a: top.run(a, connect, str(resolve_socket_path(a.socket))))
+             lambda a: top.run(a, connect, str(resolve_socket_path(a.socket)), Usage))
     top.add_arguments(tp)
     ev = add("events", "follow a VM's interrupt-line changes live", lists, cmd_events)
     ev.add_argument("vm", metavar="VM", help="VM name or id")

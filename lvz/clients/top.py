@@ -699,21 +699,23 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace, connect: Callable[[argparse.Namespace], Kvm],
-        socket: str) -> int:
-    """``lvz top``: the live screen on a terminal, else (or with a flag) the batch modes."""
-    from .cli import Usage
+        socket: str, Usage: type[Exception]) -> int:
+    """``lvz top``: the live screen on a terminal, else (or with a flag) the batch modes.
 
+    ``Usage`` is what the CLI turns into exit status 2; it is handed in rather than imported
+    because ``python -m lvz.clients.cli`` runs the CLI as ``__main__``, a module of its own.
+    """
     try:
         if args.filter:
             re.compile(args.filter)
     except re.error as exc:
         raise Usage(f"--filter is not a regex: {exc}") from None
+    if args.vm is not None and not args.once:
+        raise Usage("--vm goes with --once (in the live view, select a VM and press Enter)")
     interactive = not (args.once or args.log or args.csv)
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise Usage("the live view needs a terminal; use --once, --log or --csv for a pipe "
                     "or a file")
-    if args.vm is not None and not args.once:
-        raise Usage("--vm goes with --once (in the live view, select a VM and press Enter)")
     if (args.log or args.csv) and args.interval <= 0:
         raise Usage("--log and --csv need an --interval above 0")
     view = View(sort=args.sort, filter=args.filter, interval=args.interval or 1.0,
