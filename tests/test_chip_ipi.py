@@ -76,7 +76,7 @@ def snapshot(c: Chip) -> list[int]:
 
 def test_device_type_hook() -> None:
     assert ipi.lvz_device_types() == [
-        DeviceType(DEV_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice)
+        DeviceType(DEV_IPI, KVM_DEV_TYPE_LOONGARCH_IPI, IpiDevice, ipi.STATS)
     ]
     pm = pluggy.PluginManager("lvz")
     pm.add_hookspecs(hookspecs)
