@@ -301,8 +301,8 @@ def test_csv_prints_a_row_per_vm_per_interval(busy: tuple[Kvm, int], lvz_socket:
         assert float(row["deliveries_per_s"]) == 0.0 and row["time"].endswith("Z")
     r = lvz("top", "--log", "--count", "1", "--interval", "0.05", "--filter", vm_name,
             socket=lvz_socket)
-    header, row = r.stdout.splitlines()
-    assert header.split()[:3] == ["time", "id", "name"] and row.split()[2] == vm_name
+    header, line = r.stdout.splitlines()
+    assert header.split()[:3] == ["time", "id", "name"] and line.split()[2] == vm_name
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), [
