@@ -13,9 +13,17 @@
     watcher connection holds a named VM; afterwards its state and a routing probe must be
     unchanged, the daemon alive, and its RSS is reported before and after.
 
+(c) A disconnect storm against a real ``lvz serve`` (issue 8): while drivers keep PV IPI
+    hypercalls (every vCPU's SWI0 up, then acknowledged) and EIOINTC MSIs (raised, then the
+    guest's COREISR acknowledgement) flowing on a 32-vCPU VM, subscribers to that VM misbehave
+    at random moments: close, reset (SO_LINGER 0), shut their read or write side, stop reading,
+    or send junk. Every one of them may only end its own connection: the drivers' requests all
+    succeed, the daemon stays up, and a watcher VM on another connection is unchanged.
+
 Everything is bounded: a step count and a deadline for (a), a message count and a deadline for
-(b); Unix sockets on loopback only; the daemon is stopped (SIGTERM, then SIGKILL) whatever
-happens. ``--quick`` scales both down to finish within a minute. Exit status 1 on any failure.
+(b), a connection count and a deadline for (c); Unix sockets on loopback only; the daemon is
+stopped (SIGTERM, then SIGKILL) whatever happens. ``--quick`` scales all down to finish within
+a minute or so. Exit status 1 on any failure.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -283,6 +293,185 @@ def soak(messages: int, connections: int, throwaway: int, deadline: float,
     return out
 
 
+# ---------------------------------------------------------------------- (c) disconnect storm ----
+
+STORM_VCPUS = 32
+STORM_MSI_IRQ = 3
+EIOINTC_ENABLE, EIOINTC_COREISR, EIOINTC_COREMAP = (
+    abi.EIOINTC_BASE + abi.EIOINTC_ENABLE, abi.EIOINTC_BASE + abi.EIOINTC_COREISR,
+    abi.EIOINTC_BASE + abi.EIOINTC_COREMAP)
+BEHAVIOURS = ("close", "reset", "shut-read", "shut-write", "stop-reading", "junk")
+
+
+class Lane:
+    """One pipelined connection: send a batch, collect its answers, skip notifications."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.msgid = 0
+
+    @classmethod
+    async def open(cls, path: str) -> Lane:
+        return cls(await trio.open_unix_socket(path))
+
+    async def batch(self, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        first = self.msgid + 1
+        data = []
+        for method, params in calls:
+            self.msgid += 1
+            data.append(msgpack.packb([0, self.msgid, method, params]))
+        await self.stream.send_all(b"".join(data))
+        answers: dict[int, Any] = {}
+        while len(answers) < len(calls):
+            chunk = await self.stream.receive_some(1 << 16)
+            if not chunk:
+                raise RuntimeError("the daemon closed a driver's connection")
+            self.unpacker.feed(chunk)
+            for msg in self.unpacker:
+                if msg[0] == 1:
+                    if msg[2] is not None:
+                        raise RuntimeError(f"a driver's request failed: {msg[2]}")
+                    answers[msg[1]] = msg[3]
+        return [answers[i] for i in range(first, self.msgid + 1)]
+
+    async def call(self, method: str, **params: Any) -> Any:
+        return (await self.batch([(method, params)]))[0]
+
+
+async def storm_vm(path: str, name: str) -> tuple[Lane, int, list[int]]:
+    """A VM of STORM_VCPUS vCPUs (CPUID = vcpu_id), EIOINTC irq STORM_MSI_IRQ routed to CPUID 1."""
+    lane = await Lane.open(path)
+    vm = (await lane.call("kvm.create_vm", name=name))["vm"]
+    made = await lane.batch([("vm.create_vcpu", {"vm": vm, "vcpu_id": i})
+                             for i in range(STORM_VCPUS)])
+    vcpus = [m["vcpu"] for m in made]
+    await lane.batch([("vcpu.set_one_reg", {"vcpu": v, "id": abi.CPUID, "value": i})
+                      for i, v in enumerate(vcpus)])
+    for chip in (abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC):
+        await lane.call("vm.create_device", vm=vm, type=chip)
+    await lane.call("vcpu.iocsr_write", vcpu=vcpus[0], addr=EIOINTC_ENABLE, size=8,
+                    value=1 << STORM_MSI_IRQ)
+    await lane.call("vcpu.iocsr_write", vcpu=vcpus[0], addr=EIOINTC_COREMAP, size=8,
+                    value=0x2 << (8 * STORM_MSI_IRQ))
+    return lane, vm, vcpus
+
+
+async def drive(lane: Lane, vm: int, vcpus: list[int], until: trio.Event,
+                counts: Counter[str]) -> None:
+    """PV IPI bursts and MSI pairs until ``until`` is set; every answer must be a success."""
+    pv = [("vcpu.hypercall", {"vcpu": vcpus[0], "code": abi.KVM_HCALL_SERVICE,
+                              "args": [abi.KVM_HCALL_FUNC_IPI, U64_MAX, 0, 0]})]
+    acks = [("vcpu.csr_xchg", {"vcpu": v, "csr": abi.CSR_ESTAT, "value": 0, "mask": 1})
+            for v in vcpus]
+    msi = [("vm.signal_msi", {"vm": vm, "address": 0, "data": STORM_MSI_IRQ}),
+           ("vcpu.iocsr_write", {"vcpu": vcpus[1], "addr": EIOINTC_COREISR, "size": 8,
+                                 "value": 1 << STORM_MSI_IRQ})] * 16
+    while not until.is_set():
+        [answer] = await lane.batch(pv)
+        if answer["a0"] != 0:
+            raise RuntimeError(f"PV IPI hypercall answered {answer}")
+        await lane.batch(acks)
+        await lane.batch(msi)
+        counts["line changes"] += 2 * STORM_VCPUS + len(msi)
+
+
+async def misbehave(path: str, name: str, rng: random.Random, counts: Counter[str]) -> None:
+    """One subscriber that ends badly at a random moment."""
+    behaviour = rng.choice(BEHAVIOURS)
+    lane = await Lane.open(path)
+    stream = lane.stream
+    try:
+        vm = (await lane.call("kvm.open_vm", name=name))["vm"]
+        await lane.call("vm.subscribe", vm=vm)
+        await trio.sleep(rng.random() * 0.05)
+        if rng.random() < 0.5:  # read some events first, or none at all
+            with trio.move_on_after(rng.random() * 0.02):
+                while await stream.receive_some(rng.choice((1, 64, 4096, 65536))):
+                    pass
+        sock = stream.socket
+        if behaviour == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif behaviour == "shut-read":
+            sock.shutdown(socket.SHUT_RD)
+            await trio.sleep(rng.random() * 0.1)
+        elif behaviour == "shut-write":
+            await stream.send_eof()
+            with trio.move_on_after(rng.random() * 0.1):
+                while await stream.receive_some(65536):
+                    pass
+        elif behaviour == "stop-reading":
+            await trio.sleep(rng.random() * 0.3)
+        elif behaviour == "junk":
+            await stream.send_all(rng.choice((b"\xc1", rng.randbytes(rng.randrange(1, 64)),
+                                              b"\x91" * 1100)))
+            with trio.move_on_after(0.5):
+                while await stream.receive_some(65536):
+                    pass
+        counts[behaviour] += 1
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        counts[behaviour + " (refused on the way)"] += 1
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def storm(total: int, concurrent: int, deadline: float, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with procs.daemon() as proc:
+        path = str(proc.socket)
+        watcher = Watcher(path, f"storm-watch-{os.getpid()}")
+        watcher.check_probe_meaning()
+        out["rss_before"] = procs.rss_bytes(proc.pid)
+        counts: Counter[str] = Counter()
+        rounds = 4
+        t0 = time.perf_counter()
+        for rnd in range(rounds):
+            if time.monotonic() > deadline:
+                raise RuntimeError("storm deadline passed")
+
+            async def main(r: int = rnd) -> None:
+                name = f"storm-{r}"
+                first, vm, vcpus = await storm_vm(path, name)
+                second = await Lane.open(path)  # a second driver on its own connection
+                vm2 = (await second.call("kvm.open_vm", name=name))["vm"]
+                vcpus2 = [a["vcpu"] for a in await second.batch(
+                    [("vm.open_vcpu", {"vm": vm2, "vcpu_id": i})
+                     for i in range(STORM_VCPUS)])]
+                stop = trio.Event()
+                limit = trio.Semaphore(concurrent)
+
+                async def one(i: int) -> None:
+                    async with limit:
+                        await misbehave(path, name, random.Random(seed * 7919 + r * 1000 + i),
+                                        counts)
+
+                with trio.fail_after(max(1.0, deadline - time.monotonic())):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(drive, first, vm, vcpus, stop, counts)
+                        nursery.start_soon(drive, second, vm2, vcpus2, stop, counts)
+                        async with trio.open_nursery() as chaos:
+                            for i in range(total // rounds):
+                                chaos.start_soon(one, i)
+                        stop.set()
+                await first.call("vm.destroy", vm=vm)
+                await first.stream.aclose()
+                await second.stream.aclose()
+
+            trio.run(main)
+            if not proc.alive():
+                raise RuntimeError(f"the daemon died (status {proc.proc.returncode})")
+            if watcher.observe() != watcher.baseline:
+                raise RuntimeError("the watcher's VM changed during the storm")
+            say(f"  storm: {sum(v for k, v in counts.items() if k != 'line changes'):,} "
+                f"misbehaving subscribers, {counts['line changes']:,} line changes "
+                f"({time.perf_counter() - t0:.1f} s), daemon RSS "
+                f"{procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
+        out["seconds"] = time.perf_counter() - t0
+        out["rss_after"] = procs.rss_bytes(proc.pid)
+        watcher.close()
+        out["counts"] = dict(counts)
+    return out
+
 # ---------------------------------------------------------------------- main --------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,9 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         chip_target, segment, chip_budget = 100_000, 50_000, 30.0
         messages, connections, throwaway, soak_budget = 200_000, 2, 1_000, 25.0
+        storm_total, storm_budget = 400, 30.0
     else:
         chip_target, segment, chip_budget = 1_000_000, 200_000, 420.0
         messages, connections, throwaway, soak_budget = 1_000_000, 2, 10_000, 150.0
+        storm_total, storm_budget = 4_000, 120.0
     start = time.monotonic()
     say(f"(a) chip fuzzer: >= {chip_target:,} accesses per chip, invariants after every step")
     try:
@@ -307,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
         s = soak(messages, connections, throwaway, time.monotonic() + soak_budget, args.seed)
     except (RuntimeError, AssertionError) as exc:
         say(f"socket soak FAILED: {exc}")
+        return 1
+    say(f"(c) disconnect storm: {storm_total:,} misbehaving subscribers during IRQ storms")
+    try:
+        st = storm(storm_total, 16, time.monotonic() + storm_budget, args.seed)
+    except (RuntimeError, trio.TooSlowError) as exc:
+        say(f"disconnect storm FAILED: {exc!r}")
         return 1
     rate = chips.steps / chips.seconds
     print()
@@ -329,6 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| socket soak: throwaway junk connections | {s['throwaway']:,} | | {closed} |")
     print(f"| daemon RSS before / after | {s['rss_before'] / 2**20:.1f} MiB / "
           f"{s['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |")
+    ended = ", ".join(f"{k} {v:,}" for k, v in sorted(st["counts"].items())
+                      if k != "line changes")
+    print(f"| disconnect storm: misbehaving subscribers | "
+          f"{sum(v for k, v in st['counts'].items() if k != 'line changes'):,} | | {ended} |")
+    print(f"| disconnect storm: line changes (PV IPI, EIOINTC) meanwhile | "
+          f"{st['counts']['line changes']:,} | "
+          f"{st['counts']['line changes'] / st['seconds']:,.0f} /s | every driver request "
+          f"succeeded |")
+    print(f"| disconnect storm: daemon RSS before / after | {st['rss_before'] / 2**20:.1f} MiB / "
+          f"{st['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |")
     if not complete:
         say(f"chip fuzz stopped at its deadline before {chip_target:,} accesses per chip")
         return 1

@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options: dict[str, Any] = {}
     for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_events",
-                 "plugin_timeout"):
+                 "plugin_timeout", "max_connections", "partial_budget", "message_timeout"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
@@ -827,6 +827,16 @@ def _int_in(text: str, lo: int, hi: int, what: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _int_in(text, 1, U64_MAX, "an unsigned 64-bit integer")
     return value
@@ -915,6 +925,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="irq events queued per subscriber before dropping (default: 4096)")
     serve.add_argument("--plugin-timeout", type=float, metavar="SECONDS",
                        help="longest a plugin call may run; 0 = no limit (default: 1)")
+    serve.add_argument("--max-connections", type=_positive_int, metavar="N",
+                       help="connections at once (default: the fd limit minus 64)")
+    serve.add_argument("--partial-budget", type=_positive_int, metavar="BYTES",
+                       help="bytes of unfinished messages, all clients (default: 64 MiB)")
+    serve.add_argument("--message-timeout", type=_positive_float, metavar="SECONDS",
+                       help="longest a message may stay unfinished (default: 10)")
     serve.add_argument("--state-dir", metavar="DIR", help="where named VMs are kept")
     serve.add_argument("--record", metavar="FILE",
                        help="write every byte of every connection to FILE (for `lvz replay`)")

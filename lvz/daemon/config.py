@@ -7,6 +7,10 @@ from pathlib import Path
 
 from lvz.protocol.connection import DEFAULT_MAX_MESSAGE
 
+#: File descriptors kept back from ``--max-connections``' default (listener, state files,
+#: plugins, the spare fd that lets the daemon refuse a client politely at the fd limit).
+RESERVED_FDS = 64
+
 
 @dataclass(slots=True)
 class ServeConfig:
@@ -22,3 +26,9 @@ class ServeConfig:
     grace: float = 0.5  # seconds in-flight work gets on shutdown
     plugin_timeout: float = 1.0  # seconds a plugin call may run -> ETIMEDOUT, device broken
     exit_with_parent: bool = False  # SIGTERM ourselves when the parent dies (test daemons)
+    # Connections at once -> protocol_error EMFILE; None = the fd limit minus RESERVED_FDS.
+    max_connections: int | None = None
+    # Bytes of partially received messages, all connections together -> protocol_error ENOMEM.
+    partial_budget: int = 64 << 20
+    # Seconds one message may stay unfinished (slowloris) -> protocol_error ETIMEDOUT.
+    message_timeout: float = 10.0

@@ -50,7 +50,7 @@ from lvz.protocol.events import BadRequest, Malformed, Request
 from lvz.protocol.methods import HANDLE_PARAM, METHODS, validate
 
 from . import methods, systemd
-from .config import ServeConfig
+from .config import RESERVED_FDS, ServeConfig
 from .connection import (
     Connection,
     DeviceHandle,
@@ -61,7 +61,15 @@ from .connection import (
     VmHandle,
 )
 from .host import WATCHDOG, PluginHost, PluginLoadError, PluginTimeout, load_plugins
-from .listener import SocketInUse, goodbye, notify_ready, open_listener, unlink_socket
+from .listener import (
+    SocketInUse,
+    Throttled,
+    accept_forever,
+    goodbye,
+    notify_ready,
+    open_listener,
+    unlink_socket,
+)
 from .methods import MaybeLater, Params, Result
 from .model import Vcpu, Vm
 from .recorder import Recorder, RecordingFailed
@@ -69,9 +77,13 @@ from .stats import StatsSchema
 
 log = logging.getLogger("lvz.daemon")
 
-RECEIVE_BYTES = 65536
+#: Small reads: a waiting reader's last chunk stays alive, so 1,000 quiet connections cost
+#: 1,000 chunks; the decoder has already copied what it needs.
+RECEIVE_BYTES = 16384
 STATE_SUFFIX = ".lvzvm"
 FLUSH_BYTES = 256 * 1024
+#: SIGHUP too: a closed terminal or a supervisor's stop must save, not lose, the named VMs.
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Seconds a connection's reader may run before it lets other tasks in (fairness).
 SLICE = 0.02
 #: vCPUs torn down between two yields when a VM is destroyed.
@@ -108,6 +120,9 @@ class Daemon:
         self.peak_connections = 0  # kvm.stats
         self.started = time.monotonic()
         self.shutting_down = False
+        self.max_connections = config.max_connections or default_max_connections()
+        self.partial_held = 0  # bytes of unfinished messages, all connections (the budget)
+        self.refusal_log = Throttled()
         self.recorder: Recorder | None = None  # lvz serve --record
         #: Counts VM and vCPU deaths: a connection at its handle limit sweeps its handles of
         #: dead objects only if something died since its last sweep, so refusals are O(1).
@@ -203,6 +218,13 @@ class Daemon:
             await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
                 "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
             return
+        if len(self.connections) >= self.max_connections:
+            self.refusal_log(logging.WARNING, "connection refused: %d connections open "
+                             "(--max-connections)", len(self.connections))
+            await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
+                "EMFILE", f"the daemon already serves {self.max_connections} connections "
+                "(--max-connections)")))
+            return
         self.connections.add(conn)
         self.peak_connections = max(self.peak_connections, len(self.connections))
         log.info("connection %d opened", conn.number)
@@ -247,40 +269,83 @@ class Daemon:
         proto = conn.proto
         stream = conn.stream
         assert stream is not None
-        while True:
-            data = await stream.receive_some(RECEIVE_BYTES)
-            slice_end = time.perf_counter() + SLICE
-            proto.receive_data(data)
+        held = 0  # this connection's part of self.partial_held
+        timed = -1  # stream offset of the unfinished message on the slowloris clock
+        deadline = 0.0
+        try:
             while True:
-                try:
-                    event = proto.next_event()
-                except RemoteProtocolError as exc:
-                    log.info("connection %d: protocol error: %s", conn.number, exc.message)
-                    async with conn.send_lock:
-                        conn.put(proto.send_protocol_error(exc))
-                        data = b"".join(conn.out)
-                        conn.out.clear()
-                        await goodbye(stream, data)
+                if timed < 0:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                else:
+                    with trio.move_on_at(deadline) as scope:
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                    if scope.cancelled_caught:
+                        self.partial_held -= held  # given back now, not after the goodbye
+                        held = 0
+                        await self._close_with(conn, ProtocolError(
+                            "ETIMEDOUT", "a message stayed unfinished for more than "
+                            f"{self.config.message_timeout:g} s (--message-timeout)"))
+                        return
+                slice_end = time.perf_counter() + SLICE
+                proto.receive_data(data)
+                while True:
+                    try:
+                        event = proto.next_event()
+                    except RemoteProtocolError as exc:
+                        await self._close_with(conn, exc)
+                        return
+                    if event is NEED_DATA:
+                        break
+                    if type(event) is Request:
+                        pending = self._dispatch(conn, event)
+                        if pending is not None:
+                            await pending
+                        if time.perf_counter() >= slice_end:
+                            await trio.lowlevel.checkpoint()  # others' turn (fairness)
+                            slice_end = time.perf_counter() + SLICE
+                    elif type(event) is BadRequest:
+                        conn.put(proto.send_error(event.msgid, event.error))
+                    elif type(event) is Malformed:
+                        conn.put(proto.send_protocol_error(event.error))
+                    if conn.out_bytes >= FLUSH_BYTES:
+                        await conn.flush()
+                now_held = proto.held
+                if now_held != held:
+                    self.partial_held += now_held - held
+                    grew = now_held > held
+                    held = now_held
+                    if grew and self.partial_held > self.config.partial_budget:
+                        self.partial_held -= held  # others may use it during the goodbye
+                        held = 0
+                        await self._close_with(conn, ProtocolError(
+                            "ENOMEM", "the daemon's budget for partially received messages "
+                            f"({self.config.partial_budget} bytes, --partial-budget) is used "
+                            "up"))
+                        return
+                at = proto.unfinished
+                if at != timed:
+                    timed = at
+                    deadline = trio.current_time() + self.config.message_timeout
+                if not data:
+                    if conn.out:
+                        await conn.flush()
                     return
-                if event is NEED_DATA:
-                    break
-                if type(event) is Request:
-                    pending = self._dispatch(conn, event)
-                    if pending is not None:
-                        await pending
-                    if time.perf_counter() >= slice_end:
-                        await trio.lowlevel.checkpoint()  # others' turn (fairness)
-                        slice_end = time.perf_counter() + SLICE
-                elif type(event) is BadRequest:
-                    conn.put(proto.send_error(event.msgid, event.error))
-                elif type(event) is Malformed:
-                    conn.put(proto.send_protocol_error(event.error))
-                if conn.out_bytes >= FLUSH_BYTES:
+                del data  # not kept alive while waiting for the next one (RECEIVE_BYTES)
+                if conn.out:
                     await conn.flush()
-            if conn.out:
-                await conn.flush()
-            if not data:
-                return
+        finally:
+            self.partial_held -= held
+
+    async def _close_with(self, conn: Connection, error: ProtocolError) -> None:
+        """Answer what is buffered, then a ``protocol_error`` naming why, and hang up."""
+        log.info("connection %d: protocol error: %s %s", conn.number, error.name, error.message)
+        conn.proto.discard_input()
+        assert conn.stream is not None
+        async with conn.send_lock:
+            conn.put(conn.proto.send_protocol_error(error))
+            data = b"".join(conn.out)
+            conn.out.clear()
+            await goodbye(conn.stream, data)
 
     def _dispatch(self, conn: Connection, req: Request) -> Coroutine[Any, Any, None] | None:
         """Answer one request; a coroutine to await when its handler has to wait.
@@ -638,6 +703,13 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
     listener = activated if activated is not None else await open_listener(path)
     WATCHDOG.install(config.plugin_timeout)
     log.info("serving on %s (plugins: %s)", path, ", ".join(p.name for p in host.loaded))
+    refusal = Connection(None, config, 0).proto.send_protocol_error(ProtocolError(
+        "EMFILE", "the daemon is out of file descriptors; try again when clients have left"))
+    # Signals that come once shutdown has begun are logged and ignored, so a second SIGTERM
+    # or ^C cannot abort the save: these handlers are what the receiver below restores (and
+    # redelivers pending signals to) when it closes.
+    previous = {signum: signal.signal(signum, _during_shutdown) for signum in SHUTDOWN_SIGNALS}
+    signalled = False
     try:
         async with trio.open_nursery() as handlers:
             daemon.nursery = handlers  # where big orphaned VMs are torn down
@@ -645,10 +717,9 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
 
             async def accept_loop() -> None:
                 with accepting:
-                    await trio.serve_listeners(daemon.handle_stream, [listener],
-                                               handler_nursery=handlers)
+                    await accept_forever(listener, handlers, daemon.handle_stream, refusal)
 
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
                 handlers.start_soon(accept_loop)
                 notify_ready()
                 handlers.start_soon(systemd.supervise, lambda: (
@@ -657,6 +728,7 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
                 task_status.started(daemon)
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
+                    signalled = True
                     break
             systemd.notify("STOPPING=1")
             # Stop accepting first, then let in-flight work finish within the grace time;
@@ -673,6 +745,44 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
         await trio.aclose_forcefully(listener)
         if daemon.recorder is not None:
             daemon.recorder.close()
+        if not signalled:  # cancelled from outside (in-process use): the caller goes on.
+            # Signalled, the process is ending: a late signal must not turn exit 0 into death.
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _during_shutdown(signum: int, frame: object) -> None:
+    log.warning("signal %s during shutdown: ignored, the shutdown (and its save) goes on",
+                signal.Signals(signum).name)
+
+
+def _return_large_buffers() -> None:
+    """Make glibc serve buffers of 128 KiB and more with mmap, always.
+
+    Its default threshold rises to the largest block freed so far, so after a few 1 MiB
+    messages their buffers come from the heap, fragment it and are never returned: the RSS
+    of a daemon that once held 64 MiB of unfinished messages would stay there.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def default_max_connections() -> int:
+    """The fd limit less what the daemon needs for itself (``--max-connections``' default)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - RESERVED_FDS)
 
 
 def exit_with_parent() -> None:
@@ -702,7 +812,8 @@ def exit_with_parent() -> None:
 
 
 def run(config: ServeConfig, verbose: int = 0) -> int:
-    """``lvz serve``: run in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    """``lvz serve``: run in the foreground until SIGINT/SIGTERM/SIGHUP; returns the exit
+    code."""
     logging.basicConfig(
         level=logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
         format="lvz[%(process)d] %(levelname)s %(name)s: %(message)s",
@@ -717,6 +828,7 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         pass
     if config.exit_with_parent:
         exit_with_parent()
+    _return_large_buffers()
     try:
         host = load_plugins()
     except PluginLoadError as exc:
@@ -725,6 +837,8 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         return 125
     try:
         trio.run(serve, config, host)
+        for signum in SHUTDOWN_SIGNALS:  # served and saved: nothing late may kill the exit
+            signal.signal(signum, signal.SIG_IGN)
     except (SocketInUse, systemd.ActivationError, RecordingFailed) as exc:
         print(f"lvz serve: {exc}", flush=True, file=sys.stderr)
         return 125

@@ -34,6 +34,13 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE: Final = 1 << 20
 
+#: The decoder's first buffer; it grows only for a large message (see ``_Decoder``).
+BASE_BUFFER: Final = 4096
+
+#: One encoder for every server connection: encoding is synchronous and keeps no state
+#: between messages, and a per-connection Packer would cost 256 KiB each, idle or not.
+_SERVER_PACK = msgpack.Packer(use_bin_type=True).pack
+
 
 class _Sentinel(Enum):
     NEED_DATA = "NEED_DATA"
@@ -48,47 +55,88 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 
 class _Decoder:
-    """Bounded streaming msgpack decoder shared by both roles."""
+    """Bounded streaming msgpack decoder shared by both roles.
+
+    Memory: an Unpacker costs about 40 KiB even empty (msgpack's parse stack) and grows its
+    buffer by doubling without ever giving it back, so a connection that once received a
+    large message would keep that buffer for life. So an Unpacker exists only while bytes
+    are buffered: it is made (with a ``BASE_BUFFER`` buffer) when data arrives and dropped
+    whenever everything fed has been decoded. An idle connection holds no decoder memory,
+    whatever it received before; ``capacity`` is an upper bound of the live buffer (msgpack's
+    growth rule), which ``held`` reports for the daemon's budget.
+    """
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=max_message,
-            ext_hook=_reject_ext,
-        )
+        self._unpacker: msgpack.Unpacker | None = None
+        self._base = 0  # stream offset where the current Unpacker began
         self._pending: deque[memoryview] = deque()
-        self._fed = 0  # bytes fed to the Unpacker so far
+        self._pending_bytes = 0
+        self._fed = 0  # bytes fed to Unpackers so far
         self._start = 0  # stream offset where the unfinished message begins
+        self.capacity = 0  # >= the live Unpacker's buffer; 0 without one
         self._eof = False
         self._error: RemoteProtocolError | None = None
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        unpacker = self._unpacker
+        if unpacker is None:
+            unpacker = self._unpacker = msgpack.Unpacker(
+                raw=False,
+                strict_map_key=True,
+                read_size=min(BASE_BUFFER, self.max_message),
+                max_buffer_size=self.max_message,
+                ext_hook=_reject_ext,
+            )
+            self._base = self._fed  # == self._start: nothing was unfinished
+            self.capacity = min(BASE_BUFFER, self.max_message)
+        n = len(data)
+        need = self._fed - self._start + n
+        if need > self.capacity:  # msgpack reallocates to min(2 * need, max_buffer_size)
+            self.capacity = max(self.capacity, min(2 * need, self.max_message))
+        unpacker.feed(data)
+        self._fed += n
+
+    @property
+    def unfinished(self) -> int:
+        """Stream offset where an unfinished message begins, or -1 if none is buffered."""
+        if self._fed > self._start or self._pending_bytes:
+            return self._start
+        return -1
+
+    @property
+    def held(self) -> int:
+        """Bytes held for unfinished input (an upper bound), for the daemon's budget."""
+        return self.capacity + self._pending_bytes
 
     def receive_data(self, data: bytes) -> None:
         if not data:
             self._eof = True
         elif not self._pending and len(data) <= self.max_message - (self._fed - self._start):
-            self._unpacker.feed(data)  # the common case: straight in, no copy, no queue
-            self._fed += len(data)
+            self._feed(data)  # the common case: straight in, no copy, no queue
         else:
             self._pending.append(memoryview(data))
+            self._pending_bytes += len(data)
 
     def next_object(self) -> object:
         """The next decoded object, or NEED_DATA; raises RemoteProtocolError for bad bytes."""
         if self._error is not None:
             raise self._error
-        unpacker = self._unpacker
         while True:
-            try:
-                obj = next(unpacker)
-                # tell() also moves inside a partial message, so only trust it after a whole one.
-                self._start = unpacker.tell()
-                return obj
-            except StopIteration:
-                pass
-            except Exception as exc:  # msgpack raises several types; all mean "not msgpack"
-                self._error = RemoteProtocolError("EPROTO", f"undecodable message: {exc}")
-                raise self._error from None
+            unpacker = self._unpacker
+            if unpacker is not None:
+                try:
+                    obj = next(unpacker)
+                    # tell() also moves inside a partial message: only trust it after a whole one.
+                    self._start = self._base + unpacker.tell()
+                    return obj
+                except StopIteration:
+                    if self._fed == self._start:
+                        self._unpacker = None  # nothing unfinished (see the class docstring)
+                        self.capacity = 0
+                except Exception as exc:  # msgpack raises several types; all mean "not msgpack"
+                    self._error = RemoteProtocolError("EPROTO", f"undecodable message: {exc}")
+                    raise self._error from None
             buffered = self._fed - self._start
             space = self.max_message - buffered
             if not self._pending:
@@ -109,8 +157,8 @@ class _Decoder:
             else:
                 self._pending[0] = chunk[space:]
                 chunk = chunk[:space]
-            unpacker.feed(chunk)
-            self._fed += len(chunk)
+            self._pending_bytes -= len(chunk)
+            self._feed(chunk)
 
 
 def _usable_msgid(obj: object) -> int | None:
@@ -126,10 +174,25 @@ class ServerConnection:
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self._decoder = _Decoder(max_message)
-        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._pack = _SERVER_PACK
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
+
+    @property
+    def unfinished(self) -> int:
+        """Stream offset where an unfinished message begins, or -1: the slowloris clock."""
+        return self._decoder.unfinished
+
+    @property
+    def held(self) -> int:
+        """Bytes held for unfinished input beyond the idle size (the daemon-wide budget)."""
+        return self._decoder.held
+
+    def discard_input(self) -> None:
+        """Forget buffered input at once: the connection is being closed, its memory must
+        not wait for the goodbye."""
+        self._decoder = _Decoder(self._decoder.max_message)
 
     def next_event(self) -> Event | _Sentinel:
         """The next request (validated), BadRequest, Malformed, or NEED_DATA.
