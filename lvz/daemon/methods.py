@@ -30,15 +30,18 @@ from lvz.protocol.methods import METHODS
 
 from . import stats
 from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
+from .exits import Detached, access_exit, hypercall_exit
 from .host import plugin_failure
+from .model import Unclaimed
 
 if TYPE_CHECKING:
     from .server import Daemon
 
 Params = dict[str, Any]
 Result = dict[str, Any]
-#: What a handler that may wait returns: the result, or a coroutine producing it.
-MaybeLater = Result | Coroutine[Any, Any, Result]
+#: What a handler that may wait returns: the result, or a coroutine producing it (awaited
+#: before the connection's next request), or ``Detached`` (answered out of order: an exit).
+MaybeLater = Result | Coroutine[Any, Any, Result] | Detached
 
 #: Map entries built between two yields of a big ``vm.phyid_map``.
 MAP_CHUNK = 4096
@@ -281,22 +284,38 @@ def vcpu_get_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Resu
     return {"value": h.vm.get_vcpu_attr(p["group"], p["attr"])}
 
 
-def vcpu_iocsr_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    return {"value": h.vm.guest_read("iocsr", h.vcpu, p["addr"], p["size"])}
+def _guest_load(d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str,
+                method: str) -> MaybeLater:
+    try:
+        return {"value": h.vm.guest_read(space, h.vcpu, p["addr"], p["size"])}
+    except Unclaimed as miss:  # KVM_EXIT_MMIO / KVM_EXIT_LOONGARCH_IOCSR
+        return d.exits.guest_call(conn, h, method, access_exit(miss, None), p.get("timeout"))
 
 
-def vcpu_iocsr_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    h.vm.guest_write("iocsr", h.vcpu, p["addr"], p["size"], p["value"])
+def _guest_store(d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str,
+                 method: str) -> MaybeLater:
+    try:
+        h.vm.guest_write(space, h.vcpu, p["addr"], p["size"], p["value"])
+    except Unclaimed as miss:
+        return d.exits.guest_call(conn, h, method, access_exit(miss, p["value"]),
+                                  p.get("timeout"))
     return {}
 
 
-def vcpu_mmio_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    return {"value": h.vm.guest_read("mmio", h.vcpu, p["addr"], p["size"])}
+def vcpu_iocsr_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> MaybeLater:
+    return _guest_load(d, conn, p, h, "iocsr", "vcpu.iocsr_read")
 
 
-def vcpu_mmio_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    h.vm.guest_write("mmio", h.vcpu, p["addr"], p["size"], p["value"])
-    return {}
+def vcpu_iocsr_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> MaybeLater:
+    return _guest_store(d, conn, p, h, "iocsr", "vcpu.iocsr_write")
+
+
+def vcpu_mmio_read(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> MaybeLater:
+    return _guest_load(d, conn, p, h, "mmio", "vcpu.mmio_read")
+
+
+def vcpu_mmio_write(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> MaybeLater:
+    return _guest_store(d, conn, p, h, "mmio", "vcpu.mmio_write")
 
 
 def vcpu_kick(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
@@ -310,8 +329,14 @@ def vcpu_kick(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
     return {}
 
 
-def vcpu_hypercall(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    return {"a0": h.vm.hypercall(h.vcpu, p["code"], p.get("args", []))}
+def vcpu_hypercall(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> MaybeLater:
+    """``hvcl code``: a user hypercall or a crash exits to the VMM when its PV feature is on
+    (exits.py); everything else is the plugins' (PV IPI) or INVALID_CODE."""
+    args = p.get("args", [])
+    exit = hypercall_exit(h.vm, p["code"], args)
+    if exit is not None:
+        return d.exits.guest_call(conn, h, "vcpu.hypercall", exit, p.get("timeout"))
+    return {"a0": h.vm.hypercall(h.vcpu, p["code"], args)}
 
 
 # ---------------------------------------------------------------- device ---------------------
@@ -389,7 +414,8 @@ VM: Final[dict[str, Callable[[Daemon, Connection, Params, VmHandle], MaybeLater]
     "vm.stats": vm_stats_,
 }
 
-VCPU: Final[dict[str, Callable[[Daemon, Connection, Params, VcpuHandle], Result]]] = {
+#: vCPU methods; the guest accesses and ``vcpu.hypercall`` may exit to the VMM (``Detached``).
+VCPU: Final[dict[str, Callable[[Daemon, Connection, Params, VcpuHandle], MaybeLater]]] = {
     "vcpu.destroy": vcpu_destroy,
     "vcpu.set_one_reg": vcpu_set_one_reg,
     "vcpu.get_one_reg": vcpu_get_one_reg,

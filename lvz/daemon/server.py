@@ -60,6 +60,7 @@ from .connection import (
     VcpuHandle,
     VmHandle,
 )
+from .exits import Detached, Exits
 from .host import WATCHDOG, PluginHost, PluginLoadError, PluginTimeout, load_plugins
 from .listener import (
     SocketInUse,
@@ -115,6 +116,8 @@ class Daemon:
         self.map_locks: dict[Vm, trio.Lock] = {}
         self.subscribers: dict[Vm, dict[Connection, Subscription]] = {}
         self.running: dict[Vcpu, RunWait] = {}
+        #: Guest calls that exit to the VMM, per vCPU (exits.py).
+        self.exits = Exits(self)
         self.connections: set[Connection] = set()
         self.conn_counter = 0
         self.peak_connections = 0  # kvm.stats
@@ -176,7 +179,7 @@ class Daemon:
         return call
 
     def _writing_map(self, method: str,
-                     fn: Callable[[Daemon, Connection, Params, VcpuHandle], Result],
+                     fn: Callable[[Daemon, Connection, Params, VcpuHandle], MaybeLater],
                      writes: Callable[[Params, VcpuHandle], bool]) -> Call:
         """A vCPU method that may set or drop a phyid: under the VM's map lock when it does.
 
@@ -190,7 +193,9 @@ class Daemon:
 
         async def wait_for_lock(conn: Connection, p: Params, lock: trio.Lock) -> Result:
             async with lock:
-                return fn(self, conn, p, resolve(conn, p["vcpu"], VcpuHandle, method))
+                result = fn(self, conn, p, resolve(conn, p["vcpu"], VcpuHandle, method))
+                assert isinstance(result, dict), "a map writer neither waits nor exits"
+                return result
 
         def call(conn: Connection, p: Params) -> MaybeLater:
             h = resolve(conn, p["vcpu"], VcpuHandle, method)
@@ -362,6 +367,9 @@ class Daemon:
                 return None
             result = self.calls[method](conn, params)
             if not isinstance(result, dict):
+                if isinstance(result, Detached):  # a guest call that exited: answered later
+                    result.start(req.msgid)
+                    return None
                 return self._answer_later(conn, req.msgid, method, result)
             self._answer(conn, req.msgid, method, result)
         except KvmError as err:
@@ -409,7 +417,8 @@ class Daemon:
         """Run one request synchronously (``call_local``): only methods that never wait here."""
         result = self.calls[method](conn, params)
         if not isinstance(result, dict):
-            result.close()
+            if not isinstance(result, Detached):
+                result.close()
             raise KvmError("EINVAL", f"{method} cannot run inside the daemon")
         return result
 
@@ -523,7 +532,8 @@ class Daemon:
         if isinstance(h, VcpuHandle):
             wait = self.running.get(h.vcpu)
             if wait is not None and wait.handle is h:
-                self._finish_run(wait, KvmError("EBADF", "vcpu.run: the vCPU handle was closed"))
+                self.finish_run(wait, KvmError("EBADF", "vcpu.run: the vCPU handle was closed"))
+            self.exits.handle_closed(h)
         subs = self.subscribers.get(h.vm)
         if subs is not None:
             sub = subs.get(conn)
@@ -555,6 +565,7 @@ class Daemon:
             vcpu.vm.destroy_vcpu(vcpu)
         finally:
             self.end_wait(vcpu, "the vCPU was destroyed")
+            self.exits.end_vcpu(vcpu, "the vCPU was destroyed")
 
     async def destroy_vm(self, vm: Vm) -> None:
         """``vm.destroy``: dead at once to every client, torn down in chunks under its lock."""
@@ -578,6 +589,7 @@ class Daemon:
         self.deaths += 1
         for vcpu in vcpus:
             self.end_wait(vcpu, "the VM was destroyed")
+            self.exits.end_vcpu(vcpu, "the VM was destroyed")
         if vm.name is not None and self.named.get(vm.name) is vm:
             del self.named[vm.name]
         if vm in self.vms:
@@ -605,7 +617,7 @@ class Daemon:
         wait = self.running.get(vcpu)
         if wait is not None:
             message = why if why.startswith("vcpu.run") else f"vcpu.run: {why}"
-            self._finish_run(wait, KvmError(errno_name, message))
+            self.finish_run(wait, KvmError(errno_name, message))
 
     # ---------------------------------------------------------------- events ------------------
 
@@ -615,7 +627,7 @@ class Daemon:
             if vcpu is not None:
                 wait = self.running.get(vcpu)
                 if wait is not None:
-                    self._finish_run(wait, None, "irq")
+                    self.finish_run(wait, None, "irq")
         subs = self.subscribers.get(vm)
         if subs:
             v = vm.vcpus.get(vcpu_id)  # phyid: its CPUID while mapped (protocol-additions.md)
@@ -631,11 +643,23 @@ class Daemon:
     # ---------------------------------------------------------------- vcpu.run ----------------
 
     def _start_run(self, conn: Connection, msgid: int, h: VcpuHandle, params: Params) -> None:
+        """KVM_RUN: complete the exit a VMM holds on this vCPU (``data`` / ``ret``), then return
+        the next exit at once, else an interrupt line that is up, else wait (exits.py).
+
+        Exits come before lines: a line stays up until the guest clears it, so a VMM whose
+        guest has one up would otherwise never see the guest's accesses.
+        """
         vcpu = h.vcpu
         if vcpu in self.running:
             raise KvmError("EBUSY", f"vcpu.run: vCPU {vcpu.vcpu_id} is already running")
         if self.shutting_down:
             raise KvmError("EBADF", "vcpu.run: the daemon is shutting down")
+        self.exits.complete(h, params.get("data"), params.get("ret"))
+        exit = self.exits.take(h)
+        if exit is not None:
+            exit["estat"] = h.vm.get_one_reg(vcpu, abi.ESTAT)
+            conn.put(conn.proto.send_result(msgid, exit))
+            return
         lines = vcpu.lines
         if lines:
             conn.put(conn.proto.send_result(msgid, {"exit_reason": "irq",
@@ -646,7 +670,9 @@ class Daemon:
         assert conn.nursery is not None
         conn.nursery.start_soon(self._run_wait, wait, float(params["timeout"]))
 
-    def _finish_run(self, wait: RunWait, error: KvmError | None, reason: str = "") -> None:
+    def finish_run(self, wait: RunWait, error: KvmError | None, reason: str = "",
+                   fields: Result | None = None) -> None:
+        """Answer a waiting run: ``error``, or ``reason`` with ``fields`` (an exit's member)."""
         if self.running.get(wait.vcpu) is not wait:
             return  # already answered
         del self.running[wait.vcpu]
@@ -655,15 +681,17 @@ class Daemon:
             conn.put(conn.proto.send_error(wait.msgid, error))
         else:
             estat = wait.handle.vm.get_one_reg(wait.vcpu, abi.ESTAT)
-            conn.put(conn.proto.send_result(wait.msgid, {"exit_reason": reason,
-                                                         "estat": estat}))
+            result = {"exit_reason": reason, "estat": estat}
+            if fields:
+                result.update(fields)
+            conn.put(conn.proto.send_result(wait.msgid, result))
         conn.wakeup.unpark_all()  # the pump writes it if no request is being answered
         wait.event.set()
 
     async def _run_wait(self, wait: RunWait, seconds: float) -> None:
         with trio.move_on_after(seconds):
             await wait.event.wait()
-        self._finish_run(wait, None, "timeout")  # a no-op if something else answered it
+        self.finish_run(wait, None, "timeout")  # a no-op if something else answered it
         try:
             await wait.conn.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -675,7 +703,8 @@ class Daemon:
         """Release waiters with a clear error and flush every connection, within the grace time."""
         self.shutting_down = True
         for wait in list(self.running.values()):
-            self._finish_run(wait, KvmError("EBADF", "vcpu.run: the daemon is shutting down"))
+            self.finish_run(wait, KvmError("EBADF", "vcpu.run: the daemon is shutting down"))
+        self.exits.shutdown()
         if self.config.state_dir is not None:
             self.save_state(self.config.state_dir)
         with trio.move_on_after(self.config.grace) as scope:

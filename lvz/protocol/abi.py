@@ -94,6 +94,9 @@ GUEST_WRITABLE_ESTAT = (1 << INT_SWI0) | (1 << INT_SWI1)
 KVM_HCALL_SERVICE = 0x100
 KVM_HCALL_SWDBG = 0x101
 KVM_HCALL_USER_SERVICE = 0x102
+#: The crash hypercall: only in the LoongArch maintainer's tree (chenhuacai/linux), not upstream
+#: as of 7.0; lvz models it (SEMANTICS.md decision 8).
+KVM_HCALL_CRASH = 0x103
 KVM_HCALL_FUNC_IPI = 1
 KVM_HCALL_FUNC_NOTIFY = 2
 KVM_HCALL_SUCCESS = 0
@@ -111,11 +114,13 @@ CPUCFG_KVM_FEATURE = 0x40000004
 KVM_FEATURE_IPI = 1 << 1
 KVM_FEATURE_STEAL_TIME = 1 << 2
 KVM_FEATURE_PREEMPT = 1 << 3
+#: Maintainer tree only, like KVM_HCALL_CRASH.
+KVM_FEATURE_CRASH = 1 << 4
 KVM_FEATURE_VIRT_EXTIOI = 1 << 24
 KVM_FEATURE_USER_HCALL = 1 << 25
 #: Every PV feature lvz accepts.
 PV_FEATURE_MASK = (KVM_FEATURE_IPI | KVM_FEATURE_STEAL_TIME | KVM_FEATURE_PREEMPT
-                   | KVM_FEATURE_VIRT_EXTIOI | KVM_FEATURE_USER_HCALL)
+                   | KVM_FEATURE_VIRT_EXTIOI | KVM_FEATURE_USER_HCALL | KVM_FEATURE_CRASH)
 #: What a VM offers until the VMM sets the word.
 PV_FEATURES_DEFAULT = KVM_FEATURE_IPI
 
@@ -362,3 +367,21 @@ VIRT_PCH_MSI_ADDR = 0x2FF00000
 
 #: The widths of a guest IOCSR / MMIO access, in bytes.
 ACCESS_SIZES = (1, 2, 4, 8)
+
+# --- exits to the VMM (include/uapi/linux/kvm.h; protocol-additions.md "Exits") ----------------
+
+#: ``kvm_run.exit_reason`` numbers of the exits lvz delivers through ``vcpu.run``. On the wire
+#: the reason is a name (``EXIT_NAMES``); the numbers are for VMM code ported from C.
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_LOONGARCH_IOCSR = 38
+#: ``vcpu.run``'s ``exit_reason`` name -> the KVM number.
+EXIT_NAMES = {"hypercall": KVM_EXIT_HYPERCALL, "mmio": KVM_EXIT_MMIO,
+              "system_event": KVM_EXIT_SYSTEM_EVENT, "iocsr": KVM_EXIT_LOONGARCH_IOCSR}
+#: ``kvm_run.system_event.type``.
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+KVM_SYSTEM_EVENT_WAKEUP = 4
+KVM_SYSTEM_EVENT_SUSPEND = 5

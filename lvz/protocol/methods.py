@@ -105,16 +105,30 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
         ("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
     ),
     "vcpu.get_attr": (("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R)),
-    "vcpu.iocsr_read": (("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R)),
+    # lvz addition on the five guest calls below: `timeout`, how long an access that exits to
+    # the VMM may wait for one (protocol-additions.md "Exits to the VMM").
+    "vcpu.iocsr_read": (
+        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("timeout", "timeout", _O),
+    ),
     "vcpu.iocsr_write": (
         ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+        ("timeout", "timeout", _O),
     ),
-    "vcpu.mmio_read": (("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R)),
+    "vcpu.mmio_read": (
+        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("timeout", "timeout", _O),
+    ),
     "vcpu.mmio_write": (
         ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+        ("timeout", "timeout", _O),
     ),
-    "vcpu.hypercall": (("vcpu", "vcpu", _R), ("code", "u64", _R), ("args", "args", _O)),
-    "vcpu.run": (("vcpu", "vcpu", _R), ("timeout", "timeout", _R)),
+    "vcpu.hypercall": (
+        ("vcpu", "vcpu", _R), ("code", "u64", _R), ("args", "args", _O), ("timeout", "timeout", _O),
+    ),
+    # lvz addition: `data` / `ret` complete the exit the previous run returned, as a VMM fills
+    # kvm_run.mmio.data / hypercall.ret before the next KVM_RUN.
+    "vcpu.run": (
+        ("vcpu", "vcpu", _R), ("timeout", "timeout", _R), ("data", "u64", _O), ("ret", "int", _O),
+    ),
     # lvz addition, as KVM's immediate_exit / a signal to the vCPU thread: end a waiting run.
     "vcpu.kick": (("vcpu", "vcpu", _R),),
     "device.set_attr": (
@@ -137,15 +151,17 @@ _COMPILED: Final[dict[str, _Compiled]] = {
 
 # Fast path for the hot methods: exactly the required parameters, all integers with a range.
 # A length check and a range check each, instead of the general loop; anything else (an
-# error to name, an optional parameter) takes the general path.
+# error to name, an optional parameter given) takes the general path. A method with optional
+# parameters keeps the fast path when they are left out: the required ones, all present and
+# nothing else, are then the whole map.
 _INT_RANGES: Final[dict[str, tuple[int, int]]] = {
     "handle": (0, U32_MAX), "vm": (0, U32_MAX), "vcpu": (0, U32_MAX), "device": (0, U32_MAX),
     "u32": (0, U32_MAX), "u64": (0, U64_MAX), "int": (I64_MIN, U64_MAX),
 }
 _FAST: Final[dict[str, tuple[tuple[str, int, int], ...]]] = {
-    method: tuple((name, *_INT_RANGES[kind]) for name, kind, _ in specs)
+    method: tuple((name, *_INT_RANGES[kind]) for name, kind, required in specs if required)
     for method, specs in METHODS.items()
-    if all(required and kind in _INT_RANGES for _, kind, required in specs)
+    if all(kind in _INT_RANGES for _, kind, required in specs if required)
 }
 
 #: method -> (param name, object kind) of its handle parameter, if it has one.
