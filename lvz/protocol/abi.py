@@ -385,3 +385,12 @@ KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
 KVM_SYSTEM_EVENT_WAKEUP = 4
 KVM_SYSTEM_EVENT_SUSPEND = 5
+#: Addresses no in-kernel device claims, so a guest access there exits to the VMM: QEMU
+#: ``virt``'s 16550 UART (VIRT_UART_BASE; THR/RBR at +0, LSR at +5) and the IOCSR features
+#: register (LOONGARCH_IOCSR_FEATURES), both emulated in user space by a VMM.
+VIRT_UART_BASE = 0x1FE001E0
+UART_THR = 0
+UART_LSR = 5
+#: LSR bits THRE | TEMT: the transmitter is empty, the guest may write THR.
+UART_LSR_TX_EMPTY = 0x60
+LOONGARCH_IOCSR_FEATURES = 0x8
