@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def pair(lvz_socket: Path, vm_name: str) -> Iterator[Pair]:
                 vm.destroy()
 
 
-def failure(future: Future[object]) -> KvmError:
+def failure(future: Future[Any]) -> KvmError:
     error = future.exception(timeout=LONG)
     assert isinstance(error, KvmError), error
     return error

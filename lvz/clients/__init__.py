@@ -17,7 +17,15 @@ from lvz.protocol import abi
 from lvz.protocol.errors import KvmError
 
 from . import ops
-from .core import LINES_BY_NAME, Call, UntrustedDaemon, line_names
+from .core import (
+    LINES_BY_NAME,
+    Call,
+    HypercallExit,
+    IoExit,
+    SystemEvent,
+    UntrustedDaemon,
+    line_names,
+)
 from .sync import (
     ConnectionLost,
     DaemonUnreachable,
@@ -75,6 +83,8 @@ __all__ = [
     # values and errors
     "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
     "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon",
+    # exits to the VMM, as ``RunResult`` carries them (docs/vmm-loop.md)
+    "IoExit", "HypercallExit", "SystemEvent",
     # the KVM ABI: register ids, attrs, offsets, lines, hypercalls (``regs``: its old name)
     "abi", "regs",
     # interrupt lines (ESTAT bits, as in ``abi``) by name

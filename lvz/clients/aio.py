@@ -499,23 +499,35 @@ class AsyncVcpuFd(core.VcpuFdBase[AsyncKvm], _AsyncFd):
     async def get_attr(self, group: int, attr: int) -> int:
         return await self.kvm.run(ops.vcpu_get_attr(self, group, attr))
 
-    async def iocsr_read(self, addr: int, size: int) -> int:
-        return await self.kvm.run(ops.iocsr_read(self, addr, size))
+    # A guest access no in-kernel device claims, a user hypercall and a crash exit to the VMM:
+    # the call returns once a VMM completed it through ``run`` (on this connection too: calls
+    # do not hold each other back). ``timeout``: how long to wait for a VMM (docs/vmm-loop.md).
 
-    async def iocsr_write(self, addr: int, size: int, value: int) -> None:
-        await self.kvm.run(ops.iocsr_write(self, addr, size, value))
+    async def iocsr_read(self, addr: int, size: int, *,
+                         timeout: float | None = None) -> int:  # noqa: ASYNC109
+        return await self.kvm.run(ops.iocsr_read(self, addr, size, timeout))
 
-    async def mmio_read(self, addr: int, size: int) -> int:
-        return await self.kvm.run(ops.mmio_read(self, addr, size))
+    async def iocsr_write(self, addr: int, size: int, value: int, *,
+                          timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self.kvm.run(ops.iocsr_write(self, addr, size, value, timeout))
 
-    async def mmio_write(self, addr: int, size: int, value: int) -> None:
-        await self.kvm.run(ops.mmio_write(self, addr, size, value))
+    async def mmio_read(self, addr: int, size: int, *,
+                        timeout: float | None = None) -> int:  # noqa: ASYNC109
+        return await self.kvm.run(ops.mmio_read(self, addr, size, timeout))
 
-    async def hypercall(self, code: int, *args: int) -> int:
-        return await self.kvm.run(ops.hypercall(self, code, *args))
+    async def mmio_write(self, addr: int, size: int, value: int, *,
+                         timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self.kvm.run(ops.mmio_write(self, addr, size, value, timeout))
 
-    async def run(self, timeout: float) -> RunResult:  # noqa: ASYNC109 - the daemon's wait
-        """Idle until an interrupt line is up or ``timeout`` s pass; other calls keep flowing.
+    async def hypercall(self, code: int, *args: int,
+                        timeout: float | None = None) -> int:  # noqa: ASYNC109
+        return await self.kvm.run(ops.hypercall(self, code, *args, timeout=timeout))
+
+    async def run(self, timeout: float, *, data: int | None = None,  # noqa: ASYNC109
+                  ret: int | None = None) -> RunResult:
+        """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers a read,
+        ``ret`` a hypercall), then return the next exit, else idle until an interrupt line is
+        up or ``timeout`` s pass; other calls keep flowing.
 
         ``timeout`` is the emulated vCPU's idle limit, enforced by the daemon (it answers
         ``"timeout"``); wrap the call in ``trio.fail_after`` to bound the wait on this side.
@@ -523,7 +535,7 @@ class AsyncVcpuFd(core.VcpuFdBase[AsyncKvm], _AsyncFd):
         free for the next ``run`` at once instead of EBUSY until the daemon-side timeout.
         """
         try:
-            return await self.kvm.run(ops.run(self, timeout))
+            return await self.kvm.run(ops.run(self, timeout, data, ret))
         except trio.Cancelled:
             with trio.CancelScope(shield=True), trio.move_on_after(self.kvm._write_timeout):
                 try:

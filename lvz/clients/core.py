@@ -159,11 +159,52 @@ StreamItem = IrqEvent | EventsLost
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class IoExit:
+    """``kvm_run.mmio`` / ``kvm_run.iocsr_io``: a guest access no in-kernel device claims.
+
+    ``data`` is the stored value (the source register cut to ``len`` bytes) for a write; for a
+    read the VMM answers with ``run(..., data=value)``.
+    """
+
+    phys_addr: int
+    len: int
+    is_write: bool
+    data: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HypercallExit:
+    """``kvm_run.hypercall``: ``hvcl nr`` with ``args`` = a0..a5; the guest's a0 becomes the
+    ``ret`` the VMM passes to the next ``run`` (``KVM_HCALL_INVALID_CODE`` if it passes none)."""
+
+    nr: int
+    args: tuple[int, ...]
+    ret: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemEvent:
+    """``kvm_run.system_event``: ``type`` is ``abi.KVM_SYSTEM_EVENT_CRASH`` for a guest crash."""
+
+    type: int
+    ndata: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunResult:
-    """``vcpu.run``: ``exit_reason`` is ``"irq"`` (a line is up, see ``estat``) or ``"timeout"``."""
+    """``vcpu.run``: ``exit_reason`` is ``"irq"`` (a line is up, see ``estat``), ``"timeout"``,
+    or an exit to the VMM with its ``kvm_run`` member set: ``"mmio"`` (``mmio``), ``"iocsr"``
+    (``iocsr_io``), ``"hypercall"`` (``hypercall``) or ``"system_event"`` (``system_event``).
+    The next ``run`` on the vCPU completes an exit (docs/vmm-loop.md)."""
 
     exit_reason: str
     estat: int
+    mmio: IoExit | None = None
+    iocsr_io: IoExit | None = None
+    hypercall: HypercallExit | None = None
+    system_event: SystemEvent | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

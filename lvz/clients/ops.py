@@ -23,11 +23,14 @@ from .core import (
     Call,
     EventsLost,
     HelloInfo,
+    HypercallExit,
+    IoExit,
     IrqEvent,
     Op,
     PhyidMap,
     PluginInfo,
     RunResult,
+    SystemEvent,
     VmInfo,
     VmSummary,
     WaitEvent,
@@ -106,9 +109,47 @@ def parse_plugins(result: dict[str, Any], method: str = "kvm.list_plugins") -> l
     ]
 
 
+def _parse_io(member: Any, method: str) -> IoExit | None:
+    if member is None:
+        return None
+    try:
+        return IoExit(phys_addr=int(member["phys_addr"]), len=int(member["len"]),
+                      is_write=bool(member["is_write"]), data=int(member["data"]))
+    except (KeyError, TypeError, ValueError):
+        raise KvmError("EPROTO", f"{method}: an mmio / iocsr_io exit that is not "
+                                 "{phys_addr, len, is_write, data}") from None
+
+
+def _parse_hypercall(member: Any, method: str) -> HypercallExit | None:
+    if member is None:
+        return None
+    try:
+        return HypercallExit(nr=int(member["nr"]), args=tuple(int(a) for a in member["args"]),
+                             ret=int(member["ret"]), flags=int(member["flags"]))
+    except (KeyError, TypeError, ValueError):
+        raise KvmError("EPROTO", f"{method}: a hypercall exit that is not "
+                                 "{nr, args, ret, flags}") from None
+
+
+def _parse_system_event(member: Any, method: str) -> SystemEvent | None:
+    if member is None:
+        return None
+    try:
+        return SystemEvent(type=int(member["type"]), ndata=int(member["ndata"]),
+                           data=tuple(int(d) for d in member["data"]))
+    except (KeyError, TypeError, ValueError):
+        raise KvmError("EPROTO", f"{method}: a system_event exit that is not "
+                                 "{type, ndata, data}") from None
+
+
 def parse_run(result: dict[str, Any], method: str = "vcpu.run") -> RunResult:
+    """A run's answer; an exit carries its ``kvm_run`` member (protocol-additions.md)."""
     return RunResult(exit_reason=str(field(result, "exit_reason", method)),
-                     estat=int_field(result, "estat", method))
+                     estat=int_field(result, "estat", method),
+                     mmio=_parse_io(result.get("mmio"), method),
+                     iocsr_io=_parse_io(result.get("iocsr_io"), method),
+                     hypercall=_parse_hypercall(result.get("hypercall"), method),
+                     system_event=_parse_system_event(result.get("system_event"), method))
 
 
 def _parse_lookup(result: dict[str, Any], method: str) -> int | None:
@@ -292,33 +333,58 @@ def vcpu_get_attr(vcpu: Handle, group: int, attr: int) -> Call[int]:
     return Call("vcpu.get_attr", {"vcpu": vcpu.handle, "group": group, "attr": attr}, _value)
 
 
-def iocsr_read(vcpu: Handle, addr: int, size: int) -> Call[int]:
-    return Call("vcpu.iocsr_read", {"vcpu": vcpu.handle, "addr": addr, "size": size}, _value)
+# A guest access no in-kernel device claims, a user hypercall (KVM_FEATURE_USER_HCALL) and a
+# crash (KVM_FEATURE_CRASH) exit to the VMM: the call returns once a VMM has completed the exit
+# through ``run``. ``timeout`` is how long to wait for one; without it, ENXIO at once unless a
+# VMM runs the vCPU (docs/vmm-loop.md).
 
 
-def iocsr_write(vcpu: Handle, addr: int, size: int, value: int) -> Call[None]:
-    return Call("vcpu.iocsr_write", {"vcpu": vcpu.handle, "addr": addr, "size": size,
-                                     "value": value}, _no_result)
+def _guest(vcpu: Handle, timeout: float | None, **params: Any) -> dict[str, Any]:
+    params["vcpu"] = vcpu.handle
+    if timeout is not None:
+        params["timeout"] = timeout
+    return params
 
 
-def mmio_read(vcpu: Handle, addr: int, size: int) -> Call[int]:
-    return Call("vcpu.mmio_read", {"vcpu": vcpu.handle, "addr": addr, "size": size}, _value)
+def iocsr_read(vcpu: Handle, addr: int, size: int, timeout: float | None = None) -> Call[int]:
+    return Call("vcpu.iocsr_read", _guest(vcpu, timeout, addr=addr,
+                                          size=size), _value)
 
 
-def mmio_write(vcpu: Handle, addr: int, size: int, value: int) -> Call[None]:
-    return Call("vcpu.mmio_write", {"vcpu": vcpu.handle, "addr": addr, "size": size,
-                                    "value": value}, _no_result)
+def iocsr_write(vcpu: Handle, addr: int, size: int, value: int,
+                timeout: float | None = None) -> Call[None]:
+    return Call("vcpu.iocsr_write", _guest(vcpu, timeout, addr=addr,
+                                           size=size, value=value), _no_result)
 
 
-def hypercall(vcpu: Handle, code: int, *args: int) -> Call[int]:
+def mmio_read(vcpu: Handle, addr: int, size: int, timeout: float | None = None) -> Call[int]:
+    return Call("vcpu.mmio_read", _guest(vcpu, timeout, addr=addr,
+                                         size=size), _value)
+
+
+def mmio_write(vcpu: Handle, addr: int, size: int, value: int,
+               timeout: float | None = None) -> Call[None]:
+    return Call("vcpu.mmio_write", _guest(vcpu, timeout, addr=addr,
+                                          size=size, value=value), _no_result)
+
+
+def hypercall(vcpu: Handle, code: int, *args: int, timeout: float | None = None) -> Call[int]:
     """``hvcl code`` with a0..a5 = ``args``; returns the guest's a0 afterwards (signed)."""
-    return Call("vcpu.hypercall", {"vcpu": vcpu.handle, "code": code, "args": list(args)},
-                _int("a0"))
+    return Call("vcpu.hypercall", _guest(vcpu, timeout, code=code,
+                                         args=list(args)), _int("a0"))
 
 
-def run(vcpu: Handle, timeout: float) -> Call[RunResult]:
-    """Idle until an interrupt line is up or ``timeout`` s pass (the daemon's limit)."""
-    return Call("vcpu.run", {"vcpu": vcpu.handle, "timeout": timeout}, parse_run)
+def run(vcpu: Handle, timeout: float, data: int | None = None,
+        ret: int | None = None) -> Call[RunResult]:
+    """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers an MMIO / IOCSR
+    read, ``ret`` a hypercall), then return the next exit, else idle until an interrupt line
+    is up or ``timeout`` s pass (the daemon's limit)."""
+    params: dict[str, Any] = {"vcpu": vcpu.handle, "timeout": timeout}
+    if data is not None:
+        params["data"] = data
+    if ret is not None:
+        params["ret"] = ret
+    return Call("vcpu.run", params, parse_run)
 
 
 def kick(vcpu: Handle) -> Call[None]:

@@ -524,24 +524,33 @@ class VcpuFd(VcpuFdBase["Kvm"], _Fd):
     def get_attr(self, group: int, attr: int) -> int:
         return self.kvm.run(ops.vcpu_get_attr(self, group, attr))
 
-    def iocsr_read(self, addr: int, size: int) -> int:
-        return self.kvm.run(ops.iocsr_read(self, addr, size))
+    # A guest access no in-kernel device claims, a user hypercall and a crash exit to the VMM:
+    # the call returns once a VMM completed it through ``run`` on another connection (or
+    # thread). ``timeout``: how long to wait for a VMM (docs/vmm-loop.md).
 
-    def iocsr_write(self, addr: int, size: int, value: int) -> None:
-        self.kvm.run(ops.iocsr_write(self, addr, size, value))
+    def iocsr_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:
+        return self.kvm.run(ops.iocsr_read(self, addr, size, timeout))
 
-    def mmio_read(self, addr: int, size: int) -> int:
-        return self.kvm.run(ops.mmio_read(self, addr, size))
+    def iocsr_write(self, addr: int, size: int, value: int, *,
+                    timeout: float | None = None) -> None:
+        self.kvm.run(ops.iocsr_write(self, addr, size, value, timeout))
 
-    def mmio_write(self, addr: int, size: int, value: int) -> None:
-        self.kvm.run(ops.mmio_write(self, addr, size, value))
+    def mmio_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:
+        return self.kvm.run(ops.mmio_read(self, addr, size, timeout))
 
-    def hypercall(self, code: int, *args: int) -> int:
-        return self.kvm.run(ops.hypercall(self, code, *args))
+    def mmio_write(self, addr: int, size: int, value: int, *,
+                   timeout: float | None = None) -> None:
+        self.kvm.run(ops.mmio_write(self, addr, size, value, timeout))
 
-    def run(self, timeout: float) -> RunResult:
-        """Idle until an interrupt line is up or ``timeout`` seconds pass (blocks this thread)."""
-        return self.kvm.run(ops.run(self, timeout))
+    def hypercall(self, code: int, *args: int, timeout: float | None = None) -> int:
+        return self.kvm.run(ops.hypercall(self, code, *args, timeout=timeout))
+
+    def run(self, timeout: float, *, data: int | None = None,
+            ret: int | None = None) -> RunResult:
+        """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers a read,
+        ``ret`` a hypercall), then return the next exit, else idle until an interrupt line is
+        up or ``timeout`` seconds pass (blocks this thread)."""
+        return self.kvm.run(ops.run(self, timeout, data, ret))
 
     def kick(self) -> None:
         self.kvm.run(ops.kick(self))
