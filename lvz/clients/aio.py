@@ -47,6 +47,7 @@ from .core import (
     IrqEvent,
     PhyidMap,
     PluginInfo,
+    RouteExplanation,
     RunResult,
     StreamItem,
     VmInfo,
@@ -416,6 +417,12 @@ class AsyncVmFd(core.VmFdBase[AsyncKvm], _AsyncFd):
 
     async def signal_msi(self, address: int, data: int) -> None:
         await self.kvm.run(ops.signal_msi(self, address, data))
+
+    async def explain_route(self, pin: int | None = None, *, msi: tuple[int, int] | None = None,
+                      eiointc_irq: int | None = None, level: int | bool = 1) -> RouteExplanation:
+        """See ``ops.explain_route``: the hops an interrupt takes now, and where it ends."""
+        return await self.kvm.run(ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq,
+                                                level=level))
 
     async def subscribe(self) -> None:
         """Start queueing this VM's ``irq`` events; read them with ``events()``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -500,6 +501,27 @@ def cmd_msi(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         open_vm(kvm, args.vm).signal_msi(args.addr, args.data)
     print(f"MSI address {args.addr:#x} data {args.data}")
+    return EXIT_OK
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    """Why an interrupt goes where it goes: the hops, then where it ends (exit 0 either way)."""
+    want = 2 if args.kind == "msi" else 1
+    if len(args.numbers) != want:
+        shape = "ADDR DATA" if args.kind == "msi" else "N"
+        raise Usage(f"`why VM {args.kind}` takes {shape}, not {len(args.numbers)} number(s)")
+    with connect(args) as kvm:
+        vm = open_vm(kvm, args.vm)
+        if args.kind == "pin":
+            route = vm.explain_route(args.numbers[0], level=args.level)
+        elif args.kind == "msi":
+            route = vm.explain_route(msi=(args.numbers[0], args.numbers[1]), level=args.level)
+        else:
+            route = vm.explain_route(eiointc_irq=args.numbers[0], level=args.level)
+    if args.format == "json":
+        emit_json(dataclasses.asdict(route), sys.stdout)
+    else:
+        print(route)
     return EXIT_OK
 
 
@@ -1011,6 +1033,15 @@ def build_parser() -> argparse.ArgumentParser:
     msi.add_argument("vm", metavar="VM", help="VM name or id")
     msi.add_argument("addr", metavar="ADDR", type=_u64, help="MSI address")
     msi.add_argument("data", metavar="DATA", type=_u64, help="MSI data: the EIOINTC irq")
+    why = add("why", "why an interrupt goes where it goes: each hop, and the register and bit "
+                     "that stop or redirect it (read-only)", lists, cmd_why)
+    why.add_argument("vm", metavar="VM", help="VM name or id")
+    why.add_argument("kind", choices=("pin", "msi", "irq"),
+                     help="pin N (a PCH-PIC pin, as `lvz irq`), msi ADDR DATA (as `lvz msi`) "
+                          "or irq N (an EIOINTC irq)")
+    why.add_argument("numbers", metavar="N", nargs="+", type=_u64, help="N, or ADDR DATA")
+    why.add_argument("--level", type=_level, default=1,
+                     help="explain raising (1, the default) or lowering (0) it")
     from . import top  # its terminal library is imported only when the live view starts
 
     tp = add("top", "a live view of interrupts per VM, vCPU and line, as kvm_stat", base,

@@ -257,6 +257,121 @@ class HelloInfo:
     device_types: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteHop:
+    """One hop of an explained route: the chip, the step, what it looked at and what it found.
+
+    ``value`` is the bit's value when ``bit`` is set, else the register's (or, with no
+    register, the number the step is about: a phyid, a vcpu_id).
+    """
+
+    chip: str
+    step: str
+    note: str
+    register: str | None = None
+    bit: int | None = None
+    value: int | None = None
+
+    @property
+    def where(self) -> str:
+        """``MASK bit 5 = 1``, ``COREMAP[12] = 0x5``, or "" for a hop with no register."""
+        if self.register is None:
+            return ""
+        if self.bit is not None:
+            return f"{self.register} bit {self.bit} = {self.value}"
+        return self.register if self.value is None else f"{self.register} = {self.value:#x}"
+
+    def __str__(self) -> str:
+        where = self.where
+        return f"{_short(self.chip)} {self.step}: {self.note}" + (f" [{where}]" if where else "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteVerdict:
+    """Why a route stopped or was redirected: a stable ``reason`` word and what decided it."""
+
+    chip: str
+    reason: str
+    message: str
+    register: str | None = None
+    bit: int | None = None
+    value: int | None = None
+
+    def __str__(self) -> str:
+        where = RouteHop(chip=self.chip, step="", note="", register=self.register, bit=self.bit,
+                         value=self.value).where
+        return f"{self.reason} ({_short(self.chip)}{', ' + where if where else ''}): " \
+               f"{self.message}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteDelivery:
+    """The vCPU line an explained route ends on; ``changed`` is False when it is already there."""
+
+    vcpu_id: int
+    phyid: int | None
+    line: int
+    line_name: str
+    level: int
+    changed: bool
+
+    def __str__(self) -> str:
+        held = f"phyid {self.phyid}" if self.phyid is not None else "no phyid"
+        verb = "raises" if self.level else "lowers"
+        tail = "" if self.changed else " (no change: it already is)"
+        return f"{verb} {self.line_name} of vCPU {self.vcpu_id} ({held}){tail}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteExplanation:
+    """``vm.explain_route``: each hop an interrupt takes, and where it ends.
+
+    Exactly one of ``delivered`` and ``stopped`` is set; ``redirected`` says why a delivery
+    reached another vCPU than the registers literally name (an ignored CONFIG write, a coremap
+    byte naming a phyid nobody held, a route resolved before the phyid moved).
+    """
+
+    source: str
+    level: int
+    hops: tuple[RouteHop, ...]
+    delivered: RouteDelivery | None
+    stopped: RouteVerdict | None
+    redirected: RouteVerdict | None
+
+    @property
+    def vcpu_id(self) -> int | None:
+        return None if self.delivered is None else self.delivered.vcpu_id
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}{' (lowered)' if not self.level else ''}:"]
+        width = max((len(f"{_short(h.chip)} {h.step}") for h in self.hops), default=0)
+        for i, h in enumerate(self.hops, 1):
+            where = h.where
+            lines.append(f"  {i:2}. {f'{_short(h.chip)} {h.step}':<{width}}  {h.note}"
+                         + (f"  [{where}]" if where else ""))
+        if self.delivered is not None:
+            lines.append(f"  => delivered: {self.delivered}")
+        if self.stopped is not None:
+            lines.append(f"  => stopped: {self.stopped}")
+        if self.redirected is not None:
+            lines.append(f"  => redirected: {self.redirected}")
+        return "\n".join(lines)
+
+
+def _short(chip: str) -> str:
+    return chip.removeprefix("loongarch-")
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """``{pin: 5}`` → "PCH-PIC pin 5", as a person says it."""
+    ((kind, arg),) = source.items()
+    if kind == "pin":
+        return f"PCH-PIC pin {arg}"
+    if kind == "msi":
+        return f"MSI address {arg['address']:#x} data {arg['data']}"
+    return f"EIOINTC irq {arg}"
+
+
 # --- result parsing -----------------------------------------------------------------------------
 # The daemon is trusted to follow PROTOCOL.md, but a result of the wrong shape must surface as a
 # clear EPROTO rather than a KeyError deep inside a caller.

@@ -29,12 +29,17 @@ from .core import (
     Op,
     PhyidMap,
     PluginInfo,
+    RouteDelivery,
+    RouteExplanation,
+    RouteHop,
+    RouteVerdict,
     RunResult,
     SystemEvent,
     VmInfo,
     VmSummary,
     WaitEvent,
     _no_result,
+    describe_source,
     field,
     int_field,
     line_names,
@@ -152,6 +157,33 @@ def parse_run(result: dict[str, Any], method: str = "vcpu.run") -> RunResult:
                      system_event=_parse_system_event(result.get("system_event"), method))
 
 
+def _verdict(raw: Any) -> RouteVerdict | None:
+    if raw is None:
+        return None
+    return RouteVerdict(chip=str(raw["chip"]), reason=str(raw["reason"]),
+                        message=str(raw["message"]), register=raw.get("register"),
+                        bit=raw.get("bit"), value=raw.get("value"))
+
+
+def parse_route(result: dict[str, Any], method: str = "vm.explain_route") -> RouteExplanation:
+    try:
+        hops = tuple(RouteHop(chip=str(h["chip"]), step=str(h["step"]), note=str(h["note"]),
+                              register=h.get("register"), bit=h.get("bit"),
+                              value=h.get("value"))
+                     for h in field(result, "hops", method))
+        d = result.get("delivered")
+        delivered = None if d is None else RouteDelivery(
+            vcpu_id=int(d["vcpu_id"]), phyid=d.get("phyid"), line=int(d["line"]),
+            line_name=str(d["line_name"]), level=int(d["level"]), changed=bool(d["changed"]))
+        return RouteExplanation(source=describe_source(field(result, "source", method)),
+                                level=int_field(result, "level", method), hops=hops,
+                                delivered=delivered, stopped=_verdict(result.get("stopped")),
+                                redirected=_verdict(result.get("redirected")))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise KvmError("EPROTO", f"{method}: the result is not a route explanation "
+                                 f"({type(exc).__name__}: {exc})") from None
+
+
 def _parse_lookup(result: dict[str, Any], method: str) -> int | None:
     value = result.get("vcpu_id")
     return value if type(value) is int else None
@@ -257,6 +289,25 @@ def irq_line(vm: Handle, irq: int, level: int | bool) -> Call[None]:
 def signal_msi(vm: Handle, address: int, data: int) -> Call[None]:
     return Call("vm.signal_msi", {"vm": vm.handle, "address": address, "data": data},
                 _no_result)
+
+
+def explain_route(vm: Handle, pin: int | None = None, *, msi: tuple[int, int] | None = None,
+                  eiointc_irq: int | None = None, level: int | bool = 1) \
+        -> Call[RouteExplanation]:
+    """Why an interrupt goes where it goes: PCH-PIC ``pin`` (as ``irq_line``), an ``msi``
+    (address, data) as ``signal_msi``, or an EIOINTC irq, driven to ``level`` now. Read-only:
+    nothing changes, no event is sent. Exactly one source; EINVAL otherwise."""
+    sources: list[dict[str, Any]] = []
+    if pin is not None:
+        sources.append({"pin": pin})
+    if msi is not None:
+        sources.append({"msi": {"address": msi[0], "data": msi[1]}})
+    if eiointc_irq is not None:
+        sources.append({"eiointc_irq": eiointc_irq})
+    if len(sources) != 1:
+        raise KvmError("EINVAL", "explain_route: give exactly one of pin, msi and eiointc_irq")
+    return Call("vm.explain_route", {"vm": vm.handle, "source": sources[0],
+                                     "level": int(level)}, parse_route)
 
 
 def subscribe(vm: Handle) -> Call[None]:

@@ -44,6 +44,7 @@ from .core import (
     Pending,
     PhyidMap,
     PluginInfo,
+    RouteExplanation,
     RunResult,
     Session,
     Stepper,
@@ -458,6 +459,12 @@ class VmFd(VmFdBase["Kvm"], _Fd):
 
     def signal_msi(self, address: int, data: int) -> None:
         self.kvm.run(ops.signal_msi(self, address, data))
+
+    def explain_route(self, pin: int | None = None, *, msi: tuple[int, int] | None = None,
+                      eiointc_irq: int | None = None, level: int | bool = 1) -> RouteExplanation:
+        """See ``ops.explain_route``: the hops an interrupt takes now, and where it ends."""
+        return self.kvm.run(ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq,
+                                                level=level))
 
     def subscribe(self) -> None:
         """Start buffering this VM's ``irq`` events (read them with ``events``)."""

@@ -24,6 +24,7 @@ import trio
 import trio.lowlevel
 
 import lvz
+from lvz.plugins.api import RouteTrace, Verdict
 from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError
 from lvz.protocol.methods import METHODS
@@ -35,6 +36,7 @@ from .host import plugin_failure
 from .model import Unclaimed
 
 if TYPE_CHECKING:
+    from .model import Vm
     from .server import Daemon
 
 Params = dict[str, Any]
@@ -179,17 +181,33 @@ def vm_info(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
             "devices": sorted(vm.devices), "seq": vm.seq}
 
 
-def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
-    vm = h.vm
+def _irq_line_refusal(vm: Vm) -> str | None:
+    """Why ``vm.irq_line`` answers ENXIO for this VM, or None (shared with ``explain_route``)."""
     missing = [t for t in (C.DEV_IPI, C.DEV_EIOINTC, C.DEV_PCHPIC) if t not in vm.devices]
     if missing:
-        raise KvmError("ENXIO", f"vm.irq_line: the VM has no in-kernel irqchip "
-                                f"({', '.join(missing)} missing)")
-    irq, level = p["irq"], p["level"]
+        return f"the VM has no in-kernel irqchip ({', '.join(missing)} missing)"
+    return None
+
+
+def _check_pin(method: str, irq: int, level: int) -> None:
     if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
-        raise KvmError("EINVAL", f"vm.irq_line: irq {irq} is not a PCH-PIC pin (0..63)")
+        raise KvmError("EINVAL", f"{method}: irq {irq} is not a PCH-PIC pin (0..63)")
     if level not in (0, 1):
-        raise KvmError("EINVAL", f"vm.irq_line: level {level} is not 0 or 1")
+        raise KvmError("EINVAL", f"{method}: level {level} is not 0 or 1")
+
+
+def _check_msi_data(method: str, data: int) -> None:
+    if data >= C.EIOINTC_IRQS:
+        raise KvmError("EINVAL", f"{method}: data {data} is not an EIOINTC irq (0..255)")
+
+
+def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    vm = h.vm
+    refusal = _irq_line_refusal(vm)
+    if refusal:
+        raise KvmError("ENXIO", f"vm.irq_line: {refusal}")
+    irq, level = p["irq"], p["level"]
+    _check_pin("vm.irq_line", irq, level)
     vm.irq_lines += level
     vm.set_chip_input(C.DEV_PCHPIC, irq, level)
     return {}
@@ -199,12 +217,135 @@ def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result
     vm = h.vm
     if C.DEV_EIOINTC not in vm.devices:
         raise KvmError("ENXIO", "vm.signal_msi: the VM has no loongarch-eiointc")
-    if p["data"] >= C.EIOINTC_IRQS:
-        raise KvmError("EINVAL", f"vm.signal_msi: data {p['data']} is not an EIOINTC irq "
-                                 f"(0..255)")
+    _check_msi_data("vm.signal_msi", p["data"])
     vm.msis += 1
     vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
     return {}
+
+
+#: Chips one explanation may pass through: more means plugins forward to each other in a loop.
+EXPLAIN_CHIPS = 8
+
+
+def vm_explain_route(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    """Where an interrupt from ``source`` would go now, hop by hop, and what decided it.
+
+    Read-only: each chip on the way answers ``Device.explain_input`` by running its own
+    routing code on a scratch copy (no register, line or event changes). Bad input is refused
+    as the method that injects it would refuse it (EINVAL); a VM that lacks a chip is not an
+    error here but the reason the route stops.
+    """
+    vm, level = h.vm, p.get("level", 1)
+    ((kind, arg),) = p["source"].items()
+    out = _Route(vm, p["source"], level)
+    method = "vm.explain_route"
+    if kind == "pin":
+        _check_pin(method, arg, level)
+        out.hop("vm", "irq_line", f"KVM_IRQ_LINE {arg} level {level}: GSI {arg} is PCH-PIC pin "
+                                  f"{arg} (the default GSI routing)")
+        refusal = _irq_line_refusal(vm)
+        if refusal:
+            return out.stop("no_irqchip", f"vm.irq_line answers ENXIO: {refusal}")
+        return out.follow(C.DEV_PCHPIC, arg, level)
+    if level not in (0, 1):
+        raise KvmError("EINVAL", f"{method}: level {level} is not 0 or 1")
+    if kind == "msi":
+        address, data = arg["address"], arg["data"]
+        if level != 1:
+            raise KvmError("EINVAL", f"{method}: an MSI only raises (KVM_SIGNAL_MSI has no "
+                                     f"level)")
+        _check_msi_data(method, data)
+        out.hop("msi", "message", f"KVM_SIGNAL_MSI address {address:#x} data {data}: the data "
+                                  f"is the EIOINTC irq (no DMSINTC, the address is not decoded)",
+                "data", None, data)
+        if C.DEV_EIOINTC not in vm.devices:
+            return out.stop("no_irqchip", "vm.signal_msi answers ENXIO: the VM has no "
+                                          "loongarch-eiointc")
+        return out.follow(C.DEV_EIOINTC, data, 1)
+    if not 0 <= arg < C.EIOINTC_IRQS:
+        raise KvmError("EINVAL", f"{method}: eiointc_irq {arg} is not an EIOINTC irq (0..255)")
+    if C.DEV_EIOINTC not in vm.devices:
+        return out.stop("no_irqchip", "the VM has no loongarch-eiointc")
+    return out.follow(C.DEV_EIOINTC, arg, level)
+
+
+def _wire(v: Verdict | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {"chip": v.chip, "reason": v.reason, "message": v.message, "register": v.register,
+            "bit": v.bit, "value": v.value}
+
+
+class _Route:
+    """One explanation being assembled, chip after chip, into the wire result."""
+
+    def __init__(self, vm: Vm, source: dict[str, Any], level: int) -> None:
+        self.vm = vm
+        self.head = {"source": source, "level": level}
+        self.hops: list[dict[str, Any]] = []
+        self.redirected: Verdict | None = None
+
+    def hop(self, chip: str, step: str, note: str, register: str | None = None,
+            bit: int | None = None, value: int | None = None) -> None:
+        self.hops.append({"chip": chip, "step": step, "note": note, "register": register,
+                          "bit": bit, "value": value})
+
+    def result(self, stopped: Verdict | None, delivered: dict[str, Any] | None) -> Result:
+        return {**self.head, "hops": self.hops, "delivered": delivered, "stopped": _wire(stopped),
+                "redirected": _wire(self.redirected)}
+
+    def stop(self, reason: str, message: str, chip: str = "vm") -> Result:
+        return self.result(Verdict(chip, reason, message), None)
+
+    def follow(self, device_type: str, line: int, level: int) -> Result:
+        """Ask each chip in turn until one stops the interrupt or delivers it to a line."""
+        vm = self.vm
+        for _ in range(EXPLAIN_CHIPS):
+            rec = vm.devices.get(device_type)
+            if rec is None:
+                return self.stop("no_device", f"input {line} of {device_type} is driven, but "
+                                              f"the VM has no {device_type} (ENXIO)")
+            trace = vm.device_call(rec.device, "explain_input", line, level)
+            if trace is None:
+                return self.stop("unexplained", f"{device_type} (plugin {rec.plugin!r}) does "
+                                                f"not explain its routing "
+                                                f"(Device.explain_input)", device_type)
+            if not isinstance(trace, RouteTrace):
+                raise plugin_failure(rec.plugin, TypeError(
+                    f"explain_input returned {trace!r:.80}, not a RouteTrace"))
+            self.hops += [{"chip": x.chip, "step": x.step, "note": x.note,
+                           "register": x.register, "bit": x.bit, "value": x.value}
+                          for x in trace.hops]
+            self.redirected = self.redirected or trace.redirected
+            if trace.stopped is not None:
+                return self.result(trace.stopped, None)
+            if trace.delivered is not None:
+                return self.deliver(device_type, *trace.delivered)
+            if trace.forward is None:
+                return self.stop("no_effect", f"{device_type} neither delivers, forwards nor "
+                                              f"stops input {line}", device_type)
+            device_type, line, level = trace.forward
+        return self.stop("loop", f"the route passes more than {EXPLAIN_CHIPS} chips")
+
+    def deliver(self, chip: str, vcpu_id: int, irq: int, level: int, changed: bool) -> Result:
+        vcpu = self.vm.vcpus.get(vcpu_id)
+        name = C.LINE_NAMES.get(irq, str(irq))
+        if vcpu is None or irq not in C.LINE_NAMES:
+            return self.stop("no_such_vcpu", f"{chip} drives line {name} of vcpu_id {vcpu_id}, "
+                                             f"which the VM does not have", chip)
+        cpuid = vcpu.csrs[C.CSR_CPUID]
+        phyid = cpuid if self.vm.phyids.get(cpuid) is vcpu else None
+        now = vcpu.lines >> irq & 1
+        changed = changed and now != level
+        held = f"phyid {phyid}" if phyid is not None else "no phyid"
+        if changed:
+            note = (f"line {name} of vCPU {vcpu_id} ({held}) goes {now} → {level}: an irq "
+                    f"event{', and vcpu.run returns' if level else ''}")
+        else:
+            note = f"line {name} of vCPU {vcpu_id} ({held}) stays {now}: no change, no event"
+        self.hop("vcpu", "line", note, "ESTAT", irq, now)
+        return self.result(None, {"vcpu_id": vcpu_id, "phyid": phyid, "line": irq,
+                                  "line_name": name, "level": level, "changed": changed})
 
 
 def vm_phyid_lookup(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
@@ -412,6 +553,7 @@ VM: Final[dict[str, Callable[[Daemon, Connection, Params, VmHandle], MaybeLater]
     "vm.phyid_map": vm_phyid_map,
     "vm.subscribe": vm_subscribe,
     "vm.stats": vm_stats_,
+    "vm.explain_route": vm_explain_route,
 }
 
 #: vCPU methods; the guest accesses and ``vcpu.hypercall`` may exit to the VMM (``Detached``).

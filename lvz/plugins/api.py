@@ -11,13 +11,15 @@ plugin, so a buggy chip fails one request and nothing else.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lvz.protocol.errors import KvmError
 
-__all__ = ["Device", "DeviceType", "IoHandler", "Stat", "VmApi"]
+__all__ = ["Device", "DeviceType", "Hop", "IoHandler", "RouteTrace", "Stat", "TracingVm",
+           "Verdict", "VmApi", "explaining_copy"]
 
 #: What a counter means over time, as KVM_GET_STATS_FD's KVM_STATS_TYPE_*: ``cumulative``
 #: only grows (rates are its differences), ``instant`` is a level now, ``peak`` a high mark.
@@ -147,6 +149,20 @@ class Device:
         """
         return []
 
+    def explain_input(self, line: int, level: int) -> RouteTrace | None:
+        """Where driving input ``line`` to ``level`` now would go, and why; changes nothing.
+
+        ``vm.explain_route`` (``lvz why``) asks each chip on an interrupt's way in turn. A chip
+        answers with a ``RouteTrace``: the hops it took, then either a stop (the register and
+        bit that ended delivery), a forward to another chip's input, or a delivery to a vCPU
+        line. It must be computed by the code that routes, not by a second description of it:
+        the built-in chips run their own ``set_input`` on a scratch copy of their state, with a
+        ``TracingVm`` that records line and chip-input changes instead of making them. The
+        default (None) tells the daemon this chip cannot explain itself; the route then ends
+        there with the reason ``unexplained``.
+        """
+        return None
+
     def save_state(self) -> list[tuple[int, int, int]]:
         """The device's whole state as ``(group, attr, value)`` device attrs, in restore order.
 
@@ -198,3 +214,144 @@ class DeviceType:
     factory: Callable[[VmApi], Device]
     #: The counters ``Device.stats()`` reports (``kvm.stats`` / ``vm.stats``, ``lvz top``).
     stats: tuple[Stat, ...] = ()
+
+
+# --- route explanations (vm.explain_route) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One step of a route: what a chip looked at and what that told it, in a sentence.
+
+    ``value`` is what was found: the bit's value (0 or 1) when ``bit`` is given, else the
+    register's (or, with no register, the number the step is about: a phyid, a vcpu_id).
+    """
+
+    chip: str
+    step: str
+    note: str
+    register: str | None = None
+    bit: int | None = None
+    value: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Why a route stopped, or why it went elsewhere than the registers seem to say.
+
+    ``reason`` is a stable word a test can assert on (``masked``, ``not_enabled``…);
+    ``register`` and ``bit`` name what decided it, ``value`` what was found there (as in
+    ``Hop``).
+    """
+
+    chip: str
+    reason: str
+    message: str
+    register: str | None = None
+    bit: int | None = None
+    value: int | None = None
+
+
+class RouteTrace:
+    """A chip's answer to ``explain_input``, and the recorder its routing code writes to.
+
+    The outcome is at most one of ``stopped``, ``forward`` (device type, input line, level)
+    and ``delivered`` (vcpu_id, INT_* line, level, whether the line changes). ``redirected``
+    may accompany a delivery that reaches another vCPU than the registers literally name.
+    """
+
+    __slots__ = ("chip", "delivered", "forward", "hops", "redirected", "stopped")
+
+    def __init__(self, chip: str) -> None:
+        self.chip = chip
+        self.hops: list[Hop] = []
+        self.stopped: Verdict | None = None
+        self.redirected: Verdict | None = None
+        self.forward: tuple[str, int, int] | None = None
+        self.delivered: tuple[int, int, int, bool] | None = None
+
+    def hop(self, step: str, note: str, register: str | None = None, bit: int | None = None,
+            value: int | None = None) -> None:
+        self.hops.append(Hop(self.chip, step, note, register, bit, value))
+
+    def stop(self, reason: str, message: str, register: str | None = None,
+             bit: int | None = None, value: int | None = None) -> None:
+        if self.stopped is None:
+            self.stopped = Verdict(self.chip, reason, message, register, bit, value)
+
+    def redirect(self, reason: str, message: str, register: str | None = None,
+                 bit: int | None = None, value: int | None = None) -> None:
+        """Keep the first: it is the earliest cause on the way."""
+        if self.redirected is None:
+            self.redirected = Verdict(self.chip, reason, message, register, bit, value)
+
+    def deliver(self, vcpu_id: int, irq: int, level: int, changed: bool) -> None:
+        if self.delivered is None:
+            self.delivered = (vcpu_id, irq, level, changed)
+
+
+class TracingVm:
+    """The ``VmApi`` of a chip's scratch copy while it explains: it reads the real VM (map,
+    vCPUs) and records, instead of making, every line and chip-input change, so running the
+    chip's own routing code on it changes nothing and emits no event."""
+
+    __slots__ = ("_trace", "_vm")
+
+    def __init__(self, vm: VmApi, trace: RouteTrace) -> None:
+        self._vm = vm
+        self._trace = trace
+
+    @property
+    def max_phyid(self) -> int:
+        return self._vm.max_phyid
+
+    @property
+    def pv_features(self) -> int:
+        return self._vm.pv_features
+
+    def vcpu_by_phyid(self, phyid: int) -> int | None:
+        return self._vm.vcpu_by_phyid(phyid)
+
+    def vcpu_exists(self, vcpu_id: int) -> bool:
+        return self._vm.vcpu_exists(vcpu_id)
+
+    def vcpu_ids(self) -> list[int]:
+        return self._vm.vcpu_ids()
+
+    def queue_irq(self, vcpu_id: int, irq: int) -> None:
+        self._trace.deliver(vcpu_id, irq, 1, True)
+
+    def dequeue_irq(self, vcpu_id: int, irq: int) -> None:
+        self._trace.deliver(vcpu_id, irq, 0, True)
+
+    def set_chip_input(self, device_type: str, line: int, level: int) -> None:
+        if self._trace.forward is None:
+            self._trace.forward = (device_type, line, level)
+
+    def _refuse(self, what: str) -> KvmError:
+        return KvmError("EINVAL", f"an explanation is read-only: it cannot {what}")
+
+    def claim_iocsr(self, base: int, size: int, handler: IoHandler) -> None:
+        raise self._refuse("claim IOCSR ranges")
+
+    def claim_mmio(self, base: int, size: int, handler: IoHandler) -> None:
+        raise self._refuse("claim MMIO ranges")
+
+    def iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int:
+        raise self._refuse("make IOCSR accesses")
+
+    def iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
+        raise self._refuse("make IOCSR accesses")
+
+
+_D = TypeVar("_D", bound=Device)
+
+
+def explaining_copy(device: _D, trace: RouteTrace) -> _D:
+    """A deep copy of ``device`` whose ``vm`` is a ``TracingVm`` recording into ``trace``.
+
+    Run the chip's own routing code on it to explain a route without changing anything: its
+    registers, caches and counters are copies (a deep copy, so state a chip adds later is
+    covered too), and the VM it sees reads the real map but only records line changes.
+    """
+    return copy.deepcopy(device, {id(device.vm): TracingVm(device.vm, trace)})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lvz.plugins.api import Device, DeviceType, Stat, VmApi
+from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, VmApi, explaining_copy
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -39,6 +39,7 @@ from lvz.protocol.abi import (
     EIOINTC_ATTR_CPU_SHIFT,
     EIOINTC_ATTR_OFFSET_MASK,
     EIOINTC_BASE,
+    EIOINTC_HAS_CPU_ENCODE,
     EIOINTC_HAS_VIRT_EXTENSION,
     EIOINTC_IRQS,
     EIOINTC_ROUTE_MAX_VCPUS,
@@ -115,11 +116,17 @@ class _Window:
 class Eiointc(Device):
     """One VM's EIOINTC. Creation claims both IOCSR ranges, as kvm_eiointc_create does."""
 
+    #: Set only on the scratch copy ``explain_input`` runs: the routing code reports to it.
+    _trace: RouteTrace | None = None
+
     def __init__(self, vm: VmApi) -> None:
         super().__init__(vm)
         self.num_cpu = 0
         self.features = 0
         self.status = 0
+        #: The CONFIG bits the guest's last CONFIG write asked for and did not get (diagnostic
+        #: only, for ``explain_input``: the kernel drops them silently).
+        self.config_refused = 0
         #: start offset -> register contents (little-endian int); COREISR lives in ``coreisr``.
         self.regs: dict[int, int] = {start: 0 for start in REGISTERS if start != COREISR}
         #: vcpu_id -> that vCPU's COREISR (256 bits), created on first touch.
@@ -175,15 +182,27 @@ class Eiointc(Device):
         """
         ip = self.ipnum(irq)
         vid = self.sw_coremap[irq]
+        trace = self._trace
         if not self.vm.vcpu_exists(vid):
             self.drops += level
+            if trace is not None:
+                trace.stop("no_such_vcpu", f"irq {irq} is routed to vcpu_id {vid}, which does "
+                           f"not exist: dropped (the kernel logs 'invalid target cpu')",
+                           "SW_STATUS_ROUTE", None, vid)
             return  # kernel: kvm_err("invalid target cpu") and drop
         bit = 1 << irq
         pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
         if level:
             if not _bit(self.regs[ENABLE], irq):
+                if trace is not None:
+                    trace.stop("not_enabled", f"irq {irq} is not enabled (ENABLE bit {irq} is "
+                               f"0): ISR records it, and enabling it later delivers it",
+                               "ENABLE", irq, 0)
                 return
             self.deliveries[irq] += 1
+            if trace is not None:
+                trace.hop("enable", f"ENABLE bit {irq} is 1; COREISR bit {irq} of vCPU {vid} "
+                          f":= 1", "ENABLE", irq, 1)
             self.coreisr[vid] = self.coreisr.get(vid, 0) | bit
             found = pending[ip] != 0
             pending[ip] |= bit
@@ -192,6 +211,13 @@ class Eiointc(Device):
             pending[ip] &= ~bit
             found = pending[ip] != 0
         if found:
+            if trace is not None:
+                others = ", ".join(str(i) for i in set_bits(pending[ip]) if i != irq)
+                why = (f"irqs {others} routed there keep it up" if others
+                       else f"irq {irq} is already pending there")
+                trace.hop("shared", f"HWI{ip} of vCPU {vid} does not change: {why}", "COREISR",
+                          irq, 1 if level else 0)
+                trace.deliver(vid, INT_HWI0 + ip, level, False)
             return
         if level:
             self.vm.queue_irq(vid, INT_HWI0 + ip)
@@ -222,6 +248,90 @@ class Eiointc(Device):
         else:
             self.regs[ISR] &= ~(1 << line)
         self.update_irq(line, 1 if level else 0)
+
+    # --- route explanations (vm.explain_route) --------------------------------------------------
+
+    def explain_input(self, line: int, level: int) -> RouteTrace:
+        """``set_input`` run on a scratch copy that reports each decision, after the hops that
+        explain the route it takes: COREMAP byte → phyid (in the mode CONFIG selects) →
+        ``sw_coremap`` → vCPU, and IPMAP → HWI line. Changes nothing, emits nothing."""
+        trace = RouteTrace(self.type_name or DEV_EIOINTC)
+        twin = explaining_copy(self, trace)
+        twin._trace = trace
+        twin.set_input(line, level)  # EINVAL for an irq outside 0..255, before any hop
+        decided, trace.hops = trace.hops, []
+        self._explain_route(trace, line, level)
+        trace.hops += decided
+        return trace
+
+    def _explain_route(self, trace: RouteTrace, irq: int, level: int) -> None:
+        was = int(_bit(self.regs[ISR], irq))
+        trace.hop("input", f"irq {irq} {'asserted' if level else 'deasserted'}: ISR bit {irq} "
+                  f":= {1 if level else 0} (was {was})", "ISR", irq, 1 if level else 0)
+        byte = self.coremap_byte(irq)
+        trace.hop("coremap", f"COREMAP byte of irq {irq} is {byte:#04x}", f"COREMAP[{irq}]",
+                  None, byte)
+        phyid = self.decode_coremap_byte(byte)
+        self._explain_decode(trace, byte, phyid)
+        holder = self.vm.vcpu_by_phyid(phyid)
+        route = self.sw_coremap[irq]
+        if holder is None:
+            trace.hop("phyid", f"no vCPU holds phyid {phyid}", None, None, phyid)
+            trace.redirect("phyid_unmapped", f"COREMAP names phyid {phyid}, which no vCPU "
+                           f"held when it was resolved: the kernel then leaves the route as it "
+                           f"was (vcpu_id {route}; every route starts at 0)",
+                           f"COREMAP[{irq}]", None, byte)
+        else:
+            trace.hop("phyid", f"phyid {phyid} is held by vCPU {holder}", None, None, phyid)
+            if holder != route:
+                trace.redirect("stale_route", f"phyid {phyid} is held by vCPU {holder} now, "
+                               f"but the route was resolved to vcpu_id {route} earlier: routes "
+                               f"are re-read only when COREMAP is written or at LOAD_FINISHED",
+                               "SW_STATUS_ROUTE", None, route)
+        trace.hop("route", f"irq {irq} is routed to vcpu_id {route} (sw_coremap, resolved when "
+                  f"COREMAP was written)", "SW_STATUS_ROUTE", None, route)
+        group = irq // 32
+        ipbyte = (self.regs[IPMAP] >> (8 * group)) & _BYTE
+        ip = self.ipnum(irq)
+        how = ("INT_ENCODE: the byte is the line number" if self.status & EIOINTC_STATUS_INT_ENCODE
+               else "bitmap: the lowest set bit of bits 0..3, else HWI0")
+        trace.hop("ipmap", f"IPMAP byte {group} (irqs {32 * group}..{32 * group + 31}) is "
+                  f"{ipbyte:#04x} → HWI{ip} ({how})", f"IPMAP[{group}]", None, ipbyte)
+
+    def _explain_decode(self, trace: RouteTrace, byte: int, phyid: int) -> None:
+        """How the coremap byte was read, and why in that mode (the INIT_FEATURE pitfall)."""
+        status_bit = EIOINTC_STATUS_CPU_ENCODE.bit_length() - 1
+        if self.status & EIOINTC_STATUS_CPU_ENCODE:
+            trace.hop("decode", f"CPU-encode mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE "
+                      f"is 1): the byte is phyid {phyid}", "CONFIG", status_bit, 1)
+            return
+        trace.hop("decode", f"bitmap mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE is 0): the "
+                  f"lowest set bit of {byte:#04x} among bits 0..3 is phyid {phyid}"
+                  f"{'' if phyid == byte else f' (CPU-encode mode would say {byte})'}",
+                  "CONFIG", status_bit, 0)
+        if not self.config_refused & EIOINTC_STATUS_CPU_ENCODE or phyid == byte:
+            return
+        virt = EIOINTC_HAS_VIRT_EXTENSION.bit_length() - 1
+        cpu = EIOINTC_HAS_CPU_ENCODE.bit_length() - 1
+        asked = (f"the guest asked for CPU encoding (CONFIG write {self.config_refused:#x}) "
+                 f"and did not get it")
+        if not self.features & EIOINTC_HAS_VIRT_EXTENSION:
+            why = ("EIOINTC is always enabled and every non-zero CONFIG write is ignored"
+                   if self.status & EIOINTC_STATUS_ENABLE else "CONFIG keeps none of it")
+            trace.redirect("config_ignored", f"{asked}: INIT_FEATURE {self.features:#x} lacks "
+                           f"HAS_VIRT_EXTENSION (bit {virt}), so {why}; byte {byte:#04x} reads "
+                           f"as a bitmap: phyid {phyid}, not {byte}", "INIT_FEATURE", virt, 0)
+        elif not self.features & EIOINTC_HAS_CPU_ENCODE:
+            trace.redirect("cpu_encode_unsupported", f"{asked}: INIT_FEATURE "
+                           f"{self.features:#x} lacks HAS_CPU_ENCODE (bit {cpu}), and CONFIG "
+                           f"keeps only the features offered; byte {byte:#04x} reads as a "
+                           f"bitmap: phyid {phyid}, not {byte}", "INIT_FEATURE", cpu, 0)
+        else:
+            enable = EIOINTC_STATUS_ENABLE.bit_length() - 1
+            trace.redirect("config_ignored", f"{asked}: CONFIG was written while ENABLE (bit "
+                           f"{enable}) was set, and then only a write of 0 is accepted; byte "
+                           f"{byte:#04x} reads as a bitmap: phyid {phyid}, not {byte}",
+                           "CONFIG", enable, 1)
 
     def _rebuild_sw_coreisr(self) -> None:
         """LOAD_FINISHED's eiointc_set_sw_coreisr, with the decoded byte (decision 6)."""
@@ -309,8 +419,10 @@ class Eiointc(Device):
             return  # FEATURES is read-only
         value &= U32_MAX
         if self.status & EIOINTC_STATUS_ENABLE and value:
+            self.config_refused = value
             return  # features are chosen while disabled; only a write of 0 gets through
         self.status = value & self.features
+        self.config_refused = value & ~self.features
 
     # --- device attrs ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ reported as EFAULT (as the kernel does) with lvz's reason in the message.
 
 from __future__ import annotations
 
-from lvz.plugins.api import Device, DeviceType, Stat, VmApi
+from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, VmApi, explaining_copy
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -64,6 +64,9 @@ _BYTE = 0xFF
 class PchPic(Device):
     """One VM's PCH-PIC. It is its own MMIO handler, so re-running CTRL_INIT moves the window."""
 
+    #: Set only on the scratch copy ``explain_input`` runs: the routing code reports to it.
+    _trace: RouteTrace | None = None
+
     def __init__(self, vm: VmApi) -> None:
         super().__init__(vm)
         self.base: int | None = None
@@ -86,13 +89,24 @@ class PchPic(Device):
         if not 0 <= line < PINS:
             raise KvmError("EINVAL", f"PCH-PIC has pins 0..{PINS - 1}, not {line}")
         bit = 1 << line
+        trace = self._trace
         if level:
             self.raises[line] += 1
             self.regs[INT_IRR] |= bit
         else:
             if self.regs[EDGE] & bit:
+                if trace is not None:
+                    trace.stop("edge_latched", f"pin {line} is edge-triggered (EDGE bit {line} "
+                               f"is 1): a low level leaves IRR set; only a CLEAR write lowers "
+                               f"it", "EDGE", line, 1)
                 return
             self.regs[INT_IRR] &= ~bit
+        if trace is not None:
+            mode = "edge" if self.regs[EDGE] & bit else "level"
+            trace.hop("pin", f"pin {line} {'raised' if level else 'lowered'}: IRR bit {line} "
+                      f":= {1 if level else 0} ({mode}-triggered: EDGE bit {line} is "
+                      f"{int(mode == 'edge')})",
+                      "INT_IRR", line, 1 if level else 0)
         self.update(line, 1 if level else 0)
 
     def update(self, pin: int, level: int) -> None:
@@ -102,20 +116,44 @@ class PchPic(Device):
         masking a pin that is still high does not lower it.
         """
         bit = 1 << pin
+        trace = self._trace
         if level:
             if not bit & self.regs[INT_IRR] & ~self.regs[MASK]:
+                if trace is not None:
+                    trace.stop("masked", f"pin {pin} is masked (MASK bit {pin} is 1): IRR "
+                               f"holds the request but nothing reaches EIOINTC until the guest "
+                               f"clears the bit", "MASK", pin, 1)
                 return
             self.regs[INT_ISR] |= bit
             self.forwarded += 1
         else:
             if not bit & self.regs[INT_ISR] & ~self.regs[INT_IRR]:
+                if trace is not None:
+                    trace.stop("not_forwarded", f"ISR bit {pin} is 0: the pin was never "
+                               f"forwarded to EIOINTC (masked, or already lowered), so there "
+                               f"is nothing to lower", "INT_ISR", pin, 0)
                 return
             self.regs[INT_ISR] &= ~bit
+        if trace is not None:
+            if level:
+                trace.hop("mask", f"MASK bit {pin} is 0: unmasked; ISR bit {pin} := 1",
+                          "MASK", pin, 0)
+            vec = self.htmsi_vector[pin]
+            trace.hop("vector", f"HTMSI_VEC[{pin}] = {vec}: the pin drives EIOINTC irq {vec}",
+                      f"HTMSI_VEC[{pin}]", None, vec)
         self.vm.set_chip_input(DEV_EIOINTC, self.htmsi_vector[pin], level)
 
     def _update_batch(self, pins: int, level: int) -> None:
         for pin in set_bits(pins):
             self.update(pin, level)
+
+    def explain_input(self, line: int, level: int) -> RouteTrace:
+        """``set_input`` itself, run on a scratch copy that reports each decision (read-only)."""
+        trace = RouteTrace(self.type_name or DEV_PCHPIC)
+        twin = explaining_copy(self, trace)
+        twin._trace = trace
+        twin.set_input(line, level)
+        return trace
 
     # --- guest MMIO (IoHandler) -----------------------------------------------------------------
 

@@ -47,6 +47,18 @@ def _is_args(v: object) -> bool:
     return type(v) is list and len(v) <= 6 and all(_is_int(x) for x in v)
 
 
+def _is_source(v: object) -> bool:
+    """A ``vm.explain_route`` source: exactly one of ``{pin: N}``, ``{eiointc_irq: N}`` and
+    ``{msi: {address: A, data: D}}``, integers of the types the matching methods take."""
+    if type(v) is not dict or len(v) != 1:
+        return False
+    ((kind, arg),) = v.items()
+    if kind in ("pin", "eiointc_irq"):
+        return _is_int(arg)
+    return (kind == "msi" and type(arg) is dict and set(arg) == {"address", "data"}
+            and _is_u64(arg["address"]) and _is_u64(arg["data"]))
+
+
 _CHECKS: Final[dict[str, tuple[Callable[[object], bool], str]]] = {
     "handle": (_is_u32, "a handle (an unsigned 32-bit integer)"),
     "vm": (_is_u32, "a VM handle (an unsigned 32-bit integer)"),
@@ -58,6 +70,7 @@ _CHECKS: Final[dict[str, tuple[Callable[[object], bool], str]]] = {
     "str": (_is_str, "a string"),
     "timeout": (_is_timeout, "a finite number of seconds >= 0"),
     "args": (_is_args, "a list of at most 6 integers"),
+    "source": (_is_source, "one of {pin: N}, {eiointc_irq: N} or {msi: {address: A, data: D}}"),
 }
 
 #: (name, kind, required)
@@ -88,6 +101,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "vm.phyid_lookup": (("vm", "vm", _R), ("phyid", "int", _R)),
     "vm.phyid_map": (("vm", "vm", _R),),
     "vm.subscribe": (("vm", "vm", _R),),
+    # lvz addition: why an interrupt goes where it goes (`lvz why`), read-only.
+    "vm.explain_route": (("vm", "vm", _R), ("source", "source", _R), ("level", "int", _O)),
     # lvz additions: reach the vCPUs and devices of a VM opened by name (snapshot, CLI).
     "vm.info": (("vm", "vm", _R),),
     "vm.open_vcpu": (("vm", "vm", _R), ("vcpu_id", "int", _R)),
