@@ -11,6 +11,7 @@ explaining changed nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +25,9 @@ from lvz.plugins.api import RouteTrace
 from lvz.plugins.eiointc import Eiointc
 from lvz.plugins.pchpic import PchPic
 from lvz.protocol import abi
+from lvz.testing.wire import Wire
 
 from .chipfake import FakeVm
-from .rawwire import Raw
 
 PLUGIN = "fake-pch"
 
@@ -67,14 +68,14 @@ async def test_each_way_a_chip_answers_ends_the_route_with_its_reason(
     host = load_plugins(allow=["loongarch-ipi", "loongarch-eiointc"],
                         extra=[(PLUGIN, FakePchPlugin())])
     await nursery.start(serve, cfg, host)
-    raw = await Raw.open(cfg.socket)
+    raw = await Wire.open(cfg.socket)
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     v = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
     await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=0)
     for chip in (abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC):
         await raw.ok("vm.create_device", vm=vm, type=chip)
 
-    async def why(pin: int) -> dict[str, object]:
+    async def why(pin: int) -> dict[str, Any]:
         return await raw.ok("vm.explain_route", vm=vm, source={"pin": pin})
 
     expected = {0: "unexplained", 1: "no_device", 2: "no_effect", 3: "loop", 6: "no_such_vcpu"}
@@ -83,15 +84,15 @@ async def test_each_way_a_chip_answers_ends_the_route_with_its_reason(
         stopped = result["stopped"]
         assert isinstance(stopped, dict) and stopped["reason"] == reason, (pin, result)
         assert result["delivered"] is None
-    assert PLUGIN in (await why(0))["stopped"]["message"]  # type: ignore[index]
+    assert PLUGIN in (await why(0))["stopped"]["message"]
     r = await raw.call("vm.explain_route", vm=vm, source={"pin": 4})
     assert r.error is not None and r.error.name == "EIO" and PLUGIN in r.error.message
     # A chip's hops and forward are followed into the built-in EIOINTC.
     through = await why(5)
-    steps = [(h["chip"], h["step"]) for h in through["hops"]]  # type: ignore[attr-defined]
+    steps = [(h["chip"], h["step"]) for h in through["hops"]]
     assert steps[:3] == [("vm", "irq_line"), (abi.DEV_PCHPIC, "fake"),
                          (abi.DEV_EIOINTC, "input")]
-    assert through["stopped"]["reason"] == "not_enabled"  # type: ignore[index]
+    assert through["stopped"]["reason"] == "not_enabled"
     await raw.aclose()
 
 

@@ -5,7 +5,8 @@
 entry-point group exactly like third-party ones.
 """
 
-from .api import Device, DeviceType, IoHandler, VmApi
+from .api import Device, DeviceType, IoHandler, RouteTrace, TracingVm, VmApi, explaining_copy
 from .hookspecs import hookimpl
 
-__all__ = ["Device", "DeviceType", "IoHandler", "VmApi", "hookimpl"]
+__all__ = ["Device", "DeviceType", "IoHandler", "RouteTrace", "TracingVm", "VmApi",
+           "explaining_copy", "hookimpl"]

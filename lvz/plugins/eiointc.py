@@ -288,8 +288,10 @@ class Eiointc(Device):
                                f"but the route was resolved to vcpu_id {route} earlier: routes "
                                f"are re-read only when COREMAP is written or at LOAD_FINISHED",
                                "SW_STATUS_ROUTE", None, route)
-        trace.hop("route", f"irq {irq} is routed to vcpu_id {route} (sw_coremap, resolved when "
-                  f"COREMAP was written)", "SW_STATUS_ROUTE", None, route)
+        how = ("no vCPU held the phyid, so the route stayed as it was" if holder is None
+               else "sw_coremap, resolved when COREMAP was written")
+        trace.hop("route", f"irq {irq} is routed to vcpu_id {route} ({how})", "SW_STATUS_ROUTE",
+                  None, route)
         group = irq // 32
         ipbyte = (self.regs[IPMAP] >> (8 * group)) & _BYTE
         ip = self.ipnum(irq)
