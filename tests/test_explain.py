@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lvz.clients import IrqEvent, Kvm, KvmError, VcpuFd, VmFd, abi, ops
+from lvz.clients import AsyncVmFd, IrqEvent, Kvm, KvmError, VcpuFd, VmFd, abi, ops
 from lvz.clients.cli import main
 
 IPI, EIO, PCH = abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC
@@ -368,3 +368,12 @@ def test_lvz_why_prints_the_chain_and_json(kvm: Kvm, lvz_socket: Path,
         assert "EINVAL" in capsys.readouterr().err
     finally:
         vm.destroy()
+
+
+async def test_the_trio_client_explains_the_same(trio_vm: AsyncVmFd) -> None:
+    v = await trio_vm.create_vcpu(0)
+    await v.set_one_reg(abi.CPUID, 0)
+    await trio_vm.create_device(EIO)
+    why = await trio_vm.explain_route(eiointc_irq=3)
+    assert why.stopped is not None and why.stopped.reason == "not_enabled"
+    assert why.vcpu_id is None and str(why).startswith("EIOINTC irq 3:\n")

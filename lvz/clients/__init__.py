@@ -23,6 +23,10 @@ from .core import (
     HypercallExit,
     IoExit,
     SystemEvent,
+    RouteDelivery,
+    RouteExplanation,
+    RouteHop,
+    RouteVerdict,
     UntrustedDaemon,
     line_names,
 )
@@ -82,6 +86,7 @@ __all__ = [
     "ops", "Call",
     # values and errors
     "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
+    "RouteExplanation", "RouteHop", "RouteVerdict", "RouteDelivery",
     "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon",
     # exits to the VMM, as ``RunResult`` carries them (docs/vmm-loop.md)
     "IoExit", "HypercallExit", "SystemEvent",
