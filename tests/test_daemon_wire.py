@@ -356,7 +356,8 @@ async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(
     for name, (param, kind) in sorted(HANDLE_PARAM.items()):
         if not kind:
             continue
-        params: dict[str, object] = {p: "x" if k == "str" else 0
+        valid: dict[str, object] = {"str": "x", "source": {"pin": 0}}
+        params: dict[str, object] = {p: valid.get(k, 0)
                                      for p, k, required in METHODS[name]
                                      if required and p != param}
         params[param] = wrong[kind]

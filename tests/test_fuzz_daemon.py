@@ -247,6 +247,9 @@ GOOD = {
                                       "one_reg", "max_vcpus", ""]), st.text(max_size=10)),
     "timeout": st.one_of(st.floats(0, 0.02), st.integers(0, 0), st.floats()),
     "args": st.lists(INTS, max_size=7),
+    "source": st.one_of(
+        st.builds(lambda k, n: {k: n}, st.sampled_from(["pin", "eiointc_irq"]), INTS),
+        st.builds(lambda a, d: {"msi": {"address": a, "data": d}}, INTS, INTS)),
 }
 WRONG = st.one_of(SCALARS, st.lists(INTS, max_size=3), st.dictionaries(KEYS, INTS, max_size=2))
 
