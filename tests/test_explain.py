@@ -290,12 +290,14 @@ def test_an_explanation_changes_nothing_and_sends_no_event(kvm: Kvm) -> None:
     g.vm.irq_line(13, 1)
     before, seq = state(kvm, g.vm), g.vm.info()
     g.vm.subscribe()
+    stats = kvm.call("vm.stats", {"vm": g.vm.handle})  # after subscribing: that is counted
     g.vm.explain_route(PIN)
     g.vm.explain_route(13, level=0)
     g.vm.explain_route(msi=(0, 200))
     g.vm.explain_route(eiointc_irq=13, level=0)
     assert list(g.vm.events()) == []
     assert state(kvm, g.vm) == before and g.vm.info() == seq
+    assert kvm.call("vm.stats", {"vm": g.vm.handle}) == stats  # no chip counted anything
 
 
 @pytest.mark.parametrize(("source", "level", "words"), [

@@ -165,13 +165,15 @@ def explain(pch: PchPic, eio: Eiointc, pin: int, level: int) -> RouteTrace:
 def test_the_explanation_is_what_set_input_then_does(
         state: tuple[FakeVm, PchPic, Eiointc, int, int]) -> None:
     vm, pch, eio, pin, level = state
-    saved = (pch.save_state(), eio.save_state(), dict(vm.lines), len(vm.events))
+    saved = (pch.save_state(), eio.save_state(), pch.stats(), eio.stats(), dict(vm.lines),
+             len(vm.events))
     trace = explain(pch, eio, pin, level)
-    assert (pch.save_state(), eio.save_state(), dict(vm.lines), len(vm.events)) == saved
+    assert (pch.save_state(), eio.save_state(), pch.stats(), eio.stats(), dict(vm.lines),
+            len(vm.events)) == saved
     assert (trace.stopped is None) == (trace.delivered is not None)
     lines_before = dict(vm.lines)
     pch.set_input(pin, level)
-    made = vm.events[saved[3]:]
+    made = vm.events[saved[-1]:]
     if trace.delivered is None:
         assert made == []
         return
