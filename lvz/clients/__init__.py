@@ -22,11 +22,11 @@ from .core import (
     Call,
     HypercallExit,
     IoExit,
-    SystemEvent,
     RouteDelivery,
     RouteExplanation,
     RouteHop,
     RouteVerdict,
+    SystemEvent,
     UntrustedDaemon,
     line_names,
 )
