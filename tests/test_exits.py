@@ -18,8 +18,10 @@ import trio
 import trio.testing
 
 from lvz.clients import AsyncKvm, AsyncVcpu, AsyncVm, KvmError, RunResult, abi, open_kvm
+from lvz.daemon import exits
 
 if TYPE_CHECKING:
+    from lvz.daemon.server import Daemon
     from tests.daemon_fixtures import DaemonProcess
 
 pytest_plugins = ["tests.daemon_fixtures"]
@@ -422,3 +424,38 @@ async def test_shutdown_ends_a_waiting_guest_call_with_ebadf(own_daemon: DaemonP
             with pytest.raises(KvmError) as info:
                 await read.result()
             assert info.value.name == "EBADF" and "shutting down" in info.value.message
+
+
+async def test_a_vcpu_holds_a_bounded_number_of_waiting_exits(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_WAITING queued exits a guest call is EBUSY: no client can make the daemon
+    hold an unbounded queue."""
+    monkeypatch.setattr(exits, "MAX_WAITING", 2)
+    async with open_kvm(daemon.config.socket) as kvm:
+        vm = await kvm.create_vm()
+        vcpu = await vm.create_vcpu(0)
+        async with trio.open_nursery() as nursery:
+            waiting = [Guest(nursery, partial(vcpu.mmio_read, UART, 1, timeout=LONG))
+                       for _ in range(2)]
+            await settle(vcpu)
+            with pytest.raises(KvmError) as info:
+                await vcpu.mmio_write(UART, 1, 0, timeout=LONG)
+            assert info.value.name == "EBUSY" and "2 exits waiting" in info.value.message
+            await vm.destroy()
+            for guest in waiting:
+                with pytest.raises(KvmError):
+                    await guest.result()
+
+
+async def test_a_user_hypercall_counts_in_the_hypercalls_stat(pair: Pair) -> None:
+    await enable(pair)
+    async with trio.open_nursery() as nursery:
+        call = Guest(nursery, partial(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE,
+                                      timeout=LONG))
+        await take(pair.vmm)
+        await finish(pair.vmm, ret=0)
+        assert await call.result() == 0
+    stats = await pair.vmm_kvm.call("vm.stats", {"vm": pair.vm.handle})
+    names = [d["name"] for d in stats["descriptors"] if d["scope"] == "vcpu"]
+    [vcpu0] = stats["vcpus"]
+    assert vcpu0["values"][names.index("hypercalls")] == 1

@@ -45,6 +45,9 @@ __all__ = ["DEFAULT_TIMEOUT", "Detached", "Exit", "Exits", "hypercall_exit"]
 
 #: Seconds a guest call without ``timeout`` waits for the VMM that took its exit to complete it.
 DEFAULT_TIMEOUT: Final = 10.0
+#: Exits one vCPU may have waiting for a VMM: beyond it a guest call is EBUSY, so a client
+#: cannot make the daemon hold an unbounded queue (a real vCPU has one instruction in flight).
+MAX_WAITING: Final = 1024
 
 Result = dict[str, Any]
 
@@ -194,12 +197,14 @@ class Exits:
         """A guest call that exits: ENXIO now if no VMM runs the vCPU and no ``timeout`` says
         to wait for one; else the exit is queued once the dispatch names the request."""
         vcpu = h.vcpu
-        if timeout is None:
-            q = self.vcpus.get(vcpu)
-            if vcpu not in self.daemon.running and (q is None or q.taken is None):
-                raise KvmError("ENXIO", f"{method}: {exit.describe()} exits to the VMM, and "
-                                        f"no VMM runs vCPU {vcpu.vcpu_id} (vcpu.run); pass "
-                                        f"timeout to wait for one")
+        q = self.vcpus.get(vcpu)
+        if timeout is None and vcpu not in self.daemon.running and (q is None or q.taken is None):
+            raise KvmError("ENXIO", f"{method}: {exit.describe()} exits to the VMM, and no VMM "
+                                    f"runs vCPU {vcpu.vcpu_id} (vcpu.run); pass timeout to "
+                                    f"wait for one")
+        if q is not None and len(q.queue) >= MAX_WAITING:
+            raise KvmError("EBUSY", f"{method}: vCPU {vcpu.vcpu_id} already has {MAX_WAITING} "
+                                    f"exits waiting for the VMM")
         if self.daemon.shutting_down:
             raise KvmError("EBADF", f"{method}: the daemon is shutting down")
         seconds = DEFAULT_TIMEOUT if timeout is None else float(timeout)

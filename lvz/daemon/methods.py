@@ -476,7 +476,9 @@ def vcpu_hypercall(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> May
     args = p.get("args", [])
     exit = hypercall_exit(h.vm, p["code"], args)
     if exit is not None:
-        return d.exits.guest_call(conn, h, "vcpu.hypercall", exit, p.get("timeout"))
+        call = d.exits.guest_call(conn, h, "vcpu.hypercall", exit, p.get("timeout"))
+        h.vcpu.hypercalls += 1  # an hvcl all the same (the ``hypercalls`` stat)
+        return call
     return {"a0": h.vm.hypercall(h.vcpu, p["code"], args)}
 
 
