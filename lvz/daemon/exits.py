@@ -33,10 +33,10 @@ import trio
 
 from lvz.protocol import abi
 from lvz.protocol.abi import U64_MAX
-from lvz.protocol.errors import KvmError
+from lvz.protocol.errors import KvmError, Unclaimed
 
 from .connection import Connection, VcpuHandle
-from .model import Unclaimed, Vcpu, Vm
+from .model import Vcpu, Vm
 
 if TYPE_CHECKING:
     from .server import Daemon

@@ -26,14 +26,13 @@ import trio.lowlevel
 import lvz
 from lvz.plugins.api import RouteTrace, Verdict
 from lvz.protocol import abi as C
-from lvz.protocol.errors import KvmError
+from lvz.protocol.errors import KvmError, Unclaimed
 from lvz.protocol.methods import METHODS
 
 from . import stats
 from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
 from .exits import Detached, access_exit, hypercall_exit
 from .host import plugin_failure
-from .model import Unclaimed
 
 if TYPE_CHECKING:
     from .model import Vm

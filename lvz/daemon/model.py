@@ -61,11 +61,11 @@ from lvz.protocol.abi import (
     U32_MAX,
     U64_MAX,
 )
-from lvz.protocol.errors import KvmError
+from lvz.protocol.errors import KvmError, Unclaimed
 
 from .host import PluginGuard, PluginHost, plugin_failure
 
-__all__ = ["ChipApi", "LineListener", "Unclaimed", "Vcpu", "Vm"]
+__all__ = ["ChipApi", "LineListener", "Vcpu", "Vm"]
 
 #: ESTAT bits that are lines and live in ESTAT itself (SWI0, SWI1, TI, IPI).
 _ESTAT_LINES = (1 << INT_SWI0) | (1 << INT_SWI1) | (1 << INT_TI) | (1 << INT_IPI)
@@ -74,18 +74,6 @@ _HWIS = CSR_GINTC_HWIS
 
 #: (vm, vcpu_id, irq, level, seq) -> None; the daemon fans it out to subscribers and waiters.
 LineListener = Callable[["Vm", int, int, int, int], None]
-
-
-class Unclaimed(KvmError):
-    """ENXIO for a guest access no device claims: where KVM exits to the VMM (the daemon
-    turns it into an exit when a VMM runs the vCPU, exits.py). ``addr`` is the address as the
-    bus saw it, the exit's ``phys_addr``."""
-
-    def __init__(self, space: str, addr: int, size: int) -> None:
-        super().__init__("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
-        self.space = space
-        self.addr = addr
-        self.size = size
 
 
 def _lines(estat: int, gintc: int) -> int:

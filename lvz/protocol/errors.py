@@ -85,6 +85,19 @@ class KvmError(OSError):
         return cls("EPROTO", f"unreadable error from the daemon: {error!r}")
 
 
+class Unclaimed(KvmError):
+    """ENXIO for a guest access no device claims: where KVM exits to the VMM (the daemon turns
+    it into an exit when a VMM runs the vCPU, lvz/daemon/exits.py). ``addr`` is the address as
+    the bus saw it, the exit's ``phys_addr``. Here rather than in the model because the model
+    may be compiled (mypyc), and a compiled class cannot subclass an exception."""
+
+    def __init__(self, space: str, addr: int, size: int) -> None:
+        super().__init__("ENXIO", f"no device claims {space.upper()} {addr:#x}/{size}")
+        self.space = space
+        self.addr = addr
+        self.size = size
+
+
 def error_map(name: str, message: str) -> dict[str, Any]:
     return {"errno": ERRNO[name], "name": name, "message": message}
 
