@@ -180,6 +180,25 @@ def vm_info(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
             "devices": sorted(vm.devices), "seq": vm.seq}
 
 
+def vm_set_name(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    """Name an unnamed VM: from now on it outlives its handles, like one created named.
+
+    A restore builds its VM unnamed and names it last, so a restore that stops early (an
+    error, a killed client) leaves nothing behind: the VM dies with the connection.
+    """
+    vm, name = h.vm, p["name"]
+    if not name:
+        raise KvmError("EINVAL", "vm.set_name: a VM name cannot be empty")
+    if vm.name is not None:
+        raise KvmError("EINVAL", f"vm.set_name: the VM is already named {vm.name!r}; "
+                                 f"a name cannot change")
+    if name in d.named:
+        raise KvmError("EEXIST", f"vm.set_name: a VM named {name!r} exists")
+    vm.name = name
+    d.named[name] = vm
+    return {}
+
+
 def _irq_line_refusal(vm: Vm) -> str | None:
     """Why ``vm.irq_line`` answers ENXIO for this VM, or None (shared with ``explain_route``)."""
     missing = [t for t in (C.DEV_IPI, C.DEV_EIOINTC, C.DEV_PCHPIC) if t not in vm.devices]
@@ -548,6 +567,7 @@ VM: Final[dict[str, Callable[[Daemon, Connection, Params, VmHandle], MaybeLater]
     "vm.create_device": vm_create_device,
     "vm.open_device": vm_open_device,
     "vm.info": vm_info,
+    "vm.set_name": vm_set_name,
     "vm.irq_line": vm_irq_line,
     "vm.signal_msi": vm_signal_msi,
     "vm.phyid_lookup": vm_phyid_lookup,

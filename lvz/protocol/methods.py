@@ -107,6 +107,8 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "vm.info": (("vm", "vm", _R),),
     "vm.open_vcpu": (("vm", "vm", _R), ("vcpu_id", "int", _R)),
     "vm.open_device": (("vm", "vm", _R), ("type", "str", _R)),
+    # lvz addition: name an unnamed VM, so a restore becomes visible only once it is whole.
+    "vm.set_name": (("vm", "vm", _R), ("name", "str", _R)),
     "vcpu.destroy": (("vcpu", "vcpu", _R),),
     "vcpu.set_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R), ("value", "u64", _R)),
     "vcpu.get_one_reg": (("vcpu", "vcpu", _R), ("id", "u64", _R)),
