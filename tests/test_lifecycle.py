@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lvz.clients import Kvm, KvmError, abi
+from lvz.daemon.state import file_name
 
 from .daemon_fixtures import DaemonProcess, start_daemon
 
@@ -79,7 +80,8 @@ def test_state_dir_keeps_named_vms_across_restarts(sock_dir: Path) -> None:
             kvm.create_vm(name="doomed")
             kvm.create_vm()  # unnamed: not persistent
         assert d.stop() == 0
-    assert sorted(p.name for p in state.iterdir()) == ["doomed.lvzvm", "persist.lvzvm"]
+    assert sorted(p.name for p in state.iterdir()) == sorted(
+        file_name(n) for n in ("doomed", "persist"))
     with start_daemon("--state-dir", str(state)) as d:
         with Kvm.connect(d.socket) as kvm:
             assert sorted(str(v.name) for v in kvm.list_vms()) == ["doomed", "persist"]
@@ -88,7 +90,7 @@ def test_state_dir_keeps_named_vms_across_restarts(sock_dir: Path) -> None:
             assert vm.info().devices == ("loongarch-ipi",)
             kvm.open_vm("doomed").destroy()
         assert d.stop() == 0
-    assert [p.name for p in state.iterdir()] == ["persist.lvzvm"]
+    assert [p.name for p in state.iterdir()] == [file_name("persist")]
 
 
 def test_snapshot_and_restore_commands(sock_dir: Path) -> None:

@@ -22,6 +22,7 @@ class ServeConfig:
     max_vcpus: int | None = None  # per VM; None = the whole vcpu_id range -> EINVAL as KVM
     max_events: int = 4096  # irq events queued per subscriber before they are dropped
     state_dir: Path | None = None
+    fsync: str = "everysec"  # --state-dir journal: always | everysec | no (docs/state.md)
     record: Path | None = None  # lvz serve --record: every byte of every connection, to a file
     grace: float = 0.5  # seconds in-flight work gets on shutdown
     plugin_timeout: float = 1.0  # seconds a plugin call may run -> ETIMEDOUT, device broken

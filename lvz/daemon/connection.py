@@ -7,6 +7,7 @@ except through ``flush``, which holds the send lock so there is one writer at a 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import ClassVar
 
 import trio
@@ -132,6 +133,8 @@ class Connection:
         self.nursery: trio.Nursery | None = None
         #: ``Daemon.deaths`` when this connection last swept its handles of dead objects.
         self.swept_at = -1
+        #: Called before anything is sent (``--state-dir``: the journal is written first).
+        self.before_send: Callable[[], None] | None = None
 
     def put(self, data: bytes) -> None:
         self.out.append(data)
@@ -177,6 +180,8 @@ class Connection:
             self._report_lost()
             if not self.out:
                 return
+            if self.before_send is not None:
+                self.before_send()
             data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
             self.out.clear()
             self.out_bytes = 0

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import trio
 
+from .safedir import UnsafeDir, check_private_dir
+
 log = logging.getLogger("lvz.daemon")
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: anything a terminal
@@ -108,25 +110,14 @@ class UnsafeSocketDir(SocketInUse):
 
 
 def check_socket_dir(parent: Path) -> None:
-    """Refuse a directory that is a symlink, not ours, or writable by group or others."""
+    """Refuse a directory that is a symlink, not ours, or writable by group or others.
+
+    The one check for every private directory of the daemon (safedir.py; the state dir too).
+    """
     try:
-        st = parent.lstat()
-    except OSError as exc:
-        raise UnsafeSocketDir(f"{parent}: cannot inspect the socket directory: "
-                              f"{exc.strerror or exc}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeSocketDir(f"{parent} is a symbolic link; the socket directory must be a "
-                              "real directory the daemon's user owns")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeSocketDir(f"{parent} is not a directory")
-    me = os.getuid()
-    if st.st_uid != me:
-        raise UnsafeSocketDir(f"{parent} is owned by uid {st.st_uid}, not by this daemon's "
-                              f"uid {me}; another user could replace the socket")
-    if st.st_mode & 0o022:
-        raise UnsafeSocketDir(f"{parent} is group- or world-writable (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); another user could replace "
-                              "the socket (use a 0700 directory)")
+        check_private_dir(parent, what="socket directory", risk="replace the socket")
+    except UnsafeDir as exc:
+        raise UnsafeSocketDir(str(exc)) from None
 
 
 def prepare_socket_path(path: Path) -> None:

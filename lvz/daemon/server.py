@@ -35,9 +35,7 @@ import struct
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -74,6 +72,8 @@ from .listener import (
 from .methods import MaybeLater, Params, Result
 from .model import Vcpu, Vm
 from .recorder import Recorder, RecordingFailed
+from .safedir import UnsafeDir
+from .state import StateDir
 from .stats import StatsSchema
 
 log = logging.getLogger("lvz.daemon")
@@ -81,7 +81,6 @@ log = logging.getLogger("lvz.daemon")
 #: Small reads: a waiting reader's last chunk stays alive, so 1,000 quiet connections cost
 #: 1,000 chunks; the decoder has already copied what it needs.
 RECEIVE_BYTES = 16384
-STATE_SUFFIX = ".lvzvm"
 FLUSH_BYTES = 256 * 1024
 #: SIGHUP too: a closed terminal or a supervisor's stop must save, not lose, the named VMs.
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -127,6 +126,7 @@ class Daemon:
         self.partial_held = 0  # bytes of unfinished messages, all connections (the budget)
         self.refusal_log = Throttled()
         self.recorder: Recorder | None = None  # lvz serve --record
+        self.state: StateDir | None = None  # lvz serve --state-dir
         #: Counts VM and vCPU deaths: a connection at its handle limit sweeps its handles of
         #: dead objects only if something died since its last sweep, so refusals are O(1).
         self.deaths = 0
@@ -219,6 +219,8 @@ class Daemon:
         if self.recorder is not None:
             stream = self.recorder.wrap(stream, self.conn_counter)
         conn = Connection(stream, self.config, self.conn_counter)
+        if self.state is not None:
+            conn.before_send = self.state.flush  # no answer leaves before its change is written
         if not self._peer_allowed(stream, conn):
             await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
                 "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
@@ -347,6 +349,8 @@ class Daemon:
         conn.proto.discard_input()
         assert conn.stream is not None
         async with conn.send_lock:
+            if self.state is not None:  # the buffered answers' changes go first
+                self.state.flush()
             conn.put(conn.proto.send_protocol_error(error))
             data = b"".join(conn.out)
             conn.out.clear()
@@ -365,12 +369,19 @@ class Daemon:
                 handle = self._resolve(conn, params["vcpu"], VcpuHandle, method)
                 self._start_run(conn, req.msgid, handle, params)
                 return None
-            result = self.calls[method](conn, params)
+            try:
+                result = self.calls[method](conn, params)
+            except KvmError as err:
+                if self.state is not None:
+                    self.state.applied(conn, method, params, err)
+                raise
             if not isinstance(result, dict):
                 if isinstance(result, Detached):  # a guest call that exited: answered later
-                    result.start(req.msgid)
+                    result.start(req.msgid)  # (an exit changes no VM state: not journaled)
                     return None
-                return self._answer_later(conn, req.msgid, method, result)
+                return self._answer_later(conn, req.msgid, method, params, result)
+            if self.state is not None:
+                self._journal(conn, method, params, result)
             self._answer(conn, req.msgid, method, result)
         except KvmError as err:
             conn.put(conn.proto.send_error(req.msgid, err))
@@ -380,10 +391,18 @@ class Daemon:
             self._escaped_timeout(conn, req.msgid, method, exc)
         return None
 
-    async def _answer_later(self, conn: Connection, msgid: int, method: str,
+    async def _answer_later(self, conn: Connection, msgid: int, method: str, params: Params,
                             pending: Coroutine[Any, Any, Result]) -> None:
         try:
-            self._answer(conn, msgid, method, await pending)
+            try:
+                result = await pending
+            except KvmError as err:
+                if self.state is not None:
+                    self.state.applied(conn, method, params, err)
+                raise
+            if self.state is not None:  # no await between the change and this: one step
+                self._journal(conn, method, params, result)
+            self._answer(conn, msgid, method, result)
         except KvmError as err:
             conn.put(conn.proto.send_error(msgid, err))
         except Exception as exc:
@@ -433,43 +452,24 @@ class Daemon:
                 results.append(err)
         return results
 
-    def load_state(self, directory: Path) -> None:
-        """Recreate the named VMs a previous daemon saved in ``directory``."""
-        conn = Connection(None, self.config, 0)
-        for path in sorted(directory.glob("*" + STATE_SUFFIX)):
-            try:
-                saved = snapshot.decode(path.read_bytes())
-                vm = snapshot.drive(snapshot.restore_vm(saved),
-                                    lambda b: self.call_local(conn, b))
-                self.call_local(conn, [("close", {"handle": vm})])
-                log.info("restored VM %s from %s", saved["vm"]["name"], path)
-            except (KvmError, OSError) as exc:
-                log.error("could not restore %s: %s (file left in place)", path, exc)
+    def _journal(self, conn: Connection, method: str, params: Params, result: Result) -> None:
+        """Tell the state dir what a request changed (``--state-dir``; socket requests only:
+        what the daemon does itself, such as loading the state dir, is not a change)."""
+        assert self.state is not None
+        if method == "kvm.create_vm" or method == "vm.set_name":
+            vm = conn.handles[result["vm"] if method == "kvm.create_vm" else params["vm"]].vm
+            if vm.name is not None:
+                self.state.named(vm)
+        else:
+            self.state.applied(conn, method, params, None)
 
-    def save_state(self, directory: Path) -> None:
-        """Write every named VM to ``directory`` atomically; drop files of VMs now gone."""
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        conn = Connection(None, self.config, 0)
-        keep = set()
-        for name in sorted(self.named):
-            target = directory / (urllib.parse.quote(name, safe="") + STATE_SUFFIX)
-            keep.add(target)  # on failure an older copy beats none
-            try:
-                [opened] = self.call_local(conn, [("kvm.open_vm", {"name": name})])
-                if isinstance(opened, KvmError):
-                    raise opened
-                saved = snapshot.drive(snapshot.save_vm(opened["vm"]),
-                                       lambda b: self.call_local(conn, b))
-                self.call_local(conn, [("close", {"handle": opened["vm"]})])
-                tmp = target.with_name(target.name + ".tmp")
-                tmp.write_bytes(snapshot.encode(saved))
-                tmp.replace(target)
-                log.info("saved VM %s to %s", name, target)
-            except (KvmError, OSError) as exc:
-                log.error("could not save VM %s: %s", name, exc)
-        for stale in directory.glob("*" + STATE_SUFFIX):
-            if stale not in keep:
-                stale.unlink()  # destroyed since the last save: it must not come back
+    def local_connection(self) -> Connection:
+        """A connection with no socket, for requests the daemon makes itself (state dir)."""
+        return Connection(None, self.config, 0)
+
+    def drop_local(self, conn: Connection) -> None:
+        """End a ``local_connection``: its handles close, so an unnamed VM it held dies."""
+        self._drop_connection(conn)
 
     def _resolve(self, conn: Connection, number: int, kind: type[H], method: str) -> H:
         """The open handle ``number`` of ``kind``: EBADF if not open, else ENOTTY if another."""
@@ -592,6 +592,8 @@ class Daemon:
             self.exits.end_vcpu(vcpu, "the VM was destroyed")
         if vm.name is not None and self.named.get(vm.name) is vm:
             del self.named[vm.name]
+            if self.state is not None:
+                self.state.destroyed(vm)  # gone from disk before the answer goes out
         if vm in self.vms:
             self.vms.remove(vm)
         self.subscribers.pop(vm, None)
@@ -705,8 +707,6 @@ class Daemon:
         for wait in list(self.running.values()):
             self.finish_run(wait, KvmError("EBADF", "vcpu.run: the daemon is shutting down"))
         self.exits.shutdown()
-        if self.config.state_dir is not None:
-            self.save_state(self.config.state_dir)
         with trio.move_on_after(self.config.grace) as scope:
             scope.shield = True
             for conn in list(self.connections):
@@ -723,7 +723,8 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
         host = load_plugins()
     daemon = Daemon(host, config)
     if config.state_dir is not None:
-        daemon.load_state(config.state_dir)
+        daemon.state = StateDir(daemon, config.state_dir, config.fsync)
+        daemon.state.load()
     path = config.socket
     if config.record is not None:
         daemon.recorder = Recorder.open(config.record,
@@ -750,6 +751,8 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
 
             with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
                 handlers.start_soon(accept_loop)
+                if daemon.state is not None and config.fsync == "everysec":
+                    handlers.start_soon(daemon.state.sync_every_second)
                 notify_ready()
                 handlers.start_soon(systemd.supervise, lambda: (
                     f"{len(daemon.vms)} VMs, {sum(len(vm.vcpus) for vm in daemon.vms)} vCPUs, "
@@ -768,6 +771,9 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
             await daemon.shutdown()
             handlers.cancel_scope.cancel()
     finally:
+        if daemon.state is not None:  # the files are current: nothing to save, only to sync
+            daemon.state.close()
+            daemon.state = None
         WATCHDOG.uninstall()
         if activated is None:
             unlink_socket(path)
@@ -868,6 +874,9 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         trio.run(serve, config, host)
         for signum in SHUTDOWN_SIGNALS:  # served and saved: nothing late may kill the exit
             signal.signal(signum, signal.SIG_IGN)
+    except UnsafeDir as exc:
+        print(f"lvz serve: cannot use the state directory: {exc}", flush=True, file=sys.stderr)
+        return 125
     except (SocketInUse, systemd.ActivationError, RecordingFailed) as exc:
         print(f"lvz serve: {exc}", flush=True, file=sys.stderr)
         return 125
