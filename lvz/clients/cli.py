@@ -18,6 +18,7 @@ import secrets
 import socket
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -208,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
         options["state_dir"] = Path(args.state_dir)
+    if args.fsync is not None:
+        options["fsync"] = args.fsync
     if args.record is not None:
         options["record"] = Path(args.record)
     config = ServeConfig(socket=resolve_socket_path(args.socket),
@@ -244,15 +247,83 @@ def cmd_map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class ProgressBar:
+    """A one-line bar on stderr for snapshot work that takes longer than a second.
+
+    Drawn only when stderr and stdout are terminals (never into a pipe, a log or a test's
+    capture), at most ten times a second, and erased when done.
+    """
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.on = self.stream.isatty() and sys.stdout.isatty()
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.on:
+            return
+        now = time.monotonic()
+        if now - self.start < 1.0 or now - self.last < 0.1:
+            return
+        self.last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{100 * done // max(total, 1):3d}%")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``target`` whole or not at all: a temporary beside it, fsync, rename.
+
+    Every failure names ``target``; the temporary never outlives this call.
+    """
+    if target.is_dir():
+        raise Fatal(f"cannot write {target}: it is a directory (give a file name)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise Fatal(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise Fatal(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with connect(args) as kvm:
-        vm = open_vm(kvm, args.vm)
-        saved = kvm.save_vm(vm)
-    data = snapshot.encode(saved)
     target = Path(args.file)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)  # a crash mid-write never leaves half a snapshot under the real name
+    if target.is_dir():
+        raise Fatal(f"cannot write {target}: it is a directory (give a file name)")
+    bar = ProgressBar(f"saving {args.vm}")
+    try:
+        with connect(args) as kvm:
+            vm = open_vm(kvm, args.vm)
+            saved = snapshot.drive(snapshot.save_vm(vm.handle, bar), kvm.call_batch)
+    except KvmError as err:
+        raise KvmError(err.name, f"{target}: VM {args.vm} not saved: {err.message}") from None
+    except ConnectionError as err:
+        raise Fatal(f"{target}: VM {args.vm} not saved: {err}") from None
+    finally:
+        bar.close()
+    data = snapshot.encode(saved)
+    write_atomically(target, data)
     print(f"saved VM {args.vm}: {len(saved['vcpus'])} vCPUs, {len(saved['devices'])} devices, "
           f"{len(data)} bytes -> {target}")
     return EXIT_OK
@@ -263,13 +334,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise Fatal(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    saved = snapshot.decode(data)  # EINVAL (exit 1) before anything is created
+    saved = snapshot.decode(data, args.file)  # EINVAL (exit 1) before anything is created
     name = args.name if args.name is not None else saved["vm"]["name"]
     if name is None:
-        raise Usage("the snapshot is of an unnamed VM; give it one with --name "
+        raise Usage(f"{args.file} is a snapshot of an unnamed VM; give it a name with --name "
                     "(an unnamed VM would die when this command disconnects)")
-    with connect(args) as kvm:
-        kvm.restore_vm(saved, name)
+    bar = ProgressBar(f"restoring {name}")
+    try:
+        with connect(args) as kvm:
+            snapshot.drive(snapshot.restore_vm(saved, name, bar), kvm.call_batch)
+    except KvmError as err:
+        raise KvmError(err.name, f"{args.file}: not restored: {err.message}") from None
+    except ConnectionError as err:
+        raise Fatal(f"{args.file}: not restored (nothing of it is left): {err}") from None
+    finally:
+        bar.close()
     print(f"restored VM {name}: {len(saved['vcpus'])} vCPUs, {len(saved['devices'])} devices")
     return EXIT_OK
 
@@ -953,7 +1032,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes of unfinished messages, all clients (default: 64 MiB)")
     serve.add_argument("--message-timeout", type=_positive_float, metavar="SECONDS",
                        help="longest a message may stay unfinished (default: 10)")
-    serve.add_argument("--state-dir", metavar="DIR", help="where named VMs are kept")
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="keep named VMs here: every acknowledged change survives a crash")
+    serve.add_argument("--fsync", choices=("always", "everysec", "no"),
+                       help="when --state-dir changes reach the disk: before each answer, "
+                            "once a second (default), or when the OS decides")
     serve.add_argument("--record", metavar="FILE",
                        help="write every byte of every connection to FILE (for `lvz replay`)")
     serve.add_argument("--exit-with-parent", action="store_true",
