@@ -248,6 +248,9 @@ class AsyncKvm:
                     st.send(await self._batch(step))
             except KvmError as err:
                 st.throw(err)
+            except BaseException as exc:
+                st.fail(exc)
+                raise
         return st.result()
 
     # --- the public surface ---------------------------------------------------------------------

@@ -773,5 +773,15 @@ class Stepper(Generic[T]):
         except StopIteration as stop:
             self.done, self.value = True, stop.value
 
+    def fail(self, exc: BaseException) -> None:
+        """The connection failed (or the caller was interrupted) mid-op: throw ``exc`` in so
+        the op sees it, then close it. An op answers such a failure with no further step
+        (lvz.protocol.snapshot: what it opened dies with the connection)."""
+        try:
+            self._op.throw(exc)
+        except BaseException:
+            pass  # exc itself, or what the op made of it: the caller re-raises exc
+        self._op.close()
+
     def result(self) -> T:
         return self.value  # type: ignore[return-value]  # T may itself include None

@@ -318,6 +318,9 @@ class Kvm:
                     st.send(self._batch(step))
             except KvmError as err:
                 st.throw(err)
+            except BaseException as exc:
+                st.fail(exc)
+                raise
         return st.result()
 
     # --- the public surface ---------------------------------------------------------------------
