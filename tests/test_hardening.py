@@ -23,7 +23,9 @@ import trio
 
 from lvz.clients import Kvm, regs
 from lvz.daemon.config import ServeConfig
-from lvz.protocol import Notification, ServerConnection
+from lvz.daemon.journal import parse
+from lvz.daemon.state import file_name
+from lvz.protocol import Notification, ServerConnection, snapshot
 from lvz.protocol.connection import BASE_BUFFER, NEED_DATA
 
 from .conftest import Connect
@@ -269,7 +271,13 @@ def stateful(sock_dir: Path) -> Iterator[tuple[DaemonProcess, Path, str]]:
 
 
 def _saved(state: Path, name: str) -> bool:
-    return (state / f"{name}.lvzvm").exists()
+    """The VM's file is there and holds all 64 vCPUs (its snapshot head plus journal)."""
+    path = state / file_name(name)
+    if not path.exists():
+        return False
+    parsed = parse(path.read_bytes())
+    vcpus = len(snapshot.decode(parsed.snapshot)["vcpus"])
+    return vcpus + sum(e.method == "vm.create_vcpu" for e in parsed.entries) == 64
 
 
 def test_sighup_shuts_down_cleanly_and_saves(
