@@ -43,6 +43,21 @@ def refused(sock: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(serve_cmd(sock), capture_output=True, text=True, timeout=30)
 
 
+def wait_until_serving(sock: Path, proc: subprocess.Popen[bytes], what: str = "") -> None:
+    """Until a request is answered: the socket file exists before listen(), and the signal
+    handlers are installed only just before the first connection is accepted."""
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, what
+        try:
+            with Kvm.connect(sock) as kvm:
+                kvm.get_api_version()
+            return
+        except ConnectionError:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+
 # ------------------------------------------------------------------ socket path safety --------
 
 def test_socket_directory_is_created_0700_and_the_socket_born_0600(sock_dir: Path) -> None:
@@ -52,11 +67,7 @@ def test_socket_directory_is_created_0700_and_the_socket_born_0600(sock_dir: Pat
     proc = subprocess.Popen(serve_cmd(sock), stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until_serving(sock, proc)
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     finally:
@@ -216,11 +227,7 @@ def test_at_the_fd_limit_clients_are_told_emfile_and_the_log_stays_short(
                                 preexec_fn=small_fd_table)
     held: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until_serving(sock, proc, log.read_text())
         answers = []
         for _ in range(60):
             s = socket.socket(socket.AF_UNIX)
