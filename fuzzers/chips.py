@@ -194,8 +194,14 @@ class FuzzStats:
         self.lines_up.update(other.lines_up)
 
 
-def _window(space: str, addr: int, size: int, pch_base: int | None) -> str:
-    """Which chip a guest access reaches (the model's own claim table is not consulted)."""
+def _window(space: str, addr: int, size: int, pch_bases: list[int]) -> str:
+    """Which chip a guest access reaches (the model's own claim table is not consulted).
+
+    IOCSR addresses are 32 bits, MMIO ones 64 (``kvm_emu_iocsr`` / ``kvm_emu_mmio_read``); every
+    base PCH-PIC's CTRL_INIT was given keeps a window (``kvm_pch_pic_init`` never unregisters).
+    """
+    if space == "iocsr":
+        addr &= U32_MAX
     end = addr + size
     if space == "iocsr":
         if addr >= IPI_BASE and end <= IPI_END:
@@ -203,7 +209,7 @@ def _window(space: str, addr: int, size: int, pch_base: int | None) -> str:
         if (addr >= EIO_BASE and end <= EIO_END) or (addr >= VIRT_BASE and end <= VIRT_END):
             return "eiointc"
         return ""
-    if pch_base is not None and pch_base <= addr and end <= pch_base + P.PCH_PIC_SIZE:
+    if any(b <= addr and end <= b + P.PCH_PIC_SIZE for b in pch_bases):
         return "pchpic"
     return ""
 
@@ -497,7 +503,7 @@ class ChipFuzzer:
         addr, size, value = self._iocsr_target() if space == "iocsr" else self._mmio_target()
         vcpu = self._vcpu()
         valid = size in (1, 2, 4, 8)
-        chip = _window(space, addr & U32_MAX, size, self.pch_base) if valid else ""
+        chip = _window(space, addr, size, [w.base for w in self.pch.windows]) if valid else ""
         if chip:
             self.stats.accesses[chip] += 1
         kind = f"{space}_{'write' if write else 'read'}"
@@ -750,6 +756,16 @@ class ChipFuzzer:
         sends = (code == KVM_HCALL_SERVICE and full[0] == KVM_HCALL_FUNC_IPI
                  and vm.pv_features & KVM_FEATURE_IPI)
         expect = 0 if sends else -1
+        steal = None
+        if (code == KVM_HCALL_SERVICE and full[0] == abi.KVM_HCALL_FUNC_NOTIFY
+                and vm.pv_features & abi.KVM_FEATURE_STEAL_TIME):
+            # kvm_save_notify: only a1 = BIT(KVM_FEATURE_STEAL_TIME), a2 well-formed, stores.
+            if full[1] != abi.KVM_FEATURE_STEAL_TIME:
+                expect = -1
+            elif full[2] & ~(abi.KVM_STEAL_PHYS_MASK | abi.KVM_STEAL_PHYS_VALID):
+                expect = -2
+            else:
+                expect, steal = 0, full[2]
         hit: set[int] = set()
         if sends:
             b = full[3] & U32_MAX
@@ -765,6 +781,8 @@ class ChipFuzzer:
                                  vm.hypercall, vcpu, code, args)
         if err is not None or result != expect:
             raise self.fail(f"hypercall returned {result!r} ({err}), expected {expect}")
+        if steal is not None and vcpu.steal_gpa != steal:
+            raise self.fail(f"FUNC_NOTIFY stored {vcpu.steal_gpa:#x}, not {steal:#x}")
         for vid in hit:
             self.swi[vid] |= 1
 
@@ -772,9 +790,10 @@ class ChipFuzzer:
         rng = self.rng
         value = rng.choice((KVM_FEATURE_IPI, KVM_FEATURE_IPI, 0b1110, 0,
                             rng.getrandbits(32)))
-        _, err = self._call("pv_features", (hex(value),), self.vm.set_vcpu_attr,
+        vcpu = self._vcpu()
+        _, err = self._call("pv_features", (hex(value),), self.vm.set_vcpu_attr, vcpu,
                             KVM_LOONGARCH_VCPU_CPUCFG, CPUCFG_KVM_FEATURE, value)
-        if err is None and self.vm.get_vcpu_attr(KVM_LOONGARCH_VCPU_CPUCFG,
+        if err is None and self.vm.get_vcpu_attr(vcpu, KVM_LOONGARCH_VCPU_CPUCFG,
                                                  CPUCFG_KVM_FEATURE) != value:
             raise self.fail(f"PV features {value:#x} did not stick")
 

@@ -7,16 +7,21 @@ claimed IOCSR / MMIO ranges, and records every line change in ``events`` as
 
 from __future__ import annotations
 
+from typing import Any
+
 # implied_lines (what the chips' state says the lines are) is the chip fuzzer's invariant.
 from fuzzers.chips import implied_lines as implied_lines
-from lvz.plugins.api import Device, IoHandler
+from lvz.plugins.api import Device, IoHandler, Unhandled
 from lvz.protocol.abi import KVM_MAX_PHYID, PV_FEATURES_DEFAULT
 from lvz.protocol.errors import KvmError
+from lvz.protocol.profiles import resolve
 
 
 class FakeVm:
-    def __init__(self, max_phyid: int = KVM_MAX_PHYID) -> None:
+    def __init__(self, max_phyid: int = KVM_MAX_PHYID, profile: str = "newest") -> None:
         self._max_phyid = max_phyid
+        self.profile = resolve(profile)
+        self.steal: dict[int, int] = {}
         self._pv_features = PV_FEATURES_DEFAULT
         self.phyids: dict[int, int] = {}  # phyid -> vcpu_id
         self.lines: dict[int, int] = {}  # vcpu_id -> bitmask of raised INT_* lines
@@ -49,21 +54,39 @@ class FakeVm:
                 return base, handler
         raise KvmError("ENXIO", f"nothing claims {addr:#x}")
 
+    def _unhandled(self, exc: Unhandled) -> int:
+        """What the daemon does with a chip's ``Unhandled``: 0 from 7.0, else unclaimed."""
+        if not self.profile["io_default_return_zero"]:
+            raise KvmError("ENXIO", str(exc))
+        return 0
+
     def guest_iocsr_read(self, vcpu_id: int, addr: int, size: int) -> int:
         base, h = self._find(self.iocsr, addr)
-        return h.read(vcpu_id, addr - base, size)
+        try:
+            return h.read(vcpu_id, addr - base, size)
+        except Unhandled as exc:
+            return self._unhandled(exc)
 
     def guest_iocsr_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
         base, h = self._find(self.iocsr, addr)
-        h.write(vcpu_id, addr - base, size, value)
+        try:
+            h.write(vcpu_id, addr - base, size, value)
+        except Unhandled as exc:
+            self._unhandled(exc)
 
     def guest_mmio_read(self, vcpu_id: int, addr: int, size: int) -> int:
         base, h = self._find(self.mmio, addr)
-        return h.read(vcpu_id, addr - base, size)
+        try:
+            return h.read(vcpu_id, addr - base, size)
+        except Unhandled as exc:
+            return self._unhandled(exc)
 
     def guest_mmio_write(self, vcpu_id: int, addr: int, size: int, value: int) -> None:
         base, h = self._find(self.mmio, addr)
-        h.write(vcpu_id, addr - base, size, value)
+        try:
+            h.write(vcpu_id, addr - base, size, value)
+        except Unhandled as exc:
+            self._unhandled(exc)
 
     # --- VmApi --------------------------------------------------------------------------------
     @property
@@ -78,7 +101,15 @@ class FakeVm:
     def pv_features(self, value: int) -> None:
         self._pv_features = value
 
+    def compat(self, key: str) -> Any:
+        return self.profile.get(key)
+
+    def set_steal_time(self, vcpu_id: int, gpa: int) -> None:
+        self.steal[vcpu_id] = gpa
+
     def vcpu_by_phyid(self, phyid: int) -> int | None:
+        if phyid < 0 and not self.profile["negative_cpuid_check"]:
+            raise KvmError("EINVAL", f"phys_map[{phyid}] (before 2db06c15d8c7)")
         if phyid < 0 or phyid >= self._max_phyid:
             return None
         return self.phyids.get(phyid)

@@ -87,14 +87,16 @@ def test_device_type() -> None:
     assert isinstance(dt.factory(FakeVm()), PchPic)
 
 
-def test_mmio_claimed_only_by_ctrl_init_and_moves() -> None:
+def test_mmio_claimed_only_by_ctrl_init_and_a_second_init_adds_a_window() -> None:
+    # kvm_pch_pic_init registers the new range with kvm_io_bus_register_dev and never
+    # unregisters the old one (pch_pic.c), so both stay claimed.
     vm, pic, _ = make(base=None)
     assert vm.mmio == []
     assert vm.iocsr == []
     pic.set_attr(GRP_CTRL, CTRL_INIT, BASE)
     assert [(b, s) for b, s, _ in vm.mmio] == [(BASE, 0x3E8)]
     pic.set_attr(GRP_CTRL, CTRL_INIT, 0x20000000)
-    assert [(b, s) for b, s, _ in vm.mmio] == [(0x20000000, 0x3E8)]
+    assert [(b, s) for b, s, _ in vm.mmio] == [(BASE, 0x3E8), (0x20000000, 0x3E8)]
     assert vm.guest_mmio_read(0, 0x20000000 + MASK, 8) == U64_MAX
 
 

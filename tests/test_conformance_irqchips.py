@@ -32,6 +32,10 @@ VCPU_CPUCFG, CPUCFG_KVM_FEATURE, FEATURE_IPI_BIT = 0, 0x40000004, 1 << 1
 
 # IPI device (§8), IOCSR addresses.
 IPI, EIOINTC, PCHPIC = "loongarch-ipi", "loongarch-eiointc", "loongarch-pchpic"
+#: What a VM needs for KVM_SIGNAL_MSI: kvm_send_userspace_msi (virt/kvm/irqchip.c) is EINVAL
+#: unless kvm_arch_irqchip_in_kernel (arch/loongarch/kvm/vm.c): IPI, EIOINTC and PCH-PIC all
+#: created. The EIOINTC tests below drive irqs by MSI, so they create all three.
+MSI_CHIPS = (IPI, EIOINTC, PCHPIC)
 IPI_STATUS, IPI_EN, IPI_SET, IPI_CLEAR, IPI_BUF = 0x1000, 0x1004, 0x1008, 0x100C, 0x1020
 IPI_SEND, MAIL_SEND, ANY_SEND = 0x1040, 0x1048, 0x1158
 IPI_GRP_REGS = 0x40000001
@@ -465,7 +469,7 @@ async def test_case_27_coremap_bitmap_decode_then_phyid_lookup(daemon: Daemon) -
     phys = {10: 0, 11: 1, 12: 2, 13: 3}
     by_phyid = {p: v for v, p in phys.items()}
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, dict(phys), [EIOINTC])
+        g = await make_guest(kvm, dict(phys), MSI_CHIPS)
         for irq, (byte, _) in enumerate(COREMAP_BITMAP):
             await coremap(g, irq, byte)
         await eio_enable(g, *range(len(COREMAP_BITMAP)))
@@ -481,7 +485,7 @@ async def test_case_27_coremap_bitmap_decode_then_phyid_lookup(daemon: Daemon) -
 
 async def test_case_28_cpu_encode_mode_and_unmapped_phyid_keeps_route(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 200, 3: 150, 4: 17}, [EIOINTC])
+        g = await make_guest(kvm, {0: 200, 3: 150, 4: 17}, MSI_CHIPS)
         dev = g.dev[EIOINTC]
         await dev.set_attr(EIO_GRP_CTRL, INIT_FEATURE, HAS_VIRT_EXTENSION | HAS_CPU_ENCODE)
         await g.any.iocsr_write(EIO_CONFIG, 4, STATUS_CPU_ENCODE)
@@ -504,7 +508,7 @@ async def test_case_28_cpu_encode_mode_and_unmapped_phyid_keeps_route(daemon: Da
 
 async def test_case_28_bitmap_mode_unmapped_phyid_keeps_route(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 3, 1: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 3, 1: 0}, MSI_CHIPS)
         await coremap(g, 1, 0x04)  # CPUID 2: nobody, stays on vcpu_id 0
         await coremap(g, 2, 0x01)  # CPUID 0 = vcpu_id 1
         await coremap(g, 2, 0x04)  # CPUID 2: nobody, stays on vcpu_id 1
@@ -517,7 +521,7 @@ async def test_case_28_bitmap_mode_unmapped_phyid_keeps_route(daemon: Daemon) ->
 
 async def test_case_29_moving_a_pending_irq_moves_the_line(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {4: 0, 9: 1}, [EIOINTC])
+        g = await make_guest(kvm, {4: 0, 9: 1}, MSI_CHIPS)
         await coremap(g, 20, 0x01)  # CPUID 0 = vcpu_id 4
         await eio_enable(g, 20)
         await g.vm.signal_msi(0, 20)
@@ -542,7 +546,7 @@ IPMAP_BITMAP = [  # ipmap byte -> ip (HWI0 + ip), bitmap mode (§13 case 30)
 async def test_case_30_ipmap_bitmap_decode(daemon: Daemon, group: int, byte: int,
                                            ip: int) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         irq = 32 * group + 1
         await g.any.iocsr_write(EIO_IPMAP + group, 1, byte)
         await eio_enable(g, irq)
@@ -556,7 +560,7 @@ async def test_case_30_ipmap_bitmap_decode(daemon: Daemon, group: int, byte: int
 async def test_case_31_shared_line_asserts_once_deasserts_after_both_cleared(
         daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         await g.any.iocsr_write(EIO_IPMAP + 1, 1, 0x02)  # irqs 32..63 on HWI1
         await eio_enable(g, 3, 4, 33)
         await g.vm.signal_msi(0, 3)
@@ -579,7 +583,7 @@ async def test_case_31_shared_line_asserts_once_deasserts_after_both_cleared(
 
 async def test_case_32_enable_delivers_and_undelivers_a_pending_irq(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         await g.vm.signal_msi(0, 50)  # disabled: ISR only
         assert await g.drain() == []
         assert await eio_isr(g) == bits(50)
@@ -597,7 +601,7 @@ async def test_case_32_enable_delivers_and_undelivers_a_pending_irq(daemon: Daem
 
 async def test_case_33_config_is_locked_while_enabled_except_for_zero(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         dev = g.dev[EIOINTC]
         features = HAS_VIRT_EXTENSION | HAS_ENABLE_OPTION | HAS_INT_ENCODE | HAS_CPU_ENCODE
         await dev.set_attr(EIO_GRP_CTRL, INIT_FEATURE, features)
@@ -621,7 +625,7 @@ async def test_case_33_config_is_locked_while_enabled_except_for_zero(daemon: Da
 
         # Without the virt extension, INIT_FEATURE turns ENABLE on: CONFIG is locked at once,
         # and a write is filtered by the features in any case.
-        h = await make_guest(kvm, {0: 0}, [EIOINTC])
+        h = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         hdev = h.dev[EIOINTC]
         await hdev.set_attr(EIO_GRP_CTRL, INIT_FEATURE, 0)
         assert await hdev.get_attr(EIO_GRP_SW_STATUS, SW_STATE) == STATUS_ENABLE
@@ -631,7 +635,7 @@ async def test_case_33_config_is_locked_while_enabled_except_for_zero(daemon: Da
 
 async def test_case_34_init_num_cpu_limit_and_coreisr_attr_range(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {3: 0, 0: 1}, [EIOINTC])
+        g = await make_guest(kvm, {3: 0, 0: 1}, MSI_CHIPS)
         dev = g.dev[EIOINTC]
         await expect_errno("EINVAL", dev.set_attr(EIO_GRP_CTRL, INIT_NUM_CPU, 257))
         assert await dev.get_attr(EIO_GRP_SW_STATUS, SW_NUM_CPU) == 0
@@ -658,7 +662,7 @@ async def test_case_35_load_finished_decodes_the_coremap_byte(daemon: Daemon) ->
     fall as soon as irq 10 is.
     """
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {7: 0, 8: 1}, [EIOINTC])
+        g = await make_guest(kvm, {7: 0, 8: 1}, MSI_CHIPS)
         dev = g.dev[EIOINTC]
         await dev.set_attr(EIO_GRP_CTRL, INIT_NUM_CPU, 16)
         pending = bits(9, 10)
@@ -799,7 +803,7 @@ async def test_case_39_irq_line_pin_range(daemon: Daemon) -> None:
 
 async def test_case_40_msi_data_is_the_eiointc_irq(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
-        g = await make_guest(kvm, {0: 2, 1: 0}, [EIOINTC])
+        g = await make_guest(kvm, {0: 2, 1: 0}, MSI_CHIPS)
         await coremap(g, 33, 0x01)  # CPUID 0 = vcpu_id 1
         await eio_enable(g, 33, 255)
         await g.vm.signal_msi(0x2FF00000, 33)

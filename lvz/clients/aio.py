@@ -282,12 +282,12 @@ class AsyncKvm:
     async def get_api_version(self) -> int:
         return await self.run(ops.get_api_version())
 
-    async def check_extension(self, cap: str) -> int:
-        return await self.run(ops.check_extension(cap))
+    async def check_extension(self, cap: str, profile: str | None = None) -> int:
+        return await self.run(ops.check_extension(cap, profile))
 
-    async def create_vm(self, name: str | None = None,
-                        max_phyid: int | None = None) -> AsyncVmFd:
-        return AsyncVmFd(self, await self.run(ops.create_vm(name, max_phyid)), name)
+    async def create_vm(self, name: str | None = None, max_phyid: int | None = None,
+                        profile: str | None = None) -> AsyncVmFd:
+        return AsyncVmFd(self, await self.run(ops.create_vm(name, max_phyid, profile)), name)
 
     async def open_vm(self, name: str) -> AsyncVmFd:
         return AsyncVmFd(self, await self.run(ops.open_vm(name)), name)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from lvz import __version__
-from lvz.protocol import abi, snapshot
+from lvz.protocol import abi, profiles, snapshot
 from lvz.protocol.abi import (
     DEV_EIOINTC,
     DEV_IPI,
@@ -378,9 +378,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 # --- vm -----------------------------------------------------------------------------------------
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """The kernel profiles ``kvm.create_vm`` takes, newest first, each with what it changes.
+
+    Read from lvz.protocol.profiles, the table the daemon itself resolves, so no daemon is
+    needed (like ``lvz completion``).
+    """
+    rows = [{"name": name, "summary": profiles.SUMMARY[name],
+             "changes": [{"key": r.key, "value": list(r.value) if isinstance(r.value, tuple)
+                          else r.value, "change": r.change} for r in profiles.rows_of(name)]}
+            for name in profiles.PROFILES]
+    return listing(args, ["PROFILE", "KERNEL", "DIFFERS FROM THE NEXT NEWER"],
+                   ["name", "summary", "changes"], rows, "no profiles",
+                   lambda k, v: (", ".join(f"{c['key']}={c['value']}" for c in v) or "-")
+                   if k == "changes" else v)
+
+
 def cmd_vm_create(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
-        kvm.create_vm(name=args.name, max_phyid=args.max_phyid)
+        kvm.create_vm(name=args.name, max_phyid=args.max_phyid, profile=args.profile)
         ids = [r["id"] for r in list_vms(kvm) if r["name"] == args.name]
     print(f"created VM {args.name} (id {ids[0] if ids else '?'})")
     return EXIT_OK
@@ -402,7 +418,8 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
                  else next((r["id"] for r in list_vms(kvm) if r["name"] == raw["name"]), None))
     info = {"id": vm_id, "name": raw["name"], "max_phyid": raw["max_phyid"],
             "vcpus": list(raw["vcpus"]), "phyids_set": len(pmap.entries),
-            "devices": list(raw["devices"]), "seq": raw.get("seq")}
+            "devices": list(raw["devices"]), "seq": raw.get("seq"),
+            "profile": raw.get("profile")}
     if args.format == "json":
         emit_json(info, sys.stdout)
         return EXIT_OK
@@ -1053,6 +1070,8 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("vm", metavar="VM", help="VM name or id")
     lk.add_argument("phyid", metavar="PHYID", type=_any_int, help="physical CPU id (may be hex)")
     add("plugins", "list the irqchip plugins the daemon loaded", lists, cmd_plugins)
+    add("profiles", "list the kernel-version profiles a VM can be created with", lists,
+        cmd_profiles)
     sn = add("snapshot", "save a VM's whole state to FILE (versioned msgpack)", base,
              cmd_snapshot)
     sn.add_argument("vm", metavar="VM", help="VM name or id")
@@ -1068,6 +1087,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("name", metavar="NAME", help="the new VM's name")
     vc.add_argument("--max-phyid", type=lambda t: _int_in(t, 1, 65536, "max_phyid"),
                     metavar="N", help="phyids 0..N-1 (default: 256, as the kernel)")
+    vc.add_argument("--profile", choices=profiles.PROFILES, metavar="KERNEL",
+                    help="the kernel version it behaves as (`lvz profiles`; default: newest)")
     vd = vm_add("destroy", "destroy a VM, its vCPUs and devices", base, cmd_vm_destroy)
     vd.add_argument("vm", metavar="VM", help="VM name or id")
     vi = vm_add("info", "a VM's limits, vCPUs and devices", lists, cmd_vm_info)

@@ -204,16 +204,22 @@ def get_api_version() -> Call[int]:
     return Call("kvm.get_api_version", {}, _int("version"))
 
 
-def check_extension(cap: str) -> Call[int]:
-    return Call("kvm.check_extension", {"cap": cap}, _value)
+def check_extension(cap: str, profile: str | None = None) -> Call[int]:
+    """KVM_CHECK_EXTENSION, as kernel ``profile`` (default: the newest) answers."""
+    params = {"cap": cap} if profile is None else {"cap": cap, "profile": profile}
+    return Call("kvm.check_extension", params, _value)
 
 
-def create_vm(name: str | None = None, max_phyid: int | None = None) -> Call[int]:
+def create_vm(name: str | None = None, max_phyid: int | None = None,
+              profile: str | None = None) -> Call[int]:
+    """KVM_CREATE_VM; ``profile`` is the kernel the VM behaves as (``lvz profiles``)."""
     params: dict[str, Any] = {}
     if name is not None:
         params["name"] = name
     if max_phyid is not None:
         params["max_phyid"] = max_phyid
+    if profile is not None:
+        params["profile"] = profile
     return Call("kvm.create_vm", params, _handle_vm)
 
 

@@ -354,11 +354,12 @@ class Kvm:
     def get_api_version(self) -> int:
         return self.run(ops.get_api_version())
 
-    def check_extension(self, cap: str) -> int:
-        return self.run(ops.check_extension(cap))
+    def check_extension(self, cap: str, profile: str | None = None) -> int:
+        return self.run(ops.check_extension(cap, profile))
 
-    def create_vm(self, name: str | None = None, max_phyid: int | None = None) -> VmFd:
-        return VmFd(self, self.run(ops.create_vm(name, max_phyid)), name)
+    def create_vm(self, name: str | None = None, max_phyid: int | None = None,
+                  profile: str | None = None) -> VmFd:
+        return VmFd(self, self.run(ops.create_vm(name, max_phyid, profile)), name)
 
     def open_vm(self, name: str) -> VmFd:
         return VmFd(self, self.run(ops.open_vm(name)), name)

@@ -28,6 +28,9 @@ from lvz.plugins.api import RouteTrace, Verdict
 from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError, Unclaimed
 from lvz.protocol.methods import METHODS
+from lvz.protocol.profiles import DEFAULT as DEFAULT_PROFILE
+from lvz.protocol.profiles import NEWEST, PROFILES
+from lvz.protocol.profiles import resolve as resolve_profile
 
 from . import stats
 from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
@@ -54,9 +57,14 @@ def hello(d: Daemon, conn: Connection, p: Params) -> Result:
     if p["protocol"] != C.PROTOCOL_VERSION:
         raise KvmError("EPROTONOSUPPORT",
                        f"this daemon speaks protocol {C.PROTOCOL_VERSION}, not {p['protocol']}")
+    profile = p.get("profile", DEFAULT_PROFILE)
+    compat = resolve_profile(profile)
+    # A kernel irqchip type the profile predates is not offered (KVM_CREATE_DEVICE: ENODEV).
+    absent = set(NEWEST["kernel_device_types"]) - set(compat["kernel_device_types"])
     return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__}",
             "api_version": C.KVM_API_VERSION, "methods": sorted(METHODS),
-            "device_types": d.device_type_names}
+            "device_types": [t for t in d.device_type_names if t not in absent],
+            "profile": profile, "profiles": list(PROFILES)}
 
 
 def kvm_get_api_version(d: Daemon, conn: Connection, p: Params) -> Result:
@@ -72,12 +80,26 @@ _CAPS: Final[dict[str, int]] = {
 
 
 def kvm_check_extension(d: Daemon, conn: Connection, p: Params) -> Result:
-    return {"value": _CAPS.get(p["cap"], 0)}
+    """KVM_CHECK_EXTENSION as kernel ``profile`` answers (default: the newest).
+
+    KVM_CAP_IRQCHIP and KVM_CAP_SIGNAL_MSI come with the in-kernel irqchips (6.13:
+    HAVE_KVM_IRQCHIP, HAVE_KVM_MSI); ``pv_features`` (lvz's) is the PV feature mask the VMM
+    may set, 0 where the kernel has no PV feature control (before 6.12).
+    """
+    compat = resolve_profile(p.get("profile", DEFAULT_PROFILE))
+    cap = p["cap"]
+    if cap in ("irqchip", "signal_msi"):
+        return {"value": 1 if compat["irqchip_ioctls"] else 0}
+    if cap == "pv_features":
+        return {"value": compat["pv_feature_mask"] or 0}
+    return {"value": _CAPS.get(cap, 0)}
 
 
 def kvm_create_vm(d: Daemon, conn: Connection, p: Params) -> Result:
     name = p.get("name")
     max_phyid = p.get("max_phyid", C.KVM_MAX_PHYID)
+    profile = p.get("profile", DEFAULT_PROFILE)
+    resolve_profile(profile)  # EINVAL naming the profiles, before anything is created
     if name is not None:
         if not name:
             raise KvmError("EINVAL", "kvm.create_vm: a VM name cannot be empty")
@@ -91,6 +113,7 @@ def kvm_create_vm(d: Daemon, conn: Connection, p: Params) -> Result:
         raise KvmError("ENOSPC", f"kvm.create_vm: the daemon already hosts "
                                  f"{d.config.max_vms} VMs")
     vm = d.new_vm(name, max_phyid)
+    vm.use_profile(profile)
     return {"vm": d.add_handle(conn, VmHandle(conn.next_handle, vm))}
 
 
@@ -105,7 +128,7 @@ def kvm_open_vm(d: Daemon, conn: Connection, p: Params) -> Result:
 def kvm_list_vms(d: Daemon, conn: Connection, p: Params) -> Result:
     return {"vms": [{"name": vm.name, "vcpus": len(vm.vcpus), "devices": len(vm.devices),
                      "max_phyid": vm.max_phyid, "phyids": len(vm.phyids),
-                     "id": d.vm_ids[vm]}
+                     "id": d.vm_ids[vm], "profile": vm.profile}
                     for vm in d.vms]}
 
 
@@ -177,7 +200,7 @@ def vm_open_device(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Resul
 def vm_info(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
     vm = h.vm
     return {"name": vm.name, "max_phyid": vm.max_phyid, "vcpus": sorted(vm.vcpus),
-            "devices": sorted(vm.devices), "seq": vm.seq}
+            "devices": sorted(vm.devices), "seq": vm.seq, "profile": vm.profile}
 
 
 def vm_set_name(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
@@ -208,10 +231,15 @@ def _irq_line_refusal(vm: Vm) -> str | None:
 
 
 def _check_pin(method: str, irq: int, level: int) -> None:
+    """A gsi >= 64 stays EINVAL because PROTOCOL.md §4 fixes it (the kernel's ``kvm_set_irq``
+    finds no route and returns 0: SEMANTICS decision 9); a level must fit the ``__u32``
+    ``kvm_irq_level.level``, and any non-zero one raises (``pch_pic_set_irq``: ``if (level)``).
+    """
     if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
         raise KvmError("EINVAL", f"{method}: irq {irq} is not a PCH-PIC pin (0..63)")
-    if level not in (0, 1):
-        raise KvmError("EINVAL", f"{method}: level {level} is not 0 or 1")
+    if not -(1 << 31) <= level <= C.U32_MAX:
+        raise KvmError("EINVAL", f"{method}: level {level} does not fit the __u32 "
+                                 f"kvm_irq_level.level")
 
 
 def _check_msi_data(method: str, data: int) -> None:
@@ -219,22 +247,43 @@ def _check_msi_data(method: str, data: int) -> None:
         raise KvmError("EINVAL", f"{method}: data {data} is not an EIOINTC irq (0..255)")
 
 
+def _no_irqchip_ioctls(vm: Vm, method: str, ioctl: str) -> None:
+    if not vm.compat["irqchip_ioctls"]:
+        raise KvmError("ENOTTY", f"{method}: kernel {vm.profile} has no {ioctl} (the in-kernel "
+                                 f"irqchip and HAVE_KVM_IRQCHIP / HAVE_KVM_MSI came in 6.13)")
+
+
 def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    """KVM_IRQ_LINE (``kvm_vm_ioctl_irq_line`` -> ``kvm_set_irq`` -> ``pch_pic_set_irq``)."""
     vm = h.vm
+    _no_irqchip_ioctls(vm, "vm.irq_line", "KVM_IRQ_LINE")
     refusal = _irq_line_refusal(vm)
     if refusal:
         raise KvmError("ENXIO", f"vm.irq_line: {refusal}")
     irq, level = p["irq"], p["level"]
     _check_pin("vm.irq_line", irq, level)
+    level = 1 if level else 0
     vm.irq_lines += level
     vm.set_chip_input(C.DEV_PCHPIC, irq, level)
     return {}
 
 
 def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
+    """KVM_SIGNAL_MSI (``kvm_send_userspace_msi``): EINVAL unless ``kvm_arch_irqchip_in_kernel``
+    (IPI, EIOINTC and PCH-PIC all created).
+
+    Without an EIOINTC the answer stays ENXIO, as PROTOCOL.md §4 fixes it (the kernel says
+    EINVAL there too); SEMANTICS "Decisions for lvz" 9.
+    """
     vm = h.vm
+    _no_irqchip_ioctls(vm, "vm.signal_msi", "KVM_SIGNAL_MSI")
     if C.DEV_EIOINTC not in vm.devices:
         raise KvmError("ENXIO", "vm.signal_msi: the VM has no loongarch-eiointc")
+    missing = [t for t in (C.DEV_IPI, C.DEV_PCHPIC) if t not in vm.devices]
+    if missing:
+        raise KvmError("EINVAL", f"vm.signal_msi: the in-kernel irqchip is incomplete "
+                                 f"({', '.join(missing)} missing; kvm_send_userspace_msi needs "
+                                 f"kvm_arch_irqchip_in_kernel)")
     _check_msi_data("vm.signal_msi", p["data"])
     vm.msis += 1
     vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
@@ -435,12 +484,12 @@ def vcpu_csr_xchg(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Resu
 
 
 def vcpu_set_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    h.vm.set_vcpu_attr(p["group"], p["attr"], p["value"])
+    h.vm.set_vcpu_attr(h.vcpu, p["group"], p["attr"], p["value"])
     return {}
 
 
 def vcpu_get_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Result:
-    return {"value": h.vm.get_vcpu_attr(p["group"], p["attr"])}
+    return {"value": h.vm.get_vcpu_attr(h.vcpu, p["group"], p["attr"])}
 
 
 def _guest_load(d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str,

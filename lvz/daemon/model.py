@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lvz.plugins.api import Device, IoHandler
+from lvz.plugins.api import Device, IoHandler, Unhandled
 from lvz.protocol import abi
 from lvz.protocol.abi import (
     ACCESS_SIZES,
@@ -56,12 +56,18 @@ from lvz.protocol.abi import (
     KVM_HCALL_INVALID_CODE,
     KVM_HCALL_SWDBG,
     KVM_LOONGARCH_VCPU_CPUCFG,
-    PV_FEATURE_MASK,
+    KVM_LOONGARCH_VCPU_PVTIME_CTRL,
+    KVM_LOONGARCH_VCPU_PVTIME_GPA,
+    KVM_STEAL_PHYS_MASK,
+    KVM_STEAL_PHYS_VALID,
     PV_FEATURES_DEFAULT,
     U32_MAX,
     U64_MAX,
 )
 from lvz.protocol.errors import KvmError, Unclaimed
+from lvz.protocol.profiles import DEFAULT as DEFAULT_PROFILE
+from lvz.protocol.profiles import NEWEST
+from lvz.protocol.profiles import resolve as resolve_profile
 
 from .host import PluginGuard, PluginHost, plugin_failure
 
@@ -71,6 +77,9 @@ __all__ = ["ChipApi", "LineListener", "Vcpu", "Vm"]
 _ESTAT_LINES = (1 << INT_SWI0) | (1 << INT_SWI1) | (1 << INT_TI) | (1 << INT_IPI)
 _HWI_SHIFT = ESTAT_HWI_SHIFT
 _HWIS = CSR_GINTC_HWIS
+
+#: The device types that are kernel irqchips: a profile may predate them (ENODEV).
+_KERNEL_TYPES = frozenset(NEWEST["kernel_device_types"])
 
 #: (vm, vcpu_id, irq, level, seq) -> None; the daemon fans it out to subscribers and waiters.
 LineListener = Callable[["Vm", int, int, int, int], None]
@@ -106,9 +115,11 @@ def _stable_counter() -> int:
 
 
 class Vcpu:
-    """One vCPU: a sparse CSR file (only written CSRs take memory), CPUCFG words, liveness."""
+    """One vCPU: a sparse CSR file (only written CSRs take memory), CPUCFG words, liveness,
+    and the steal-time address (``vcpu->arch.st.guest_addr``)."""
 
-    __slots__ = ("alive", "cpucfg", "csrs", "hypercalls", "raises", "vcpu_id", "vm")
+    __slots__ = ("alive", "cpucfg", "csrs", "hypercalls", "raises", "steal_gpa", "vcpu_id",
+                 "vm")
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
@@ -123,6 +134,7 @@ class Vcpu:
         # idle vCPU carries none) and hypercalls.
         self.raises: list[int] | None = None
         self.hypercalls = 0
+        self.steal_gpa = 0
 
     @property
     def lines(self) -> int:
@@ -158,9 +170,10 @@ class Vm:
     """
 
     def __init__(self, host: PluginHost, *, name: str | None, max_phyid: int,
-                 max_vcpus: int | None = None) -> None:
+                 max_vcpus: int | None = None, profile: str = DEFAULT_PROFILE) -> None:
         self.host = host
         self.name = name
+        self.use_profile(profile)
         self._max_phyid = max_phyid
         self.max_vcpu_id = max(256, max_phyid)
         self.max_vcpus = self.max_vcpu_id if max_vcpus is None else min(max_vcpus,
@@ -183,6 +196,15 @@ class Vm:
         self.irq_lines = 0
         self.msis = 0
         self.events_lost = 0
+
+    def use_profile(self, profile: str) -> None:
+        """Behave as kernel ``profile`` (lvz.protocol.profiles); EINVAL for an unknown name.
+
+        Meant for a VM nothing has happened to yet: ``kvm.create_vm`` sets it before the VM
+        has a handle.
+        """
+        self.compat = resolve_profile(profile)
+        self.profile = profile
 
     # ---------------------------------------------------------------- lifecycle ---------------
 
@@ -267,6 +289,9 @@ class Vm:
         entry = self.host.device_types.get(type_name)
         if entry is None:
             raise KvmError("ENODEV", f"no device type {type_name!r} is loaded")
+        if self.kernel_lacks(type_name):
+            raise KvmError("ENODEV", f"kernel {self.profile} has no in-kernel {type_name} "
+                                     f"(added in 6.13)")
         dtype, plugin = entry
         if type_name in self.devices:
             raise KvmError("EINVAL", f"the VM already has a {type_name}")
@@ -285,6 +310,10 @@ class Vm:
         device.type_name = type_name
         self.devices[type_name] = _DeviceRecord(device, type_name, plugin)
         return device
+
+    def kernel_lacks(self, type_name: str) -> bool:
+        """A kernel irqchip type this VM's profile predates (KVM_CREATE_DEVICE: ENODEV)."""
+        return type_name in _KERNEL_TYPES and type_name not in self.compat["kernel_device_types"]
 
     # ---------------------------------------------------------------- the phyid map -----------
 
@@ -374,8 +403,10 @@ class Vm:
             if vcpu.vcpu_id == 0:
                 self.time_offset = value - _stable_counter()
         elif reg_id == abi.VCPU_RESET:
-            # Clears pending and injected interrupts; CPUID is deliberately left alone.
+            # Clears pending and injected interrupts and the steal-time address
+            # (kvm_set_one_reg: st.guest_addr = 0); CPUID is deliberately left alone.
             self._set_lines(vcpu, 0, 0)
+            vcpu.steal_gpa = 0
         else:
             raise KvmError("EINVAL", f"KVM register {reg_id:#x} cannot be written")
 
@@ -471,21 +502,55 @@ class Vm:
 
     # ---------------------------------------------------------------- vCPU attrs, hypercalls --
 
-    def set_vcpu_attr(self, group: int, attr: int, value: int) -> None:
+    def _pv_feature_mask(self, group: int, attr: int) -> int:
+        """The PV features this kernel lets a VMM set; ENXIO where it has no such control."""
+        mask: int | None = self.compat["pv_feature_mask"]
+        if mask is None:
+            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}: kernel "
+                                    f"{self.profile} has no PV feature control (6.12)")
+        return mask
+
+    def _check_pvtime(self, group: int, attr: int) -> None:
+        """``kvm_loongarch_pvtime_has_attr``: steal time on (6.12+: the PV feature) and GPA."""
+        mode = self.compat["steal_time"]
+        if mode is None:
+            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x}: kernel {self.profile} "
+                                    f"has no steal time (6.11)")
+        if mode == "gated" and not self._pv_features & abi.KVM_FEATURE_STEAL_TIME:
+            raise KvmError("ENXIO", "steal time is not among the VM's PV features "
+                                    "(KVM_FEATURE_STEAL_TIME)")
+        if attr != KVM_LOONGARCH_VCPU_PVTIME_GPA:
+            raise KvmError("ENXIO", f"no PVTIME attribute {attr:#x}")
+
+    def set_vcpu_attr(self, vcpu: Vcpu, group: int, attr: int, value: int) -> None:
+        if group == KVM_LOONGARCH_VCPU_PVTIME_CTRL:
+            self._check_pvtime(group, attr)
+            if value & ~(KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID):
+                raise KvmError("EINVAL", f"steal-time address {value:#x} has bits outside "
+                                         f"KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID")
+            # The kernel also wants a VALID address inside a memslot; lvz has no guest memory,
+            # so every well-formed address is accepted (SEMANTICS "Decisions for lvz").
+            vcpu.steal_gpa = value
+            return
         if group != KVM_LOONGARCH_VCPU_CPUCFG or attr != CPUCFG_KVM_FEATURE:
             raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}")
-        if value & ~PV_FEATURE_MASK:
-            raise KvmError("EINVAL", f"PV feature bits {value & ~PV_FEATURE_MASK:#x} "
-                                     f"are not supported (mask {PV_FEATURE_MASK:#x})")
+        mask = self._pv_feature_mask(group, attr)
+        if value & ~mask:
+            raise KvmError("EINVAL", f"PV feature bits {value & ~mask:#x} are not supported "
+                                     f"by kernel {self.profile} (mask {mask:#x})")
         if self._pv_features_set and self._pv_features != value:
             raise KvmError("EINVAL", f"every vCPU must set the same PV features; they are "
                                      f"already {self._pv_features:#x}")
         self._pv_features = value
         self._pv_features_set = True
 
-    def get_vcpu_attr(self, group: int, attr: int) -> int:
+    def get_vcpu_attr(self, vcpu: Vcpu, group: int, attr: int) -> int:
+        if group == KVM_LOONGARCH_VCPU_PVTIME_CTRL:
+            self._check_pvtime(group, attr)
+            return vcpu.steal_gpa
         if group != KVM_LOONGARCH_VCPU_CPUCFG or attr != CPUCFG_KVM_FEATURE:
             raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}")
+        self._pv_feature_mask(group, attr)
         return self._pv_features
 
     def hypercall(self, vcpu: Vcpu, code: int, args: list[int]) -> int:
@@ -515,20 +580,38 @@ class Vm:
         return None
 
     def _route(self, space: str, addr: int, size: int) -> tuple[_Claim, int]:
-        """The claim an access lands in and its offset there (the kernel's io bus lookup)."""
+        """The claim an access lands in and its offset there (the kernel's io bus lookup).
+
+        IOCSR addresses are 32 bits (``kvm_emu_iocsr``: ``u32 addr``); MMIO addresses are the
+        whole 64-bit guest-physical address (``kvm_emu_mmio_read``/``_write`` route
+        ``vcpu->arch.badv``), so an access 4 GiB above a window misses it.
+        """
         if size not in ACCESS_SIZES:
             raise KvmError("EINVAL", f"access size {size} is not 1, 2, 4 or 8")
-        addr &= U32_MAX
+        if space == "iocsr":
+            addr &= U32_MAX
         claim = self._find(self._iocsr if space == "iocsr" else self._mmio, addr, size)
         if claim is None:
             raise Unclaimed(space, addr, size)
         return claim, addr - claim.base
 
+    def _declined(self, space: str, addr: int, size: int, exc: Unhandled) -> Unclaimed:
+        """A chip did not decode the access: before 7.0 it goes on as if nobody claimed it
+        (the chip returns -EINVAL, so KVM exits to the VMM)."""
+        err = Unclaimed(space, addr & U32_MAX if space == "iocsr" else addr, size)
+        err.message += f" ({exc}; kernel {self.profile} passes it on to the VMM)"
+        return err
+
     def guest_load(self, space: str, vcpu_id: int, addr: int, size: int) -> int:
         """The one guest-load path (protocol and chips alike): zero-extended to ``size``."""
         claim, offset = self._route(space, addr, size)
         with self._claim_guard(claim):
-            raw = claim.handler.read(vcpu_id, offset, size)
+            try:
+                raw = claim.handler.read(vcpu_id, offset, size)
+            except Unhandled as exc:
+                if not self.compat["io_default_return_zero"]:
+                    raise self._declined(space, addr, size, exc) from None
+                raw = 0  # 2faec60a4858: the chip returns 0 and the load reads 0
             if type(raw) is not int:
                 raise TypeError(f"read returned {raw!r}, not an int")
         return raw & ((1 << (8 * size)) - 1)
@@ -537,13 +620,22 @@ class Vm:
         """The one guest-store path (protocol and chips alike)."""
         claim, offset = self._route(space, addr, size)
         with self._claim_guard(claim):
-            claim.handler.write(vcpu_id, offset, size, value)
+            try:
+                claim.handler.write(vcpu_id, offset, size, value)
+            except Unhandled as exc:
+                if not self.compat["io_default_return_zero"]:
+                    raise self._declined(space, addr, size, exc) from None
 
     def guest_read(self, space: str, vcpu: Vcpu, addr: int, size: int) -> int:
-        """A guest load by ``vcpu``: ``guest_load``, sign-extended to 64 bits (decision 7)."""
+        """A guest load by ``vcpu``: ``guest_load``, sign-extended to 64 bits (decision 7).
+
+        Profiles before 6.18 zero-extend: there the device wrote ``len`` bytes into the
+        register and the bytes above kept their old value, which lvz, having no register
+        file, shows as 0 (SEMANTICS "Kernel-version profiles", 6.14).
+        """
         raw = self.guest_load(space, vcpu.vcpu_id, addr, size)
         bits = 8 * size
-        if raw >> (bits - 1):
+        if raw >> (bits - 1) and self.compat["sign_extend_loads"]:
             raw |= U64_MAX ^ ((1 << bits) - 1)
         return raw
 
@@ -569,7 +661,15 @@ class Vm:
 
     def vcpu_by_phyid(self, phyid: int) -> int | None:
         """``kvm_get_vcpu_by_cpuid`` (newest: negative and >= limit find nobody, because only
-        valid phyids are ever keys); the one lookup for the protocol and the chips alike."""
+        valid phyids are ever keys); the one lookup for the protocol and the chips alike.
+
+        Before 7.0 a negative CPUID indexed ``phys_map[cpuid]`` out of bounds (fixed by
+        2db06c15d8c7): undefined behaviour, so EINVAL (decision 2).
+        """
+        if phyid < 0 and not self.compat["negative_cpuid_check"]:
+            raise KvmError("EINVAL", f"kvm_get_vcpu_by_cpuid({phyid}): kernel {self.profile} "
+                                     f"reads phys_map[{phyid}] out of bounds (undefined; "
+                                     f"fixed by 2db06c15d8c7 in 7.0)")
         vcpu = self.phyids.get(phyid)
         return None if vcpu is None else vcpu.vcpu_id
 
@@ -587,7 +687,8 @@ class Vm:
         """Route ``space`` accesses in [base, base+size) to ``handler``; EEXIST on overlap."""
         table = self._iocsr if space == "iocsr" else self._mmio
         owner = self._constructing or next(
-            (c.owner for c in table if c.handler is handler), "")
+            (c.owner for c in table if c.handler is handler), "") or getattr(
+                handler, "type_name", "")
         rest = [c for c in table if c.handler is not handler]
         for c in rest:
             if base < c.end and c.base < base + size:
@@ -602,6 +703,11 @@ class Vm:
             raise KvmError("ENXIO", f"the VM has no {device_type}")
         with PluginGuard(rec.plugin, rec):
             rec.device.set_input(line, level)
+
+    def set_steal_time(self, vcpu_id: int, gpa: int) -> None:
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is not None:
+            vcpu.steal_gpa = gpa & U64_MAX
 
 
 class ChipApi:
@@ -624,6 +730,12 @@ class ChipApi:
     @property
     def pv_features(self) -> int:
         return self._vm.pv_features
+
+    def compat(self, key: str) -> Any:
+        return self._vm.compat.get(key)
+
+    def set_steal_time(self, vcpu_id: int, gpa: int) -> None:
+        self._vm.set_steal_time(vcpu_id, gpa)
 
     def vcpu_by_phyid(self, phyid: int) -> int | None:
         return self._vm.vcpu_by_phyid(phyid)

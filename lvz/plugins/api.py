@@ -14,18 +14,28 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from lvz.protocol.errors import KvmError
 
 __all__ = ["Device", "DeviceType", "Hop", "IoHandler", "RouteTrace", "Stat", "TracingVm",
-           "Verdict", "VmApi", "explaining_copy"]
+           "Unhandled", "Verdict", "VmApi", "explaining_copy"]
 
 #: What a counter means over time, as KVM_GET_STATS_FD's KVM_STATS_TYPE_*: ``cumulative``
 #: only grows (rates are its differences), ``instant`` is a level now, ``peak`` a high mark.
 STAT_KINDS = ("cumulative", "instant", "peak")
 #: What one value counts: events, a 0/1 state, a bit set, an identifier, or milliseconds.
 STAT_UNITS = ("count", "boolean", "bitmask", "id", "milliseconds")
+
+
+class Unhandled(Exception):
+    """Raised by ``IoHandler.read``/``write`` for an access the chip does not decode.
+
+    That is where the kernel's chip returns -EINVAL (unaligned, unknown offset, a write to a
+    read-only register). What follows is the VM's kernel profile's business, not the chip's:
+    from 7.0 the load reads 0 and the store is ignored (2faec60a4858), before it the access
+    leaves the kernel as one nobody claims (ENXIO, an exit to the VMM). The message says why.
+    """
 
 
 class IoHandler(Protocol):
@@ -53,8 +63,24 @@ class VmApi(Protocol):
         """The VM-wide PV feature word (KVM_FEATURE_* bits)."""
         ...
 
+    def compat(self, key: str) -> Any:
+        """The VM's kernel-profile value for ``key`` (lvz.protocol.profiles), None if unknown.
+
+        How a chip or hypercall handler behaves as an older kernel: it asks for a behaviour,
+        never for a version number.
+        """
+        ...
+
+    def set_steal_time(self, vcpu_id: int, gpa: int) -> None:
+        """Store ``vcpu_id``'s steal-time address (FUNC_NOTIFY; the PVTIME vCPU attr reads it)."""
+        ...
+
     def vcpu_by_phyid(self, phyid: int) -> int | None:
-        """``kvm_get_vcpu_by_cpuid``: the vcpu_id holding ``phyid``, None if unset/out of range."""
+        """``kvm_get_vcpu_by_cpuid``: the vcpu_id holding ``phyid``, None if unset/out of range.
+
+        On a profile before 7.0 a negative ``phyid`` raises KvmError EINVAL (the kernel read
+        out of bounds there).
+        """
         ...
 
     def vcpu_exists(self, vcpu_id: int) -> bool:

@@ -4,7 +4,8 @@ Follows the newest upstream ``arch/loongarch/kvm/intc/eiointc.c`` (SEMANTICS.md 
 byte names a *physical* CPUID, resolved through the VM's phyid map into ``sw_coremap[irq]``, a
 vcpu_id; delivery then goes by vcpu_id and COREISR by the accessing vCPU's vcpu_id. Guest access
 works on aligned 8-byte words (merge on write, shift on read); unaligned accesses and unknown
-offsets read 0 and ignore writes. Every register is kept as one little-endian Python int, so a
+offsets raise ``Unhandled`` (7.0: read 0, writes ignored; older profiles: the access leaves the
+kernel). Every register is kept as one little-endian Python int, so a
 guest word, an attr's 4 bytes and a single COREMAP byte are all slices of the same number.
 
 Deliberate differences from the kernel, each because the kernel's behaviour there is a quirk or
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, VmApi, explaining_copy
+from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, Unhandled, VmApi, explaining_copy
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -158,6 +159,8 @@ class Eiointc(Device):
         if self.status & EIOINTC_STATUS_CPU_ENCODE:
             return byte
         cpuid = _ctz(byte)
+        if cpuid < 0 and not self.vm.compat("eiointc_empty_coremap_fix"):
+            return cpuid  # before 7.0: -1, looked up as a CPUID (the VM says what that does)
         return cpuid if 0 <= cpuid < 4 else 0
 
     def ipnum(self, irq: int) -> int:
@@ -339,7 +342,9 @@ class Eiointc(Device):
         """LOAD_FINISHED's eiointc_set_sw_coreisr, with the decoded byte (decision 6)."""
         for irq in range(EIOINTC_IRQS):
             ip = self.ipnum(irq)
-            vid = self.vm.vcpu_by_phyid(self.decode_coremap_byte(self.coremap_byte(irq)))
+            cpuid = self.decode_coremap_byte(self.coremap_byte(irq))
+            # The kernel looks the raw byte up here (decision 6), which is never negative.
+            vid = self.vm.vcpu_by_phyid(cpuid) if cpuid >= 0 else None
             if vid is None:
                 continue
             pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
@@ -362,23 +367,23 @@ class Eiointc(Device):
 
     def _guest_read(self, vcpu_id: int, offset: int, size: int) -> int:
         if size not in ACCESS_SIZES or offset % size:
-            return 0
+            raise Unhandled(f"unaligned {size}-byte EIOINTC load")
         shift = offset & 7
         word = offset - shift
         start = self._locate(word)
         if start is None or start == ISR:  # ISR is attr-only
-            return 0
+            raise Unhandled(f"no EIOINTC register to load at offset {offset:#x}")
         data = (self._load(start, vcpu_id) >> (8 * (word - start))) & U64_MAX
         return (data >> (8 * shift)) & ((1 << (8 * size)) - 1)
 
     def _guest_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
         if size not in ACCESS_SIZES or offset % size:
-            return
+            raise Unhandled(f"unaligned {size}-byte EIOINTC store")
         shift = offset & 7
         word = offset - shift
         start = self._locate(word)
         if start is None or start == ISR:
-            return
+            raise Unhandled(f"no EIOINTC register to store at offset {offset:#x}")
         field = (1 << (8 * size)) - 1
         pos = 8 * (word - start) + 8 * shift  # bit position of the store inside the register
         mask = field << pos
@@ -412,13 +417,14 @@ class Eiointc(Device):
         elif offset == VIRT_CONFIG:
             data = self.status
         else:
-            return 0
+            raise Unhandled(f"no EIOINTC virt-extension register at offset {offset:#x}")
         return data & ((1 << (8 * min(size, 4))) - 1)
 
     def _virt_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
         """CONFIG: the kernel reads a u32 from the source register whatever the store width."""
         if offset != VIRT_CONFIG:
-            return  # FEATURES is read-only
+            raise Unhandled(f"EIOINTC virt-extension offset {offset:#x} takes no store"
+                            + (" (FEATURES is read-only)" if offset == VIRT_FEATURES else ""))
         value &= U32_MAX
         if self.status & EIOINTC_STATUS_ENABLE and value:
             self.config_refused = value

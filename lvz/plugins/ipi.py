@@ -10,8 +10,10 @@ Follows the newest upstream ``arch/loongarch/kvm/intc/ipi.c`` (chenhuacai/linux 
   STATUS at 0, as ``ipi_set`` / ``ipi_clear`` do.
 * A store hands the handler the whole 64-bit source register whatever its width, so a 32-bit
   ``iocsrwr.w`` to MAIL_SEND or ANY_SEND takes its payload from the register's upper half.
-* Unaligned accesses and offsets the device does not decode read 0 and ignore writes
-  (2faec60a4858: the in-kernel devices never exit to a VMM that cannot emulate them).
+* Unaligned accesses, offsets the device does not decode and STATUS stores raise ``Unhandled``:
+  from 7.0 they read 0 and ignore writes (2faec60a4858: the in-kernel devices never exit to a
+  VMM that cannot emulate them); on older kernel profiles they leave the kernel as unclaimed.
+  MAIL_SEND / ANY_SEND to a CPUID nobody holds are ignored, as in 7.0.
 * Device attrs address a vCPU by **vcpu_id** (``kvm_get_vcpu_by_id``) and copy raw state: setting
   STATUS through an attr neither raises nor lowers INT_IPI.
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lvz.plugins.api import Device, DeviceType, Stat, VmApi
+from lvz.plugins.api import Device, DeviceType, Stat, Unhandled, VmApi
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol.abi import (
     ANY_SEND,
@@ -149,7 +151,7 @@ class IpiDevice(Device):
     # --- guest IOCSR access ---------------------------------------------------------------------
     def read(self, vcpu_id: int, offset: int, size: int) -> int:
         if offset & (size - 1):
-            return 0
+            raise Unhandled(f"unaligned {size}-byte IPI load")
         st = self._state(vcpu_id)
         if offset == IPI_STATUS:
             value = st.status
@@ -158,13 +160,15 @@ class IpiDevice(Device):
         elif IPI_BUF <= offset < IPI_BUF_END:
             start = offset - IPI_BUF
             value = int.from_bytes(st.buf[start : start + size], "little")
-        else:  # SET and CLEAR read 0, as does anything the device does not decode
+        elif offset in (IPI_SET, IPI_CLEAR):
             return 0
+        else:
+            raise Unhandled(f"no IPI register to load at offset {offset:#x}")
         return value & ((1 << (8 * size)) - 1)
 
     def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
         if offset & (size - 1):
-            return
+            raise Unhandled(f"unaligned {size}-byte IPI store")
         data = value & U64_MAX
         if offset == IPI_EN:
             self._state(vcpu_id).en = data & U32_MAX
@@ -190,7 +194,9 @@ class IpiDevice(Device):
             self._mail_send(data)
         elif offset == ANY_SEND:
             self._any_send(data)
-        # STATUS is read-only, and undecoded offsets ignore stores.
+        else:
+            raise Unhandled(f"no IPI register to store at offset {offset:#x}"
+                            + (" (STATUS is read-only)" if offset == IPI_STATUS else ""))
 
     def _mail_send(self, data: int) -> None:
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))

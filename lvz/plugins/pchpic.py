@@ -7,9 +7,17 @@ a vCPU line itself, so it reaches EIOINTC only through ``vm.set_chip_input`` (th
 order pch -> eiointc), and it claims its MMIO window only when the VMM sets CTRL_INIT.
 
 Guest access works on 8-byte words like the kernel: the alignment check is on the absolute
-address (``(base + offset) & (size - 1)``), the register is found by the offset rounded down to
-8, and a read returns that word shifted by ``offset & 7``, masked to ``size`` (the daemon
-sign-extends). AUTO_CTRL0/1 read 0 to the guest whatever the attrs stored, as in the kernel.
+address (``addr & (size - 1)``), the register is found by the offset rounded down to 8, and a
+read returns that word shifted by ``offset & 7``, masked to ``size`` (the daemon sign-extends).
+AUTO_CTRL0/1 read 0 to the guest whatever the attrs stored, as in the kernel. Accesses the chip
+does not decode raise ``Unhandled`` (the kernel's -EINVAL before 7.0, 0 since 2faec60a4858).
+
+CTRL_INIT run again adds a window and keeps the old one, as ``kvm_pch_pic_init`` does: it calls
+``kvm_io_bus_register_dev`` for the new base without unregistering the old range, and
+``loongarch_pch_pic_read``/``_write`` compute ``offset = addr - s->pch_pic_base`` from the *new*
+base, so an access through an old window lands on whatever sits at that distance from the new
+base (usually nothing: reads 0, writes ignored). A new window overlapping an old one moves that
+old one instead (lvz's claims may not overlap; the kernel's two ranges would both answer).
 
 Deliberate differences: ``set_input`` rejects pins outside 0..63 with EINVAL (kernel callers
 check this before; a bad pin there would shift past the u64), attr values wider than the
@@ -19,7 +27,7 @@ reported as EFAULT (as the kernel does) with lvz's reason in the message.
 
 from __future__ import annotations
 
-from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, VmApi, explaining_copy
+from lvz.plugins.api import Device, DeviceType, RouteTrace, Stat, Unhandled, VmApi, explaining_copy
 from lvz.plugins.bits import set_bits
 from lvz.plugins.hookspecs import hookimpl
 from lvz.protocol import abi
@@ -45,6 +53,8 @@ GRP_CTRL = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL
 GRP_REGS = abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS
 PINS = abi.KVM_IRQCHIP_NUM_PINS
 CLEAR = abi.PCH_PIC_CLEAR
+AUTO_CTRL0 = abi.PCH_PIC_AUTO_CTRL0
+AUTO_CTRL1 = abi.PCH_PIC_AUTO_CTRL1
 EDGE = abi.PCH_PIC_EDGE
 HTMSI_EN = abi.PCH_PIC_HTMSI_EN
 HTMSI_VEC = abi.PCH_PIC_HTMSI_VEC
@@ -61,8 +71,30 @@ ID_WORD = (PCH_PIC_INT_ID_VAL << 24) | (PCH_PIC_INT_ID_VER << 32) | ((PCH_PIC_IR
 _BYTE = 0xFF
 
 
+class _Window:
+    """One registered MMIO range of a PCH-PIC (``kvm_io_bus_register_dev``'s ``{addr, len}``).
+
+    It hands the chip the absolute address, because the chip computes offsets from its current
+    base whichever window the access came through.
+    """
+
+    def __init__(self, pic: PchPic, base: int) -> None:
+        self.pic = pic
+        self.base = base
+
+    @property
+    def type_name(self) -> str:
+        return self.pic.type_name
+
+    def read(self, vcpu_id: int, offset: int, size: int) -> int:
+        return self.pic.read_at(self.base + offset, size)
+
+    def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
+        self.pic.write_at(self.base + offset, size, value)
+
+
 class PchPic(Device):
-    """One VM's PCH-PIC. It is its own MMIO handler, so re-running CTRL_INIT moves the window."""
+    """One VM's PCH-PIC: its registers and the MMIO windows CTRL_INIT registered."""
 
     #: Set only on the scratch copy ``explain_input`` runs: the routing code reports to it.
     _trace: RouteTrace | None = None
@@ -70,6 +102,8 @@ class PchPic(Device):
     def __init__(self, vm: VmApi) -> None:
         super().__init__(vm)
         self.base: int | None = None
+        #: Every window CTRL_INIT registered, oldest first; the last is at ``base``.
+        self.windows: list[_Window] = []
         #: start offset -> value, for the 8-byte registers; mask starts all ones (all masked).
         self.regs: dict[int, int] = dict.fromkeys(WORD_REGS, 0)
         self.regs[MASK] = U64_MAX
@@ -155,15 +189,19 @@ class PchPic(Device):
         twin.set_input(line, level)
         return trace
 
-    # --- guest MMIO (IoHandler) -----------------------------------------------------------------
+    # --- guest MMIO (through a _Window) ---------------------------------------------------------
 
-    def _aligned(self, offset: int, size: int) -> bool:
-        base = self.base or 0
-        return size in ACCESS_SIZES and not (base + offset) & (size - 1)
+    def _offset(self, addr: int, size: int) -> int:
+        """``addr - s->pch_pic_base``, after the kernel's alignment check on the address."""
+        if size not in ACCESS_SIZES or addr & (size - 1):
+            raise Unhandled(f"unaligned {size}-byte PCH-PIC access")
+        offset = addr - (self.base or 0)
+        if not 0 <= offset < PCH_PIC_SIZE:
+            raise Unhandled(f"offset {offset:#x} from the current base is no PCH-PIC register")
+        return offset
 
-    def read(self, vcpu_id: int, offset: int, size: int) -> int:
-        if not self._aligned(offset, size):
-            return 0
+    def read_at(self, addr: int, size: int) -> int:
+        offset = self._offset(addr, size)
         shift = offset & 7
         word = offset - shift
         data = 0
@@ -177,12 +215,13 @@ class PchPic(Device):
         elif HTMSI_VEC <= word < HTMSI_VEC + PINS:
             i = word - HTMSI_VEC
             data = int.from_bytes(self.htmsi_vector[i : i + 8], "little")
-        # AUTO_CTRL0/1 (fixed distribution mode only), CLEAR and the rest read 0
+        elif word not in (AUTO_CTRL0, AUTO_CTRL1, CLEAR):
+            raise Unhandled(f"no PCH-PIC register at offset {offset:#x}")
+        # AUTO_CTRL0/1 (fixed distribution mode only) and CLEAR read 0
         return (data >> (8 * shift)) & ((1 << (8 * size)) - 1)
 
-    def write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
-        if not self._aligned(offset, size):
-            return
+    def write_at(self, addr: int, size: int, value: int) -> None:
+        offset = self._offset(addr, size)
         shift = offset & 7
         word = offset - shift
         field = (1 << (8 * size)) - 1
@@ -206,6 +245,9 @@ class PchPic(Device):
             i = word - HTMSI_VEC
             old = int.from_bytes(self.htmsi_vector[i : i + 8], "little")
             self.htmsi_vector[i : i + 8] = ((old & ~mask) | data).to_bytes(8, "little")
+        elif not (word in (INT_ID, AUTO_CTRL0, AUTO_CTRL1, INT_IRR, INT_ISR)
+                  or ROUTE_ENTRY <= word < ROUTE_ENTRY + PINS):
+            raise Unhandled(f"no PCH-PIC register at offset {offset:#x}")
         # ID, AUTO_CTRL0/1, ROUTE_ENTRY (only EIOINTC is routed to), IRR and ISR: ignored
 
     # --- device attrs ---------------------------------------------------------------------------
@@ -261,20 +303,27 @@ class PchPic(Device):
         raise KvmError("EINVAL", f"PCH-PIC has no register attr at {attr:#x}")
 
     def _init(self, base: int) -> None:
-        """CTRL_INIT: (re)place the MMIO window at ``base``."""
+        """CTRL_INIT (``kvm_pch_pic_init``): register a window at ``base``, keep the old ones."""
         if not 0 <= base <= U64_MAX:
             raise KvmError("EINVAL", f"PCH-PIC base {base:#x} is not a u64")
+        window = next((w for w in self.windows
+                       if w.base < base + PCH_PIC_SIZE and base < w.base + PCH_PIC_SIZE), None)
+        handler = window or _Window(self, base)
         try:
-            self.vm.claim_mmio(base, PCH_PIC_SIZE, self)
+            self.vm.claim_mmio(base, PCH_PIC_SIZE, handler)
         except KvmError as exc:
             raise KvmError("EFAULT", f"PCH-PIC MMIO at {base:#x}: {exc.message}") from exc
+        handler.base = base
+        if window is not None:
+            self.windows.remove(window)
+        self.windows.append(handler)
         self.base = base
 
     def save_state(self) -> list[tuple[int, int, int]]:
-        """CTRL_INIT (the window's base, if placed), then every register, raw."""
+        """CTRL_INIT for every window, oldest first (the last is the base), then every
+        register, raw."""
         regs, ctrl = GRP_REGS, GRP_CTRL
-        out = [] if self.base is None else [(ctrl, CTRL_INIT,
-                                             self.base)]
+        out = [(ctrl, CTRL_INIT, w.base) for w in self.windows]
         attrs = [*WORD_REGS,
                  *(ROUTE_ENTRY + pin for pin in range(PINS)),
                  *(HTMSI_VEC + pin for pin in range(PINS))]

@@ -124,6 +124,15 @@ PV_FEATURE_MASK = (KVM_FEATURE_IPI | KVM_FEATURE_STEAL_TIME | KVM_FEATURE_PREEMP
 #: What a VM offers until the VMM sets the word.
 PV_FEATURES_DEFAULT = KVM_FEATURE_IPI
 
+# --- steal time: vCPU attr group KVM_LOONGARCH_VCPU_PVTIME_CTRL, hypercall FUNC_NOTIFY ----------
+
+KVM_LOONGARCH_VCPU_PVTIME_CTRL = 1
+KVM_LOONGARCH_VCPU_PVTIME_GPA = 0
+#: Bit 0 of a steal-time address: steal time is on.
+KVM_STEAL_PHYS_VALID = 1 << 0
+#: GENMASK_ULL(63, 6): the 64-byte-aligned guest-physical address of the steal-time record.
+KVM_STEAL_PHYS_MASK = ((1 << 64) - 1) ^ ((1 << 6) - 1)
+
 # --- ONE_REG register ids (SEMANTICS.md §3) -----------------------------------------------------
 
 KVM_REG_LOONGARCH = 0x9000000000000000

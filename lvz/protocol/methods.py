@@ -79,11 +79,12 @@ ParamSpec = tuple[str, str, bool]
 _R, _O = True, False
 
 METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
-    "hello": (("protocol", "int", _R), ("client", "str", _O)),
+    # lvz addition: `profile`, the kernel the answer describes (lvz.protocol.profiles).
+    "hello": (("protocol", "int", _R), ("client", "str", _O), ("profile", "str", _O)),
     "close": (("handle", "handle", _R),),
     "kvm.get_api_version": (),
-    "kvm.check_extension": (("cap", "str", _R),),
-    "kvm.create_vm": (("name", "str", _O), ("max_phyid", "int", _O)),
+    "kvm.check_extension": (("cap", "str", _R), ("profile", "str", _O)),
+    "kvm.create_vm": (("name", "str", _O), ("max_phyid", "int", _O), ("profile", "str", _O)),
     "kvm.open_vm": (("name", "str", _R),),
     "kvm.list_vms": (),
     # lvz addition: open any VM by the `id` kvm.list_vms shows, so unnamed ones can be inspected.

@@ -29,7 +29,8 @@ The snapshot knows no device: every chip declares its own state (``Device.save_s
 no state makes the save fail with EINVAL naming its type, never a partial snapshot.
 
 The file: a msgpack map ``{"format": "lvz-snapshot", "version": 2, "vm": …, "vcpus": […],
-"devices": […]}`` followed by the 32-byte SHA-256 of that map's bytes. ``decode`` checks the
+"devices": […]}`` (a vCPU carries its registers and the vCPU attrs that hold state,
+``VCPU_ATTRS``: steal time; the VM its kernel profile; both optional) followed by the 32-byte SHA-256 of that map's bytes. ``decode`` checks the
 digest first (a flipped bit or a truncated file is EINVAL naming the file), then every field,
 before anything is created. Version 1 files (no digest, written by lvz before the state journal)
 are still read, so an upgrade loses nothing.
@@ -47,6 +48,8 @@ from . import abi
 from .abi import (
     CPUCFG_KVM_FEATURE,
     KVM_LOONGARCH_VCPU_CPUCFG,
+    KVM_LOONGARCH_VCPU_PVTIME_CTRL,
+    KVM_LOONGARCH_VCPU_PVTIME_GPA,
     MAX_PHYID_LIMIT,
     PV_FEATURES_DEFAULT,
     U64_MAX,
@@ -68,6 +71,9 @@ Results = list["dict[str, Any] | KvmError"]
 #: ``progress(done, total)``: requests answered so far and the best estimate of all of them.
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
+#: vCPU attrs a snapshot carries besides registers (QEMU saves steal time the same way).
+#: ENXIO when the VM's kernel or PV features do not offer one: then it holds no state.
+VCPU_ATTRS = ((KVM_LOONGARCH_VCPU_PVTIME_CTRL, KVM_LOONGARCH_VCPU_PVTIME_GPA),)
 
 
 def _ok(results: Results) -> list[dict[str, Any]]:
@@ -98,6 +104,22 @@ class _Chunks:
             self.progress(self.done, max(self.total, self.done))
         return out
 
+    def values(self, batch: Batch) -> Generator[Batch, Results, list[int | None]]:
+        """The ``value`` of each ``get_attr``; None where the attr does not exist (ENXIO)."""
+        out: list[int | None] = []
+        for start in range(0, len(batch), CHUNK):
+            part = batch[start:start + CHUNK]
+            for r in (yield part):
+                if isinstance(r, KvmError):
+                    if r.name != "ENXIO":
+                        raise r
+                    out.append(None)
+                else:
+                    out.append(r["value"])
+            self.done += len(part)
+            self.progress(self.done, max(self.total, self.done))
+        return out
+
 
 def save_vm(vm: int, progress: Progress | None = None
             ) -> Generator[Batch, Results, dict[str, Any]]:
@@ -118,15 +140,22 @@ def save_vm(vm: int, progress: Progress | None = None
         lists = yield from chunks.run([("vcpu.get_reg_list", {"vcpu": h}) for h in vcpus])
         reads = [("vcpu.get_one_reg", {"vcpu": h, "id": i})
                  for h, lst in zip(vcpus, lists, strict=True) for i in lst["ids"]]
-        chunks.total = chunks.done + len(reads) + 1 + 2 * len(devs) + n
+        chunks.total = (chunks.done + len(reads) + (1 + len(VCPU_ATTRS)) * n + 1
+                        + 2 * len(devs))
         values = iter((yield from chunks.run(reads)))
-        saved_vcpus = [{"vcpu_id": vid, "regs": [[i, next(values)["value"]] for i in lst["ids"]]}
-                       for vid, lst in zip(vcpu_ids, lists, strict=True)]
+        attr_values = iter((yield from chunks.values(
+            [("vcpu.get_attr", {"vcpu": h, "group": g, "attr": a})
+             for h in vcpus for g, a in VCPU_ATTRS])))
+        saved_vcpus = []
+        for vid, lst in zip(vcpu_ids, lists, strict=True):
+            attrs = [[g, a, v] for g, a in VCPU_ATTRS if (v := next(attr_values)) is not None]
+            saved_vcpus.append({"vcpu_id": vid, "attrs": attrs,
+                                "regs": [[i, next(values)["value"]] for i in lst["ids"]]})
         pv = None
-        if vcpus:
-            pv = (yield from chunks.run([("vcpu.get_attr", {
+        if vcpus:  # ENXIO on a kernel without PV feature control (before 6.12): none saved
+            pv = (yield from chunks.values([("vcpu.get_attr", {
                 "vcpu": vcpus[0], "group": KVM_LOONGARCH_VCPU_CPUCFG,
-                "attr": CPUCFG_KVM_FEATURE})]))[0]["value"]
+                "attr": CPUCFG_KVM_FEATURE})]))[0]
         states = yield from chunks.run([("device.save_state", {"device": d}) for d in devs])
         devices = [{"type": kind, "attrs": state["attrs"]}
                    for kind, state in zip(info["devices"], states, strict=True)]
@@ -137,7 +166,8 @@ def save_vm(vm: int, progress: Progress | None = None
         raise
     yield from chunks.run([("close", {"handle": h}) for h in (*vcpus, *devs)])
     return {"format": FORMAT, "version": VERSION,
-            "vm": {"name": info["name"], "max_phyid": info["max_phyid"], "pv_features": pv},
+            "vm": {"name": info["name"], "max_phyid": info["max_phyid"], "pv_features": pv,
+                   "profile": info.get("profile")},
             "vcpus": saved_vcpus, "devices": devices}
 
 
@@ -166,9 +196,14 @@ def restore_vm(snap: dict[str, Any], name: str | None = None,
                         if not (i == abi.CPUID and value == unset) and i != abi.VCPU_RESET]
                        for v in snap["vcpus"]]
     n = len(snap["vcpus"])
-    chunks = _Chunks(progress, 2 * n + sum(map(len, writes_per_vcpu)) + 2
+    vcpu_attrs = [("vcpu.set_attr", {"vcpu": i, "group": g, "attr": a, "value": value})
+                  for i, v in enumerate(snap["vcpus"]) for g, a, value in v.get("attrs", [])]
+    chunks = _Chunks(progress, 2 * n + sum(map(len, writes_per_vcpu)) + 2 + len(vcpu_attrs)
                      + sum(1 + len(d["attrs"]) for d in snap["devices"]))
-    vm: int = _ok((yield [("kvm.create_vm", {"max_phyid": spec["max_phyid"]})]))[0]["vm"]
+    create: dict[str, Any] = {"max_phyid": spec["max_phyid"]}
+    if spec.get("profile") is not None:
+        create["profile"] = spec["profile"]
+    vm: int = _ok((yield [("kvm.create_vm", create)]))[0]["vm"]
     try:
         created = yield from chunks.run([("vm.create_vcpu", {"vm": vm, "vcpu_id": v["vcpu_id"]})
                                          for v in snap["vcpus"]])
@@ -181,6 +216,8 @@ def restore_vm(snap: dict[str, Any], name: str | None = None,
         yield from chunks.run([("vcpu.set_one_reg", {"vcpu": h, "id": i, "value": value})
                                for h, ws in zip(vcpus, writes_per_vcpu, strict=True)
                                for i, value in ws])
+        # vCPU attrs after the PV features they depend on (steal time needs its feature bit).
+        yield from chunks.run([(m, {**p, "vcpu": vcpus[p["vcpu"]]}) for m, p in vcpu_attrs])
         made = yield from chunks.run([("vm.create_device", {"vm": vm, "type": d["type"]})
                                       for d in snap["devices"]])
         devs = [r["device"] for r in made]
@@ -303,7 +340,8 @@ def _check(snap: dict[str, Any], source: str) -> dict[str, Any]:
     if (not isinstance(vm, dict) or type(vm.get("max_phyid")) is not int
             or not 1 <= vm["max_phyid"] <= MAX_PHYID_LIMIT
             or not (vm.get("name") is None or isinstance(vm.get("name"), str))
-            or not (vm.get("pv_features") is None or _is_u64(vm.get("pv_features")))):
+            or not (vm.get("pv_features") is None or _is_u64(vm.get("pv_features")))
+            or not (vm.get("profile") is None or isinstance(vm.get("profile"), str))):
         raise _bad(source, "the vm section is malformed")
     vcpus = snap.get("vcpus")
     if not isinstance(vcpus, list):
@@ -312,7 +350,10 @@ def _check(snap: dict[str, Any], source: str) -> dict[str, Any]:
         if (not isinstance(v, dict) or type(v.get("vcpu_id")) is not int
                 or not isinstance(v.get("regs"), list)
                 or not all(isinstance(r, list) and len(r) == 2 and _is_u64(r[0])
-                           and _is_u64(r[1]) for r in v["regs"])):
+                           and _is_u64(r[1]) for r in v["regs"])
+                or not isinstance(v.get("attrs", []), list)
+                or not all(isinstance(a, list) and len(a) == 3 and all(_is_u64(x) for x in a)
+                           for a in v.get("attrs", []))):
             raise _bad(source, "a vcpu entry is malformed")
     devices = snap.get("devices")
     if not isinstance(devices, list):
