@@ -232,7 +232,11 @@ class Eiointc(Device):
         for i in range(nbytes):
             irq = first_irq + i
             cpuid = self.decode_coremap_byte((value >> (8 * i))  & _BYTE)
-            vid = self.vm.vcpu_by_phyid(cpuid)
+            # Before 7.0 an empty byte decodes to -1, and the guest's store meets the VM's
+            # verdict on that lookup (EINVAL). A restore (LOAD_FINISHED, notify=False) would
+            # read out of bounds the same way; lvz skips the byte there instead, so snapshots
+            # of such VMs load (SEMANTICS "Kernel-version profiles", 6.18).
+            vid = self.vm.vcpu_by_phyid(cpuid) if cpuid >= 0 or notify else None
             if vid is None or self.sw_coremap[irq] == vid:
                 continue
             if notify and _bit(self.regs[ISR], irq):
