@@ -160,7 +160,7 @@ async def test_signal_msi_without_the_whole_irqchip_is_einval(daemon: Daemon,
 @pytest.mark.parametrize("chips", [(), (IPI,), (IPI, PCH)], ids=lambda c: "+".join(c) or "none")
 async def test_signal_msi_without_eiointc_stays_enxio(daemon: Daemon,
                                                       chips: tuple[str, ...]) -> None:
-    """PROTOCOL.md §4 fixes ENXIO here (the kernel says EINVAL): SEMANTICS decision 9."""
+    """PROTOCOL.md §4 fixes ENXIO here (the kernel says EINVAL): SEMANTICS decision 10."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await vm_with(kvm, chips)
         await expect_errno("ENXIO", vm.signal_msi(0, 3))
@@ -248,7 +248,7 @@ async def test_irq_line_any_non_zero_level_raises_the_pin(daemon: Daemon, level:
 
 async def test_irq_line_decisions_kept_by_the_contract(daemon: Daemon) -> None:
     """gsi >= 64 stays EINVAL (PROTOCOL.md §4; the kernel's kvm_set_irq finds no route and
-    returns 0), and a level no __u32 holds is EINVAL: SEMANTICS decision 9."""
+    returns 0), and a level no __u32 holds is EINVAL: SEMANTICS decision 10."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await vm_with(kvm, (IPI, EIO, PCH))
         pch = await vm.open_device(PCH)

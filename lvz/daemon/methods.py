@@ -232,7 +232,7 @@ def _irq_line_refusal(vm: Vm) -> str | None:
 
 def _check_pin(method: str, irq: int, level: int) -> None:
     """A gsi >= 64 stays EINVAL because PROTOCOL.md §4 fixes it (the kernel's ``kvm_set_irq``
-    finds no route and returns 0: SEMANTICS decision 9); a level must fit the ``__u32``
+    finds no route and returns 0: SEMANTICS decision 10); a level must fit the ``__u32``
     ``kvm_irq_level.level``, and any non-zero one raises (``pch_pic_set_irq``: ``if (level)``).
     """
     if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
@@ -273,7 +273,7 @@ def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result
     (IPI, EIOINTC and PCH-PIC all created).
 
     Without an EIOINTC the answer stays ENXIO, as PROTOCOL.md §4 fixes it (the kernel says
-    EINVAL there too); SEMANTICS "Decisions for lvz" 9.
+    EINVAL there too); SEMANTICS "Decisions for lvz" 10.
     """
     vm = h.vm
     _no_irqchip_ioctls(vm, "vm.signal_msi", "KVM_SIGNAL_MSI")
