@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lvz.clients import AsyncKvm, AsyncVm, Kvm, KvmError, abi, open_kvm
+from lvz.clients import AsyncKvm, AsyncVcpuFd, AsyncVm, Kvm, KvmError, abi, open_kvm
 from lvz.clients.cli import main
 from lvz.daemon.server import Daemon
 from lvz.protocol import profiles
@@ -288,18 +288,25 @@ async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(daemon: Daemo
     async with open_kvm(daemon.config.socket) as kvm:
         old = await (await guest(kvm, profile, CHIPS)).open_vcpu(0)
         new = await (await guest(kvm, "7.0", CHIPS)).open_vcpu(0)
-        accesses = [
-            lambda v: v.iocsr_read(ipi + abi.IPI_EN + 1, 2),            # unaligned
-            lambda v: v.iocsr_read(ipi + 0x100, 4),                     # no register
-            lambda v: v.iocsr_write(ipi + abi.IPI_STATUS, 4, 1),        # read-only
-            lambda v: v.iocsr_read(eio + abi.EIOINTC_ISR, 4),           # attr-only register
-            lambda v: v.iocsr_write(eio + abi.EIOINTC_ENABLE + 1, 2, 1),  # unaligned
-            lambda v: v.mmio_read(PCH_BASE + 0x8, 8),                   # between registers
-            lambda v: v.mmio_write(PCH_BASE + abi.PCH_PIC_MASK + 2, 4, 0),  # unaligned
+        accesses: list[tuple[str, int, int, int | None]] = [
+            ("iocsr", ipi + abi.IPI_EN + 1, 2, None),                # unaligned
+            ("iocsr", ipi + 0x100, 4, None),                         # no register
+            ("iocsr", ipi + abi.IPI_STATUS, 4, 1),                   # read-only
+            ("iocsr", eio + abi.EIOINTC_ISR, 4, None),               # attr-only register
+            ("iocsr", eio + abi.EIOINTC_ENABLE + 1, 2, 1),           # unaligned
+            ("mmio", PCH_BASE + 0x8, 8, None),                       # between registers
+            ("mmio", PCH_BASE + abi.PCH_PIC_MASK + 2, 4, 0),         # unaligned
         ]
-        for access in accesses:
-            await expect_errno("ENXIO", access(old))
-            await access(new)  # 7.0: read 0 / store dropped
+
+        def access(v: AsyncVcpuFd, space: str, addr: int, size: int,
+                   value: int | None) -> Awaitable[object]:
+            if value is None:
+                return (v.iocsr_read if space == "iocsr" else v.mmio_read)(addr, size)
+            return (v.iocsr_write if space == "iocsr" else v.mmio_write)(addr, size, value)
+
+        for space, addr, size, value in accesses:
+            await expect_errno("ENXIO", access(old, space, addr, size, value))
+            await access(new, space, addr, size, value)  # 7.0: read 0 / store dropped
         assert await new.iocsr_read(ipi + 0x100, 4) == 0
 
 
