@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
+import trio
 
 from lvz.clients import AsyncKvm, AsyncVcpuFd, AsyncVm, Kvm, KvmError, abi, open_kvm
 from lvz.clients.cli import main
@@ -114,12 +115,14 @@ async def test_hello_answers_as_the_profile(daemon: Daemon) -> None:
     ("6.13", 1, abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI),
     ("6.14", 1, abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI
      | abi.KVM_FEATURE_USER_HCALL),
-    ("6.18", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_PREEMPT),
-    ("7.0", 1, abi.PV_FEATURE_MASK), ("newest", 1, abi.PV_FEATURE_MASK)])
+    ("6.18", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_PREEMPT & ~abi.KVM_FEATURE_CRASH),
+    ("7.0", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_CRASH),
+    ("newest", 1, abi.PV_FEATURE_MASK)])
 async def test_check_extension_answers_as_the_profile(daemon: Daemon, profile: str, irqchip: int,
                                                       pv: int) -> None:
     """KVM_CAP_IRQCHIP / KVM_CAP_SIGNAL_MSI from 6.13 (HAVE_KVM_IRQCHIP, HAVE_KVM_MSI); the PV
-    feature mask grew in 6.12 (control), 6.14 (USER_HCALL) and 7.0 (PREEMPT)."""
+    feature mask grew in 6.12 (control), 6.14 (USER_HCALL), 7.0 (PREEMPT) and the maintainer's
+    tree (CRASH)."""
     async with open_kvm(daemon.config.socket) as kvm:
         assert await kvm.check_extension("irqchip", profile) == irqchip
         assert await kvm.check_extension("signal_msi", profile) == irqchip
@@ -152,7 +155,8 @@ async def test_before_6_13_the_irqchips_do_not_exist(daemon: Daemon, profile: st
             assert "6.13" in err.message
         await expect_errno("ENOTTY", vm.irq_line(0, 1))
         await expect_errno("ENOTTY", vm.signal_msi(0, 1))
-        # The chips' addresses are nobody's: such a guest access would exit to the VMM.
+        # The chips' addresses are nobody's: with no VMM running the vCPU, ENXIO (with one, an
+        # exit: test_what_an_older_kernel_leaves_to_the_vmm_exits_to_it).
         v0 = await vm.open_vcpu(0)
         await expect_errno("ENXIO", v0.iocsr_read(abi.IOCSR_IPI_BASE, 4))
         await expect_errno("ENXIO", v0.mmio_read(PCH_BASE, 8))
@@ -282,7 +286,7 @@ async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(daemon: Daemo
                                                                    profile: str) -> None:
     """2faec60a4858 (7.0) made the irqchips' IO bus ops return 0; before, an unaligned access,
     an unknown offset or a read-only register returned -EINVAL, and KVM passed the access on
-    to the VMM as if nobody claimed it (ENXIO here, an exit once the run loop has them)."""
+    to the VMM as if nobody claimed it (ENXIO with no VMM running the vCPU, else an exit)."""
     ipi = abi.IOCSR_IPI_BASE
     eio = abi.EIOINTC_BASE
     async with open_kvm(daemon.config.socket) as kvm:
@@ -317,6 +321,17 @@ async def test_7_0_accepts_the_preempt_feature_and_6_18_does_not(daemon: Daemon)
         await expect_errno("EINVAL", v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_PREEMPT))
         v0 = await (await guest(kvm, "7.0")).open_vcpu(0)
         await v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_PREEMPT)
+
+
+async def test_the_crash_hypercall_is_newer_than_7_0(daemon: Daemon) -> None:
+    """KVM_HCALL_CRASH / KVM_FEATURE_CRASH exist only in the maintainer's tree (chenhuacai/linux
+    exit.c), so a 7.0 VM cannot enable the feature and ``hvcl 0x103`` is INVALID_CODE."""
+    async with open_kvm(daemon.config.socket) as kvm:
+        v0 = await (await guest(kvm, "7.0")).open_vcpu(0)
+        await expect_errno("EINVAL", v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_CRASH))
+        assert await v0.hypercall(abi.KVM_HCALL_CRASH) == abi.KVM_HCALL_INVALID_CODE
+        v0 = await (await guest(kvm, "newest")).open_vcpu(0)
+        await v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_CRASH)
 
 
 async def test_a_snapshot_keeps_the_profile(daemon: Daemon) -> None:
@@ -358,3 +373,38 @@ def test_lvz_vm_create_with_a_profile(lvz_socket: Path, vm_name: str,
     finally:
         main(["vm", "destroy", vm_name, *sock])
     assert main(["vm", "create", vm_name, "--profile", "5.0", *sock]) == 2  # usage
+
+
+# --- with a VMM: what the older kernels leave to it exits ---------------------------------------
+
+
+@pytest.mark.parametrize(("profile", "chips", "addr"), [
+    ("6.10", (), abi.IOCSR_IPI_BASE + abi.IPI_STATUS),      # no in-kernel IPI before 6.13
+    ("6.18", CHIPS, abi.IOCSR_IPI_BASE + 0x100),            # undecoded: -EINVAL before 7.0
+])
+async def test_what_an_older_kernel_leaves_to_the_vmm_exits_to_it(
+        lvz_socket: Path, vm_name: str, profile: str, chips: tuple[str, ...],
+        addr: int) -> None:
+    """A VMM's user-space irqchip fallback, end to end: the guest's IOCSR load leaves KVM_RUN
+    as KVM_EXIT_LOONGARCH_IOCSR (kvm_emu_iocsr) and the VMM's data completes it
+    (kvm_complete_iocsr_read, sign-extended)."""
+    async with open_kvm(lvz_socket) as vmm_kvm, open_kvm(lvz_socket) as guest_kvm:
+        vm = await vmm_kvm.create_vm(name=vm_name, profile=profile)
+        try:
+            vmm = await vm.create_vcpu(0)
+            for chip in chips:
+                await vm.create_device(chip)
+            guest = await (await guest_kvm.open_vm(vm_name)).open_vcpu(0)
+            loaded: list[int] = []
+            async with trio.open_nursery() as nursery:
+                async def load() -> None:
+                    loaded.append(await guest.iocsr_read(addr, 4, timeout=10))
+                nursery.start_soon(load)
+                with trio.fail_after(10):
+                    exit = await vmm.run(10)
+                assert exit.exit_reason == "iocsr" and exit.iocsr_io is not None
+                assert (exit.iocsr_io.phys_addr, exit.iocsr_io.len) == (addr, 4)
+                await vmm.run(0, data=0x8000_0001)
+            assert loaded == [0xFFFF_FFFF_8000_0001]
+        finally:
+            await vm.destroy()

@@ -43,6 +43,7 @@ from .abi import (
     DEV_EIOINTC,
     DEV_IPI,
     DEV_PCHPIC,
+    KVM_FEATURE_CRASH,
     KVM_FEATURE_IPI,
     KVM_FEATURE_PREEMPT,
     KVM_FEATURE_STEAL_TIME,
@@ -83,7 +84,7 @@ DEFAULT: Final = "newest"
 
 #: One line per profile, for ``lvz profiles``.
 SUMMARY: Final = MappingProxyType({
-    "newest": "the newest kernel lvz describes (the default)",
+    "newest": "the newest kernel lvz describes (the default): 7.0 plus the crash hypercall",
     "7.0": "7.0 (loongarch-kvm-6.20 and the 7.0-rc6 fixes)",
     "6.18": "before the 7.0 fixes: negative CPUIDs, empty coremap bytes, chip return values",
     "6.14": "before 6.18: loads from in-kernel devices are not sign-extended",
@@ -92,7 +93,7 @@ SUMMARY: Final = MappingProxyType({
     "6.10": "phyid map and PV IPI only",
 })
 
-_MASK_70 = PV_FEATURE_MASK
+_MASK_70 = PV_FEATURE_MASK & ~KVM_FEATURE_CRASH
 _MASK_618 = _MASK_70 & ~KVM_FEATURE_PREEMPT
 _MASK_613 = KVM_FEATURE_IPI | KVM_FEATURE_STEAL_TIME | KVM_FEATURE_VIRT_EXTIOI
 assert _MASK_618 & ~KVM_FEATURE_USER_HCALL == _MASK_613
@@ -100,9 +101,11 @@ assert _MASK_618 & ~KVM_FEATURE_USER_HCALL == _MASK_613
 #: profile -> the rows in which it differs from the next-newer profile.
 COMPAT: Final = MappingProxyType({
     "newest": (),
-    # Identical today. KVM_HCALL_CRASH / KVM_FEATURE_CRASH exist only in the maintainer's tree
-    # (chenhuacai/linux), not in 7.0: the row that tells them apart belongs to that feature.
-    "7.0": (),
+    "7.0": (
+        Row("pv_feature_mask", _MASK_70,
+            "LoongArch: KVM: crash hypercall (KVM_HCALL_CRASH, KVM_FEATURE_CRASH): only in the "
+            "LoongArch maintainer's tree (chenhuacai/linux exit.c @d2c6c602), not in 7.0"),
+    ),
     "6.18": (
         Row("negative_cpuid_check", False,
             "2db06c15d8c7 LoongArch: KVM: Make kvm_get_vcpu_by_cpuid() more robust (7.0-rc6)"),
