@@ -302,7 +302,8 @@ def test_an_explanation_changes_nothing_and_sends_no_event(kvm: Kvm) -> None:
 
 @pytest.mark.parametrize(("source", "level", "words"), [
     ({"pin": 64}, 1, "not a PCH-PIC pin"),
-    ({"pin": 3}, 2, "level 2 is not 0 or 1"),
+    # vm.irq_line raises on any non-zero __u32 level (pch_pic_set_irq: ``if (level)``).
+    ({"pin": 3}, 1 << 32, "does not fit the __u32"),
     ({"msi": {"address": 0, "data": 256}}, 1, "not an EIOINTC irq"),
     ({"msi": {"address": 0, "data": 3}}, 0, "an MSI only raises"),
     ({"eiointc_irq": 256}, 1, "not an EIOINTC irq"),

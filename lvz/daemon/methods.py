@@ -313,7 +313,7 @@ def vm_explain_route(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Res
         refusal = _irq_line_refusal(vm)
         if refusal:
             return out.stop("no_irqchip", f"vm.irq_line answers ENXIO: {refusal}")
-        return out.follow(C.DEV_PCHPIC, arg, level)
+        return out.follow(C.DEV_PCHPIC, arg, 1 if level else 0)  # as vm.irq_line raises
     if level not in (0, 1):
         raise KvmError("EINVAL", f"{method}: level {level} is not 0 or 1")
     if kind == "msi":
