@@ -30,10 +30,11 @@ no state makes the save fail with EINVAL naming its type, never a partial snapsh
 
 The file: a msgpack map ``{"format": "lvz-snapshot", "version": 2, "vm": …, "vcpus": […],
 "devices": […]}`` (a vCPU carries its registers and the vCPU attrs that hold state,
-``VCPU_ATTRS``: steal time; the VM its kernel profile; both optional) followed by the 32-byte SHA-256 of that map's bytes. ``decode`` checks the
-digest first (a flipped bit or a truncated file is EINVAL naming the file), then every field,
-before anything is created. Version 1 files (no digest, written by lvz before the state journal)
-are still read, so an upgrade loses nothing.
+``VCPU_ATTRS``: steal time; the VM its kernel profile; both optional) followed by the 32-byte
+SHA-256 of that map's bytes. ``decode`` checks the digest first (a flipped bit or a truncated
+file is EINVAL naming the file), then every field, before anything is created. Version 1 files
+(no digest, written by lvz before the state journal) are still read, so an upgrade loses
+nothing.
 """
 
 from __future__ import annotations
