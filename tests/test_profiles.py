@@ -16,7 +16,9 @@ import trio
 
 from lvz.clients import AsyncKvm, AsyncVcpuFd, AsyncVm, Kvm, KvmError, abi, open_kvm
 from lvz.clients.cli import main
-from lvz.daemon.server import Daemon
+from lvz.daemon.config import ServeConfig
+from lvz.daemon.host import load_plugins
+from lvz.daemon.server import Daemon, serve
 from lvz.protocol import profiles
 
 pytest_plugins = ["tests.daemon_fixtures"]
@@ -408,3 +410,27 @@ async def test_what_an_older_kernel_leaves_to_the_vmm_exits_to_it(
             assert loaded == [0xFFFF_FFFF_8000_0001]
         finally:
             await vm.destroy()
+
+
+async def test_a_state_dir_restart_keeps_the_profile_and_steal_time(sock_dir: Path) -> None:
+    """The journal replays kvm.create_vm's profile and FUNC_NOTIFY (vcpu.hypercall); its
+    snapshots carry both. So a restart brings back a 6.18 VM, still 6.18, with its address."""
+    state = sock_dir / "state"
+    for restart in range(3):
+        config = ServeConfig(socket=sock_dir / f"s{restart}.sock", state_dir=state)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config, load_plugins())
+            async with open_kvm(config.socket) as kvm:
+                if restart == 0:
+                    vm = await kvm.create_vm(name="old", profile="6.18")
+                    v0 = await vm.create_vcpu(0)
+                    await v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_IPI | ST)
+                    assert await v0.hypercall(SERVICE, abi.KVM_HCALL_FUNC_NOTIFY, ST,
+                                              0x1_0000_0041) == 0
+                else:
+                    vm = await kvm.open_vm("old")
+                    v0 = await vm.open_vcpu(0)
+                    assert (await kvm.call("vm.info", {"vm": vm.handle}))["profile"] == "6.18"
+                    assert await v0.get_attr(PVTIME, GPA) == 0x1_0000_0041
+                    await expect_errno("EINVAL", vm.phyid_lookup(-1))  # still 6.18
+            nursery.cancel_scope.cancel()
