@@ -49,7 +49,7 @@ from fuzzers.wire import SENTINEL, SENTINEL_ID, exchange, wire_message_problem
 from lvz.daemon.host import load_plugins
 from lvz.protocol import abi
 from lvz.protocol.abi import U64_MAX
-from lvz.protocol.methods import METHODS
+from lvz.protocol.schema import METHODS
 
 from . import procs
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import msgpack
 import trio
 
-from lvz.daemon import methods
+from lvz.daemon import handlers
 from lvz.daemon.config import ServeConfig
-from lvz.daemon.connection import Connection, VcpuHandle
 from lvz.daemon.host import load_plugins
+from lvz.daemon.peer import Connection, VcpuHandle
 from lvz.daemon.server import Daemon
 from lvz.protocol import abi
 from lvz.protocol.connection import NEED_DATA, ServerConnection
-from lvz.protocol.methods import validate
+from lvz.protocol.schema import validate
 
 N = 200_000
 
@@ -97,8 +97,8 @@ async def main() -> None:
             lock.release()
         rows.append(("  VM map lock acquire_nowait + release (set/drop only)",
                      per_call(lock_cycle)))
-        rows.append(("  methods.vcpu_get_one_reg handler", per_call(
-            lambda: methods.vcpu_get_one_reg(daemon, conn, params, vh))))
+        rows.append(("  handlers.vcpu_get_one_reg handler", per_call(
+            lambda: handlers.vcpu_get_one_reg(daemon, conn, params, vh))))
         rows.append(("    abi.decode(CPUID)", per_call(lambda: abi.decode(abi.CPUID))))
         rows.append(("  send_result (encode)", per_call(
             lambda: conn.proto.send_result(1, {"value": 256}))))

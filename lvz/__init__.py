@@ -39,9 +39,9 @@ __version__ = "0.1.0"
 COMPILED_MODULES: tuple[str, ...] = (
     "lvz.protocol.abi",
     "lvz.protocol.events",
-    "lvz.protocol.methods",
+    "lvz.protocol.schema",
     "lvz.protocol.connection",
-    "lvz.daemon.connection",
+    "lvz.daemon.peer",
     "lvz.daemon.model",
 )
 

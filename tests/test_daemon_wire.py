@@ -12,10 +12,10 @@ import msgpack
 import trio
 import trio.testing
 
-from lvz.daemon import methods
+from lvz.daemon import handlers
 from lvz.daemon.server import Daemon
 from lvz.protocol import Notification, Response, abi
-from lvz.protocol.methods import HANDLE_PARAM, METHODS
+from lvz.protocol.schema import HANDLE_PARAM, METHODS
 from lvz.testing.wire import Wire
 
 from .conftest import Connect
@@ -334,8 +334,8 @@ async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
 def test_every_method_has_one_handler_in_the_table_of_its_handle_kind() -> None:
     """The dispatch tables are the whole routing: grep a method's name, find its handler."""
     tables: dict[str, dict[str, object]] = {
-        "none": dict(methods.KVM), "": dict(methods.ANY), "vm": dict(methods.VM),
-        "vcpu": dict(methods.VCPU), "device": dict(methods.DEVICE),
+        "none": dict(handlers.KVM), "": dict(handlers.ANY), "vm": dict(handlers.VM),
+        "vcpu": dict(handlers.VCPU), "device": dict(handlers.DEVICE),
     }
     seen = [name for table in tables.values() for name in table]
     assert len(seen) == len(set(seen))
@@ -343,7 +343,7 @@ def test_every_method_has_one_handler_in_the_table_of_its_handle_kind() -> None:
     for kind, table in tables.items():
         for name in table:
             assert HANDLE_PARAM.get(name, (None, "none"))[1] == kind, name
-    assert set(methods.WRITES_MAP) <= set(methods.VCPU)
+    assert set(handlers.WRITES_MAP) <= set(handlers.VCPU)
 
 
 async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(

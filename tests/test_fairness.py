@@ -17,8 +17,8 @@ import trio.testing
 
 from lvz.daemon import server
 from lvz.daemon.config import ServeConfig
-from lvz.daemon.connection import Handle
 from lvz.daemon.host import load_plugins
+from lvz.daemon.peer import Handle
 from lvz.daemon.server import Daemon, serve
 from lvz.plugins import Device, DeviceType, VmApi, hookimpl
 from lvz.protocol import abi

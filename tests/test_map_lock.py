@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from lvz.daemon import methods
+from lvz.daemon import handlers
 from lvz.daemon.server import Daemon
 from lvz.protocol import abi
 
@@ -98,7 +98,7 @@ async def test_the_same_value_again_takes_no_lock(daemon: Daemon, connect: Conne
 async def test_a_big_phyid_map_is_built_in_chunks_and_whole(
         daemon: Daemon, connect: Connect, monkeypatch: pytest.MonkeyPatch,
         name: str) -> None:
-    monkeypatch.setattr(methods, "MAP_CHUNK", 8)
+    monkeypatch.setattr(handlers, "MAP_CHUNK", 8)
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=name, max_phyid=1024))["vm"]
     model = daemon.named[name]

@@ -21,7 +21,7 @@ from lvz.protocol import (
     abi,
 )
 from lvz.protocol.errors import ERRNO
-from lvz.protocol.methods import METHODS, validate
+from lvz.protocol.schema import METHODS, validate
 
 
 def pack(obj: object) -> bytes:

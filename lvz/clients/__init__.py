@@ -54,7 +54,7 @@ from .sync import (
 regs = abi
 
 if TYPE_CHECKING:
-    from .aio import (
+    from .trio_client import (
         AsyncDevice,
         AsyncDeviceFd,
         AsyncKvm,
@@ -71,8 +71,8 @@ _TRIO_NAMES = frozenset({"open_kvm", "AsyncKvm", "AsyncVmFd", "AsyncVcpuFd", "As
 
 def __getattr__(name: str) -> Any:
     if name in _TRIO_NAMES:
-        from . import aio
-        return getattr(aio, name)
+        from . import trio_client
+        return getattr(trio_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -6,10 +6,10 @@ connection failed, if it did. It parses incoming bytes (through the protocol's
 ``ClientConnection``), completes calls, routes ``irq`` / ``events_lost`` notifications and turns a
 ``protocol_error``, bad bytes or end of stream into one failure that every waiter then sees.
 
-The drivers (``sync.py`` for threads and sockets, ``aio.py`` for trio) only move bytes and park
-callers: a ``Pending`` carries an opaque ``waiter`` the driver chose (a thread parker, a trio
-task), and the session calls back ``complete`` / ``wake_events`` so the driver can wake exactly
-the right one, with no extra primitive per call.
+The drivers (``sync.py`` for threads and sockets, ``trio_client.py`` for trio) only move
+bytes and park callers: a ``Pending`` carries an opaque ``waiter`` the driver chose (a thread
+parker, a trio task), and the session calls back ``complete`` / ``wake_events`` so the driver
+can wake exactly the right one, with no extra primitive per call.
 
 What each API method sends and how its result is parsed lives once, in ``ops.py``; this module
 also holds the value types both façades return and the result parsers. It imports only the

@@ -35,8 +35,8 @@ from lvz.protocol import abi
 from lvz.protocol.abi import U64_MAX
 from lvz.protocol.errors import KvmError, Unclaimed
 
-from .connection import Connection, VcpuHandle
 from .model import Vcpu, Vm
+from .peer import Connection, VcpuHandle
 
 if TYPE_CHECKING:
     from .server import Daemon

@@ -1,7 +1,7 @@
 """The lvz daemon: a trio server that hosts VMs and answers the wire protocol on a Unix socket.
 
 All server-side awaiting lives here (with ``listener.py`` for the socket itself); the VM model
-(``model.py``), the method handlers (``methods.py``) and the chips are synchronous code this
+(``model.py``), the method handlers (``handlers.py``) and the chips are synchronous code this
 module calls. One connection = one reader task (decode, dispatch, collect replies) plus one
 event pump; both write through ``Connection.flush`` under a StrictFIFOLock, so there is one
 writer per stream at a time and bytes never interleave.
@@ -45,20 +45,12 @@ from lvz.protocol import abi, snapshot
 from lvz.protocol.connection import NEED_DATA
 from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
-from lvz.protocol.methods import HANDLE_PARAM, METHODS, validate
+from lvz.protocol.schema import HANDLE_PARAM, METHODS, validate
 
-from . import methods, systemd
+from . import handlers, systemd
 from .config import RESERVED_FDS, ServeConfig
-from .connection import (
-    Connection,
-    DeviceHandle,
-    Handle,
-    RunWait,
-    Subscription,
-    VcpuHandle,
-    VmHandle,
-)
 from .exits import Detached, Exits
+from .handlers import MaybeLater, Params, Result
 from .host import WATCHDOG, PluginHost, PluginLoadError, PluginTimeout, load_plugins
 from .listener import (
     SocketInUse,
@@ -69,8 +61,16 @@ from .listener import (
     open_listener,
     unlink_socket,
 )
-from .methods import MaybeLater, Params, Result
 from .model import Vcpu, Vm
+from .peer import (
+    Connection,
+    DeviceHandle,
+    Handle,
+    RunWait,
+    Subscription,
+    VcpuHandle,
+    VmHandle,
+)
 from .recorder import Recorder, RecordingFailed
 from .safedir import UnsafeDir
 from .state import StateDir
@@ -142,19 +142,19 @@ class Daemon:
         self.calls = self._routes()
 
     def _routes(self) -> dict[str, Call]:
-        """methods.py's tables, each handler wrapped with the resolution of its handle."""
+        """handlers.py's tables, each handler wrapped with the resolution of its handle."""
         calls: dict[str, Call] = {}
-        for name, on_kvm in methods.KVM.items():
+        for name, on_kvm in handlers.KVM.items():
             calls[name] = self._no_handle(on_kvm)
-        for name, on_any in methods.ANY.items():
+        for name, on_any in handlers.ANY.items():
             calls[name] = self._on_handle(name, Handle, on_any)
-        for name, on_vm in methods.VM.items():
+        for name, on_vm in handlers.VM.items():
             calls[name] = self._on_handle(name, VmHandle, on_vm)
-        for name, on_vcpu in methods.VCPU.items():
-            writes = methods.WRITES_MAP.get(name)
+        for name, on_vcpu in handlers.VCPU.items():
+            writes = handlers.WRITES_MAP.get(name)
             calls[name] = (self._on_handle(name, VcpuHandle, on_vcpu) if writes is None
                            else self._writing_map(name, on_vcpu, writes))
-        for name, on_device in methods.DEVICE.items():
+        for name, on_device in handlers.DEVICE.items():
             calls[name] = self._on_handle(name, DeviceHandle, on_device)
         missing = set(METHODS) - set(calls) - {"vcpu.run"}
         if missing:

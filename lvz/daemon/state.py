@@ -38,16 +38,16 @@ import trio
 import lvz
 from lvz.protocol import snapshot
 from lvz.protocol.errors import KvmError
-from lvz.protocol.methods import HANDLE_PARAM
+from lvz.protocol.schema import HANDLE_PARAM
 
 from . import journal
-from .connection import DeviceHandle, VcpuHandle
 from .journal import JOURNALED, Entry, JournalError
+from .peer import DeviceHandle, VcpuHandle
 from .safedir import open_private_dir, replace_file
 
 if TYPE_CHECKING:
-    from .connection import Connection
     from .model import Vm
+    from .peer import Connection
     from .server import Daemon
 
 log = logging.getLogger("lvz.daemon")

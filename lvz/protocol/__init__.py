@@ -20,7 +20,7 @@ from .errors import (
     RemoteProtocolError,
 )
 from .events import BadRequest, Event, Malformed, Notification, Request, Response
-from .methods import HANDLE_PARAM, METHODS, validate
+from .schema import HANDLE_PARAM, METHODS, validate
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE", "NEED_DATA", "ClientConnection", "ServerConnection",

@@ -23,7 +23,7 @@ import msgpack
 from .abi import U32_MAX
 from .errors import KvmError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import BadRequest, Event, Malformed, Notification, Request, Response
-from .methods import validate
+from .schema import validate
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",

@@ -27,15 +27,15 @@ import lvz
 from lvz.plugins.api import RouteTrace, Verdict
 from lvz.protocol import abi as C
 from lvz.protocol.errors import KvmError, Unclaimed
-from lvz.protocol.methods import METHODS
 from lvz.protocol.profiles import DEFAULT as DEFAULT_PROFILE
 from lvz.protocol.profiles import NEWEST, PROFILES
 from lvz.protocol.profiles import resolve as resolve_profile
+from lvz.protocol.schema import METHODS
 
 from . import stats
-from .connection import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
 from .exits import Detached, access_exit, hypercall_exit
 from .host import plugin_failure
+from .peer import Connection, DeviceHandle, Handle, VcpuHandle, VmHandle
 
 if TYPE_CHECKING:
     from .model import Vm
