@@ -26,6 +26,7 @@ import lvz
 from . import procs
 from .blocking import BlockingBench
 from .clientbench import ClientBench, client_import_error
+from .durable import measure_durable
 from .report import Figure, Results, Target, table, to_json, write_json
 from .scenarios import (
     WINDOW,
@@ -302,6 +303,7 @@ async def run_all(cfg: Config) -> Results:
     await measure_connections(cfg, res)
     await measure_vm_scale(cfg, res)
     await measure_model_memory(cfg, res)
+    await measure_durable(res, cfg.reps, cfg.seconds, cfg.quick)  # --state-dir, snapshots
     return res
 
 

@@ -20,7 +20,14 @@ import trio
 from lvz.daemon import state as state_mod
 from lvz.daemon.config import ServeConfig
 from lvz.daemon.host import load_plugins
-from lvz.daemon.journal import Entry, JournalError, encode_entry, encode_file, parse
+from lvz.daemon.journal import (
+    Entry,
+    JournalError,
+    encode_entry,
+    encode_file,
+    encode_group,
+    parse,
+)
 from lvz.daemon.safedir import UnsafeDir
 from lvz.daemon.server import serve
 from lvz.protocol import abi, snapshot
@@ -248,7 +255,7 @@ def test_journal_parse_refuses_damage_before_the_tail() -> None:
     assert parsed.entries[1].outcome == "EINVAL" and not parsed.torn
     bad = bytearray(head + e1 + e2)
     bad[len(head) + len(e1) - 2] ^= 1  # e1's checksum, with e2 after it: damage, not a tail
-    with pytest.raises(JournalError, match="entry 0: its checksum"):
+    with pytest.raises(JournalError, match="group 0: its checksum"):
         parse(bytes(bad))
     bad = bytearray(head + e1 + e2)
     bad[-2] ^= 1  # the last entry: a torn write, dropped
@@ -256,3 +263,22 @@ def test_journal_parse_refuses_damage_before_the_tail() -> None:
     assert parse(head + e1 + b"\0" * 4096).torn  # a tail the file system zero-filled
     with pytest.raises(JournalError, match="journal header"):
         parse(b"\x80")
+
+
+def test_a_group_names_each_connections_handles_apart() -> None:
+    """Handle numbers are per connection: handle 3 of two connections are two vCPUs."""
+    head = encode_file(snapshot.encode({"vm": {"name": "g", "max_phyid": 256,
+                                               "pv_features": None},
+                                        "vcpus": [], "devices": []}), "0", [])
+    group = encode_group([(1, 3, 7), (2, 3, 9), (2, 4, abi.DEV_IPI)],
+                         [("vcpu.interrupt", {"vcpu": 3, "irq": 2}, None, 1),
+                          ("vcpu.interrupt", {"vcpu": 3, "irq": 3}, "EINVAL", 2),
+                          ("device.set_attr", {"device": 4, "group": 1, "attr": 2, "value": 3},
+                           None, 2)])
+    entries = parse(head + group).entries
+    assert [(e.target, e.outcome) for e in entries] == [(7, None), (9, "EINVAL"),
+                                                        (abi.DEV_IPI, None)]
+    unnamed = encode_group([], [("vcpu.interrupt", {"vcpu": 3, "irq": 2}, None, 1)])
+    assert parse(head + unnamed).torn  # the last group: a torn write, dropped
+    with pytest.raises(JournalError, match="not \\[handles, entries\\]"):
+        parse(head + unnamed + group)  # followed by more: damage

@@ -11,12 +11,18 @@ data]`` arrays) with kinds of its own, so one reader skips what it does not know
 
 - the header carries ``"journal": 1``;
 - ``snapshot``: ``data`` is a snapshot file (lvz.protocol.snapshot); always the first record;
-- ``apply``: ``data`` is ``msgpack([method, target, params, outcome])`` followed by its CRC-32
-  (4 bytes, big-endian). ``target`` is None for a VM method, the ``vcpu_id`` for a vCPU method,
-  the device type for a device method; ``params`` are the request's less its handle;
-  ``outcome`` is None when the daemon answered with a result, else the errno name it answered.
+- ``apply``: one *group* — the requests applied to the VM between two writes of its file, often
+  many (a pipelined batch is one group, one ``write``). ``data`` is
+  ``msgpack([handles, entries])`` followed by its CRC-32 (4 bytes, big-endian): ``entries`` are
+  ``[method, params, outcome, conn]`` in the order applied, ``params`` the request's own (its
+  handle number included), ``outcome`` None when the daemon answered with a result, else the
+  errno name it answered; ``handles`` are ``[conn, handle, target]``, what each handle number of
+  connection ``conn`` named: None for the VM, the ``vcpu_id`` for a vCPU, the type for a device.
   Replaying checks every outcome again: a daemon that would now answer differently (say,
   restarted with a smaller ``--max-vcpus``) refuses the file instead of loading another VM.
+
+The daemon only appends tuples as requests take effect and encodes a group in one msgpack call
+when it writes, so a journaled request costs a few dictionary operations.
 
 Pure: bytes in, bytes out; server-side I/O is in ``state.py``.
 """
@@ -38,9 +44,10 @@ from lvz.protocol.recording import (
     encode_header,
     encode_record,
 )
+from lvz.protocol.schema import HANDLE_PARAM
 
-__all__ = ["JOURNALED", "Entry", "JournalError", "Parsed", "encode_entry", "encode_file",
-           "parse"]
+__all__ = ["JOURNALED", "Entry", "JournalError", "Noted", "Parsed", "encode_entry", "encode_file",
+           "encode_group", "parse"]
 
 #: Requests that change a VM, by the kind of object their handle names. Everything else only
 #: reads (or, like ``vcpu.run`` and ``vm.subscribe``, concerns the connection): not journaled.
@@ -72,10 +79,24 @@ class Entry:
     outcome: str | None
 
 
-def encode_entry(entry: Entry, seq: int = 0) -> bytes:
-    body: bytes = msgpack.packb([entry.method, entry.target, entry.params, entry.outcome])
+#: One applied request as the daemon notes it: (method, params, outcome, conn).
+Noted = tuple[str, dict[str, Any], "str | None", int]
+
+
+def encode_group(handles: list[tuple[int, int, int | str | None]], entries: list[Noted],
+                 seq: int = 0) -> bytes:
+    """One ``apply`` record: ``entries`` and the targets of the handles they name."""
+    body: bytes = msgpack.packb([handles, entries])
     return encode_record(Record(time.monotonic_ns(), seq,
                                 KIND_APPLY, body + zlib.crc32(body).to_bytes(_CRC, "big")))
+
+
+def encode_entry(entry: Entry, seq: int = 0) -> bytes:
+    """A group of one entry (tests, tools): its handle is number 1 of connection 0."""
+    param = HANDLE_PARAM[entry.method][0]
+    return encode_group([(0, 1, entry.target)],
+                        [(entry.method, dict(entry.params, **{param: 1}), entry.outcome, 0)],
+                        seq)
 
 
 def encode_file(snapshot_bytes: bytes, lvz: str, plugins: list[tuple[str, str]]) -> bytes:
@@ -95,20 +116,29 @@ class Parsed:
     torn: bool
 
 
-def _entry(data: bytes, index: int) -> Entry:
+def _group(data: bytes, index: int) -> list[Entry]:
     body, crc = data[:-_CRC], data[-_CRC:]
     if len(data) <= _CRC or zlib.crc32(body).to_bytes(_CRC, "big") != crc:
-        raise JournalError(f"entry {index}: its checksum does not match")
+        raise JournalError(f"group {index}: its checksum does not match")
     try:
-        method, target, params, outcome = msgpack.unpackb(body, strict_map_key=True)
+        handles, entries = msgpack.unpackb(body, strict_map_key=True)
+        targets = {(c, n): t for c, n, t in handles}
+        out = []
+        for method, params, outcome, conn in entries:
+            if (not isinstance(method, str) or method not in JOURNALED
+                    or not isinstance(params, dict)
+                    or not (outcome is None or isinstance(outcome, str))):
+                raise ValueError("an entry is malformed")
+            target = targets[conn, params[HANDLE_PARAM[method][0]]]
+            if not (target is None or type(target) in (int, str)):
+                raise ValueError("a handle target is malformed")
+            out.append(Entry(method, target, params, outcome))
+    except JournalError:
+        raise
     except Exception as exc:
-        raise JournalError(f"entry {index} is not [method, target, params, outcome]: "
-                           f"{type(exc).__name__}") from None
-    if (not isinstance(method, str) or method not in JOURNALED or not isinstance(params, dict)
-            or not (outcome is None or isinstance(outcome, str))
-            or not (target is None or type(target) in (int, str))):
-        raise JournalError(f"entry {index} is malformed")
-    return Entry(method, target, params, outcome)
+        raise JournalError(f"group {index} is not [handles, entries]: "
+                           f"{type(exc).__name__}: {exc}") from None
+    return out
 
 
 def parse(data: bytes) -> Parsed:
@@ -152,7 +182,7 @@ def parse(data: bytes) -> Parsed:
                     raise JournalError("the first record is not the snapshot")
                 snapshot = payload
             elif kind == KIND_APPLY:
-                entries.append(_entry(payload, index - 1))
+                entries += _group(payload, index - 1)
             # other kinds: a later version's, skipped as every recording reader does
         except JournalError:
             # A damaged last record, or zeros where the file system lost a tail: torn.

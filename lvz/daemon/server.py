@@ -82,6 +82,8 @@ log = logging.getLogger("lvz.daemon")
 #: 1,000 chunks; the decoder has already copied what it needs.
 RECEIVE_BYTES = 16384
 FLUSH_BYTES = 256 * 1024
+#: Methods that give a VM its name: with --state-dir, its file is written whole.
+_NAMING = frozenset({"kvm.create_vm", "vm.set_name"})
 #: SIGHUP too: a closed terminal or a supervisor's stop must save, not lose, the named VMs.
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Seconds a connection's reader may run before it lets other tasks in (fairness).
@@ -380,8 +382,12 @@ class Daemon:
                     result.start(req.msgid)  # (an exit changes no VM state: not journaled)
                     return None
                 return self._answer_later(conn, req.msgid, method, params, result)
-            if self.state is not None:
-                self._journal(conn, method, params, result)
+            state = self.state
+            if state is not None:
+                if method in _NAMING:
+                    self._journal(conn, method, params, result)
+                else:
+                    state.applied(conn, method, params, None)
             self._answer(conn, req.msgid, method, result)
         except KvmError as err:
             conn.put(conn.proto.send_error(req.msgid, err))
@@ -456,7 +462,7 @@ class Daemon:
         """Tell the state dir what a request changed (``--state-dir``; socket requests only:
         what the daemon does itself, such as loading the state dir, is not a change)."""
         assert self.state is not None
-        if method == "kvm.create_vm" or method == "vm.set_name":
+        if method in _NAMING:
             vm = conn.handles[result["vm"] if method == "kvm.create_vm" else params["vm"]].vm
             if vm.name is not None:
                 self.state.named(vm)

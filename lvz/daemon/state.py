@@ -41,8 +41,8 @@ from lvz.protocol.errors import KvmError
 from lvz.protocol.schema import HANDLE_PARAM
 
 from . import journal
-from .journal import JOURNALED, Entry, JournalError
-from .peer import DeviceHandle, VcpuHandle
+from .journal import JOURNALED, Entry, JournalError, Noted
+from .peer import DeviceHandle, Handle, VcpuHandle
 from .safedir import open_private_dir, replace_file
 
 if TYPE_CHECKING:
@@ -63,6 +63,19 @@ COMPACT_RATIO: Final = 4
 COMPACT_MIN: Final = 1 << 20
 
 
+#: method -> its handle parameter, for the methods that are journaled.
+JOURNAL_PARAM: Final = {method: HANDLE_PARAM[method][0] for method in JOURNALED}
+
+
+def _target(h: Handle) -> int | str | None:
+    """What a handle names, in terms a restarted daemon can find again."""
+    if isinstance(h, VcpuHandle):
+        return h.vcpu.vcpu_id
+    if isinstance(h, DeviceHandle):
+        return h.device.type_name
+    return None
+
+
 def file_name(vm_name: str) -> str:
     """Any VM name fits: the file is named by a hash, the name itself is inside."""
     return "vm-" + hashlib.sha256(vm_name.encode("utf-8", "surrogatepass")).hexdigest()[:32] \
@@ -73,11 +86,14 @@ def file_name(vm_name: str) -> str:
 class _Journal:
     """One open VM file: where entries are appended."""
 
+    vm: Vm
     name: str  # the file's name in the state dir
     fd: int
     head: int  # bytes of the header and snapshot record
     size: int
-    pending: list[bytes] = field(default_factory=list)
+    pending: list[Noted] = field(default_factory=list)
+    #: The handles ``pending`` names (with their connection's number): their targets go along.
+    handles: dict[Handle, int] = field(default_factory=dict)
     seq: int = 0
     dirty: bool = False  # written since the last fsync
 
@@ -93,38 +109,36 @@ class StateDir:
         self.fsync = fsync
         self.dir_fd = open_private_dir(path, "state directory")
         self.journals: dict[Vm, _Journal] = {}
-        self.pending: set[_Journal] = set()
+        self.pending: list[_Journal] = []  # journals with noted requests, each once
         self.plugins = [(p.name, p.version) for p in daemon.host.loaded]
 
     # ---------------------------------------------------------------- the daemon's hooks -----
 
     def applied(self, conn: Connection, method: str, params: dict[str, Any],
                 error: KvmError | None) -> None:
-        """A request reached its handler (answered ``error`` or a result): journal it if it
-        concerns a named VM. Called before its response is queued."""
-        kind = JOURNALED.get(method)
-        if kind is None:
+        """A request reached its handler (answered ``error`` or a result): note it if it
+        concerns a named VM. Called before its response is queued; the hot path of a durable
+        daemon, so it only appends (``flush`` encodes)."""
+        param = JOURNAL_PARAM.get(method)
+        if param is None:
             return
-        if error is not None and error.name in ("EBADF", "ENOTTY"):
-            return  # the handle did not resolve: nothing was touched
-        param = HANDLE_PARAM[method][0]
         h = conn.handles.get(params[param])
         if h is None:
             return
-        vm = h.vm
-        j = self.journals.get(vm)
+        j = self.journals.get(h.vm)
         if j is None:
             return  # unnamed
-        target: int | str | None = None
-        if isinstance(h, VcpuHandle):
-            target = h.vcpu.vcpu_id
-        elif isinstance(h, DeviceHandle):
-            target = h.device.type_name
-        rest = {k: v for k, v in params.items() if k != param}
-        j.seq += 1
-        j.pending.append(journal.encode_entry(
-            Entry(method, target, rest, None if error is None else error.name), j.seq))
-        self.pending.add(j)
+        noted = j.pending
+        if error is None:
+            outcome = None
+        elif error.name in ("EBADF", "ENOTTY"):
+            return  # the handle did not resolve: nothing was touched
+        else:
+            outcome = error.name
+        if not noted:
+            self.pending.append(j)
+        noted.append((method, params, outcome, conn.number))
+        j.handles[h] = conn.number
 
     def named(self, vm: Vm) -> None:
         """``vm`` just got its name (``kvm.create_vm`` or ``vm.set_name``): its file starts
@@ -136,7 +150,7 @@ class StateDir:
         j = self.journals.pop(vm, None)
         if j is None:
             return
-        self.pending.discard(j)
+        j.pending.clear()  # flush skips it
         os.close(j.fd)
         try:
             os.unlink(j.name, dir_fd=self.dir_fd)
@@ -149,14 +163,21 @@ class StateDir:
         """Write every buffered entry to its file (before any response leaves the daemon)."""
         if not self.pending:
             return
-        pending, self.pending = self.pending, set()
+        pending, self.pending = self.pending, []
         for j in pending:
-            data = b"".join(j.pending)
-            j.pending.clear()
+            if not j.pending:
+                continue  # its VM was destroyed or rewritten meanwhile
+            handles = [(c, h.number, _target(h)) for h, c in j.handles.items()]
+            j.handles.clear()
+            j.seq += 1
+            data = journal.encode_group(handles, j.pending, j.seq)
+            j.pending = []
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(j.fd, view):]
+                written = os.write(j.fd, data)
+                if written < len(data):  # a short write (a full disk, a signal): the rest
+                    view = memoryview(data)[written:]
+                    while view:
+                        view = view[os.write(j.fd, view):]
                 if self.fsync == "always":
                     os.fsync(j.fd)
                 else:
@@ -166,9 +187,10 @@ class StateDir:
                 # the next compaction rewrites the file whole if the disk comes back.
                 log.error("state dir %s: could not write %s: %s", self.path, j.name, exc)
             j.size += len(data)
-        for vm, j in list(self.journals.items()):
-            if j in pending and j.size - j.head > max(COMPACT_RATIO * j.head, COMPACT_MIN):
-                self._write_head(vm)
+        for j in pending:
+            if (j.size - j.head > max(COMPACT_RATIO * j.head, COMPACT_MIN)
+                    and self.journals.get(j.vm) is j):
+                self._write_head(j.vm)
 
     async def sync_every_second(self) -> None:
         """``--fsync everysec``: fsync what was written, once a second, off the event loop."""
@@ -214,9 +236,7 @@ class StateDir:
     def _write_head(self, vm: Vm) -> None:
         """(Re)write ``vm``'s file as a snapshot with an empty journal, atomically."""
         assert vm.name is not None
-        old = self.journals.pop(vm, None)
-        if old is not None:
-            self.pending.discard(old)
+        old = self.journals.pop(vm, None)  # (its noted requests are all written: see flush)
         name = file_name(vm.name)
         try:
             data = journal.encode_file(self._save(vm), lvz.__version__, self.plugins)
@@ -231,7 +251,7 @@ class StateDir:
             return
         if old is not None:
             os.close(old.fd)
-        self.journals[vm] = _Journal(name, fd, len(data), len(data))
+        self.journals[vm] = _Journal(vm, name, fd, len(data), len(data))
         log.info("state dir: VM %s written to %s (%d bytes)", vm.name, name, len(data))
 
     # ---------------------------------------------------------------- loading -----------------
@@ -301,7 +321,7 @@ class StateDir:
         else:
             fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=self.dir_fd)
-            self.journals[vm] = _Journal(name, fd, len(data), len(data))
+            self.journals[vm] = _Journal(vm, name, fd, len(data), len(data))
         if parsed.torn:
             log.warning("state dir %s: %s ended in a torn write (never acknowledged); "
                         "dropped", self.path, name)

@@ -1,0 +1,158 @@
+"""Durability and snapshot figures (issue 9): what ``--state-dir`` costs, how fast snapshots are.
+
+- ONE_REG and lookup on a named VM of a daemon with ``--state-dir`` (every change journaled and
+  written before its answer), as a ratio to the same requests on a named VM of a daemon
+  without it; repetitions interleaved so both share the machine's noise. Target: ≥ 0.9.
+- ``lvz snapshot`` / ``lvz restore`` of 16,384 and 65,536 vCPUs (CPUIDs set), through the
+  protocol as the command does it (the blocking client, pipelined batches). Targets: ≤ 2 s and
+  ≤ 8 s each.
+- SIGTERM of a ``--state-dir`` daemon holding a 65,536-vCPU named VM: until the process is
+  gone. Target: ≤ 2 s.
+
+``python -m bench.durable`` runs this section alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from lvz.clients import Kvm
+from lvz.protocol import snapshot
+from lvz.testing.wire import Wire
+
+from . import procs
+from .report import Figure, Results, Target, table
+from .scenarios import CPUID, WINDOW, populate
+
+SIZES = (16_384, 65_536)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def _named_vcpu(path: Path) -> tuple[Wire, int, int]:
+    await populate(path, "bench-durable", 256, [0])
+    conn = await Wire.connect(path)
+    vm = (await conn.result("kvm.open_vm", {"name": "bench-durable"}))["vm"]
+    vcpu = (await conn.result("vm.open_vcpu", {"vm": vm, "vcpu_id": 0}))["vcpu"]
+    return conn, vm, vcpu
+
+
+async def measure_journal_cost(res: Results, reps: int, seconds: float) -> None:
+    """Interleaved: each figure on the plain daemon, then on the journaling one."""
+    cases = {"get": ("vcpu.get_one_reg CPUID", False),
+             "set": ("vcpu.set_one_reg CPUID (same value, journaled)", True),
+             "lookup": ("vm.phyid_lookup", False)}
+    with tempfile.TemporaryDirectory(prefix="lvzb") as tmp, procs.daemon() as plain, \
+            procs.daemon("--state-dir", str(Path(tmp) / "state")) as durable:
+        conns = {"plain": await _named_vcpu(plain.socket),
+                 "durable": await _named_vcpu(durable.socket)}
+        figs: dict[tuple[str, str, str], Figure] = {}
+        for which, (label, _) in cases.items():
+            for mode in ("seq", "pipe"):
+                text = "sequential" if mode == "seq" else f"pipelined x{WINDOW}"
+                base = res.add(Figure(f"durable.plain.{which}.{mode}",
+                                      f"named VM, no --state-dir: {label}, {text}", "req/s"))
+                figs[which, mode, "plain"] = base
+                figs[which, mode, "durable"] = res.add(Figure(
+                    f"durable.{which}.{mode}", f"named VM, --state-dir: {label}, {text}",
+                    "req/s", ref=base.key,
+                    target=Target("ratio_min", 0.9, "≥ 0.9x without (cost ≤ 10%)")))
+        for _ in range(reps):
+            for which in cases:
+                for mode in ("seq", "pipe"):
+                    for side in ("plain", "durable"):
+                        conn, vm, vcpu = conns[side]
+                        if which == "get":
+                            params = {"vcpu": vcpu, "id": CPUID}
+                            req = ("vcpu.get_one_reg", params)
+                        elif which == "set":
+                            req = ("vcpu.set_one_reg", {"vcpu": vcpu, "id": CPUID, "value": 0})
+                        else:
+                            req = ("vm.phyid_lookup", {"vm": vm, "phyid": 0})
+                        make = (lambda r: lambda i: r)(req)
+                        if mode == "seq":
+                            run = await conn.sequential(make, seconds, 2_000_000)
+                        else:
+                            run = await conn.pipelined(make, WINDOW, seconds, 2_000_000)
+                        figs[which, mode, side].samples.append(run.rate)
+        for conn, _, _ in conns.values():
+            await conn.aclose()
+    _say("durability: journal cost done")
+
+
+def _snapshot_round(path: Path, n: int) -> tuple[float, float]:
+    """Save and restore the named VM "big" (n vCPUs) as ``lvz snapshot`` / ``lvz restore``."""
+    with Kvm.connect(path) as kvm:
+        vm = kvm.open_vm("big")
+        t0 = time.perf_counter()
+        saved = snapshot.drive(snapshot.save_vm(vm.handle), kvm.call_batch)
+        data = snapshot.encode(saved)
+        t1 = time.perf_counter()
+        snapshot.drive(snapshot.restore_vm(snapshot.decode(data), "copy"), kvm.call_batch)
+        t2 = time.perf_counter()
+        assert len(saved["vcpus"]) == n
+        copy = kvm.open_vm("copy")
+        copy.destroy()
+    return t1 - t0, t2 - t1
+
+
+async def measure_snapshots(res: Results, reps: int, big_reps: int) -> None:
+    for n in SIZES:
+        limit = 2.0 if n == SIZES[0] else 8.0
+        save = res.add(Figure(f"snapshot.save.{n}", f"lvz snapshot, {n:,} vCPUs with CPUIDs",
+                              "s", target=Target("max", limit, f"≤ {limit:g} s")))
+        restore = res.add(Figure(f"snapshot.restore.{n}", f"lvz restore, {n:,} vCPUs", "s",
+                                 target=Target("max", limit, f"≤ {limit:g} s")))
+        with procs.daemon() as proc:
+            await populate(proc.socket, "big", 65536, list(range(n)))
+            for _ in range(reps if n == SIZES[0] else big_reps):
+                s, r = await trio.to_thread.run_sync(_snapshot_round, proc.socket, n)
+                save.samples.append(s)
+                restore.samples.append(r)
+        _say(f"snapshots of {n:,} vCPUs: done")
+
+
+async def measure_shutdown(res: Results, reps: int) -> None:
+    """``reps`` daemons, each holding a 65,536-vCPU named VM, stopped with SIGTERM."""
+    n = SIZES[-1]
+    fig = res.add(Figure("shutdown.state.65536", f"SIGTERM with a {n:,}-vCPU named VM, "
+                         "--state-dir", "s", target=Target("max", 2.0, "≤ 2 s"),
+                         note="signal to process exit; the VM's file is already current"))
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory(prefix="lvzb") as tmp, \
+                procs.daemon("--state-dir", str(Path(tmp) / "state")) as proc:
+            await populate(proc.socket, "big", 65536, list(range(n)))
+            t0 = time.perf_counter()
+            proc.proc.send_signal(signal.SIGTERM)
+            await trio.to_thread.run_sync(proc.proc.wait)
+            fig.samples.append(time.perf_counter() - t0)
+            fig.ok_checks.append(proc.proc.returncode == 0)
+    _say("shutdown with a big named VM: done")
+
+
+async def measure_durable(res: Results, reps: int, seconds: float, quick: bool = False
+                          ) -> None:
+    """The whole section; 65,536-vCPU figures take 3 repetitions (1 with ``quick``)."""
+    big = 1 if quick else min(reps, 3)
+    await measure_journal_cost(res, reps, seconds)
+    await measure_snapshots(res, reps, big)
+    await measure_shutdown(res, big)
+
+
+def main() -> int:
+    res = Results()
+    trio.run(measure_durable, res, 5, 0.5)
+    print(table(res, "lvz durability and snapshots: medians of 5 (65,536 vCPUs: 3)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
