@@ -152,13 +152,31 @@ class _Claim:
         self.owner = owner
 
 
+def _overrides(device: Device, hook: str) -> bool:
+    """Does ``device`` do anything on ``hook``, or is it ``Device``'s empty default?"""
+    return getattr(getattr(device, hook), "__func__", None) is not getattr(Device, hook)
+
+
 class _DeviceRecord:
-    __slots__ = ("broken", "device", "plugin", "type_name")
+    """A device, the plugin it came from, and which vCPU/phyid hooks it implements.
+
+    A VM of 65,536 vCPUs calls every device's ``vcpu_created`` and ``phyid_set`` once per vCPU,
+    each under a ``PluginGuard``; most chips keep no per-vCPU state and inherit the empty
+    defaults, so those calls (and their guards) are skipped. A broken device still gets its
+    guard, which refuses the request exactly as before.
+    """
+
+    __slots__ = ("broken", "device", "on_phyid_dropped", "on_phyid_set", "on_vcpu_created",
+                 "on_vcpu_destroyed", "plugin", "type_name")
 
     def __init__(self, device: Device, type_name: str, plugin: str) -> None:
         self.device = device
         self.type_name = type_name
         self.plugin = plugin
+        self.on_vcpu_created = _overrides(device, "vcpu_created")
+        self.on_vcpu_destroyed = _overrides(device, "vcpu_destroyed")
+        self.on_phyid_set = _overrides(device, "phyid_set")
+        self.on_phyid_dropped = _overrides(device, "phyid_dropped")
         self.broken = ""  # why the device answers EIO until destroyed; "" while healthy
 
 
@@ -221,8 +239,9 @@ class Vm:
         self.vcpus[vcpu_id] = vcpu
         try:
             for rec in list(self.devices.values()):
-                with PluginGuard(rec.plugin, rec):
-                    rec.device.vcpu_created(vcpu_id)
+                if rec.on_vcpu_created or rec.broken:
+                    with PluginGuard(rec.plugin, rec):
+                        rec.device.vcpu_created(vcpu_id)
         except KvmError:
             # A chip refused the new vCPU: undo, so a retry does not meet EEXIST.
             del self.vcpus[vcpu_id]
@@ -242,6 +261,8 @@ class Vm:
         self.vcpus.pop(vcpu.vcpu_id, None)
         errors: list[KvmError] = []
         for rec in list(self.devices.values()):
+            if not (rec.on_vcpu_destroyed or rec.broken):
+                continue
             try:
                 with PluginGuard(rec.plugin, rec):
                     rec.device.vcpu_destroyed(vcpu.vcpu_id)
@@ -336,8 +357,9 @@ class Vm:
         vcpu.csrs[CSR_CPUID] = val
         self.phyids[val] = vcpu
         for rec in list(self.devices.values()):
-            with PluginGuard(rec.plugin, rec):
-                rec.device.phyid_set(vcpu.vcpu_id, val)
+            if rec.on_phyid_set or rec.broken:
+                with PluginGuard(rec.plugin, rec):
+                    rec.device.phyid_set(vcpu.vcpu_id, val)
 
     def cpuid_unchanged(self, vcpu: Vcpu, val: int) -> bool:
         """Would ``set_cpuid(vcpu, val)`` change nothing (the value it already holds)?
@@ -356,6 +378,8 @@ class Vm:
             return
         vcpu.csrs[CSR_CPUID] = self._max_phyid
         for rec in list(self.devices.values()):
+            if not (rec.on_phyid_dropped or rec.broken):
+                continue
             try:
                 with PluginGuard(rec.plugin, rec):
                     rec.device.phyid_dropped(vcpu.vcpu_id, cur)
