@@ -130,3 +130,9 @@ async def test_bytes_parameter_names_are_einval_not_a_crash(connect: Connect) ->
         assert r.error is not None and r.error.name == "EINVAL", r
         assert "parameter names are strings" in r.error.message
     assert (await raw.ok("vcpu.get_one_reg", vcpu=vcpu, id=abi.CPUID))["value"] == 256
+
+
+async def test_hello_says_which_build_answers(connect: Connect) -> None:
+    wire = await connect()
+    server = (await wire.result("hello", {"protocol": 1}))["server"]
+    assert server == f"lvz {lvz.__version__} ({'compiled' if lvz.compiled else 'pure Python'})"

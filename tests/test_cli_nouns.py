@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lvz import __version__
+from lvz import __version__, compiled
 from lvz.clients import Kvm, regs
 from lvz.clients.cli import main
 
@@ -54,7 +54,8 @@ def routed_vm(lvz_socket: Path, vm_name: str) -> Iterator[str]:
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
-    assert (code, out.strip()) == (0, f"lvz {__version__}")
+    build = "compiled" if compiled else "pure Python"  # README: which build runs
+    assert (code, out.strip()) == (0, f"lvz {__version__} ({build})")
 
 
 def test_vm_create_info_destroy(lvz_socket: Path, vm_name: str,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import lvz
 from lvz import __version__
 from lvz.protocol import abi, profiles, snapshot
 from lvz.protocol.abi import (
@@ -990,7 +991,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        print(f"lvz {__version__}")
+        print(f"lvz {__version__} ({'compiled' if lvz.compiled else 'pure Python'})")
         parser.exit()
 
 

@@ -47,6 +47,9 @@ Result = dict[str, Any]
 #: before the connection's next request), or ``Detached`` (answered out of order: an exit).
 MaybeLater = Result | Coroutine[Any, Any, Result] | Detached
 
+#: Which build answers (hello's "server"): "compiled" (mypyc) or "pure Python".
+_BUILD: Final = "compiled" if lvz.compiled else "pure Python"
+
 #: Map entries built between two yields of a big ``vm.phyid_map``.
 MAP_CHUNK = 4096
 
@@ -61,7 +64,7 @@ def hello(d: Daemon, conn: Connection, p: Params) -> Result:
     compat = resolve_profile(profile)
     # A kernel irqchip type the profile predates is not offered (KVM_CREATE_DEVICE: ENODEV).
     absent = set(NEWEST["kernel_device_types"]) - set(compat["kernel_device_types"])
-    return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__}",
+    return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__} ({_BUILD})",
             "api_version": C.KVM_API_VERSION, "methods": sorted(METHODS),
             "device_types": [t for t in d.device_type_names if t not in absent],
             "profile": profile, "profiles": list(PROFILES)}
