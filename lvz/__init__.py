@@ -43,6 +43,8 @@ COMPILED_MODULES: tuple[str, ...] = (
     "lvz.protocol.connection",
     "lvz.daemon.peer",
     "lvz.daemon.model",
+    "lvz.daemon.handlers",
+    "lvz.daemon.server",
 )
 
 _HERE = Path(__file__).resolve().parent

@@ -3,7 +3,7 @@
 All server-side awaiting lives here (with ``listener.py`` for the socket itself); the VM model
 (``model.py``), the method handlers (``handlers.py``) and the chips are synchronous code this
 module calls. One connection = one reader task (decode, dispatch, collect replies) plus one
-event pump; both write through ``Connection.flush`` under a StrictFIFOLock, so there is one
+event pump; both write through ``Connection.flush``, taking turns (``take_turn``), so there is one
 writer per stream at a time and bytes never interleave.
 
 Ordering: requests of a connection run in arrival order, one at a time. Almost every request
@@ -47,7 +47,7 @@ from lvz.protocol.errors import KvmError, ProtocolError, RemoteProtocolError
 from lvz.protocol.events import BadRequest, Malformed, Request
 from lvz.protocol.schema import HANDLE_PARAM, METHODS, validate
 
-from . import handlers, systemd
+from . import handlers, heap, systemd
 from .config import RESERVED_FDS, ServeConfig
 from .exits import Detached, Exits
 from .handlers import MaybeLater, Params, Result
@@ -101,6 +101,29 @@ def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+#: A connection whose tasks fail with these had its peer go away: info, not a bug of ours.
+PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+             OSError)
+
+
+def _connection_failed(number: int, group: BaseExceptionGroup[BaseException],
+                       ) -> BaseExceptionGroup[BaseException] | None:
+    """Log why a connection's tasks failed; return what must propagate (cancellation).
+
+    ``except* PEER_GONE`` then ``except* Exception``, spelled out with ``split`` because
+    mypyc (the compiled build) cannot compile ``except*``.
+    """
+    gone, rest = group.split(PEER_GONE)
+    if gone is not None:
+        log.info("connection %d: the peer went away (%s)", number, _first_reason(gone))
+    if rest is not None:
+        bugs, rest = rest.split(Exception)
+        if bugs is not None:
+            log.error("connection %d ended by an internal error", number,
+                      exc_info=bugs.exceptions[0])
+    return rest
 
 
 class Daemon:
@@ -185,9 +208,10 @@ class Daemon:
                      writes: Callable[[Params, VcpuHandle], bool]) -> Call:
         """A vCPU method that may set or drop a phyid: under the VM's map lock when it does.
 
-        The lock is taken without a scheduler pass when free (always, unless a teardown or a
-        durable write of the same VM is in progress); otherwise the request waits for it in a
-        coroutine, and resolves its handle again once it holds it: the vCPU may be gone.
+        When the lock is free (always, unless a teardown or a durable write of the same VM is
+        in progress) the synchronous handler runs at once: holding a lock across code that
+        never awaits excludes nobody. Otherwise the request waits for it in a coroutine, and
+        resolves its handle again once it holds it: the vCPU may be gone.
         """
         if HANDLE_PARAM[method] != ("vcpu", "vcpu"):
             raise RuntimeError(f"{method} is not a vCPU method")
@@ -204,14 +228,12 @@ class Daemon:
             if not writes(p, h):
                 return fn(self, conn, p, h)
             lock = self.map_locks[h.vm]
-            try:
-                lock.acquire_nowait()
-            except trio.WouldBlock:
+            if lock.locked():
                 return wait_for_lock(conn, p, lock)
-            try:
-                return fn(self, conn, p, h)
-            finally:
-                lock.release()
+            # Free: run now. The handler never awaits, so nothing can run while it does and
+            # taking the lock would change nothing anyone can see; it only cost time (a
+            # 65,536-vCPU VM sets 65,536 CPUIDs).
+            return fn(self, conn, p, h)
         return call
 
     # ---------------------------------------------------------------- connection loop ---------
@@ -247,13 +269,10 @@ class Daemon:
                     nursery.start_soon(conn.pump)
                     await self._read_loop(conn)
                     nursery.cancel_scope.cancel()
-            except* (trio.BrokenResourceError, trio.ClosedResourceError,
-                     trio.BusyResourceError, OSError) as group:
-                log.info("connection %d: the peer went away (%s)", conn.number,
-                         _first_reason(group))
-            except* Exception as group:
-                log.error("connection %d ended by an internal error",
-                          conn.number, exc_info=group.exceptions[0])
+            except BaseExceptionGroup as group:
+                rest = _connection_failed(conn.number, group)
+                if rest is not None:
+                    raise rest from None  # cancellation (shutdown) goes on up
         finally:
             conn.closed = True
             self.connections.discard(conn)
@@ -350,13 +369,16 @@ class Daemon:
         log.info("connection %d: protocol error: %s %s", conn.number, error.name, error.message)
         conn.proto.discard_input()
         assert conn.stream is not None
-        async with conn.send_lock:
+        await conn.take_turn()
+        try:
             if self.state is not None:  # the buffered answers' changes go first
                 self.state.flush()
             conn.put(conn.proto.send_protocol_error(error))
             data = b"".join(conn.out)
             conn.out.clear()
             await goodbye(conn.stream, data)
+        finally:
+            conn.end_turn()
 
     def _dispatch(self, conn: Connection, req: Request) -> Coroutine[Any, Any, None] | None:
         """Answer one request; a coroutine to await when its handler has to wait.
@@ -586,7 +608,7 @@ class Daemon:
             return
         for _ in steps:
             pass  # small (or no event loop yet): at once, nothing can be waiting on the lock
-        self.map_locks.pop(vm, None)
+        self._torn_down(vm)
 
     def _kill_vm(self, vm: Vm) -> Iterator[int]:
         """Make the VM dead to everyone now; returns its teardown steps (``Vm.begin_destroy``)."""
@@ -619,7 +641,13 @@ class Daemon:
             async with lock:
                 for _ in steps:
                     await trio.lowlevel.checkpoint()
+        self._torn_down(vm)
+
+    def _torn_down(self, vm: Vm) -> None:
         self.map_locks.pop(vm, None)
+        # A VM and its chips' view of it are reference cycles: if the collector froze them
+        # (heap.py), thaw, so that the next full collection frees them.
+        heap.thaw()
 
     def end_wait(self, vcpu: Vcpu, why: str, errno_name: str = "EBADF") -> None:
         wait = self.running.get(vcpu)
@@ -870,6 +898,7 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
     if config.exit_with_parent:
         exit_with_parent()
     _return_large_buffers()
+    heap.install()  # the collector walks each long-lived object about once (heap.py)
     try:
         host = load_plugins()
     except PluginLoadError as exc:

@@ -126,17 +126,19 @@ class _Decoder:
             unpacker = self._unpacker
             if unpacker is not None:
                 try:
-                    obj = next(unpacker)
-                    # tell() also moves inside a partial message: only trust it after a whole one.
-                    self._start = self._base + unpacker.tell()
-                    return obj
-                except StopIteration:
-                    if self._fed == self._start:
-                        self._unpacker = None  # nothing unfinished (see the class docstring)
-                        self.capacity = 0
+                    # With a default, "need more data" is a return value, not a StopIteration
+                    # raised and caught once per batch (per request, when sequential).
+                    obj = next(unpacker, NEED_DATA)
                 except Exception as exc:  # msgpack raises several types; all mean "not msgpack"
                     self._error = RemoteProtocolError("EPROTO", f"undecodable message: {exc}")
                     raise self._error from None
+                if obj is not NEED_DATA:
+                    # tell() also moves inside a partial message: only trust it after a whole one.
+                    self._start = self._base + unpacker.tell()
+                    return obj
+                if self._fed == self._start:
+                    self._unpacker = None  # nothing unfinished (see the class docstring)
+                    self.capacity = 0
             buffered = self._fed - self._start
             space = self.max_message - buffered
             if not self._pending:
