@@ -40,8 +40,10 @@ class BuildThenStamp(build_ext):
 
     def run(self) -> None:
         stamp = ROOT / "lvz" / "_build.py"
-        if self.inplace:
+        if self.inplace:  # nothing of an older build may survive this one, nor count as it
             stamp.unlink(missing_ok=True)
+            for old in (ROOT / "lvz").rglob("*.so"):
+                old.unlink()
         super().run()
         lvz = _lvz_root_module()
         target = stamp if self.inplace else Path(self.build_lib) / "lvz" / "_build.py"

@@ -69,6 +69,17 @@ def _has_extension(module: str, package_dir: Path) -> bool:
                for s in importlib.machinery.EXTENSION_SUFFIXES)
 
 
+def _extension_modules(package_dir: Path) -> list[str]:
+    """Every ``lvz.*`` module with an extension file, except mypyc's runtime library."""
+    found = []
+    for path in package_dir.rglob("*.so"):
+        module = path.name.split(".", 1)[0]
+        if not module.endswith("__mypyc"):
+            parts = path.relative_to(package_dir).parent.parts
+            found.append(".".join(("lvz", *parts, module)))
+    return found
+
+
 def _built_digest(package_dir: Path) -> str | None:
     """The digest ``_build.py`` recorded (read as text: it is data, not code to run)."""
     try:
@@ -89,6 +100,9 @@ def build_state(package_dir: Path = _HERE) -> tuple[str, str]:
     if len(present) < len(COMPILED_MODULES):
         missing = sorted(set(COMPILED_MODULES) - set(present))
         return "stale", f"compiled modules missing for {', '.join(missing)}"
+    extra = sorted(set(_extension_modules(package_dir)) - set(COMPILED_MODULES))
+    if extra:  # left by a build of a longer list: it would load, without its runtime
+        return "stale", f"{', '.join(extra)} compiled but not part of this build"
     built = _built_digest(package_dir)
     if built is None:
         return "stale", "lvz/_build.py is missing (an interrupted or older build)"
@@ -98,13 +112,17 @@ def build_state(package_dir: Path = _HERE) -> tuple[str, str]:
 
 
 class _SourcesFirst:
-    """Meta path finder that imports COMPILED_MODULES from their ``.py``, ignoring any ``.so``."""
+    """Meta path finder that imports ``lvz.*`` modules from their ``.py``, ignoring any ``.so``
+    (also one an older build left for a module no longer on the list)."""
 
     def find_spec(self, name: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
-        if name not in COMPILED_MODULES:
+        if not name.startswith("lvz."):
             return None
-        return importlib.util.spec_from_file_location(name, source_path(name))
+        source = source_path(name)
+        if not source.is_file():
+            return None  # a package (its __init__.py) or not ours: the usual finders
+        return importlib.util.spec_from_file_location(name, source)
 
 
 def _choose() -> tuple[bool, str]:

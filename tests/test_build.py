@@ -69,7 +69,8 @@ def test_a_complete_matching_build_is_used(fake_package: Path) -> None:
     assert lvz.build_state(fake_package) == ("fresh", "compiled with mypyc")
 
 
-@pytest.mark.parametrize("spoil", ["edit a source", "one module missing", "no stamp"])
+@pytest.mark.parametrize("spoil", ["edit a source", "one module missing", "no stamp",
+                                   "a module no longer on the list"])
 def test_a_build_that_does_not_match_the_sources_is_stale(fake_package: Path,
                                                           spoil: str) -> None:
     plant_build(fake_package, skip="lvz.daemon.model" if spoil == "one module missing" else "")
@@ -78,6 +79,8 @@ def test_a_build_that_does_not_match_the_sources_is_stale(fake_package: Path,
             f.write("\n# edited after the build\n")
     elif spoil == "no stamp":
         (fake_package / "_build.py").unlink()
+    elif spoil == "a module no longer on the list":
+        (fake_package / "daemon" / f"listener{SUFFIX}").write_bytes(b"")
     state, why = lvz.build_state(fake_package)
     assert state == "stale", why
 
