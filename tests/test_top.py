@@ -225,6 +225,47 @@ async def test_plugin_counters_are_described_and_checked(
     assert len((await raw.ok("kvm.stats"))["vms"]) == 1
 
 
+class Hung(Counter):
+    """A chip whose attrs hang, so the first get_attr breaks the device for good."""
+
+    def get_attr(self, group: int, attr: int) -> int:
+        time.sleep(1)
+        return 0
+
+
+class HungPlugin:
+    @hookimpl
+    def lvz_device_types(self) -> list[DeviceType]:
+        return [DeviceType("hung", 97, Hung, (Stat("hits", "cumulative"),))]
+
+
+async def test_once_shows_a_broken_device_instead_of_crashing(
+        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    """vm.stats answers nil for a broken device (protocol-additions): the drill-down says so.
+
+    It used to end in a TypeError traceback, exit 1, on the one screen an operator opens to
+    see what is wrong with that VM.
+    """
+    cfg = ServeConfig(socket=sock_dir / "b.sock", plugin_timeout=0.05)
+    await nursery.start(serve, cfg, load_plugins(allow=["loongarch-ipi"],
+                                                 extra=[("hung-chip", HungPlugin())]))
+    raw = await connect(cfg.socket)
+    vm = (await raw.ok("kvm.create_vm", name="broken-chip"))["vm"]
+    await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0)
+    await raw.ok("vm.create_device", vm=vm, type="loongarch-ipi")
+    hung = (await raw.ok("vm.create_device", vm=vm, type="hung"))["device"]
+    assert await raw.err("device.get_attr", device=hung, group=0, attr=0) == "ETIMEDOUT"
+    assert (await raw.ok("vm.stats", vm=vm))["devices"]["hung"] is None
+    r = await trio.run_process(
+        [sys.executable, "-m", "lvz.clients.cli", "top", "--once", "--interval", "0",
+         "--vm", "broken-chip", "--socket", str(cfg.socket)],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "hung: broken" in out and "loongarch-ipi: sends 0" in out, out
+
+
 def test_a_stat_is_checked_when_declared() -> None:
     for bad in ({"name": "Hits", "kind": "cumulative"}, {"name": "hits", "kind": "total"},
                 {"name": "hits", "kind": "instant", "unit": "furlongs"},

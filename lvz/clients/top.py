@@ -82,7 +82,7 @@ class Detail:
     name: str | None
     values: dict[str, Any]
     vcpus: list[tuple[int, dict[str, Any]]]
-    devices: dict[str, dict[str, Any]]
+    devices: dict[str, dict[str, Any] | None]  # None: the daemon says the device is broken
 
 
 @dataclass
@@ -123,12 +123,14 @@ class Source:
             s.detail = Detail(v["id"], v["name"], sc.decode("vm", v["values"]),
                               [(c["vcpu_id"], sc.decode("vcpu", c["values"]))
                                for c in v["vcpus"]],
-                              {t: sc.decode("device", vals, t)
+                              {t: None if vals is None else sc.decode("device", vals, t)
                                for t, vals in v["devices"].items()})
             for vcpu_id, values in s.detail.vcpus:
                 self._flatten(s.flat, ("vcpu", v["id"], vcpu_id), sc.descs("vcpu"), values)
-            for t, values in s.detail.devices.items():
-                self._flatten(s.flat, ("dev", v["id"], t), sc.descs("device", t), values)
+            for t, dev_values in s.detail.devices.items():
+                if dev_values is None:
+                    continue
+                self._flatten(s.flat, ("dev", v["id"], t), sc.descs("device", t), dev_values)
         return s
 
     @staticmethod
@@ -343,8 +345,12 @@ class View:
                  f"{v.get('subscribers', 0)} subscribers")
         body = [_row_text(VCPU_COLUMNS, r)
                 for r in self.vcpu_rows(prev, cur, schema, detail)]
-        for t, values in sorted(detail.devices.items()):
-            body += ["", *self._device_lines(prev, cur, schema, detail.id, t, values)]
+        for t, dev_values in sorted(detail.devices.items()):
+            if dev_values is None:  # a plugin call failed for good (--plugin-timeout)
+                body += ["", f"{t}: broken (a call into its plugin timed out; its requests "
+                             "answer EIO until the VM is destroyed)"]
+                continue
+            body += ["", *self._device_lines(prev, cur, schema, detail.id, t, dev_values)]
         return [title, _header_text(VCPU_COLUMNS, self.vcpu_sort, self.vcpu_reverse)], body, None
 
     def _device_lines(self, prev: Sample | None, cur: Sample, schema: Schema, vm_id: int,
