@@ -148,3 +148,34 @@ def test_bad_activation_is_refused_with_a_reason(tmp: Path, listen_fds: str, why
     err = raw.decode(errors="replace")
     assert proc.returncode == 125, err
     assert why in err
+
+
+def test_a_starter_that_stops_listening_is_warned_about_once(tmp: Path) -> None:
+    """lvz's spawner (the pytest fixture, lvz demo) closes its NOTIFY_SOCKET after READY=1.
+
+    The daemon then said "could not notify … Connection refused" at every STATUS= (every 5 s,
+    or every watchdog ping): in every failing test's daemon log section, for ever. Now the
+    first failure is logged, the repeats are not, and notifications resume when someone
+    listens again.
+    """
+    path = tmp / "lvz.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(16)
+    proc, notify = start(tmp, watchdog="40000", passed=listening)  # a ping every 20 ms
+    listening.close()
+    try:
+        messages(notify, "READY=1")
+        notify.close()
+        os.unlink(tmp / "notify")
+        time.sleep(0.5)  # not a measurement: lets some 25 pings fail
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp / "notify"))
+        messages(notify, "WATCHDOG=1")  # it kept trying, and gets through again
+        with Kvm.connect(path) as kvm:
+            assert kvm.list_vms() == []
+    finally:
+        code, err = stop(proc)
+        notify.close()
+    assert code == 0, err
+    assert err.count("could not notify") == 1, err

@@ -65,19 +65,36 @@ def activated_listener() -> trio.SocketListener | None:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
+#: NOTIFY_SOCKETs whose last message failed: logged once, not at every STATUS= or ping.
+_unheard: set[str] = set()
+
+
 def notify(message: str) -> bool:
-    """Send one sd_notify message; False (and a log line) when there is nobody to tell."""
+    """Send one sd_notify message; False when there is nobody to tell.
+
+    The first failure is logged, the repeats are not until a message gets through again: a
+    starter that only waits for READY=1 (lvz's own spawner, the pytest fixture, many
+    supervisors) closes its socket, and a warning every STATUS= interval would fill the log.
+    The send never blocks: a supervisor that stops reading must not stop the event loop.
+    """
     target = os.environ.get("NOTIFY_SOCKET")
     if not target:
         return False
     addr = "\0" + target[1:] if target.startswith("@") else target
     with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
         try:
             s.connect(addr)
-            s.sendall(message.encode())
+            s.send(message.encode())
         except OSError as exc:
-            log.warning("could not notify %s: %s", target, exc)
+            if target not in _unheard:
+                _unheard.add(target)
+                log.warning("could not notify %s: %s (not logged again until a notification "
+                            "gets through)", target, exc)
             return False
+    if target in _unheard:
+        _unheard.discard(target)
+        log.info("notifying %s works again", target)
     return True
 
 
