@@ -5,8 +5,17 @@
 entry-point group exactly like third-party ones.
 """
 
-from .api import Device, DeviceType, IoHandler, RouteTrace, TracingVm, VmApi, explaining_copy
+from .api import (
+    Device,
+    DeviceType,
+    IoHandler,
+    RouteTrace,
+    Stat,
+    TracingVm,
+    VmApi,
+    explaining_copy,
+)
 from .hookspecs import hookimpl
 
-__all__ = ["Device", "DeviceType", "IoHandler", "RouteTrace", "TracingVm", "VmApi",
+__all__ = ["Device", "DeviceType", "IoHandler", "RouteTrace", "Stat", "TracingVm", "VmApi",
            "explaining_copy", "hookimpl"]
