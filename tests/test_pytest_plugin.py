@@ -55,6 +55,28 @@ def test_the_documented_example_is_that_file_and_passes(pytester: pytest.Pyteste
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+def test_the_documented_why_assertion_shows_the_chain(pytester: pytest.Pytester) -> None:
+    """testing.md's explain_route snippet, in its example with HAS_VIRT_EXTENSION left out
+    (the mistake the docs describe): the failure names the register that redirected the pin.
+
+    The snippet used to pass the RouteExplanation itself as the message, which pytest prints
+    as a repr cut to one line, ending in '...' before any hop a user needs.
+    """
+    example = (DOCS / "examples" / "test_routing.py").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "testing.md").read_text(), re.S)
+    snippet = next(b for b in blocks if "explain_route(PIN)" in b and "def test" not in b)
+    broken = example.replace("abi.EIOINTC_HAS_VIRT_EXTENSION\n                 | ", "")
+    assert broken != example
+    body, last = broken.rstrip().rsplit("\n", 1)
+    assert "assert raised" in last
+    pytester.makepyfile(test_why=f"{body}\n{snippet}{last}\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: PCH-PIC pin 5:*",
+                                 "*eiointc coremap*COREMAP byte of irq 5 is 0x2a*",
+                                 "*=> redirected: config_ignored*"])
+
+
 def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
     readme = (DOCS.parent / "README.md").read_text()
     block = readme.split("## Testing with lvz", 1)[1]
