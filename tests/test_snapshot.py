@@ -375,6 +375,10 @@ async def test_cli_errors_name_the_path_and_leave_no_temporary(
     assert f"EINVAL: {bad}: not a usable lvz snapshot" in capsys.readouterr().err
     assert await trio.to_thread.run_sync(cli, "restore", str(good)) == 1  # "orig" exists
     assert f"EEXIST: {good}: not restored" in capsys.readouterr().err
+    # An unreadable input file is a usage error (exit 2), as --help and lvz replay say.
+    missing = sock_dir / "missing.lvz"
+    assert await trio.to_thread.run_sync(cli, "restore", str(missing), "--name", "x") == 2
+    assert f"cannot read {missing}: ENOENT: " in capsys.readouterr().err
     assert await vm_names(raw) == ["orig"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -330,11 +331,19 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _oserror(exc: OSError) -> str:
+    """'ENOENT: No such file or directory': the errno's name, then what it means."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{name}: {text}" if name else text
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     try:
         data = Path(args.file).read_bytes()
     except OSError as exc:
-        raise Fatal(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        # An input file that cannot be read is a usage error (exit 2), as for lvz replay.
+        raise Usage(f"cannot read {args.file}: {_oserror(exc)}") from None
     saved = snapshot.decode(data, args.file)  # EINVAL (exit 1) before anything is created
     name = args.name if args.name is not None else saved["vm"]["name"]
     if name is None:
@@ -914,7 +923,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.filename is None or Path(exc.filename) != path:
             raise
-        raise Usage(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise Usage(f"cannot read {path}: {_oserror(exc)}") from None
     if report.header is not None:
         log.info("recorded by lvz %s: %s", report.header.lvz, " ".join(report.header.argv))
     if report.difference is None:
