@@ -127,6 +127,21 @@ def test_the_daemon_log_is_attached_to_a_failing_test(pytester: pytest.Pytester)
                                  "*INFO lvz.daemon: VM seen-in-the-log created*"])
 
 
+def test_the_log_names_an_unnamed_vm_by_its_id(pytester: pytest.Pytester) -> None:
+    """The ``vm`` fixture's VM is unnamed; its log line said "VM 0x7f3a… created" (a Python
+    object address), which nothing else shows. Now it is the id `lvz vms` lists."""
+    pytester.makepyfile('''
+        def test_fails(kvm, vm):
+            ids = [v["id"] for v in kvm.call("kvm.list_vms", {})["vms"]]
+            assert False, f"the VM ids are {ids}"
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    found = re.search(r"the VM ids are \[(\d+)\]", result.stdout.str())
+    assert found, result.stdout.str()
+    result.stdout.fnmatch_lines([f"*INFO lvz.daemon: VM {found[1]} created (unnamed, *"])
+
+
 def test_lvz_socket_uses_a_running_daemon(pytester: pytest.Pytester,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile('''

@@ -533,7 +533,11 @@ class Daemon:
         self.vm_by_id[self.last_vm_id] = vm
         if name is not None:
             self.named[name] = vm
-        log.info("VM %s created (max_phyid %d)", name or hex(id(vm)), max_phyid)
+        # Named by what `lvz vms` shows and `lvz vm info` takes: its name, else its id.
+        if name is None:
+            log.info("VM %d created (unnamed, max_phyid %d)", self.last_vm_id, max_phyid)
+        else:
+            log.info("VM %s created (id %d, max_phyid %d)", name, self.last_vm_id, max_phyid)
         return vm
 
     def check_handle_room(self, conn: Connection) -> None:
@@ -626,8 +630,12 @@ class Daemon:
             self.vms.remove(vm)
         self.subscribers.pop(vm, None)
         self.refs.pop(vm, None)
-        self.vm_by_id.pop(self.vm_ids.pop(vm, 0), None)
-        log.info("VM %s destroyed", vm.name or hex(id(vm)))
+        vm_id = self.vm_ids.pop(vm, 0)
+        self.vm_by_id.pop(vm_id, None)
+        if vm.name is None:
+            log.info("VM %d destroyed", vm_id)
+        else:
+            log.info("VM %s destroyed (id %d)", vm.name, vm_id)
         return steps
 
     async def _tear_down(self, vm: Vm, steps: Iterator[int]) -> None:
