@@ -198,3 +198,25 @@ def test_serve_record_to_an_unwritable_place_exits_125(tmp: Path) -> None:
     result = lvz("serve", "--socket", str(tmp / "s.sock"), "--record", str(tmp / "no" / "f"))
     assert result.returncode == 125
     assert f"cannot record to {tmp / 'no' / 'f'}" in result.stderr
+
+
+def test_a_recording_is_private_and_never_another_users_file(tmp: Path) -> None:
+    """A recording holds every byte every client sent: it was created 0644 (umask), and a
+    file another user had pre-created at the path was written into, for them to read."""
+    path = tmp / "session.lvzrec"
+    with private_daemon(extra=["--record", str(path)]) as sock, Kvm.connect(sock) as kvm:
+        kvm.create_vm(name="private")
+    assert path.stat().st_mode & 0o777 == 0o600
+    if os.getuid() != 0:
+        pytest.skip("needs root to plant a file owned by another uid")
+    planted = tmp / "planted.lvzrec"
+    planted.write_bytes(b"the other user's bytes")
+    os.chown(planted, 65534, 65534)
+    result = lvz("serve", "--socket", str(tmp / "s.sock"), "--record", str(planted))
+    assert result.returncode == 125
+    assert f"cannot record to {planted}: it belongs to uid 65534" in result.stderr
+    assert planted.read_bytes() == b"the other user's bytes"  # refused, not truncated
+    link = tmp / "link.lvzrec"
+    link.symlink_to(planted)
+    result = lvz("serve", "--socket", str(tmp / "s.sock"), "--record", str(link))
+    assert result.returncode == 125 and f"cannot record to {link}" in result.stderr

@@ -10,6 +10,7 @@ each record is flushed, so a daemon that is killed leaves everything up to its l
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,21 @@ class Recorder:
     @classmethod
     def open(cls, path: Path, plugins: list[tuple[str, str]],
              argv: list[str] | None = None) -> Recorder:
+        # Every byte of every client is as private as the 0600 socket they came through: a new
+        # recording is 0600, and one that another user owns (pre-created in /tmp, say, to
+        # read what we record) is refused rather than written into.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # truncated once ours
         try:
-            file = open(path, "wb")  # noqa: SIM115 (open for the daemon's life)
+            fd = os.open(path, flags, 0o600)
         except OSError as exc:
             raise RecordingFailed(f"cannot record to {path}: {exc.strerror or exc}") from None
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            raise RecordingFailed(f"cannot record to {path}: it belongs to uid {owner}, who "
+                                  "could read every byte recorded; choose a path of your own")
+        os.ftruncate(fd, 0)
+        file = os.fdopen(fd, "wb")
         return cls(file, plugins, list(sys.argv if argv is None else argv))
 
     def _write(self, data: bytes) -> None:
