@@ -52,6 +52,24 @@ def routed_vm(lvz_socket: Path, vm_name: str) -> Iterator[str]:
         vm.destroy()
 
 
+def test_socket_goes_before_the_command_too(capsys: pytest.CaptureFixture[str],
+                                            lvz_socket: Path, vm_name: str,
+                                            tmp_path: Path) -> None:
+    """`lvz --socket P vms`, as `git -C` / `docker -H`: it was "invalid choice: 'P'", exit 2."""
+    code, out, err = run(capsys, "--socket", str(lvz_socket), "vm", "create", vm_name)
+    assert code == 0 and f"created VM {vm_name}" in out, err
+    code, out, err = run(capsys, "--socket", str(lvz_socket), "vms")
+    assert code == 0 and vm_name in out, err
+    # Given twice, the one after the command wins, as for -v.
+    code, out, err = run(capsys, "--socket", str(tmp_path / "none.sock"), "vm", "destroy",
+                         vm_name, "--socket", str(lvz_socket))
+    assert code == 0, err
+    code, _, err = run(capsys, "--socket", str(tmp_path / "none.sock"), "vms")
+    assert code == 125 and "none.sock" in err
+    code, _, err = run(capsys, "--socket", "", "vms")
+    assert code == 2 and "empty path" in err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     build = "compiled" if compiled else "pure Python"  # README: which build runs

@@ -1007,7 +1007,8 @@ class _Version(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", metavar="PATH", type=_socket_path,
+    # SUPPRESS: a command's own default must not undo `lvz --socket P COMMAND` (as -v below).
+    common.add_argument("--socket", metavar="PATH", type=_socket_path, default=argparse.SUPPRESS,
                         help="daemon socket (default: $LVZ_SOCKET, else the per-user path)")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="show connections (-v) and every request (-vv) on stderr")
@@ -1019,6 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lvz", formatter_class=fmt, epilog=EPILOG,
         description="LoongArch KVM's vCPU identity (phyid map) and interrupt routing, emulated.")
     parser.add_argument("--version", action=_Version)
+    parser.add_argument("--socket", metavar="PATH", type=_socket_path, default=None,
+                        help="daemon socket, for any command (as after it)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show connections (-v) and every request (-vv) on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1039,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     base = [common]
     lists = [common, listing_]
 
-    serve = add("serve", "run the daemon in the foreground until SIGINT/SIGTERM", base,
+    serve = add("serve", "run the daemon in the foreground until SIGINT/SIGTERM/SIGHUP", base,
                 cmd_serve)
     serve.add_argument("--max-message", type=_positive_int, metavar="BYTES",
                        help="largest request accepted (default: 1 MiB)")
