@@ -54,6 +54,172 @@ def _reject_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack ext type {code} is not part of the lvz protocol")
 
 
+# ------------------------------------------------------------------ the header walker ---------
+
+#: msgpack's parse stack: a container nested deeper than this is an unpack error (EPROTO).
+MSGPACK_DEPTH: Final = 1024
+
+#: What an unfinished message may cost beyond its bytes, for ``held`` (the daemon's budget):
+#: each object msgpack built (an empty list is 56 bytes plus its slot) and each slot of an
+#: array it allocated from a header.
+OBJECT_COST: Final = 64
+SLOT_COST: Final = 8
+
+
+def _header_table() -> tuple[list[int], list[int], list[int]]:
+    """Per first byte: header size, how many bytes of it give a length (0, 1, 2 or 4) and
+    what that length counts: 0 a fixed-size scalar (size - header = payload), 1 payload
+    bytes, 2 array elements, 3 map entries; -1 marks 0xc1, never used."""
+    size = [1] * 256
+    width = [0] * 256
+    kind = [0] * 256
+    for b in range(0x80, 0x90):
+        kind[b] = 3
+    for b in range(0x90, 0xA0):
+        kind[b] = 2
+    for b in range(0xA0, 0xC0):
+        kind[b] = 1
+    kind[0xC1] = -1
+    for b, w, k, extra in ((0xC4, 1, 1, 0), (0xC5, 2, 1, 0), (0xC6, 4, 1, 0),  # bin
+                           (0xC7, 1, 1, 1), (0xC8, 2, 1, 1), (0xC9, 4, 1, 1),  # ext (+ type)
+                           (0xD9, 1, 1, 0), (0xDA, 2, 1, 0), (0xDB, 4, 1, 0),  # str
+                           (0xDC, 2, 2, 0), (0xDD, 4, 2, 0),  # array
+                           (0xDE, 2, 3, 0), (0xDF, 4, 3, 0)):  # map
+        size[b] = 1 + w + extra
+        width[b] = w
+        kind[b] = k
+    for b, n in ((0xCA, 5), (0xCB, 9), (0xCC, 2), (0xCD, 3), (0xCE, 5), (0xCF, 9),
+                 (0xD0, 2), (0xD1, 3), (0xD2, 5), (0xD3, 9),
+                 (0xD4, 3), (0xD5, 4), (0xD6, 6), (0xD7, 10), (0xD8, 18)):
+        size[b] = n  # a fixed-size scalar: kind 0, the rest skipped as payload
+    return size, width, kind
+
+
+_SIZE, _WIDTH, _KIND = _header_table()
+
+
+class _Walker:
+    """The structure of buffered bytes, walked header by header without building anything.
+
+    Why: msgpack's Unpacker allocates an array's whole list as soon as it reads the header,
+    so a few KiB of nested headers announcing 65,535 elements each made the daemon allocate
+    tens of MiB that no byte count (``--max-message``, ``--partial-budget``) saw. Every
+    element takes at least one byte, so the elements a message has announced but not yet
+    sent must fit in what is left of ``max_message``: the walker refuses one that cannot
+    (E2BIG) before the Unpacker sees its headers. That bounds what an unfinished message can
+    make msgpack allocate to O(max_message), and ``cost`` tells the daemon's budget about it.
+
+    Incremental: it keeps the open containers' remaining element counts, the payload bytes
+    still to skip and a header cut by a read, so a message trickled byte by byte is walked
+    once. ``_Decoder`` runs it only where the Unpacker could allocate on a message's word:
+    over bytes with an array16/32 header byte, or while a message is unfinished.
+    """
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self.stack: list[int] = []  # remaining elements of each open container
+        self.owed = 0  # sum of ``stack``: elements announced, not begun
+        self.skip = 0  # payload bytes still to come
+        self.partial = b""  # the start of a header a read cut in two
+        self.length = 0  # bytes of the current message walked so far; 0 between messages
+        self.objects = 0  # objects begun in the current message
+        self.slots = 0  # array slots announced in the current message
+        self.poisoned = False  # past bytes msgpack itself refuses: nothing more to walk
+        self.error: RemoteProtocolError | None = None
+        self.begin = 0  # offset in the last walked chunk where the current message began
+
+    @property
+    def idle(self) -> bool:
+        """Between messages: nothing announced is outstanding."""
+        return self.length == 0 and not self.partial
+
+    @property
+    def cost(self) -> int:
+        """What the unfinished message may have made msgpack allocate (an upper bound)."""
+        if self.length == 0:
+            return 0
+        return OBJECT_COST * self.objects + SLOT_COST * self.slots
+
+    def walk(self, data: bytes | memoryview) -> bool:
+        """Walk ``data``, the next bytes of the stream; False (with ``error`` and ``begin``
+        set) when a message in it cannot fit in ``max_message``."""
+        if self.poisoned:
+            return True
+        carried = len(self.partial)  # a cut header's bytes, counted when it is whole
+        if carried:
+            data = self.partial + bytes(data)
+            self.partial = b""
+        n = len(data)
+        i = 0
+        stack = self.stack
+        size_of = _SIZE
+        width_of = _WIDTH
+        kind_of = _KIND
+        limit = self.max_message
+        length = self.length
+        skip = self.skip
+        self.begin = 0
+        while i < n:
+            if skip:
+                take: int = min(skip, n - i)
+                skip -= take
+                i += take
+                length += take
+                if skip:
+                    break
+            else:
+                b: int = data[i]
+                size: int = size_of[b]
+                if i + size > n:
+                    self.partial = bytes(data[i:])
+                    break
+                kind: int = kind_of[b]
+                if kind < 0 or (kind >= 2 and len(stack) >= MSGPACK_DEPTH):
+                    self.poisoned = True  # msgpack refuses it right there (EPROTO)
+                    break
+                if length == 0:
+                    self.begin = max(0, i - carried)
+                    self.objects = 0
+                    self.slots = 0
+                if stack:
+                    stack[-1] -= 1
+                    self.owed -= 1
+                self.objects += 1
+                length += size
+                i += size
+                if kind != 0:  # a fixed-size scalar's bytes are all header: nothing to skip
+                    w: int = width_of[b]
+                    if w == 0:
+                        count: int = b & (0x1F if kind == 1 else 0x0F)
+                    else:
+                        at: int = i - size + 1
+                        count = int.from_bytes(data[at:at + w], "big")
+                    if kind == 1:
+                        skip = count
+                    elif count:
+                        if kind == 3:
+                            count *= 2  # a key and a value per entry
+                        else:
+                            self.slots += count
+                        stack.append(count)
+                        self.owed += count
+                if length + self.owed + skip > limit:
+                    self.error = RemoteProtocolError(
+                        "E2BIG", f"a message announces more than fits in the {limit}-byte "
+                        f"limit (--max-message): {length + self.owed + skip} bytes at least")
+                    self.length = length
+                    self.skip = skip
+                    return False
+            if not skip:
+                while stack and stack[-1] == 0:
+                    stack.pop()
+                if not stack:
+                    length = 0  # a whole message: the next byte begins another
+        self.length = length
+        self.skip = skip
+        return True
+
+
 class _Decoder:
     """Bounded streaming msgpack decoder shared by both roles.
 
@@ -66,7 +232,7 @@ class _Decoder:
     growth rule), which ``held`` reports for the daemon's budget.
     """
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, walk: bool = True) -> None:
         self.max_message = max_message
         self._unpacker: msgpack.Unpacker | None = None
         self._base = 0  # stream offset where the current Unpacker began
@@ -77,8 +243,51 @@ class _Decoder:
         self.capacity = 0  # >= the live Unpacker's buffer; 0 without one
         self._eof = False
         self._error: RemoteProtocolError | None = None
+        self._walker = _Walker(max_message) if walk else None
+        self._unwalked: list[tuple[int, bytes]] = []  # (stream offset, bytes) fed unwalked
+        self._refused: RemoteProtocolError | None = None  # raised once what precedes is out
 
     def _feed(self, data: bytes | memoryview) -> None:
+        """Walk ``data`` if the Unpacker could allocate on its word, then feed it.
+
+        The common case -- whole messages, no array16/32 header byte anywhere -- is not
+        walked: msgpack builds at most what the bytes hold. If such bytes end inside a
+        message, ``_catch_up`` walks that message before anything more is fed.
+        """
+        if self._refused is not None:
+            return  # a refused message: nothing of it or after it reaches the Unpacker
+        walker = self._walker
+        if walker is not None:
+            if (walker.idle and type(data) is bytes
+                    and b"\xdc" not in data and b"\xdd" not in data):
+                self._unwalked.append((self._fed, data))
+            else:
+                if self._unwalked and not self._catch_up():
+                    return
+                if not walker.walk(data):
+                    self._refused = walker.error
+                    data = data[:walker.begin]  # the whole messages before it still count
+                    if not data:
+                        return
+        self._push(data)
+
+    def _catch_up(self) -> bool:
+        """Walk what was fed unwalked, from the unfinished message on; False if refused."""
+        walker = self._walker
+        assert walker is not None
+        start = self._start
+        ok = True
+        for off, chunk in self._unwalked:
+            if off + len(chunk) <= start:
+                continue
+            if not walker.walk(chunk[start - off:] if start > off else chunk):
+                self._refused = walker.error
+                ok = False
+                break
+        self._unwalked.clear()
+        return ok
+
+    def _push(self, data: bytes | memoryview) -> None:
         unpacker = self._unpacker
         if unpacker is None:
             unpacker = self._unpacker = msgpack.Unpacker(
@@ -107,7 +316,9 @@ class _Decoder:
     @property
     def held(self) -> int:
         """Bytes held for unfinished input (an upper bound), for the daemon's budget."""
-        return self.capacity + self._pending_bytes
+        walker = self._walker
+        cost = walker.cost if walker is not None else 0
+        return self.capacity + self._pending_bytes + cost
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -139,6 +350,12 @@ class _Decoder:
                 if self._fed == self._start:
                     self._unpacker = None  # nothing unfinished (see the class docstring)
                     self.capacity = 0
+                    self._unwalked.clear()
+                elif self._unwalked:
+                    self._catch_up()  # a message cut by a read: walk it before more comes
+            if self._refused is not None:
+                self._error = self._refused
+                raise self._error
             buffered = self._fed - self._start
             space = self.max_message - buffered
             if not self._pending:
@@ -241,8 +458,10 @@ class ClientConnection:
     """The client's side: numbers requests, turns responses and notifications into events."""
 
     def __init__(self, max_message: int = 64 * DEFAULT_MAX_MESSAGE) -> None:
-        # Responses may legitimately be larger than requests (a 65,536-entry phyid map).
-        self._decoder = _Decoder(max_message)
+        # Responses may legitimately be larger than requests (a 65,536-entry phyid map). Not
+        # walked (see _Walker): the daemon is one's own (SO_PEERCRED) and big maps are its
+        # ordinary answers.
+        self._decoder = _Decoder(max_message, walk=False)
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._next_id = 0
 
