@@ -91,7 +91,7 @@ class GuestCall:
                 conn.put(conn.proto.send_error(self.msgid, result))
             else:
                 conn.put(conn.proto.send_result(self.msgid, result))
-            conn.wakeup.unpark_all()  # its pump writes it (the VMM's reader is not this one)
+            conn.wake()  # its pump writes it (the VMM's reader is not this one)
         self.done.set()
 
 

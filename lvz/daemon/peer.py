@@ -132,7 +132,7 @@ class Connection:
         #: acquire and release were a visible share of a sequential request's cost.
         self.writing = False
         self.writers = trio.lowlevel.ParkingLot()
-        self.wakeup = trio.lowlevel.ParkingLot()
+        self.wakeup: trio.lowlevel.ParkingLot | None = None  # made with the pump
         self.closed = False
         self.nursery: trio.Nursery | None = None
         #: ``Daemon.deaths`` when this connection last swept its handles of dead objects.
@@ -156,12 +156,12 @@ class Connection:
             return True
         if self.queued_events >= self.max_events:
             self.events_lost[vm_handle] = self.events_lost.get(vm_handle, 0) + 1
-            self.wakeup.unpark_all()
+            self.wake()
             return False
         self._report_lost()
         self.queued_events += 1
         self.put(data)
-        self.wakeup.unpark_all()
+        self.wake()
         return True
 
     def _report_lost(self) -> None:
@@ -207,9 +207,27 @@ class Connection:
         finally:
             self.end_turn()
 
+    def wake(self) -> None:
+        """Have what is queued written even if the reader is waiting for a request.
+
+        The pump task starts with the first such write (an event, a late answer): most
+        connections never need one, and a task per connection would cost every burst of
+        connects and closes a scheduler step and a cancellation each (fairness, issue 8).
+        """
+        if self.wakeup is not None:
+            self.wakeup.unpark_all()
+        elif self.nursery is not None and not self.closed:
+            self.wakeup = trio.lowlevel.ParkingLot()
+            try:
+                self.nursery.start_soon(self.pump)
+            except RuntimeError:  # the nursery is closing: so is the connection
+                pass
+
     async def pump(self) -> None:
         """Write events that arrive while the reader is idle (waiting for the next request)."""
+        wakeup = self.wakeup
+        assert wakeup is not None, "started by wake()"
         while True:
             while not self.out and not self.events_lost:
-                await self.wakeup.park()
+                await wakeup.park()
             await self.flush()

@@ -241,7 +241,8 @@ class _Decoder:
         self.capacity = 0  # >= the live Unpacker's buffer; 0 without one
         self._eof = False
         self._error: RemoteProtocolError | None = None
-        self._walker = _Walker(max_message) if walk else None
+        self._walks = walk
+        self._walker: _Walker | None = None  # made by the first walk: most connections need none
         self._unwalked: list[bytes] = []  # fed without a walk, from stream offset:
         self._unwalked_at = 0
         self._refused: RemoteProtocolError | None = None  # raised once what precedes is out
@@ -253,15 +254,15 @@ class _Decoder:
         walked: msgpack builds at most what the bytes hold. If such bytes end inside a
         message, ``_catch_up`` walks that message before anything more is fed.
         """
-        walker = self._walker
-        if walker is not None:
-            if (walker.idle and type(data) is bytes
+        if self._walks:
+            walker = self._walker
+            if ((walker is None or walker.idle) and type(data) is bytes
                     and 0xDC not in data and 0xDD not in data):  # memchr, ~10 ns each
                 if not self._unwalked:
                     self._unwalked_at = self._fed
                 self._unwalked.append(data)
             else:
-                walked = self._walk(walker, data)
+                walked = self._walk(data)
                 if walked is None:
                     return
                 data = walked
@@ -283,13 +284,16 @@ class _Decoder:
         unpacker.feed(data)
         self._fed += n
 
-    def _walk(self, walker: _Walker, data: bytes | memoryview) -> bytes | memoryview | None:
+    def _walk(self, data: bytes | memoryview) -> bytes | memoryview | None:
         """What of ``data`` may be fed: all of it, the whole messages before a refused one,
         or None (nothing: a message was refused)."""
         if self._refused is not None:
             return None  # nothing of a refused message or after it reaches the Unpacker
         if self._unwalked and not self._catch_up():
             return None
+        walker = self._walker
+        if walker is None:
+            walker = self._walker = _Walker(self.max_message)
         if walker.walk(data):
             return data
         self._refused = walker.error
@@ -298,7 +302,8 @@ class _Decoder:
     def _catch_up(self) -> bool:
         """Walk what was fed unwalked, from the unfinished message on; False if refused."""
         walker = self._walker
-        assert walker is not None
+        if walker is None:
+            walker = self._walker = _Walker(self.max_message)
         start = self._start
         at = self._unwalked_at
         ok = True
