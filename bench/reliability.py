@@ -9,6 +9,8 @@ The figures the README quotes, each measured on a fresh ``lvz serve`` with its d
 * slowloris: 1,000 connections each send all but the end of a ~1 MiB message, then trickle a
   byte a second; RSS at the peak and after, and how each connection was ended (the budget of
   partially received messages, ENOMEM, or the message timeout, ETIMEDOUT);
+* header bombs: 1,000 connections each send ~3 KB of nested array headers announcing 65,535
+  elements apiece: how they are refused and the daemon's RSS at the peak;
 * churn: 5,000 connections opened, each asking one thing, then all closed, 3 rounds; RSS after
   each round;
 * under each attack a probe client in a process of its own asks ``kvm.get_api_version`` every
@@ -269,6 +271,60 @@ def slowloris(path: Path, pid: int, n: int, budget: int) -> None:
     print(f"  {probe_text(r)}")
 
 
+def header_bombs(path: Path, pid: int, n: int) -> None:
+    """``n`` connections each send ~3 KB of nested array16 headers announcing 65,535 elements
+    apiece and stay open: unchecked, msgpack allocates each list at its header (tens of MiB a
+    connection); the decoder's header walker refuses them (E2BIG) first."""
+    bomb = b"\xdc\xff\xff" * 1000
+    r: dict[str, float] = {}
+    ended: collections.Counter[str] = collections.Counter()
+    before = rss_bytes(pid)
+    peak = 0
+
+    async def attacker() -> None:
+        stream = await trio.open_unix_socket(str(path))
+        unpacker = msgpack.Unpacker()
+        try:
+            await stream.send_all(bomb)
+            with trio.move_on_after(10):
+                while data := await stream.receive_some(65536):
+                    unpacker.feed(data)
+                    for msg in unpacker:
+                        if msg[0] == 2 and msg[1] == "protocol_error":
+                            ended[msg[2]["name"]] += 1
+                            await trio.sleep(1.0)  # held open, as an attacker would
+                            await stream.aclose()
+                            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            ended[f"broken ({exc.__cause__})"] += 1
+            return
+        ended["no answer"] += 1
+        await stream.aclose()
+
+    async def run() -> None:
+        nonlocal peak
+        limit = trio.CapacityLimiter(100)
+
+        async def one() -> None:
+            async with limit:
+                await attacker()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+            while len(nursery.child_tasks) > 0:
+                peak = max(peak, rss_bytes(pid))
+                await trio.sleep(0.05)
+
+    with probe(path, 6.0, r):
+        trio.run(run)
+    print(f"header bombs: {n:,} connections each sending {len(bomb):,} bytes of nested "
+          f"array16 headers: {', '.join(f'{k} {v}' for k, v in ended.most_common())}; daemon "
+          f"RSS {before / MiB:.1f} -> peak {peak / MiB:.1f} MiB "
+          f"(growth {(peak - before) / MiB:.1f} MiB)")
+    print(f"  {probe_text(r)}")
+
+
 def churn(path: Path, pid: int, n: int, rounds: int) -> None:
     r: dict[str, float] = {}
     sizes = [rss_bytes(pid)]
@@ -299,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.reliability")
     ap.add_argument("--quick", action="store_true", help="smaller counts")
     ap.add_argument("--only", nargs="*", default=(),
-                    help="slowsub, idle, slowloris, churn, shutdown (default: all)")
+                    help="slowsub, idle, slowloris, bombs, churn, shutdown (default: all)")
     ap.add_argument("--probe", nargs=2, metavar=("SOCKET", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
@@ -324,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     if wanted("slowloris"):
         with daemon() as proc:
             slowloris(proc.socket, proc.pid, 1000 // scale, budget)
+    if wanted("bombs"):
+        with daemon() as proc:
+            header_bombs(proc.socket, proc.pid, 1000 // scale)
     if wanted("churn"):
         with daemon() as proc:
             churn(proc.socket, proc.pid, 5000 // scale, 3)

@@ -8,8 +8,12 @@ share this core, and the tests drive it with plain byte strings.
 Framing is MessagePack-RPC with no length prefix. The decoder never holds more than
 ``max_message`` bytes of one unfinished message: pending input is fed to the Unpacker only as far
 as that bound allows, so a peer that streams an endless message is cut off at the limit instead of
-growing our buffer. After any unpack error other than "need more data" the Unpacker is unusable
-(msgpack's README), so the connection enters the ERROR state and only reports that error again.
+growing our buffer. msgpack allocates an array's list when it reads the header, so the bytes
+of a message cut by a read (or holding an array16/32 header) are first walked header by header
+(``_Walker``): a message announcing more elements than fit in ``max_message`` is refused (E2BIG)
+before the Unpacker sees it. After any unpack error other than "need more data" the Unpacker is
+unusable (msgpack's README), so the connection enters the ERROR state and only reports that
+error again.
 """
 
 from __future__ import annotations
