@@ -27,7 +27,6 @@ long teardowns yield between chunks.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import signal
@@ -916,9 +915,6 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         log.error("%s", exc)
         print(f"lvz serve: {exc}", flush=True, file=sys.stderr)
         return 125
-    # Everything imported and loaded so far lives as long as the process: out of the cyclic
-    # GC's sight, a full collection with thousands of connections open pauses less.
-    gc.freeze()
     try:
         trio.run(serve, config, host)
         for signum in SHUTDOWN_SIGNALS:  # served and saved: nothing late may kill the exit
