@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,3 +282,36 @@ def test_doorbell_state_survives_a_daemon_restart(
             assert vm.open_device("doorbell").get_attr(1, 0) == 41
             assert vm.phyid_map().entries == ((7, 0),)
         assert d.stop() == 0
+
+
+EXITING_PLUGIN = """
+import os, sys
+from lvz.plugins import hookimpl
+if os.environ.get("EXIT_AT") == "import":
+    sys.exit(0)
+
+@hookimpl
+def lvz_device_types():
+    raise SystemExit(0)
+"""
+
+
+@pytest.mark.parametrize("where", ["import", "hook"])
+def test_a_plugin_that_exits_while_loading_is_named(sock_dir: Path, where: str) -> None:
+    """sys.exit in a plugin's module or its lvz_device_types made `lvz serve` exit 0 without
+    a word: a supervisor saw a clean stop, the pytest fixture 'exited with status 0'."""
+    site = sock_dir / "site"
+    (site / "lvz_exiting-0.1.0.dist-info").mkdir(parents=True)
+    (site / "lvz_exiting.py").write_text(EXITING_PLUGIN)
+    (site / "lvz_exiting-0.1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lvz-exiting\nVersion: 0.1.0\n")
+    (site / "lvz_exiting-0.1.0.dist-info" / "entry_points.txt").write_text(
+        "[lvz.irqchips]\nexiting = lvz_exiting\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}", LVZ_PLUGINS="exiting",
+               EXIT_AT=where)
+    r = subprocess.run([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
+                        str(sock_dir / "x.sock")], capture_output=True, text=True, env=env,
+                       timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert r.returncode == 125, (r.returncode, r.stderr)
+    assert "plugin 'exiting'" in r.stderr and "SystemExit" in r.stderr, r.stderr

@@ -192,6 +192,12 @@ class LoadedPlugin:
     dist: str
 
 
+#: What a plugin may raise while it loads and still be named in a refusal to start. SystemExit
+#: (a module that calls sys.exit, a hook that raises it) used to end ``lvz serve`` with exit 0
+#: and not a word; KeyboardInterrupt stays out: at start-up it is the user's Ctrl-C.
+LOAD_FAILURES = (Exception, SystemExit, GeneratorExit)
+
+
 class PluginHost:
     """Owns the PluginManager; the VM model calls plugins only through this object."""
 
@@ -203,7 +209,7 @@ class PluginHost:
             try:
                 result: Any = impl.function()
                 types = list(result)
-            except Exception as exc:
+            except LOAD_FAILURES as exc:
                 raise PluginLoadError(
                     f"plugin {impl.plugin_name!r} failed in lvz_device_types: {exc!r}"
                 ) from exc
@@ -261,7 +267,7 @@ def load_plugins(
         seen.add(ep.name)
         try:
             plugin = ep.load()
-        except Exception as exc:
+        except LOAD_FAILURES as exc:
             raise PluginLoadError(
                 f"plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}"
             ) from exc
