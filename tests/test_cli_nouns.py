@@ -16,6 +16,7 @@ import pytest
 from lvz import __version__, compiled
 from lvz.clients import Kvm, regs
 from lvz.clients.cli import main
+from lvz.testing.spawn import spawn
 
 pytest_plugins = ["tests.daemon_fixtures"]
 
@@ -231,6 +232,19 @@ def test_a_bad_socket_path_is_named_with_what_is_wrong(
                 "regular file": "is a regular file, not a socket",
                 "missing": "no such file", "no directory": "does not exist"}[kind]
     assert str(path) in err and expected in err
+
+
+def test_the_socket_of_a_killed_daemon_is_named_stale(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """kill -9 leaves the socket file; clients said only "Connection refused"."""
+    with spawn() as daemon:
+        daemon.proc.kill()
+        daemon.proc.wait()
+        assert daemon.socket.exists()
+        code, _, err = run(capsys, "vms", "--socket", str(daemon.socket))
+    assert code == 125
+    assert f"{daemon.socket}: ECONNREFUSED: nothing listens on this socket" in err, err
+    assert "lvz serve` replaces the stale file" in err
 
 
 def test_empty_socket_and_unsendable_values_are_usage_errors(

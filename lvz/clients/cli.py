@@ -117,7 +117,7 @@ def listing(args: argparse.Namespace, headers: Sequence[str], keys: Sequence[str
 # --- connections --------------------------------------------------------------------------------
 
 
-def _diagnose(path: Path) -> str | None:
+def _diagnose(path: Path, failure: OSError | None = None) -> str | None:
     """What is wrong with the socket path itself, said plainly, or None if it looks right."""
     try:
         st = path.stat()
@@ -137,6 +137,9 @@ def _diagnose(path: Path) -> str | None:
         return f"{path} is a regular file, not a socket"
     if not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket"
+    if failure is not None and failure.errno == errno.ECONNREFUSED:
+        return f"{path}: ECONNREFUSED: nothing listens on this socket (its daemon is gone, " \
+               "killed perhaps; `lvz serve` replaces the stale file)"
     return None
 
 
@@ -164,7 +167,7 @@ def connect(args: argparse.Namespace) -> Kvm:
     try:
         kvm = Kvm.connect(path)
     except ConnectionError as exc:
-        raise Fatal(_diagnose(path) or str(exc)) from None
+        raise Fatal(_diagnose(path, exc) or str(exc)) from None
     log.info("connected to %s: %s, protocol %d", path, kvm.info.server, kvm.info.protocol)
     if log.isEnabledFor(logging.DEBUG):
         kvm.call = _Tracer(kvm.call)  # type: ignore[method-assign]

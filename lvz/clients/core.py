@@ -87,8 +87,10 @@ def begin_connect(where: str, timeout: float | None) -> tuple[socket.socket, boo
         return sock, True
     except OSError as exc:
         sock.close()
-        raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
-                                f"{exc.strerror or exc}") from None
+        failure = DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
+                                    f"{exc.strerror or exc}")
+        failure.errno = exc.errno  # the CLI tells a stale socket (ECONNREFUSED) apart
+        raise failure from None
     return sock, False
 
 
