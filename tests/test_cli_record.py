@@ -25,6 +25,7 @@ from lvz.protocol.recording import (
     encode_header,
     encode_record,
 )
+from lvz.testing.spawn import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,3 +221,20 @@ def test_a_recording_is_private_and_never_another_users_file(tmp: Path) -> None:
     link.symlink_to(planted)
     result = lvz("serve", "--socket", str(tmp / "s.sock"), "--record", str(link))
     assert result.returncode == 125 and f"cannot record to {link}" in result.stderr
+
+
+def test_replay_runs_with_the_recorded_plugins_not_the_installed_ones(tmp: Path) -> None:
+    """A bug report recorded where only some chips were loaded (a pytest session's lvz_plugins,
+    LVZ_PLUGINS) replayed against every installed chip, so it 'differed' at hello's
+    device_types before the first real request."""
+    path = tmp / "ipi-only.lvzrec"
+    with spawn("--record", str(path), plugins=["loongarch-ipi"]) as daemon, \
+            Kvm.connect(daemon.socket) as kvm:
+        vm = kvm.create_vm(name="ipi-only")
+        vm.create_vcpu(0).set_one_reg(regs.CPUID, 5)
+        vm.create_device("loongarch-ipi")
+    assert "loongarch-eiointc" in os.environ["LVZ_PLUGINS"]  # the replayer would load more
+    result = lvz("replay", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    generated = lvz("replay", str(path), "--pytest").stdout
+    assert "@pytest.mark.lvz_serve(plugins=['loongarch-ipi'])" in generated

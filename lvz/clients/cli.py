@@ -694,12 +694,13 @@ def _accepts(path: Path) -> bool:
 
 @contextlib.contextmanager
 def private_daemon(verbose: int = 0, timeout: float = 15.0,
-                   extra: Sequence[str] = ()) -> Iterator[Path]:
+                   extra: Sequence[str] = (),
+                   plugins: Sequence[str] | None = None) -> Iterator[Path]:
     """A daemon of our own (lvz.testing.spawn, as the test fixtures start theirs), stopped after."""
     from lvz.testing.spawn import SpawnError, spawn
 
     try:
-        daemon = spawn(*extra, verbose=verbose, timeout=timeout)
+        daemon = spawn(*extra, verbose=verbose, timeout=timeout, plugins=plugins)
     except SpawnError as exc:
         raise Fatal(str(exc)) from None
     with daemon:
@@ -910,7 +911,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from lvz.protocol.recording import RecordingError
 
-    from .replay import read_recording, replay, to_pytest
+    from .replay import read_header, read_recording, replay, to_pytest
 
     path = Path(args.file)
     try:
@@ -918,7 +919,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.pytest:
             print(to_pytest(path), end="")
             return EXIT_OK
-        with private_daemon(args.verbose) as sock:
+        # The recorded daemon's plugins exactly: a venv with one more chip installed would
+        # differ at the first answer (hello lists the device types).
+        plugins = [name for name, _ in read_header(path).plugins]
+        with private_daemon(args.verbose, plugins=plugins) as sock:
             log.info("replaying %s against a private daemon at %s", path, sock)
             report = replay(path, sock, timeout=args.timeout)
     except RecordingError as exc:

@@ -26,7 +26,7 @@ import msgpack
 
 from lvz.protocol.recording import Header, Record, RecordingError, RecordingReader
 
-__all__ = ["ReplayReport", "read_recording", "replay", "to_pytest"]
+__all__ = ["ReplayReport", "read_header", "read_recording", "replay", "to_pytest"]
 
 CHUNK = 1 << 16
 
@@ -46,6 +46,22 @@ def read_recording(path: Path) -> Iterator[tuple[Header, Record]]:
         reader.end()
     except RecordingError as exc:
         raise RecordingError(f"{path}: {exc}") from None
+
+
+def read_header(path: Path) -> Header:
+    """The recording's header alone (which plugins the recorded daemon had, say)."""
+    reader = RecordingReader()
+    try:
+        with open(path, "rb") as f:
+            while reader.header is None and (chunk := f.read(CHUNK)):
+                for _ in reader.feed(chunk):
+                    break
+            if reader.header is None:
+                reader.end()  # raises: the file ends before the header
+    except RecordingError as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    assert reader.header is not None
+    return reader.header
 
 
 def _unpacker() -> msgpack.Unpacker:
@@ -261,6 +277,9 @@ def to_pytest(path: Path) -> str:
         "from lvz.clients import IrqEvent, Kvm, KvmError, Vm",
         "",
         "",
+        # The recorded daemon's plugins, not whatever this venv has: hello lists device types.
+        *([f"@pytest.mark.lvz_serve(plugins={[n for n, _ in header.plugins]!r})"]
+          if header is not None else []),
         f"def test_replay_{name}(kvm: Kvm{', lvz_socket: Path' if extra else ''}) -> None:",
     ]
     if skipped:
