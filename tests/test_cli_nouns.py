@@ -234,6 +234,28 @@ def test_a_bad_socket_path_is_named_with_what_is_wrong(
     assert str(path) in err and expected in err
 
 
+def test_events_ends_when_its_vm_is_destroyed(lvz_socket: Path, vm_name: str) -> None:
+    """The protocol sends no "destroyed" event: `lvz events` on a destroyed VM waited for ever
+    (or until --timeout, then exit 0 as if all were well)."""
+    with Kvm.connect(lvz_socket) as kvm:
+        vm = kvm.create_vm(name=vm_name)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "lvz.clients.cli", "events", vm_name, "--socket",
+             str(lvz_socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        try:
+            assert watcher.stderr is not None
+            assert "watching VM" in watcher.stderr.readline()  # subscribed
+            vm.destroy()
+            _, err = watcher.communicate(timeout=30)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait()
+    assert watcher.returncode == 1, err
+    assert f"EBADF: VM {vm_name} was destroyed" in err
+
+
 def test_the_socket_of_a_killed_daemon_is_named_stale(
         capsys: pytest.CaptureFixture[str]) -> None:
     """kill -9 leaves the socket file; clients said only "Connection refused"."""

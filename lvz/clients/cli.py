@@ -634,6 +634,10 @@ def cmd_why(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Seconds without events after which ``lvz events`` checks that its VM still exists.
+DESTROY_CHECK: Final = 1.0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """Follow a VM's line changes until Ctrl-C, ``--count`` events or ``--timeout`` quiet."""
     with connect(args) as kvm:
@@ -644,10 +648,25 @@ def cmd_events(args: argparse.Namespace) -> int:
         if args.format == "table":
             print(f"{'SEQ':>8}  {'VCPU':>6}  {'LINE':<5}  LEVEL", flush=True)
         seen = 0
+        quiet_until = None if args.timeout is None else time.monotonic() + args.timeout
         while args.count is None or seen < args.count:
-            item = vm.next_event(args.timeout)
+            # The protocol has no "VM destroyed" event: look every DESTROY_CHECK quiet seconds,
+            # or a watch on a destroyed VM would wait for ever (or --timeout) and exit 0.
+            wait = DESTROY_CHECK if quiet_until is None else \
+                max(0.0, min(DESTROY_CHECK, quiet_until - time.monotonic()))
+            item = vm.next_event(wait)
             if item is None:
-                break
+                if quiet_until is not None and time.monotonic() >= quiet_until:
+                    break
+                try:
+                    vm.info()
+                except KvmError as err:
+                    if err.name != "EBADF":
+                        raise
+                    raise KvmError("EBADF", f"VM {args.vm} was destroyed") from None
+                continue
+            if quiet_until is not None:
+                quiet_until = time.monotonic() + args.timeout
             if isinstance(item, EventsLost):
                 row: dict[str, Any] = {"event": "events_lost", "count": item.count}
                 text = f"{'':>8}  ({item.count} events lost: the reader fell behind)"
