@@ -256,6 +256,30 @@ def test_events_ends_when_its_vm_is_destroyed(lvz_socket: Path, vm_name: str) ->
     assert f"EBADF: VM {vm_name} was destroyed" in err
 
 
+def test_names_from_other_clients_cannot_write_to_the_terminal(
+        capsys: pytest.CaptureFixture[str], lvz_socket: Path, vm_name: str) -> None:
+    """A VM name is any string another client chose: printed raw, a newline forged a row of
+    `lvz vms` and ESC sequences cleared the operator's screen (the daemon's log escaped them)."""
+    hostile = f"{vm_name}\nforged 99\x1b[2J\x07"
+    with Kvm.connect(lvz_socket) as kvm:
+        vm = kvm.create_vm(name=hostile)
+        try:
+            vid = next(r["id"] for r in kvm.call("kvm.list_vms", {})["vms"]
+                       if r["name"] == hostile)
+            shown = f"{vm_name}\\nforged 99\\x1b[2J\\x07"
+            for argv in (["vms"], ["vm", "info", str(vid)]):
+                code, out, err = run(capsys, *argv, "--socket", str(lvz_socket))
+                assert code == 0, err
+                assert shown in out and "\x1b" not in out and "\x07" not in out, out
+                assert not any(line.startswith("forged") for line in out.splitlines())
+            top = lvz("top", "--once", "--interval", "0", "--vm", str(vid), "--socket",
+                      str(lvz_socket))
+            assert top.returncode == 0, top.stderr
+            assert shown in top.stdout and "\x1b[2J" not in top.stdout
+        finally:
+            vm.destroy()
+
+
 def test_the_socket_of_a_killed_daemon_is_named_stale(
         capsys: pytest.CaptureFixture[str]) -> None:
     """kill -9 leaves the socket file; clients said only "Connection refused"."""

@@ -39,6 +39,7 @@ from lvz.protocol.abi import (
 from lvz.protocol.endpoint import resolve_socket_path
 from lvz.protocol.errors import KvmError
 
+from .core import printable
 from .sync import EventsLost, IrqEvent, Kvm, PhyidMap, Vcpu, Vm
 
 EXIT_OK: Final = 0
@@ -79,7 +80,8 @@ class Usage(Exception):
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO,
           indent: str = "") -> None:
     """Columns padded to fit; numbers right-aligned so digits line up."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [["-" if c is None else printable(str(c)) for c in r]
+                                           for r in rows]
     numeric = [all(isinstance(r[i], int) or r[i] is None for r in rows) and bool(rows)
                for i in range(len(headers))]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -440,7 +442,7 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         if isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
-        print(f"{key:<{width}}  {'-' if value is None else value}")
+        print(f"{key:<{width}}  {'-' if value is None else printable(str(value))}")
     return EXIT_OK
 
 

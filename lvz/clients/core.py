@@ -374,6 +374,19 @@ def describe_source(source: dict[str, Any]) -> str:
     return f"EIOINTC irq {arg}"
 
 
+# --- text from the daemon, for a terminal ----------------------------------------------------
+# VM and plugin names come from other clients. The daemon escapes them in its log; a table on
+# an operator's terminal must too, or a name holding a newline forges a row and one holding
+# ESC sequences clears the screen or retitles the window.
+_CONTROLS: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as a backslash escape."""
+    return text.translate(_CONTROLS)
+
+
 # --- result parsing -----------------------------------------------------------------------------
 # The daemon is trusted to follow PROTOCOL.md, but a result of the wrong shape must surface as a
 # clear EPROTO rather than a KeyError deep inside a caller.

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Final
 from lvz.protocol import abi
 from lvz.protocol.errors import KvmError
 
+from .core import printable
+
 if TYPE_CHECKING:
     import curses
 
@@ -268,7 +270,7 @@ class View:
             if pattern is not None and not (pattern.search(name or "")
                                             or pattern.search(str(vid))):
                 continue
-            row: dict[str, Any] = {"id": vid, "name": name or "-"}
+            row: dict[str, Any] = {"id": vid, "name": printable(name) if name else "-"}
             for d in schema.descs("vm"):
                 if d.kind == "cumulative":
                     row[d.name] = self.total(cur, ("vm", vid, d.name))
@@ -339,7 +341,8 @@ class View:
         fill = v.get("phyids", 0) / max(1, v.get("max_phyid", 1)) * 100
         total_events = self.total(cur, ("vm", detail.id, "events"))
         lost = self.total(cur, ("vm", detail.id, "events_lost"))
-        title = (f"VM {detail.id} {detail.name or '(unnamed)'}: {v.get('vcpus', 0)} vCPUs, "
+        title = (f"VM {detail.id} {printable(detail.name or '(unnamed)')}: "
+                 f"{v.get('vcpus', 0)} vCPUs, "
                  f"phyid map {v.get('phyids', 0)}/{v.get('max_phyid', 0)} ({fill:.0f}% full), "
                  f"{v.get('pending', 0)} lines up, {total_events} events ({lost} lost), "
                  f"{v.get('subscribers', 0)} subscribers")
