@@ -8,6 +8,9 @@ started, and the VM it loads is compared with everything a client could observe 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 
 from lvz.clients import Kvm
-from lvz.protocol import abi, snapshot
+from lvz.protocol import KvmError, abi, snapshot
 
 from .daemon_fixtures import DaemonProcess, start_daemon
 
@@ -244,3 +247,56 @@ def test_every_fsync_policy_keeps_what_a_crash_would_lose(sock_dir: Path, policy
     finally:
         if crashy.daemon is not None:
             crashy.kill9()
+
+
+def test_lvz_serve_refuses_an_unsafe_state_dir_naming_it(sock_dir: Path) -> None:
+    state = sock_dir / "open"
+    state.mkdir()
+    state.chmod(0o777)
+    r = subprocess.run([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
+                        str(sock_dir / "s.sock"), "--state-dir", str(state)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 125
+    assert f"cannot use the state directory: {state} is group- or world-writable" in r.stderr
+
+
+def test_killing_lvz_restore_leaves_nothing_or_the_whole_vm(sock_dir: Path) -> None:
+    """SIGKILL of the command at whatever point: no half-built VM, ever."""
+    n = 4096
+    with start_daemon() as d:
+        with Kvm.connect(d.socket) as kvm:
+            h = kvm.call("kvm.create_vm", {"name": "src", "max_phyid": 4096})["vm"]
+            made = kvm.call_batch([("vm.create_vcpu", {"vm": h, "vcpu_id": v})
+                                   for v in range(n)])
+            kvm.call_batch([("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": abi.CPUID,
+                                                  "value": v})
+                            for v, r in enumerate(made) if not isinstance(r, KvmError)])
+        file = sock_dir / "src.lvz"
+        sock = ["--socket", str(d.socket)]
+        cli = [sys.executable, "-m", "lvz.clients.cli"]
+        subprocess.run([*cli, "snapshot", "src", str(file), *sock], check=True, timeout=60)
+        halfway = 0
+        for _ in range(3):
+            proc = subprocess.Popen([*cli, "restore", str(file), "--name", "copy", *sock],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with Kvm.connect(d.socket) as kvm:  # kill it once the daemon holds part of it
+                while proc.poll() is None:
+                    vms = kvm.call("kvm.list_vms", {})["vms"]
+                    if any(v["name"] is None and v["vcpus"] > 0 for v in vms):
+                        halfway += 1
+                        break
+            proc.kill()
+            proc.wait()
+            with Kvm.connect(d.socket) as kvm:
+                deadline = time.monotonic() + 5
+                while True:  # the daemon notices the closed connection, then drops the VM
+                    vms = {v["name"]: v for v in kvm.call("kvm.list_vms", {})["vms"]}
+                    if set(vms) <= {"src", "copy"} and None not in vms:
+                        break
+                    assert time.monotonic() < deadline, vms
+                    time.sleep(0.01)
+                if "copy" in vms:  # the restore had finished: whole
+                    assert vms["copy"]["vcpus"] == n and vms["copy"]["phyids"] == n
+                    kvm.call("vm.destroy", {"vm": kvm.call("kvm.open_vm",
+                                                           {"name": "copy"})["vm"]})
+        assert halfway  # at least one kill landed mid-restore

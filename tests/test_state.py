@@ -131,11 +131,13 @@ async def test_odd_entries_are_skipped_with_a_warning(
     (state / "vm-dir.lvzj").mkdir()
     os.mkfifo(state / "vm-fifo.lvzj")
     (state / "vm-link.lvzj").symlink_to(state / state_mod.file_name("ok"))
+    (state / "old.lvzvm").mkdir()  # lvz before the journal named its files so
+    os.mkfifo(state / "vm-x.1.failed")
     with caplog.at_level(logging.WARNING, logger="lvz.daemon"):
         async with running(state, sock_dir) as raw:
             assert await vm_names(raw) == ["ok"]
             await raw.ok("kvm.create_vm", name="new")
-    for odd in ("vm-dir.lvzj", "vm-fifo.lvzj", "vm-link.lvzj"):
+    for odd in ("vm-dir.lvzj", "vm-fifo.lvzj", "vm-link.lvzj", "old.lvzvm", "vm-x.1.failed"):
         assert f"skipping {odd}: not a regular file" in caplog.text
         assert odd in files(state)
 
@@ -152,7 +154,7 @@ async def test_a_planted_tmp_symlink_is_not_followed(sock_dir: Path) -> None:
     assert state_mod.file_name("v") in files(state)
 
 
-@pytest.mark.parametrize("unsafe", ["group-writable", "symlink", "a file"])
+@pytest.mark.parametrize("unsafe", ["group-writable", "symlink", "a file", "another user's"])
 async def test_an_unsafe_state_dir_is_refused(sock_dir: Path, unsafe: str) -> None:
     real = sock_dir / "real"
     real.mkdir(mode=0o700)
@@ -162,8 +164,13 @@ async def test_an_unsafe_state_dir_is_refused(sock_dir: Path, unsafe: str) -> No
         state.chmod(0o770)
     elif unsafe == "symlink":
         state.symlink_to(real)
-    else:
+    elif unsafe == "a file":
         state.write_text("")
+    else:
+        if os.getuid() != 0:
+            pytest.skip("needs root to give the directory to another user")
+        state.mkdir(mode=0o700)
+        os.chown(state, 65534, 65534)
     with pytest.raises(BaseExceptionGroup) as exc:
         async with running(state, sock_dir):
             pass
