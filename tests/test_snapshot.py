@@ -406,3 +406,17 @@ def test_the_progress_bar_shows_only_on_a_terminal_after_a_second(
     quiet(50, 100)
     quiet.close()
     assert pipe.getvalue() == ""
+
+
+def test_a_batch_of_requests_fits_a_socket_buffer() -> None:
+    """A blocking client writes a whole batch before it reads: the batch must fit the socket
+    buffer (Linux: ~208 KiB for AF_UNIX), or client and daemon wait on each other."""
+    import msgpack
+
+    big = abi.U64_MAX
+    widest = max(len(msgpack.packb([0, 0xFFFFFFFF, method, params])) for method, params in (
+        ("device.set_attr", {"device": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
+        ("vcpu.set_one_reg", {"vcpu": 0xFFFFFFFF, "id": big, "value": big}),
+        ("vcpu.set_attr", {"vcpu": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
+        ("vm.create_vcpu", {"vm": 0xFFFFFFFF, "vcpu_id": 0xFFFFFFFF})))
+    assert widest * snap.CHUNK < 160 * 1024

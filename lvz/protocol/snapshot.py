@@ -62,9 +62,11 @@ __all__ = ["CHUNK", "FORMAT", "VERSION", "Batch", "Progress", "Results", "adrive
 
 FORMAT = "lvz-snapshot"
 VERSION = 2
-#: Requests per batch: enough to keep the socket busy, few enough for a smooth progress bar
-#: and a bounded table of pending requests in the client.
-CHUNK = 8192
+#: Requests per batch: enough to keep the socket busy, and few enough that a batch's requests
+#: (under ~100 bytes each) fit in a Unix socket's buffer (~200 KiB): a client that sends a
+#: whole batch before reading (the blocking one) would otherwise wait on a full socket while
+#: the daemon waits for it to read the answers.
+CHUNK = 1024
 _DIGEST = 32
 
 Batch = list[tuple[str, dict[str, Any]]]
