@@ -340,6 +340,9 @@ def test_csv_prints_a_row_per_vm_per_interval(busy: tuple[Kvm, int], lvz_socket:
     for row in rows:
         assert row["name"] == vm_name and int(row["deliveries"]) == 6 * ROUNDS
         assert float(row["deliveries_per_s"]) == 0.0 and row["time"].endswith("Z")
+    # Intervals under a second are told apart: the stamps carry milliseconds.
+    assert rows[0]["time"] < rows[1]["time"]
+    assert len(rows[0]["time"]) == len("2026-01-01T00:00:00.000Z")
     r = lvz("top", "--log", "--count", "1", "--interval", "0.05", "--filter", vm_name,
             socket=lvz_socket)
     header, line = r.stdout.splitlines()

@@ -502,7 +502,10 @@ def _log(source: Source, view: View, args: argparse.Namespace) -> int:
     while args.count is None or n < args.count:
         time.sleep(args.interval)
         cur = source.sample()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.time()
+        # Below a second, rows of successive intervals would share a stamp: add milliseconds.
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
+            f".{int(now % 1 * 1000):03d}Z" if args.interval < 1 else "Z")
         for row in sorted(view.vm_rows(prev, cur, source.schema), key=lambda r: r["id"]):
             cells = [stamp]
             for _name, key in fields[1:]:
