@@ -8,8 +8,10 @@ buffers to the files before any connection sends anything (``Connection.flush`` 
 a response — or an event revealing a change — never leaves before its change is in the OS:
 a daemon killed at any instant restarts with every change it acknowledged. Many requests of one
 read share one ``write`` (group commit), which is why durability costs pipelined clients little.
-``--fsync`` chooses what survives a power loss: ``always`` (fsync before answering), ``everysec``
-(the default, as Redis: at most a second of acknowledged changes), ``no`` (the OS decides).
+``--fsync`` chooses what survives a power loss: ``always`` (fdatasync before answering),
+``everysec`` (the default, as Redis: at most a second of acknowledged changes), ``no`` (the OS
+decides). Appends are synced with ``fdatasync``, as Redis syncs its AOF: the data and the file
+size, not the timestamps.
 
 When a journal outgrows ``COMPACT_RATIO`` times its snapshot (and ``COMPACT_MIN`` bytes), the
 file is rewritten as a fresh snapshot — write, fsync, rename, fsync the directory — so it
@@ -179,7 +181,7 @@ class StateDir:
                     while view:
                         view = view[os.write(j.fd, view):]
                 if self.fsync == "always":
-                    os.fsync(j.fd)
+                    os.fdatasync(j.fd)  # the appended bytes and the size: all a reader needs
                 else:
                     j.dirty = True
             except OSError as exc:
@@ -435,7 +437,7 @@ class _Replay:
 def _sync_all(fds: list[int]) -> None:
     for fd in fds:
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError as exc:
             log.error("state dir: fsync failed: %s", exc)
         finally:
