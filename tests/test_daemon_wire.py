@@ -9,6 +9,7 @@ import os
 import stat
 
 import msgpack
+import pytest
 import trio
 import trio.testing
 
@@ -57,6 +58,21 @@ async def test_garbage_closes_only_that_connection(connect: Connect) -> None:
         assert ev.params["name"] == "EPROTO"
         assert await bad.next_event() is None  # the daemon closed it
     assert await snapshot(good, vm, vcpus) == before
+
+
+@pytest.mark.parametrize(("junk", "says"), [
+    (b"\xc1", "0xc1"),
+    (b"\x93\xc1", "0xc1"),
+    (b"\x91" * 100_000, "nested deeper"),
+])
+async def test_undecodable_bytes_are_named(connect: Connect, junk: bytes, says: str) -> None:
+    """msgpack's FormatError and StackError carry no text: the notification said only
+    'undecodable message: ' (PROTOCOL §2: errors name what is wrong)."""
+    bad = await connect()
+    await bad.send(junk)
+    ev = await bad.next_event()
+    assert isinstance(ev, Notification) and ev.params["name"] == "EPROTO"
+    assert says in ev.params["message"], ev.params["message"]
 
 
 async def test_oversized_message_is_refused_and_closed(connect: Connect) -> None:

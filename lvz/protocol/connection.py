@@ -222,6 +222,16 @@ class _Walker:
         return True
 
 
+def _why(exc: Exception) -> str:
+    """What msgpack found wrong. FormatError and StackError carry no message of their own, so
+    a client was told "undecodable message: " and nothing else."""
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that starts no msgpack value (0xc1, the one msgpack never uses)"
+    if isinstance(exc, msgpack.StackError):
+        return "arrays or maps nested deeper than msgpack's limit"
+    return str(exc) or type(exc).__name__
+
+
 class _Decoder:
     """Bounded streaming msgpack decoder shared by both roles.
 
@@ -356,7 +366,8 @@ class _Decoder:
                     # raised and caught once per batch (per request, when sequential).
                     obj = next(unpacker, NEED_DATA)
                 except Exception as exc:  # msgpack raises several types; all mean "not msgpack"
-                    self._error = RemoteProtocolError("EPROTO", f"undecodable message: {exc}")
+                    self._error = RemoteProtocolError("EPROTO",
+                                                      f"undecodable message: {_why(exc)}")
                     raise self._error from None
                 if obj is not NEED_DATA:
                     # tell() also moves inside a partial message: only trust it after a whole one.
