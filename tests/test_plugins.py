@@ -285,21 +285,29 @@ def test_doorbell_state_survives_a_daemon_restart(
 
 
 EXITING_PLUGIN = """
-import os, sys
+import os, sys, time
 from lvz.plugins import hookimpl
 if os.environ.get("EXIT_AT") == "import":
     sys.exit(0)
+if os.environ.get("EXIT_AT") == "import-hang":
+    time.sleep(60)
 
 @hookimpl
 def lvz_device_types():
+    if os.environ.get("EXIT_AT") == "hook-hang":
+        time.sleep(60)
     raise SystemExit(0)
 """
 
 
-@pytest.mark.parametrize("where", ["import", "hook"])
-def test_a_plugin_that_exits_while_loading_is_named(sock_dir: Path, where: str) -> None:
+@pytest.mark.parametrize(("where", "says"), [
+    ("import", "SystemExit"), ("hook", "SystemExit"),
+    ("import-hang", "--plugin-timeout"), ("hook-hang", "--plugin-timeout")])
+def test_a_plugin_that_exits_or_hangs_while_loading_is_named(
+        sock_dir: Path, where: str, says: str) -> None:
     """sys.exit in a plugin's module or its lvz_device_types made `lvz serve` exit 0 without
-    a word: a supervisor saw a clean stop, the pytest fixture 'exited with status 0'."""
+    a word: a supervisor saw a clean stop, the pytest fixture 'exited with status 0'. A sleep
+    there kept the daemon from ever being ready, silently; now --plugin-timeout covers it."""
     site = sock_dir / "site"
     (site / "lvz_exiting-0.1.0.dist-info").mkdir(parents=True)
     (site / "lvz_exiting.py").write_text(EXITING_PLUGIN)
@@ -311,7 +319,8 @@ def test_a_plugin_that_exits_while_loading_is_named(sock_dir: Path, where: str) 
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}", LVZ_PLUGINS="exiting",
                EXIT_AT=where)
     r = subprocess.run([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
-                        str(sock_dir / "x.sock")], capture_output=True, text=True, env=env,
-                       timeout=60, check=False, stdin=subprocess.DEVNULL)
+                        str(sock_dir / "x.sock"), "--plugin-timeout", "0.2"],
+                       capture_output=True, text=True, env=env, timeout=50, check=False,
+                       stdin=subprocess.DEVNULL)
     assert r.returncode == 125, (r.returncode, r.stderr)
-    assert "plugin 'exiting'" in r.stderr and "SystemExit" in r.stderr, r.stderr
+    assert "plugin 'exiting'" in r.stderr and says in r.stderr, r.stderr

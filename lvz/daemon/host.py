@@ -22,12 +22,13 @@ case (a chip call of a microsecond) costs two attribute writes, not two system c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import FrameType
@@ -198,6 +199,25 @@ class LoadedPlugin:
 LOAD_FAILURES = (Exception, SystemExit, GeneratorExit)
 
 
+@contextlib.contextmanager
+def _loading(failure: str, plugin: str) -> Iterator[None]:
+    """Plugin code run while the daemon starts: a failure, or a run past ``--plugin-timeout``
+    (when ``lvz serve`` armed the watchdog for loading), refuses the start naming the plugin.
+    A plugin that slept in its import or ``lvz_device_types`` kept the daemon from ever being
+    ready, with nothing said."""
+    outer = WATCHDOG.plugin
+    WATCHDOG.enter(plugin)
+    try:
+        yield
+    except PluginTimeout as exc:
+        raise PluginLoadError(f"{failure}: {exc}") from None
+    except LOAD_FAILURES as exc:
+        raise PluginLoadError(f"{failure}: {exc!r}") from exc
+    finally:
+        WATCHDOG.depth -= 1
+        WATCHDOG.plugin = outer
+
+
 class PluginHost:
     """Owns the PluginManager; the VM model calls plugins only through this object."""
 
@@ -206,13 +226,10 @@ class PluginHost:
         self.loaded = loaded
         self.device_types: dict[str, tuple[DeviceType, str]] = {}
         for impl in pm.hook.lvz_device_types.get_hookimpls():
-            try:
+            with _loading(f"plugin {impl.plugin_name!r} failed in lvz_device_types",
+                          impl.plugin_name):
                 result: Any = impl.function()
                 types = list(result)
-            except LOAD_FAILURES as exc:
-                raise PluginLoadError(
-                    f"plugin {impl.plugin_name!r} failed in lvz_device_types: {exc!r}"
-                ) from exc
             for dt in types:
                 if not isinstance(dt, DeviceType):
                     raise PluginLoadError(
@@ -265,12 +282,8 @@ def load_plugins(
         if ep.name in seen or (allowed is not None and ep.name not in allowed):
             continue
         seen.add(ep.name)
-        try:
+        with _loading(f"plugin {ep.name!r} ({ep.value}) failed to load", ep.name):
             plugin = ep.load()
-        except LOAD_FAILURES as exc:
-            raise PluginLoadError(
-                f"plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}"
-            ) from exc
         try:
             pm.register(plugin, name=ep.name)
         except Exception as exc:

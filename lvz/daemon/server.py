@@ -909,12 +909,15 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         exit_with_parent()
     _return_large_buffers()
     heap.install()  # the collector walks each long-lived object about once (heap.py)
+    WATCHDOG.install(config.plugin_timeout)  # plugin code is timed while it loads too
     try:
         host = load_plugins()
     except PluginLoadError as exc:
         log.error("%s", exc)
         print(f"lvz serve: {exc}", flush=True, file=sys.stderr)
         return 125
+    finally:
+        WATCHDOG.uninstall()
     try:
         trio.run(serve, config, host)
         for signum in SHUTDOWN_SIGNALS:  # served and saved: nothing late may kill the exit
