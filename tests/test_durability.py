@@ -231,6 +231,55 @@ def test_a_restore_named_last_survives_kill_9(crashy: Crashy) -> None:
         assert observe(kvm, "copy") == before
 
 
+def test_a_write_that_changes_nothing_is_not_journaled_and_survives_kill_9(
+        crashy: Crashy) -> None:
+    """VMMs re-put every register: a write of the value already there (the kernel's no-op)
+    adds nothing to the file, yet a restart has the right value; a changing write after
+    such a no-op, in one pipelined batch too, is journaled as any other."""
+    ks0 = abi.csr_id(abi.CSR_KS0)
+
+    def file_size() -> int:
+        [f] = crashy.state.glob("*.lvzj")
+        return f.stat().st_size
+
+    def put(kvm: Kvm, vc: int, reg: int, value: int) -> None:
+        kvm.call("vcpu.set_one_reg", {"vcpu": vc, "id": reg, "value": value})
+
+    with crashy.connected() as kvm:
+        h = kvm.call("kvm.create_vm", {"name": "noop"})["vm"]
+        vc = kvm.call("vm.create_vcpu", {"vm": h, "vcpu_id": 0})["vcpu"]
+        put(kvm, vc, ks0, 7)
+        put(kvm, vc, abi.CPUID, 5)
+        put(kvm, vc, abi.cpucfg_id(2), abi.CPUCFG2_LLFTP)
+        size = file_size()
+        put(kvm, vc, ks0, 7)  # each the value it holds: nothing to write
+        put(kvm, vc, abi.CPUID, 5)
+        put(kvm, vc, abi.cpucfg_id(2), abi.CPUCFG2_LLFTP)
+        assert file_size() == size
+        put(kvm, vc, abi.csr_id(0x31), 0)  # absent: 0 is what it reads, but writing lists it
+        assert file_size() > size
+        before = observe(kvm, "noop")
+    crashy.kill9()
+    crashy.start()
+    with crashy.connected() as kvm:
+        after = observe(kvm, "noop")
+        assert after == before
+        assert dict(after["vcpus"][0]["regs"])[ks0] == 7
+        h = kvm.call("kvm.open_vm", {"name": "noop"})["vm"]
+        vc = kvm.call("vm.open_vcpu", {"vm": h, "vcpu_id": 0})["vcpu"]
+        put(kvm, vc, ks0, 7)  # a no-op, then a change: the change is written
+        put(kvm, vc, ks0, 8)
+        kvm.call_batch([("vcpu.set_one_reg", {"vcpu": vc, "id": ks0, "value": v})
+                        for v in (8, 9, 9, 10, 10)])  # no-ops and changes in one read
+        before = observe(kvm, "noop")
+    crashy.kill9()
+    crashy.start()
+    with crashy.connected() as kvm:
+        after = observe(kvm, "noop")
+        assert after == before
+        assert dict(after["vcpus"][0]["regs"])[ks0] == 10
+
+
 @pytest.mark.parametrize("policy", ["always"])
 def test_every_fsync_policy_keeps_what_a_crash_would_lose(sock_dir: Path, policy: str) -> None:
     crashy = Crashy(sock_dir / "state", "--fsync", policy)

@@ -83,12 +83,21 @@ class Entry:
 Noted = tuple[str, dict[str, Any], "str | None", int]
 
 
+#: One packer for every group: ``msgpack.packb`` builds (and frees) a Packer per call, which
+#: was a third of the encoding's cost. The daemon encodes on its one thread only.
+_PACK: Final = msgpack.Packer().pack
+
+
 def encode_group(handles: list[tuple[int, int, int | str | None]], entries: list[Noted],
                  seq: int = 0) -> bytes:
-    """One ``apply`` record: ``entries`` and the targets of the handles they name."""
-    body: bytes = msgpack.packb([handles, entries])
-    return encode_record(Record(time.monotonic_ns(), seq,
-                                KIND_APPLY, body + zlib.crc32(body).to_bytes(_CRC, "big")))
+    """One ``apply`` record: ``entries`` and the targets of the handles they name.
+
+    Bytes for bytes what ``encode_record(Record(t_ns, seq, "apply", body + crc))`` gives.
+    """
+    body: bytes = _PACK([handles, entries])
+    out: bytes = _PACK([time.monotonic_ns(), seq, KIND_APPLY,
+                        body + zlib.crc32(body).to_bytes(_CRC, "big")])
+    return out
 
 
 def encode_entry(entry: Entry, seq: int = 0) -> bytes:

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 import lvz
-from lvz.protocol import snapshot
+from lvz.protocol import abi, snapshot
+from lvz.protocol.abi import CSR_CPUID, CSR_ESTAT, CSR_GINTC
 from lvz.protocol.errors import KvmError
 from lvz.protocol.schema import HANDLE_PARAM
 
@@ -48,7 +49,7 @@ from .peer import DeviceHandle, Handle, VcpuHandle
 from .safedir import open_private_dir, replace_file
 
 if TYPE_CHECKING:
-    from .model import Vm
+    from .model import Vcpu, Vm
     from .peer import Connection
     from .server import Daemon
 
@@ -76,6 +77,27 @@ def _target(h: Handle) -> int | str | None:
     if isinstance(h, DeviceHandle):
         return h.device.type_name
     return None
+
+
+def reg_unchanged(vm: Vm, vcpu: Vcpu, reg_id: int, value: int) -> bool:
+    """Would ``vcpu.set_one_reg`` of ``value`` change nothing at all (so not be journaled)?
+
+    True only where the kernel's own write is a no-op: a CPUID set again to the CPUID it
+    holds (``kvm_set_cpuid``), a plain CSR or CPUCFG word already present with that value
+    (absent, the write would add it to ``get_reg_list``). ESTAT and GINTC (lines, events),
+    the counter (an offset from the clock) and ``VCPU_RESET`` are always journaled.
+    """
+    if reg_id == abi.CPUID:
+        return vm.cpuid_unchanged(vcpu, value)
+    try:
+        cls, index = abi.decode(reg_id)
+    except KvmError:
+        return False  # refused, and its outcome journaled as any other
+    if cls is abi.RegClass.CSR:
+        return index not in (CSR_CPUID, CSR_ESTAT, CSR_GINTC) and vcpu.csrs.get(index) == value
+    if cls is abi.RegClass.CPUCFG:
+        return vcpu.cpucfg is not None and vcpu.cpucfg.get(index) == value
+    return False
 
 
 def file_name(vm_name: str) -> str:
@@ -113,6 +135,29 @@ class StateDir:
         self.journals: dict[Vm, _Journal] = {}
         self.pending: list[_Journal] = []  # journals with noted requests, each once
         self.plugins = [(p.name, p.version) for p in daemon.host.loaded]
+        #: The params of the ``set_one_reg`` being handled, if it changes nothing (see
+        #: ``_watch_set_one_reg``): identity, so no other request can be taken for it.
+        self.unchanged: dict[str, Any] | None = None
+        self._watch_set_one_reg()
+
+    def _watch_set_one_reg(self) -> None:
+        """Have the daemon's ``vcpu.set_one_reg`` say, before it runs, whether it is a no-op.
+
+        VMMs re-put every register (QEMU after every reset and migration): most such writes
+        change nothing, so there is nothing to journal and nothing to write before answering.
+        Whether a write is a no-op can only be seen before it runs, hence a wrapper around
+        the handler (only a ``--state-dir`` daemon has one); ``applied`` reads the verdict.
+        """
+        calls = self.daemon.calls
+        handle = calls["vcpu.set_one_reg"]
+
+        def set_one_reg(conn: Connection, p: dict[str, Any]) -> Any:
+            h = conn.handles.get(p["vcpu"])
+            if (type(h) is VcpuHandle and h.life.alive
+                    and reg_unchanged(h.vm, h.vcpu, p["id"], p["value"])):
+                self.unchanged = p
+            return handle(conn, p)
+        calls["vcpu.set_one_reg"] = set_one_reg
 
     # ---------------------------------------------------------------- the daemon's hooks -----
 
@@ -124,6 +169,10 @@ class StateDir:
         param = JOURNAL_PARAM.get(method)
         if param is None:
             return
+        if params is self.unchanged:
+            self.unchanged = None
+            if error is None:
+                return  # a set_one_reg of the value already there: no change to journal
         h = conn.handles.get(params[param])
         if h is None:
             return
