@@ -39,7 +39,7 @@ import trio
 
 import lvz
 from lvz.protocol import abi, snapshot
-from lvz.protocol.abi import CSR_CPUID, CSR_ESTAT, CSR_GINTC
+from lvz.protocol.abi import CSR_ESTAT, CSR_GINTC
 from lvz.protocol.errors import KvmError
 from lvz.protocol.schema import HANDLE_PARAM
 
@@ -49,7 +49,7 @@ from .peer import DeviceHandle, Handle, VcpuHandle
 from .safedir import open_private_dir, replace_file
 
 if TYPE_CHECKING:
-    from .model import Vcpu, Vm
+    from .model import Vm
     from .peer import Connection
     from .server import Daemon
 
@@ -79,25 +79,28 @@ def _target(h: Handle) -> int | str | None:
     return None
 
 
-def reg_unchanged(vm: Vm, vcpu: Vcpu, reg_id: int, value: int) -> bool:
-    """Would ``vcpu.set_one_reg`` of ``value`` change nothing at all (so not be journaled)?
+#: register id -> what ``vcpu.set_one_reg`` of it changes, if only that register's own value
+#: (plain CSRs, CPUID, CPUCFG words): ``(class, index)``, so ids that alias one register
+#: share it. None for ESTAT and GINTC (lines), the counter and ``VCPU_RESET``.
+_OWN_VALUE: dict[int, tuple[int, int] | None] = {}
+_OWN_VALUE_MAX: Final = 8192  # bounded as abi's cache: a client cycling ids must not grow it
 
-    True only where the kernel's own write is a no-op: a CPUID set again to the CPUID it
-    holds (``kvm_set_cpuid``), a plain CSR or CPUCFG word already present with that value
-    (absent, the write would add it to ``get_reg_list``). ESTAT and GINTC (lines, events),
-    the counter (an offset from the clock) and ``VCPU_RESET`` are always journaled.
-    """
-    if reg_id == abi.CPUID:
-        return vm.cpuid_unchanged(vcpu, value)
+
+def own_value(reg_id: int) -> tuple[int, int] | None:
+    """The register a successful ``set_one_reg`` of ``reg_id`` sets, if it sets nothing else."""
+    try:
+        return _OWN_VALUE[reg_id]
+    except KeyError:
+        pass
     try:
         cls, index = abi.decode(reg_id)
     except KvmError:
-        return False  # refused, and its outcome journaled as any other
-    if cls is abi.RegClass.CSR:
-        return index not in (CSR_CPUID, CSR_ESTAT, CSR_GINTC) and vcpu.csrs.get(index) == value
-    if cls is abi.RegClass.CPUCFG:
-        return vcpu.cpucfg is not None and vcpu.cpucfg.get(index) == value
-    return False
+        return None
+    own = ((int(cls), index) if cls is abi.RegClass.CPUCFG or (
+        cls is abi.RegClass.CSR and index not in (CSR_ESTAT, CSR_GINTC)) else None)
+    if len(_OWN_VALUE) < _OWN_VALUE_MAX:
+        _OWN_VALUE[reg_id] = own
+    return own
 
 
 def file_name(vm_name: str) -> str:
@@ -120,6 +123,11 @@ class _Journal:
     handles: dict[Handle, int] = field(default_factory=dict)
     seq: int = 0
     dirty: bool = False  # written since the last fsync
+    #: What registers hold, by (vCPU, register), as far as this journal knows it: a
+    #: ``set_one_reg`` noted here, with no other change to the VM noted since. A write of the
+    #: value a register is known to hold is a no-op (the kernel's too), so it is not noted:
+    #: VMMs re-put every register after each reset or migration. Empty after every rewrite.
+    regs: dict[tuple[object, tuple[int, int]], int] = field(default_factory=dict)
 
 
 class StateDir:
@@ -135,29 +143,6 @@ class StateDir:
         self.journals: dict[Vm, _Journal] = {}
         self.pending: list[_Journal] = []  # journals with noted requests, each once
         self.plugins = [(p.name, p.version) for p in daemon.host.loaded]
-        #: The params of the ``set_one_reg`` being handled, if it changes nothing (see
-        #: ``_watch_set_one_reg``): identity, so no other request can be taken for it.
-        self.unchanged: dict[str, Any] | None = None
-        self._watch_set_one_reg()
-
-    def _watch_set_one_reg(self) -> None:
-        """Have the daemon's ``vcpu.set_one_reg`` say, before it runs, whether it is a no-op.
-
-        VMMs re-put every register (QEMU after every reset and migration): most such writes
-        change nothing, so there is nothing to journal and nothing to write before answering.
-        Whether a write is a no-op can only be seen before it runs, hence a wrapper around
-        the handler (only a ``--state-dir`` daemon has one); ``applied`` reads the verdict.
-        """
-        calls = self.daemon.calls
-        handle = calls["vcpu.set_one_reg"]
-
-        def set_one_reg(conn: Connection, p: dict[str, Any]) -> Any:
-            h = conn.handles.get(p["vcpu"])
-            if (type(h) is VcpuHandle and h.life.alive
-                    and reg_unchanged(h.vm, h.vcpu, p["id"], p["value"])):
-                self.unchanged = p
-            return handle(conn, p)
-        calls["vcpu.set_one_reg"] = set_one_reg
 
     # ---------------------------------------------------------------- the daemon's hooks -----
 
@@ -169,10 +154,6 @@ class StateDir:
         param = JOURNAL_PARAM.get(method)
         if param is None:
             return
-        if params is self.unchanged:
-            self.unchanged = None
-            if error is None:
-                return  # a set_one_reg of the value already there: no change to journal
         h = conn.handles.get(params[param])
         if h is None:
             return
@@ -182,10 +163,22 @@ class StateDir:
         noted = j.pending
         if error is None:
             outcome = None
+            if method == "vcpu.set_one_reg":
+                own = own_value(params["id"])
+                if own is not None:
+                    key = (h.life, own)
+                    value = params["value"]
+                    if j.regs.get(key) == value:
+                        return  # the value it already holds: nothing changed, nothing to note
+                    j.regs[key] = value
+                # (any set_one_reg changes at most its own register, lines or the counter)
+            elif j.regs:
+                j.regs.clear()  # this may have changed any register: known values are stale
         elif error.name in ("EBADF", "ENOTTY"):
             return  # the handle did not resolve: nothing was touched
         else:
             outcome = error.name
+            j.regs.clear()
         if not noted:
             self.pending.append(j)
         noted.append((method, params, outcome, conn.number))
@@ -237,6 +230,7 @@ class StateDir:
                 # The disk refused (full, gone): say so loudly; the VM lives on in memory and
                 # the next compaction rewrites the file whole if the disk comes back.
                 log.error("state dir %s: could not write %s: %s", self.path, j.name, exc)
+                j.regs.clear()  # what it noted is not in the file
             j.size += len(data)
         for j in pending:
             if (j.size - j.head > max(COMPACT_RATIO * j.head, COMPACT_MIN)
