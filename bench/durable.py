@@ -13,12 +13,14 @@
   gone. Target: ≤ 2 s.
 
 ``python -m bench.durable`` runs this section alone; ``python -m bench.durable journal`` only
-its journal-cost part.
+its journal-cost part; ``python -m bench.durable cpu`` the daemon's CPU per write, with and
+without the journal, measured in-process (``journal_cpu``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import signal
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
 from lvz.clients import Kvm
@@ -71,7 +74,12 @@ _CASES: dict[str, tuple[str, Callable[[int, int, int], tuple[str, dict[str, Any]
 
 
 async def measure_journal_cost(res: Results, reps: int, seconds: float) -> None:
-    """Interleaved: each figure on the plain daemon, then on the journaling one."""
+    """Interleaved: each figure on the plain daemon, then on the journaling one.
+
+    Twice ``reps`` runs of half ``seconds`` each: on a shared machine the ratio of two rates
+    moves with whatever else runs, and more, shorter pairs give a steadier median.
+    """
+    reps, seconds = 2 * reps, seconds / 2
     with tempfile.TemporaryDirectory(prefix="lvzb") as tmp, procs.daemon() as plain, \
             procs.daemon("--state-dir", str(Path(tmp) / "state")) as durable:
         conns = {"plain": await _named_vcpu(plain.socket),
@@ -110,6 +118,70 @@ async def measure_journal_cost(res: Results, reps: int, seconds: float) -> None:
         for conn, _, _ in conns.values():
             await conn.aclose()
     _say("durability: journal cost done")
+
+
+def journal_cpu() -> list[tuple[str, float]]:
+    """The daemon's CPU per ``set_one_reg``, without sockets, best of 5 (``bench.micro``'s way):
+    what the journal adds to a request, free of the scheduling noise that moves the rates.
+
+    A real ``Daemon`` (and ``StateDir`` in a temporary directory); requests go through
+    ``Daemon._dispatch`` as a socket's would, and ``StateDir.flush`` is what ``Connection.flush``
+    runs before sending: once per request (a sequential client) or per 64 (a pipelined batch).
+    """
+    with tempfile.TemporaryDirectory(prefix="lvzb") as tmp:
+        return _cpu_rows(None) + _cpu_rows(Path(tmp) / "state")
+
+
+def _cpu_rows(state_dir: Path | None) -> list[tuple[str, float]]:
+    from lvz.daemon.config import ServeConfig
+    from lvz.daemon.host import load_plugins
+    from lvz.daemon.peer import Connection
+    from lvz.daemon.server import Daemon
+    from lvz.daemon.state import StateDir
+    from lvz.protocol.connection import ServerConnection
+
+    from .micro import per_call
+
+    n = 20_000
+    config = ServeConfig(socket=Path("/nonexistent"))
+    daemon = Daemon(load_plugins(), config)
+    conn = Connection(None, config, 1)
+    vm_h = daemon._execute(conn, "kvm.create_vm", {"name": "m", "max_phyid": 256})["vm"]
+    vcpu_h = daemon._execute(conn, "vm.create_vcpu", {"vm": vm_h, "vcpu_id": 0})["vcpu"]
+    state = None
+    if state_dir is not None:
+        state = daemon.state = StateDir(daemon, state_dir, "everysec")
+        state.named(conn.handles[vm_h].vm)
+
+    def event(value: int) -> Any:
+        p = ServerConnection()
+        p.receive_data(msgpack.packb([0, 1, "vcpu.set_one_reg",
+                                      {"vcpu": vcpu_h, "id": KS0, "value": value}]))
+        return p.next_event()
+
+    def run(evs: list[Any], per_flush: int) -> Callable[[], None]:
+        nxt = itertools.cycle(evs).__next__  # alternating across flushes too
+
+        def go() -> None:
+            for _ in range(per_flush):
+                daemon._dispatch(conn, nxt())
+            if state is not None:
+                state.flush()
+            conn.out.clear()
+            conn.out_bytes = 0
+        return go
+
+    side = "no --state-dir" if state is None else "--state-dir"
+    same = event(1)
+    rows = [(f"{side}: changing set_one_reg, a flush per request",
+             per_call(run([event(0), event(1)], 1), n)),
+            (f"{side}: changing set_one_reg, a flush per 64",
+             per_call(run([event(0), event(1)], 64), n // 64) / 64),
+            (f"{side}: same-value set_one_reg, a flush per request",
+             per_call(run([same], 1), n))]
+    if state is not None:
+        state.close()
+    return rows
 
 
 def _snapshot_round(path: Path, n: int) -> tuple[float, float]:
@@ -167,6 +239,9 @@ async def measure_durable(res: Results, reps: int, seconds: float, quick: bool =
     """The whole section; 65,536-vCPU figures take 3 repetitions (1 with ``quick``)."""
     big = 1 if quick else min(reps, 3)
     await measure_journal_cost(res, reps, seconds)
+    for i, (label, us) in enumerate(journal_cpu()):
+        res.add(Figure(f"durable.cpu.{i}", f"daemon CPU per request, in-process: {label}", "us",
+                       samples=[us], note="best of 5; the journal's own cost, without noise"))
     await measure_snapshots(res, reps, big)
     await measure_shutdown(res, big)
 
@@ -174,9 +249,13 @@ async def measure_durable(res: Results, reps: int, seconds: float, quick: bool =
 def main(argv: list[str]) -> int:
     """``python -m bench.durable [journal]``: the whole section, or its journal-cost part."""
     res = Results()
+    if argv[1:] == ["cpu"]:
+        for label, us in journal_cpu():
+            print(f"  {label:<58} {us:6.2f} us")
+        return 0
     if argv[1:] == ["journal"]:
         trio.run(measure_journal_cost, res, 5, 0.5)
-        print(table(res, "lvz --state-dir journal cost: medians of 5"))
+        print(table(res, "lvz --state-dir journal cost: medians of 10 runs of 0.25 s"))
         return 0
     trio.run(measure_durable, res, 5, 0.5)
     print(table(res, "lvz durability and snapshots: medians of 5 (65,536 vCPUs: 3)"))
