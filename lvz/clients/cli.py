@@ -210,8 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lvz.daemon.config import ServeConfig
 
     options: dict[str, Any] = {}
-    for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_events",
-                 "plugin_timeout", "max_connections", "partial_budget", "message_timeout"):
+    for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_total_vcpus",
+                 "max_events", "plugin_timeout", "max_connections", "partial_budget",
+                 "message_timeout"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
@@ -1080,6 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="VMs per daemon (default: 1024)")
     serve.add_argument("--max-vcpus", type=_positive_int, metavar="N",
                        help="vCPUs per VM (default: the whole vcpu_id range)")
+    serve.add_argument("--max-total-vcpus", type=_positive_int, metavar="N",
+                       help="vCPUs of all VMs together (default: 1048576, ~0.6 GiB)")
     serve.add_argument("--max-events", type=_positive_int, metavar="N",
                        help="irq events queued per subscriber before dropping (default: 4096)")
     serve.add_argument("--plugin-timeout", type=float, metavar="SECONDS",

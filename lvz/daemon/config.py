@@ -20,6 +20,9 @@ class ServeConfig:
     max_handles: int = 66_000
     max_vms: int = 1024  # per daemon -> ENOSPC
     max_vcpus: int | None = None  # per VM; None = the whole vcpu_id range -> EINVAL as KVM
+    # All VMs together -> ENOSPC: named VMs outlive connections. ~633 B each (bench.memory):
+    # about 0.6 GiB of model heap at the default.
+    max_total_vcpus: int = 1 << 20
     max_events: int = 4096  # irq events queued per subscriber before they are dropped
     state_dir: Path | None = None
     fsync: str = "everysec"  # --state-dir journal: always | everysec | no (docs/state.md)

@@ -180,6 +180,16 @@ class _DeviceRecord:
         self.broken = ""  # why the device answers EIO until destroyed; "" while healthy
 
 
+class VcpuBudget:
+    """vCPUs of all VMs together (``--max-total-vcpus``): named VMs outlive their connections,
+    so per-VM and per-connection limits alone let one client fill memory with VMs. A counter
+    kept by create and free, so the check is O(1) whatever the daemon holds."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Vm:
     """A VM: what KVM keeps per ``struct kvm`` that matters for identity and routing.
 
@@ -188,8 +198,10 @@ class Vm:
     """
 
     def __init__(self, host: PluginHost, *, name: str | None, max_phyid: int,
-                 max_vcpus: int | None = None, profile: str = DEFAULT_PROFILE) -> None:
+                 max_vcpus: int | None = None, profile: str = DEFAULT_PROFILE,
+                 budget: VcpuBudget | None = None) -> None:
         self.host = host
+        self.budget = budget
         self.name = name
         self.use_profile(profile)
         self._max_phyid = max_phyid
@@ -235,6 +247,10 @@ class Vm:
             raise KvmError("EEXIST", f"vCPU {vcpu_id} already exists")
         if len(self.vcpus) >= self.max_vcpus:
             raise KvmError("EINVAL", f"the VM already has its maximum of {self.max_vcpus} vCPUs")
+        budget = self.budget
+        if budget is not None and budget.used >= budget.limit:
+            raise KvmError("ENOSPC", f"the daemon already hosts {budget.limit} vCPUs in all its "
+                                     "VMs (--max-total-vcpus)")
         vcpu = Vcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = vcpu
         try:
@@ -247,6 +263,8 @@ class Vm:
             del self.vcpus[vcpu_id]
             vcpu.alive = False
             raise
+        if budget is not None:
+            budget.used += 1
         return vcpu
 
     def destroy_vcpu(self, vcpu: Vcpu) -> None:
@@ -258,7 +276,8 @@ class Vm:
 
     def _free_vcpu(self, vcpu: Vcpu) -> None:
         self._drop_cpuid(vcpu)
-        self.vcpus.pop(vcpu.vcpu_id, None)
+        if self.vcpus.pop(vcpu.vcpu_id, None) is not None and self.budget is not None:
+            self.budget.used -= 1  # given back as its memory is, not when the VM dies
         errors: list[KvmError] = []
         for rec in list(self.devices.values()):
             if not (rec.on_vcpu_destroyed or rec.broken):

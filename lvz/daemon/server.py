@@ -61,7 +61,7 @@ from .listener import (
     open_listener,
     unlink_socket,
 )
-from .model import Vcpu, Vm
+from .model import Vcpu, VcpuBudget, Vm
 from .peer import (
     Connection,
     DeviceHandle,
@@ -164,6 +164,7 @@ class Daemon:
         self.last_vm_id = 0
         self.device_type_names = sorted(host.device_types)
         self.stats_schema = StatsSchema(host)
+        self.vcpu_budget = VcpuBudget(config.max_total_vcpus)  # --max-total-vcpus
         self.calls = self._routes()
 
     def _routes(self) -> dict[str, Call]:
@@ -526,7 +527,8 @@ class Daemon:
         return h.number
 
     def new_vm(self, name: str | None, max_phyid: int) -> Vm:
-        vm = Vm(self.host, name=name, max_phyid=max_phyid, max_vcpus=self.config.max_vcpus)
+        vm = Vm(self.host, name=name, max_phyid=max_phyid, max_vcpus=self.config.max_vcpus,
+                budget=self.vcpu_budget)
         vm.listener = self._on_line
         self.vms.append(vm)
         self.map_locks[vm] = trio.Lock()
