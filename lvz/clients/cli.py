@@ -449,6 +449,17 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
 
 # --- vcpu ---------------------------------------------------------------------------------------
 
+
+def cmd_vcpu_create(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        vcpu = open_vm(kvm, args.vm).create_vcpu(args.vcpu_id)
+        if args.phyid is not None:
+            vcpu.set_one_reg(abi.CPUID, args.phyid)
+    at = "" if args.phyid is None else f" at phyid {args.phyid}"
+    print(f"created vCPU {args.vcpu_id}{at} in VM {printable(args.vm)}")
+    return EXIT_OK
+
+
 LINE_NAMES: Final = abi.LINE_NAMES
 
 
@@ -563,6 +574,63 @@ def cmd_reg_ls(args: argparse.Namespace) -> int:
 
 
 # --- device and vCPU attributes -----------------------------------------------------------------
+
+
+def attr_names(kind: str) -> dict[str, int]:
+    """Attribute group (``kind`` "group") or attr ("attr") names from ``lvz.protocol.abi``.
+
+    Each by its constant's name and by a short one without the ``KVM_DEV_LOONGARCH_`` /
+    ``KVM_LOONGARCH_VCPU_`` prefix (``pch_pic_grp_ctrl``, ``pvtime_ctrl``), lower case. Register
+    and offset attrs are computed from a vCPU and an offset, so they stay numbers.
+    """
+    names: dict[str, int] = {}
+    for key, value in vars(abi).items():
+        if not (key.isupper() and type(value) is int):
+            continue
+        if key.startswith("KVM_DEV_LOONGARCH_"):
+            short = key.removeprefix("KVM_DEV_LOONGARCH_")
+            wanted = "_GRP_" in short if kind == "group" else "_CTRL_" in short
+        elif key.startswith("KVM_LOONGARCH_VCPU_"):
+            short = key.removeprefix("KVM_LOONGARCH_VCPU_")
+            wanted = (key != "KVM_LOONGARCH_VCPU_PVTIME_GPA") == (kind == "group")
+        elif key == "CPUCFG_KVM_FEATURE":
+            short, wanted = key, kind == "attr"
+        else:
+            continue
+        if wanted:
+            names[key.lower()] = names[short.lower()] = value
+    return names
+
+
+def _attr_number(kind: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        names = attr_names(kind)
+        if text.lower() in names:
+            return names[text.lower()]
+        try:
+            return _u64(text)
+        except argparse.ArgumentTypeError:
+            short = sorted(n for n in names if not n.startswith("kvm_"))
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a number nor an attribute {kind} name "
+                f"({', '.join(short)})") from None
+    return parse
+
+
+def cmd_device_create(args: argparse.Namespace) -> int:
+    dev_type = SHORT_DEVICES.get(args.type.lower(), args.type)
+    with connect(args) as kvm:
+        open_vm(kvm, args.vm).create_device(dev_type)
+    print(f"created device {printable(dev_type)} in VM {printable(args.vm)}")
+    return EXIT_OK
+
+
+def cmd_device_ls(args: argparse.Namespace) -> int:
+    with connect(args) as kvm:
+        devices = open_vm(kvm, args.vm).info().devices
+    return listing(args, ["DEVICE"], ["type"], [{"type": d} for d in devices], "no devices",
+                   lambda _k, v: printable(str(v)))
+
 
 SHORT_DEVICES: Final = {"ipi": DEV_IPI, "eiointc": DEV_EIOINTC, "pchpic": DEV_PCHPIC,
                         "pch-pic": DEV_PCHPIC}
@@ -963,6 +1031,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_IOCTL
 
 
+def cmd_vm_names(args: argparse.Namespace) -> int:
+    """``lvz _vm-names``, for shell completion: each VM's name (or an unnamed one's id), one a
+    line. Names a line could not carry (control characters) are left out."""
+    try:
+        with connect(args) as kvm:
+            rows = list_vms(kvm)
+    except (Fatal, KvmError, OSError):
+        return EXIT_IOCTL  # no daemon: complete nothing, say nothing
+    for row in rows:
+        name = row["id"] if row["name"] is None else row["name"]
+        if printable(str(name)) == str(name):
+            print(name)
+    return EXIT_OK
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     from .completion import script
 
@@ -1139,10 +1222,27 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("vm", metavar="VM", help="VM name or id")
     vm_add("ls", "list the daemon's VMs", lists, cmd_vms)
 
-    vcpu = add("vcpu", "look at a VM's vCPUs", [])
+    vcpu = add("vcpu", "create a VM's vCPUs and look at them", [])
     vcpu_add = adder(vcpu.add_subparsers(dest="verb", metavar="VERB", required=True), "vcpu ")
     vl = vcpu_add("ls", "each vCPU's id, phyid and raised interrupt lines", lists, cmd_vcpu_ls)
     vl.add_argument("vm", metavar="VM", help="VM name or id")
+
+    vcc = vcpu_add("create", "create a vCPU (KVM_CREATE_VCPU), optionally setting its phyid",
+                   base, cmd_vcpu_create)
+    vcc.add_argument("vm", metavar="VM", help="VM name or id")
+    vcc.add_argument("vcpu_id", metavar="VCPU_ID", type=_any_int, help="the new vCPU's id")
+    vcc.add_argument("--phyid", type=_u64, metavar="N",
+                     help="set its CPUID register (its phyid) too, as `lvz reg set … cpuid N`")
+
+    device = add("device", "create and list a VM's irqchip devices (KVM_CREATE_DEVICE)", [])
+    device_add = adder(device.add_subparsers(dest="verb", metavar="VERB", required=True),
+                       "device ")
+    dc = device_add("create", "create a device of TYPE in a VM", base, cmd_device_create)
+    dc.add_argument("vm", metavar="VM", help="VM name or id")
+    dc.add_argument("type", metavar="TYPE",
+                    help="ipi, eiointc, pchpic, or a device type `lvz plugins` lists")
+    dl = device_add("ls", "a VM's devices", lists, cmd_device_ls)
+    dl.add_argument("vm", metavar="VM", help="VM name or id")
 
     reg = add("reg", "read and write vCPU registers (KVM ONE_REG)", [])
     reg_add = adder(reg.add_subparsers(dest="verb", metavar="VERB", required=True), "reg ")
@@ -1168,8 +1268,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("vm", metavar="VM", help="VM name or id")
         a.add_argument("target", metavar="DEVICE",
                        help="ipi, eiointc, pchpic (or a full device type), or vcpuN")
-        a.add_argument("group", metavar="GROUP", type=_u64, help="attribute group")
-        a.add_argument("attr", metavar="ATTR", type=_u64, help="attribute number")
+        a.add_argument("group", metavar="GROUP", type=_attr_number("group"),
+                       help="attribute group: a number or an abi name (pch_pic_grp_ctrl, …)")
+        a.add_argument("attr", metavar="ATTR", type=_attr_number("attr"),
+                       help="attribute: a number or an abi name (pch_pic_ctrl_init, …)")
         if verb == "set":
             a.add_argument("value", metavar="VALUE", type=_u64, help="value (may be hex)")
 
@@ -1208,6 +1310,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print an equivalent pytest test instead of replaying")
     rp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                     help="how long to wait for each expected answer (default: 5)")
+    names = sub.add_parser("_vm-names", parents=base, add_help=False)  # not in --help
+    names.set_defaults(func=cmd_vm_names, command="_vm-names")
     cp = add("completion", "print a shell completion script", [], cmd_completion)
     cp.add_argument("shell", choices=("bash", "zsh"),
                     help="eval \"$(lvz completion bash)\" in ~/.bashrc (zsh: ~/.zshrc)")
