@@ -45,6 +45,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "lvz.daemon.model",
     "lvz.daemon.handlers",
     "lvz.daemon.server",
+    "lvz.daemon.state",
 )
 
 _HERE = Path(__file__).resolve().parent
