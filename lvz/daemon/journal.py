@@ -21,8 +21,9 @@ data]`` arrays) with kinds of its own, so one reader skips what it does not know
   Replaying checks every outcome again: a daemon that would now answer differently (say,
   restarted with a smaller ``--max-vcpus``) refuses the file instead of loading another VM.
 
-The daemon only appends tuples as requests take effect and encodes a group in one msgpack call
-when it writes, so a journaled request costs a few dictionary operations.
+The daemon only appends tuples as requests take effect and encodes a group (with one reused
+msgpack packer) when it writes, so a journaled request costs a few dictionary operations; a
+``set_one_reg`` of the value its register is known to hold is not noted at all (``state.py``).
 
 Pure: bytes in, bytes out; server-side I/O is in ``state.py``.
 """
