@@ -75,6 +75,7 @@ from .recorder import Recorder, RecordingFailed
 from .safedir import UnsafeDir
 from .state import StateDir
 from .stats import StatsSchema
+from .trace import traced
 
 log = logging.getLogger("lvz.daemon")
 
@@ -151,6 +152,8 @@ class Daemon:
         self.partial_held = 0  # bytes of unfinished messages, all connections (the budget)
         self.refusal_log = Throttled()
         self.recorder: Recorder | None = None  # lvz serve --record
+        #: ``lvz serve -vv``: decided once here, so an untraced daemon's requests never ask.
+        self.traced = log.isEnabledFor(logging.DEBUG)
         self.state: StateDir | None = None  # lvz serve --state-dir
         #: Counts VM and vCPU deaths: a connection at its handle limit sweeps its handles of
         #: dead objects only if something died since its last sweep, so refusals are O(1).
@@ -243,6 +246,8 @@ class Daemon:
         self.conn_counter += 1
         if self.recorder is not None:
             stream = self.recorder.wrap(stream, self.conn_counter)
+        if self.traced:
+            stream = traced(stream, self.conn_counter, self.config.max_message)
         conn = Connection(stream, self.config, self.conn_counter)
         if self.state is not None:
             conn.before_send = self.state.flush  # no answer leaves before its change is written
