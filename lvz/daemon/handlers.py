@@ -426,10 +426,28 @@ def vm_phyid_lookup(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Resu
 
 
 def vm_phyid_map(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> MaybeLater:
+    """The map, or the last answer while no phyid was set or dropped since (``map_generation``).
+
+    The answer is shared between readers and never mutated (the server only encodes it), so
+    an unchanged map of 65,536 entries costs its encoding and write, not a sort and a build.
+    """
     vm = h.vm
+    cached = vm.map_answer
+    if cached is not None and vm.map_answer_generation == vm.map_generation:
+        return cached
     if len(vm.phyids) <= MAP_CHUNK:
-        return {"limit": vm.max_phyid, "entries": _map_entries(vm.phyids, sorted(vm.phyids))}
+        return _keep_answer(vm, vm.map_generation,
+                            _map_entries(vm.phyids, sorted(vm.phyids)))
     return _big_phyid_map(d, h)
+
+
+def _keep_answer(vm: Vm, generation: int, entries: list[tuple[int, int]]) -> Result:
+    """The answer for ``entries``, kept for later reads if the map is still at ``generation``."""
+    answer: Result = {"limit": vm.max_phyid, "entries": entries}
+    if vm.map_generation == generation:
+        vm.map_answer = answer
+        vm.map_answer_generation = generation
+    return answer
 
 
 async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
@@ -444,6 +462,7 @@ async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
     async with lock:
         if not vm.alive:
             raise KvmError("EBADF", f"vm.phyid_map: handle {h.number} is not open")
+        generation = vm.map_generation
         phyids = sorted(vm.phyids)
         entries: list[tuple[int, int]] = []
         collecting = gc.isenabled()
@@ -455,7 +474,7 @@ async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
         finally:
             if collecting:
                 gc.enable()
-        return {"limit": vm.max_phyid, "entries": entries}
+        return _keep_answer(vm, generation, entries)
 
 
 _VCPU_ID: Final = operator.attrgetter("vcpu_id")

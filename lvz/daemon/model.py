@@ -210,6 +210,11 @@ class Vm:
                                                                          self.max_vcpu_id)
         self.vcpus: dict[int, Vcpu] = {}
         self.phyids: dict[int, Vcpu] = {}
+        #: Bumped by every phyid set or drop: ``vm.phyid_map`` keeps its last answer while
+        #: this is unchanged (``map_answer``), as a 65,536-entry map costs ~10 ms to rebuild.
+        self.map_generation = 0
+        self.map_answer: dict[str, Any] | None = None
+        self.map_answer_generation = -1
         self.devices: dict[str, _DeviceRecord] = {}
         self._iocsr: list[_Claim] = []
         self._mmio: list[_Claim] = []
@@ -375,6 +380,7 @@ class Vm:
             raise KvmError("EINVAL", f"CPUID {val} belongs to vCPU {owner.vcpu_id}")
         vcpu.csrs[CSR_CPUID] = val
         self.phyids[val] = vcpu
+        self.map_generation += 1
         for rec in list(self.devices.values()):
             if rec.on_phyid_set or rec.broken:
                 with PluginGuard(rec.plugin, rec):
@@ -395,6 +401,7 @@ class Vm:
             return  # never set
         if self.phyids.pop(cur, None) is None:
             return
+        self.map_generation += 1
         vcpu.csrs[CSR_CPUID] = self._max_phyid
         for rec in list(self.devices.values()):
             if not (rec.on_phyid_dropped or rec.broken):
