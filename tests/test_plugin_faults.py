@@ -69,7 +69,7 @@ class HostilePlugin:
 
 
 async def hostile_daemon(nursery: trio.Nursery, sock_dir: Path) -> Wire:
-    cfg = ServeConfig(socket=sock_dir / "h.sock", plugin_timeout=0.05)
+    cfg = ServeConfig(socket=sock_dir / "h.sock", plugin_timeout=0.3)
     await nursery.start(serve, cfg, load_plugins(extra=[(PLUGIN, HostilePlugin())]))
     return await Wire.open(cfg.socket)
 
