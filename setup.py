@@ -50,7 +50,8 @@ class BuildThenStamp(build_ext):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(
             '"""Written by setup.py after a compiled build: the sources it was built from."""\n'
-            f"SOURCES_SHA256 = {lvz.source_digest(ROOT / 'lvz')!r}\n")
+            f"SOURCES_SHA256 = {lvz.source_digest(ROOT / 'lvz')!r}\n"
+        )
 
 
 def compiled_extensions() -> list[Any]:
@@ -63,10 +64,13 @@ def compiled_extensions() -> list[Any]:
 
     lvz = _lvz_root_module()
     paths = [str(lvz.source_path(m, Path("lvz"))) for m in lvz.COMPILED_MODULES]
-    return mypycify(paths, group_name="lvz._native",
-                    opt_level=os.environ.get("LVZ_COMPILE_OPT", "3"))
+    return mypycify(
+        paths, group_name="lvz._native", opt_level=os.environ.get("LVZ_COMPILE_OPT", "3")
+    )
 
 
-setup(ext_modules=compiled_extensions(),
-      setup_requires=["mypy>=1.10"] if COMPILE else [],
-      cmdclass={"build_ext": BuildThenStamp} if COMPILE else {})
+setup(
+    ext_modules=compiled_extensions(),
+    setup_requires=["mypy>=1.10"] if COMPILE else [],
+    cmdclass={"build_ext": BuildThenStamp} if COMPILE else {},
+)

@@ -73,9 +73,14 @@ def raise_nofile() -> None:
 SEQ, PIPE = "sequential", "pipelined x64"
 
 
-def plan_throughput(cfg: Config, res: Results, bench: Bench, blk: BlockingBench,
-                    cb: ClientBench | None,
-                    client_skip: str) -> list[tuple[Figure, Sampler, Callable[[Sample], None]]]:
+def plan_throughput(
+    cfg: Config,
+    res: Results,
+    bench: Bench,
+    blk: BlockingBench,
+    cb: ClientBench | None,
+    client_skip: str,
+) -> list[tuple[Figure, Sampler, Callable[[Sample], None]]]:
     """Every interleaved throughput figure with its sampler, in table order.
 
     Two floors, one per client kind: the bare server driven by the trio raw driver
@@ -85,54 +90,91 @@ def plan_throughput(cfg: Config, res: Results, bench: Bench, blk: BlockingBench,
     """
     plan: list[tuple[Figure, Sampler, Callable[[Sample], None]]] = []
 
-    def add(fig: Figure, sampler: Sampler | None,
-            on_extra: Callable[[Sample], None] | None = None) -> None:
+    def add(
+        fig: Figure, sampler: Sampler | None, on_extra: Callable[[Sample], None] | None = None
+    ) -> None:
         res.add(fig)
         if sampler is not None:
             plan.append((fig, sampler, on_extra or (lambda s: None)))
 
     def blocking(target: str, which: str, pipelined: bool) -> Sampler:
         async def sample(seconds: float) -> Sample:
-            return run_sample(await trio.to_thread.run_sync(
-                blk.run, target, which, pipelined, seconds, WINDOW))
+            return run_sample(
+                await trio.to_thread.run_sync(blk.run, target, which, pipelined, seconds, WINDOW)
+            )
+
         return sample
 
-    add(Figure("floor.seq", f"floor echo, trio driver, {SEQ}", "req/s"),
-        bench.floor_sampler(False))
-    add(Figure("floor.pipe", f"floor echo, trio driver, {PIPE}", "req/s"),
-        bench.floor_sampler(True))
-    add(Figure("floor.blocking.seq", f"floor echo, blocking driver, {SEQ}", "req/s"),
-        blocking("floor", "get", False))
-    add(Figure("floor.blocking.pipe", f"floor echo, blocking driver, {PIPE}", "req/s"),
-        blocking("floor", "get", True))
-    names = {"get": "vcpu.get_one_reg CPUID", "set": "vcpu.set_one_reg CPUID (same value)",
-             "lookup": "vm.phyid_lookup"}
+    add(Figure("floor.seq", f"floor echo, trio driver, {SEQ}", "req/s"), bench.floor_sampler(False))
+    add(
+        Figure("floor.pipe", f"floor echo, trio driver, {PIPE}", "req/s"), bench.floor_sampler(True)
+    )
+    add(
+        Figure("floor.blocking.seq", f"floor echo, blocking driver, {SEQ}", "req/s"),
+        blocking("floor", "get", False),
+    )
+    add(
+        Figure("floor.blocking.pipe", f"floor echo, blocking driver, {PIPE}", "req/s"),
+        blocking("floor", "get", True),
+    )
+    names = {
+        "get": "vcpu.get_one_reg CPUID",
+        "set": "vcpu.set_one_reg CPUID (same value)",
+        "lookup": "vm.phyid_lookup",
+    }
     for which, name in names.items():
-        add(Figure(f"raw.{which}.seq", f"raw  {name}, {SEQ}", "req/s", ref="floor.seq",
-                   target=Target("ratio_min", 0.95, "≥ 0.95x trio floor")),
-            bench.raw_sampler(which, False))
-        add(Figure(f"raw.{which}.pipe", f"raw  {name}, {PIPE}", "req/s", ref="floor.pipe",
-                   target=Target("ratio_min", 0.75, "≥ 0.75x trio floor")),
-            bench.raw_sampler(which, True))
+        add(
+            Figure(
+                f"raw.{which}.seq",
+                f"raw  {name}, {SEQ}",
+                "req/s",
+                ref="floor.seq",
+                target=Target("ratio_min", 0.95, "≥ 0.95x trio floor"),
+            ),
+            bench.raw_sampler(which, False),
+        )
+        add(
+            Figure(
+                f"raw.{which}.pipe",
+                f"raw  {name}, {PIPE}",
+                "req/s",
+                ref="floor.pipe",
+                target=Target("ratio_min", 0.75, "≥ 0.75x trio floor"),
+            ),
+            bench.raw_sampler(which, True),
+        )
     for mode, pipelined in ((SEQ, False), (PIPE, True)):
         key = "pipe" if pipelined else "seq"
-        add(Figure(f"raw.blocking.get.{key}", f"raw  vcpu.get_one_reg CPUID, blocking driver, "
-                   f"{mode}", "req/s", ref=f"floor.blocking.{key}"),
-            blocking("lvz", "get", pipelined))
+        add(
+            Figure(
+                f"raw.blocking.get.{key}",
+                f"raw  vcpu.get_one_reg CPUID, blocking driver, {mode}",
+                "req/s",
+                ref=f"floor.blocking.{key}",
+            ),
+            blocking("lvz", "get", pipelined),
+        )
     # (kind, label, pipelined, the floor it is compared with, target ratio on get_one_reg)
-    clients = (("sync", f"sync client, one thread, {SEQ}", False, "floor.blocking.seq", None),
-               ("threads", "sync client, 64 threads on one connection", True,
-                "floor.blocking.pipe", 0.3),
-               ("async", f"async client, one task, {SEQ}", False, "floor.seq", 0.8),
-               ("async", "async client, 64 tasks on one connection", True, "floor.pipe", 0.5),
-               ("gather", "async client, gather(64) from one task", True, "floor.pipe", None))
+    clients = (
+        ("sync", f"sync client, one thread, {SEQ}", False, "floor.blocking.seq", None),
+        ("threads", "sync client, 64 threads on one connection", True, "floor.blocking.pipe", 0.3),
+        ("async", f"async client, one task, {SEQ}", False, "floor.seq", 0.8),
+        ("async", "async client, 64 tasks on one connection", True, "floor.pipe", 0.5),
+        ("gather", "async client, gather(64) from one task", True, "floor.pipe", None),
+    )
     for which, name in names.items():
         for kind, label, pipelined, ref, goal in clients:
             key = f"client.{kind}.{which}.{'pipe' if pipelined else 'seq'}"
             floor = "blocking" if ref.startswith("floor.blocking") else "trio"
-            fig = Figure(key, f"{label}: {name}", "req/s", ref=ref,
-                         target=Target("ratio_min", goal, f"≥ {goal}x {floor} floor")
-                         if goal is not None and which == "get" else None)
+            fig = Figure(
+                key,
+                f"{label}: {name}",
+                "req/s",
+                ref=ref,
+                target=Target("ratio_min", goal, f"≥ {goal}x {floor} floor")
+                if goal is not None and which == "get"
+                else None,
+            )
             if client_skip or cb is None:
                 fig.skipped = client_skip or "lvz.clients not available"
                 add(fig, None)
@@ -145,28 +187,48 @@ def plan_throughput(cfg: Config, res: Results, bench: Bench, blk: BlockingBench,
             else:
                 add(fig, cb.async_sampler(which, pipelined))
 
-    pv = Figure("irq.pv_ipi", "PV IPI hypercall → 128 vCPUs (deliveries)", "deliveries/s",
-                target=Target("min", 50_000, "≥ 50,000/s, every event"))
-    pv_events = res.add(Figure("irq.pv_ipi.events", "PV IPI: events received by a subscriber",
-                               "events/s", target=Target("all", 0, "every event received")))
+    pv = Figure(
+        "irq.pv_ipi",
+        "PV IPI hypercall → 128 vCPUs (deliveries)",
+        "deliveries/s",
+        target=Target("min", 50_000, "≥ 50,000/s, every event"),
+    )
+    pv_events = res.add(
+        Figure(
+            "irq.pv_ipi.events",
+            "PV IPI: events received by a subscriber",
+            "events/s",
+            target=Target("all", 0, "every event received"),
+        )
+    )
 
     def pv_extra(s: Sample) -> None:
         pv_events.samples.append(s.extra["events_per_s"])
         pv_events.ok_checks.append(s.ok)
+
     add(pv, bench.pv_sampler(), pv_extra)
     res.figures["irq.pv_ipi.events"] = res.figures.pop("irq.pv_ipi.events")  # after pv_ipi
 
-    for which, label in (("ipi_send", "IPI_SEND (iocsr) + guest IPI_CLEAR"),
-                         ("msi", "vm.signal_msi → EIOINTC + guest COREISR ack"),
-                         ("pchpic", "vm.irq_line PCH-PIC pin → EIOINTC, up + down")):
-        add(Figure(f"irq.{which}", f"{label}, {PIPE}", "deliveries/s",
-                   target=Target("all", 0, "every event received"),
-                   note="one delivery = a raise and a lowering request, two irq events"),
-            bench.irq_sampler(which))
+    for which, label in (
+        ("ipi_send", "IPI_SEND (iocsr) + guest IPI_CLEAR"),
+        ("msi", "vm.signal_msi → EIOINTC + guest COREISR ack"),
+        ("pchpic", "vm.irq_line PCH-PIC pin → EIOINTC, up + down"),
+    ):
+        add(
+            Figure(
+                f"irq.{which}",
+                f"{label}, {PIPE}",
+                "deliveries/s",
+                target=Target("all", 0, "every event received"),
+                note="one delivery = a raise and a lowering request, two irq events",
+            ),
+            bench.irq_sampler(which),
+        )
 
     for limit in SCALE_LIMITS:
-        fig = Figure(f"scale.lookup.{limit}", f"vm.phyid_lookup at max_phyid {limit}, {PIPE}",
-                     "req/s")
+        fig = Figure(
+            f"scale.lookup.{limit}", f"vm.phyid_lookup at max_phyid {limit}, {PIPE}", "req/s"
+        )
         if limit != SCALE_LIMITS[0]:
             fig.ref = f"scale.lookup.{SCALE_LIMITS[0]}"
             if limit == SCALE_LIMITS[-1]:
@@ -183,8 +245,9 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
     try:
         say("setup: VMs for ONE_REG/lookup, interrupt paths, PV IPI and scale")
         await bench.setup_main()
-        blk = await trio.to_thread.run_sync(BlockingBench, cfg.floor_path, cfg.lvz_path,
-                                            bench.max_count)
+        blk = await trio.to_thread.run_sync(
+            BlockingBench, cfg.floor_path, cfg.lvz_path, bench.max_count
+        )
         await bench.setup_irq()
         await bench.setup_pv()
         await bench.setup_scale(SCALE_LIMITS)
@@ -219,8 +282,10 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
                     fig.samples.append(s.value)
                     fig.ok_checks.append(s.ok)
                     on_extra(s)
-                say(f"repetition {rep + 1}/{cfg.reps} of {len(plan)} throughput figures: "
-                    f"{time.perf_counter() - t0:.1f} s")
+                say(
+                    f"repetition {rep + 1}/{cfg.reps} of {len(plan)} throughput figures: "
+                    f"{time.perf_counter() - t0:.1f} s"
+                )
             nursery.cancel_scope.cancel()
         for key, sub in (("irq.pv_ipi", bench.pv_sub), ("irq.ipi_send", bench.irq_sub)):
             if not sub.ok and key in res.figures:
@@ -230,9 +295,11 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
             if f"irq.{which}" not in res.figures:
                 continue
             fig = res.get(f"irq.{which}")
-            fig.note = (f"a delivery = raise + lowering request, 2 irq events; "
-                        f"{2 * fig.median:,.0f} req/s = {2 * fig.median / floor:.2f}x floor "
-                        f"pipelined")
+            fig.note = (
+                f"a delivery = raise + lowering request, 2 irq events; "
+                f"{2 * fig.median:,.0f} req/s = {2 * fig.median / floor:.2f}x floor "
+                f"pipelined"
+            )
     finally:
         if cb is not None:
             await cb.aclose()
@@ -242,16 +309,22 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
 
 
 async def measure_connections(cfg: Config, res: Results) -> None:
-    answered = res.add(Figure("conn.answered", f"{CONNECTIONS:,} connections held, answered",
-                              "answered", target=Target("min", CONNECTIONS,
-                                                        f"all {CONNECTIONS:,}")))
-    opened = res.add(Figure("conn.open", f"{CONNECTIONS:,} connections: time to open all",
-                            "s"))
-    replied = res.add(Figure("conn.reply", f"{CONNECTIONS:,} connections: one request each, "
-                             "all answered", "s"))
+    answered = res.add(
+        Figure(
+            "conn.answered",
+            f"{CONNECTIONS:,} connections held, answered",
+            "answered",
+            target=Target("min", CONNECTIONS, f"all {CONNECTIONS:,}"),
+        )
+    )
+    opened = res.add(Figure("conn.open", f"{CONNECTIONS:,} connections: time to open all", "s"))
+    replied = res.add(
+        Figure("conn.reply", f"{CONNECTIONS:,} connections: one request each, all answered", "s")
+    )
     for _ in range(cfg.reps):
         n, t_open, t_reply = await trio.to_thread.run_sync(
-            many_connections, cfg.lvz_path, CONNECTIONS)
+            many_connections, cfg.lvz_path, CONNECTIONS
+        )
         answered.samples.append(n)
         opened.samples.append(t_open)
         replied.samples.append(t_reply)
@@ -262,14 +335,28 @@ async def measure_connections(cfg: Config, res: Results) -> None:
 async def measure_vm_scale(cfg: Config, res: Results) -> None:
     """Creation time and daemon RSS growth for 256 and 4,096 vCPUs, a fresh daemon per rep."""
     sizes = (256, 4096)
-    create = {n: res.add(Figure(f"create.{n}", f"create VM + {n:,} vCPUs with CPUIDs "
-                                "(raw, pipelined)", "s",
-                                target=Target("max", 2.0, "< 2 s") if n == 4096 else None))
-              for n in sizes}
-    rss = {n: res.add(Figure(f"mem.rss.{n}", f"daemon RSS growth per idle vCPU, {n:,} vCPUs",
-                             "B/vCPU",
-                             note="VmRSS of the daemon before/after (includes allocator slack)"))
-           for n in sizes}
+    create = {
+        n: res.add(
+            Figure(
+                f"create.{n}",
+                f"create VM + {n:,} vCPUs with CPUIDs (raw, pipelined)",
+                "s",
+                target=Target("max", 2.0, "< 2 s") if n == 4096 else None,
+            )
+        )
+        for n in sizes
+    }
+    rss = {
+        n: res.add(
+            Figure(
+                f"mem.rss.{n}",
+                f"daemon RSS growth per idle vCPU, {n:,} vCPUs",
+                "B/vCPU",
+                note="VmRSS of the daemon before/after (includes allocator slack)",
+            )
+        )
+        for n in sizes
+    }
     for _ in range(cfg.reps):
         with procs.daemon() as proc:
             path = proc.socket
@@ -293,18 +380,48 @@ async def measure_big_vm(cfg: Config, res: Results) -> None:
     three times per repetition and each read's daemon CPU (main thread) is one sample: the
     first read builds the answer, the next two get the one the daemon kept.
     """
-    create = res.add(Figure(f"create.{BIG}", f"create VM + {BIG:,} vCPUs with CPUIDs "
-                            "(raw, pipelined)", "s", target=Target("max", 0.8, "≤ 0.8 s")))
+    create = res.add(
+        Figure(
+            f"create.{BIG}",
+            f"create VM + {BIG:,} vCPUs with CPUIDs (raw, pipelined)",
+            "s",
+            target=Target("max", 0.8, "≤ 0.8 s"),
+        )
+    )
     create_cpu = res.add(Figure(f"create.{BIG}.server", "  of which the daemon's CPU", "s"))
-    create_client = res.add(Figure(f"create.{BIG}.client", "  and the benchmark client's CPU",
-                                   "s", note="the raw trio driver, 33 connections"))
-    first = res.add(Figure(f"map.cpu.first.{BIG}", f"vm.phyid_map of {BIG:,} entries, "
-                           "daemon CPU, first read", "ms", note="sorts and builds the answer"))
-    cpu = res.add(Figure(f"map.cpu.{BIG}", f"vm.phyid_map of {BIG:,} entries, daemon CPU",
-                         "ms", target=Target("max", 15, "≤ 15 ms"),
-                         note="reads 2 and 3: the kept answer (no phyid set or dropped since)"))
-    wall = res.add(Figure(f"map.wall.{BIG}", f"vm.phyid_map of {BIG:,} entries, round trip",
-                          "ms", note="includes the raw client decoding the answer"))
+    create_client = res.add(
+        Figure(
+            f"create.{BIG}.client",
+            "  and the benchmark client's CPU",
+            "s",
+            note="the raw trio driver, 33 connections",
+        )
+    )
+    first = res.add(
+        Figure(
+            f"map.cpu.first.{BIG}",
+            f"vm.phyid_map of {BIG:,} entries, daemon CPU, first read",
+            "ms",
+            note="sorts and builds the answer",
+        )
+    )
+    cpu = res.add(
+        Figure(
+            f"map.cpu.{BIG}",
+            f"vm.phyid_map of {BIG:,} entries, daemon CPU",
+            "ms",
+            target=Target("max", 15, "≤ 15 ms"),
+            note="reads 2 and 3: the kept answer (no phyid set or dropped since)",
+        )
+    )
+    wall = res.add(
+        Figure(
+            f"map.wall.{BIG}",
+            f"vm.phyid_map of {BIG:,} entries, round trip",
+            "ms",
+            note="includes the raw client decoding the answer",
+        )
+    )
     for _ in range(3 if cfg.quick else cfg.reps):
         with procs.daemon() as proc:
             path = proc.socket
@@ -328,14 +445,21 @@ async def measure_big_vm(cfg: Config, res: Results) -> None:
 
 
 async def measure_model_memory(cfg: Config, res: Results) -> None:
-    proc = await trio.run_process([sys.executable, "-m", "bench.memory", "256", "4096"],
-                                  capture_stdout=True, cwd=procs.ROOT)
+    proc = await trio.run_process(
+        [sys.executable, "-m", "bench.memory", "256", "4096"], capture_stdout=True, cwd=procs.ROOT
+    )
     data = json.loads(proc.stdout)
     for n in ("256", "4096"):
-        fig = res.add(Figure(f"mem.model.{n}", f"VM model heap per idle vCPU, {int(n):,} vCPUs",
-                             "B/vCPU", target=Target("max", 2048, "≤ 2 KiB"),
-                             note="tracemalloc in a helper process: Vm + IPI/EIOINTC/PCH-PIC, "
-                                  "vCPUs created and CPUIDs set; no handles"))
+        fig = res.add(
+            Figure(
+                f"mem.model.{n}",
+                f"VM model heap per idle vCPU, {int(n):,} vCPUs",
+                "B/vCPU",
+                target=Target("max", 2048, "≤ 2 KiB"),
+                note="tracemalloc in a helper process: Vm + IPI/EIOINTC/PCH-PIC, "
+                "vCPUs created and CPUIDs set; no handles",
+            )
+        )
         fig.samples.extend(data[n])
     say("model memory: done")
 
@@ -360,39 +484,70 @@ async def run_all(cfg: Config) -> Results:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter samples (under 60 s)")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                    help=f"where to write the results (default {DEFAULT_JSON})")
-    ap.add_argument("--only", default="", metavar="PREFIXES",
-                    help="comma-separated figure-key prefixes (e.g. floor,raw): run just those "
-                         "throughput figures and skip the scale section (for A/B runs); "
-                         "create or map runs the 65,536-vCPU VM figures")
-    ap.add_argument("--strict", action="store_true",
-                    help="exit 1 when a target is missed (default: report it, exit 0 when the "
-                         "benchmark itself ran)")
-    ap.add_argument("--seconds", type=float, default=None,
-                    help="seconds per throughput sample (default 0.2 quick, 0.8 full)")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        metavar="PATH",
+        help=f"where to write the results (default {DEFAULT_JSON})",
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        metavar="PREFIXES",
+        help="comma-separated figure-key prefixes (e.g. floor,raw): run just those "
+        "throughput figures and skip the scale section (for A/B runs); "
+        "create or map runs the 65,536-vCPU VM figures",
+    )
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed (default: report it, exit 0 when the "
+        "benchmark itself ran)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per throughput sample (default 0.2 quick, 0.8 full)",
+    )
     args = ap.parse_args(argv)
     raise_nofile()
     started = time.perf_counter()
     with ExitStack() as stack:
         floor = stack.enter_context(procs.floor())
         daemon = stack.enter_context(procs.daemon())
-        cfg = Config(quick=args.quick,
-                     seconds=args.seconds or (0.2 if args.quick else 0.8),
-                     reps=REPS, lvz_path=daemon.socket, floor_path=floor.socket,
-                     daemon_cmd=daemon.command,
-                     only=tuple(p for p in args.only.split(",") if p))
+        cfg = Config(
+            quick=args.quick,
+            seconds=args.seconds or (0.2 if args.quick else 0.8),
+            reps=REPS,
+            lvz_path=daemon.socket,
+            floor_path=floor.socket,
+            daemon_cmd=daemon.command,
+            only=tuple(p for p in args.only.split(",") if p),
+        )
         say(f"floor: {' '.join(floor.command)}")
         say(f"lvz:   {' '.join(cfg.daemon_cmd)}")
         cfg.floor_pid, cfg.lvz_pid = floor.pid, daemon.pid
         res = trio.run(run_all, cfg)
     elapsed = time.perf_counter() - started
-    title = (f"lvz benchmark ({'quick' if cfg.quick else 'full'}, {lvz.build}): medians of "
-             f"{cfg.reps} repetitions, {cfg.seconds:g} s per throughput sample, "
-             f"{elapsed:.0f} s in all")
+    title = (
+        f"lvz benchmark ({'quick' if cfg.quick else 'full'}, {lvz.build}): medians of "
+        f"{cfg.reps} repetitions, {cfg.seconds:g} s per throughput sample, "
+        f"{elapsed:.0f} s in all"
+    )
     print(table(res, title))
-    write_json(args.json, to_json(res, quick=cfg.quick, reps=cfg.reps, seconds=cfg.seconds,
-                                  elapsed=elapsed, daemon_cmd=cfg.daemon_cmd))
+    write_json(
+        args.json,
+        to_json(
+            res,
+            quick=cfg.quick,
+            reps=cfg.reps,
+            seconds=cfg.seconds,
+            elapsed=elapsed,
+            daemon_cmd=cfg.daemon_cmd,
+        ),
+    )
     print(f"results written to {args.json}")
     missed = [f.label for f in res.figures.values() if res.verdict(f) is False]
     if missed:

@@ -49,8 +49,7 @@ class BlockingBench:
             return lambda i: ("vcpu.set_one_reg", put)
         return lambda i: ("vm.phyid_lookup", {"vm": vm, "phyid": i & 127})
 
-    def run(self, target: str, which: str, pipelined: bool, seconds: float,
-            window: int) -> Run:
+    def run(self, target: str, which: str, pipelined: bool, seconds: float, window: int) -> Run:
         """One sample, blocking (call it from a worker thread)."""
         conn = self.floor if target == "floor" else self.lvz
         make = self.make(which)

@@ -53,6 +53,7 @@ class ClientBench:
             self.sync_kvm = Kvm.connect(self.path)
             self.sync_vm = self.sync_kvm.open_vm("bench-main")
             self.sync_vcpu = self.sync_vm.open_vcpu(0)
+
         await trio.to_thread.run_sync(connect)
         kvm = await self.stack.enter_async_context(open_kvm(self.path))
         self.avm = await kvm.open_vm("bench-main")
@@ -97,6 +98,7 @@ class ClientBench:
 
         async def sample(seconds: float) -> Sample:
             return await trio.to_thread.run_sync(loop, seconds)
+
         return sample
 
     def threads_sampler(self, which: str) -> Sampler:
@@ -117,6 +119,7 @@ class ClientBench:
                     if time.perf_counter() >= deadline:
                         break
                 counts[k] = n
+
             threads = [threading.Thread(target=worker, args=(k,)) for k in range(WINDOW)]
             for t in threads:
                 t.start()
@@ -127,6 +130,7 @@ class ClientBench:
 
         async def sample(seconds: float) -> Sample:
             return await trio.to_thread.run_sync(loop, seconds)
+
         return sample
 
     def gather_sampler(self, which: str) -> Sampler:
@@ -155,6 +159,7 @@ class ClientBench:
                     break
             took = time.perf_counter() - t0
             return Sample(n / took, count=n, seconds=took)
+
         return sample
 
     def async_sampler(self, which: str, pipelined: bool) -> Sampler:
@@ -179,4 +184,5 @@ class ClientBench:
                     nursery.start_soon(worker)
             took = time.perf_counter() - t0
             return Sample(count[0] / took, count=count[0], seconds=took)
+
         return sample

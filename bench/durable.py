@@ -59,17 +59,21 @@ async def _named_vcpu(path: Path) -> tuple[Wire, int, int]:
 #: The journal-cost cases: label, and the request number i's (method, params) given the
 #: named VM's handle and its vCPU 0's.
 _CASES: dict[str, tuple[str, Callable[[int, int, int], tuple[str, dict[str, Any]]]]] = {
-    "get": ("vcpu.get_one_reg CPUID",
-            lambda vm, vcpu, i: ("vcpu.get_one_reg", {"vcpu": vcpu, "id": CPUID})),
+    "get": (
+        "vcpu.get_one_reg CPUID",
+        lambda vm, vcpu, i: ("vcpu.get_one_reg", {"vcpu": vcpu, "id": CPUID}),
+    ),
     # The CPUID it holds: the kernel's no-op, which changes nothing and so is not journaled.
-    "set": ("vcpu.set_one_reg CPUID, the same value (a no-op)",
-            lambda vm, vcpu, i: ("vcpu.set_one_reg", {"vcpu": vcpu, "id": CPUID, "value": 0})),
+    "set": (
+        "vcpu.set_one_reg CPUID, the same value (a no-op)",
+        lambda vm, vcpu, i: ("vcpu.set_one_reg", {"vcpu": vcpu, "id": CPUID, "value": 0}),
+    ),
     # Every request a change, journaled and written before its answer.
-    "change": ("vcpu.set_one_reg KS0, alternating values (journaled)",
-               lambda vm, vcpu, i: ("vcpu.set_one_reg",
-                                    {"vcpu": vcpu, "id": KS0, "value": i & 1})),
-    "lookup": ("vm.phyid_lookup",
-               lambda vm, vcpu, i: ("vm.phyid_lookup", {"vm": vm, "phyid": 0})),
+    "change": (
+        "vcpu.set_one_reg KS0, alternating values (journaled)",
+        lambda vm, vcpu, i: ("vcpu.set_one_reg", {"vcpu": vcpu, "id": KS0, "value": i & 1}),
+    ),
+    "lookup": ("vm.phyid_lookup", lambda vm, vcpu, i: ("vm.phyid_lookup", {"vm": vm, "phyid": 0})),
 }
 
 
@@ -80,22 +84,37 @@ async def measure_journal_cost(res: Results, reps: int, seconds: float) -> None:
     moves with whatever else runs, and more, shorter pairs give a steadier median.
     """
     reps, seconds = 2 * reps, seconds / 2
-    with tempfile.TemporaryDirectory(prefix="lvzb") as tmp, procs.daemon() as plain, \
-            procs.daemon("--state-dir", str(Path(tmp) / "state")) as durable:
-        conns = {"plain": await _named_vcpu(plain.socket),
-                 "durable": await _named_vcpu(durable.socket)}
+    with (
+        tempfile.TemporaryDirectory(prefix="lvzb") as tmp,
+        procs.daemon() as plain,
+        procs.daemon("--state-dir", str(Path(tmp) / "state")) as durable,
+    ):
+        conns = {
+            "plain": await _named_vcpu(plain.socket),
+            "durable": await _named_vcpu(durable.socket),
+        }
         pids = {"plain": plain.proc.pid, "durable": durable.proc.pid}
         figs: dict[tuple[str, str, str], Figure] = {}
         for which, (label, _) in _CASES.items():
             for mode in ("seq", "pipe"):
                 text = "sequential" if mode == "seq" else f"pipelined x{WINDOW}"
-                base = res.add(Figure(f"durable.plain.{which}.{mode}",
-                                      f"named VM, no --state-dir: {label}, {text}", "req/s"))
+                base = res.add(
+                    Figure(
+                        f"durable.plain.{which}.{mode}",
+                        f"named VM, no --state-dir: {label}, {text}",
+                        "req/s",
+                    )
+                )
                 figs[which, mode, "plain"] = base
-                figs[which, mode, "durable"] = res.add(Figure(
-                    f"durable.{which}.{mode}", f"named VM, --state-dir: {label}, {text}",
-                    "req/s", ref=base.key,
-                    target=Target("ratio_min", 0.9, "≥ 0.9x without (cost ≤ 10%)")))
+                figs[which, mode, "durable"] = res.add(
+                    Figure(
+                        f"durable.{which}.{mode}",
+                        f"named VM, --state-dir: {label}, {text}",
+                        "req/s",
+                        ref=base.key,
+                        target=Target("ratio_min", 0.9, "≥ 0.9x without (cost ≤ 10%)"),
+                    )
+                )
         for _ in range(reps):
             for which, (_, request) in _CASES.items():
                 for mode in ("seq", "pipe"):
@@ -155,8 +174,9 @@ def _cpu_rows(state_dir: Path | None) -> list[tuple[str, float]]:
 
     def event(value: int) -> Any:
         p = ServerConnection()
-        p.receive_data(msgpack.packb([0, 1, "vcpu.set_one_reg",
-                                      {"vcpu": vcpu_h, "id": KS0, "value": value}]))
+        p.receive_data(
+            msgpack.packb([0, 1, "vcpu.set_one_reg", {"vcpu": vcpu_h, "id": KS0, "value": value}])
+        )
         return p.next_event()
 
     def run(evs: list[Any], per_flush: int) -> Callable[[], None]:
@@ -169,16 +189,22 @@ def _cpu_rows(state_dir: Path | None) -> list[tuple[str, float]]:
                 state.flush()
             conn.out.clear()
             conn.out_bytes = 0
+
         return go
 
     side = "no --state-dir" if state is None else "--state-dir"
     same = event(1)
-    rows = [(f"{side}: changing set_one_reg, a flush per request",
-             per_call(run([event(0), event(1)], 1), n)),
-            (f"{side}: changing set_one_reg, a flush per 64",
-             per_call(run([event(0), event(1)], 64), n // 64) / 64),
-            (f"{side}: same-value set_one_reg, a flush per request",
-             per_call(run([same], 1), n))]
+    rows = [
+        (
+            f"{side}: changing set_one_reg, a flush per request",
+            per_call(run([event(0), event(1)], 1), n),
+        ),
+        (
+            f"{side}: changing set_one_reg, a flush per 64",
+            per_call(run([event(0), event(1)], 64), n // 64) / 64,
+        ),
+        (f"{side}: same-value set_one_reg, a flush per request", per_call(run([same], 1), n)),
+    ]
     if state is not None:
         state.close()
     return rows
@@ -203,10 +229,22 @@ def _snapshot_round(path: Path, n: int) -> tuple[float, float]:
 async def measure_snapshots(res: Results, reps: int, big_reps: int) -> None:
     for n in SIZES:
         limit = 2.0 if n == SIZES[0] else 8.0
-        save = res.add(Figure(f"snapshot.save.{n}", f"lvz snapshot, {n:,} vCPUs with CPUIDs",
-                              "s", target=Target("max", limit, f"≤ {limit:g} s")))
-        restore = res.add(Figure(f"snapshot.restore.{n}", f"lvz restore, {n:,} vCPUs", "s",
-                                 target=Target("max", limit, f"≤ {limit:g} s")))
+        save = res.add(
+            Figure(
+                f"snapshot.save.{n}",
+                f"lvz snapshot, {n:,} vCPUs with CPUIDs",
+                "s",
+                target=Target("max", limit, f"≤ {limit:g} s"),
+            )
+        )
+        restore = res.add(
+            Figure(
+                f"snapshot.restore.{n}",
+                f"lvz restore, {n:,} vCPUs",
+                "s",
+                target=Target("max", limit, f"≤ {limit:g} s"),
+            )
+        )
         with procs.daemon() as proc:
             await populate(proc.socket, "big", 65536, list(range(n)))
             for _ in range(reps if n == SIZES[0] else big_reps):
@@ -219,12 +257,20 @@ async def measure_snapshots(res: Results, reps: int, big_reps: int) -> None:
 async def measure_shutdown(res: Results, reps: int) -> None:
     """``reps`` daemons, each holding a 65,536-vCPU named VM, stopped with SIGTERM."""
     n = SIZES[-1]
-    fig = res.add(Figure("shutdown.state.65536", f"SIGTERM with a {n:,}-vCPU named VM, "
-                         "--state-dir", "s", target=Target("max", 2.0, "≤ 2 s"),
-                         note="signal to process exit; the VM's file is already current"))
+    fig = res.add(
+        Figure(
+            "shutdown.state.65536",
+            f"SIGTERM with a {n:,}-vCPU named VM, --state-dir",
+            "s",
+            target=Target("max", 2.0, "≤ 2 s"),
+            note="signal to process exit; the VM's file is already current",
+        )
+    )
     for _ in range(reps):
-        with tempfile.TemporaryDirectory(prefix="lvzb") as tmp, \
-                procs.daemon("--state-dir", str(Path(tmp) / "state")) as proc:
+        with (
+            tempfile.TemporaryDirectory(prefix="lvzb") as tmp,
+            procs.daemon("--state-dir", str(Path(tmp) / "state")) as proc,
+        ):
             await populate(proc.socket, "big", 65536, list(range(n)))
             t0 = time.perf_counter()
             proc.proc.send_signal(signal.SIGTERM)
@@ -234,14 +280,20 @@ async def measure_shutdown(res: Results, reps: int) -> None:
     _say("shutdown with a big named VM: done")
 
 
-async def measure_durable(res: Results, reps: int, seconds: float, quick: bool = False
-                          ) -> None:
+async def measure_durable(res: Results, reps: int, seconds: float, quick: bool = False) -> None:
     """The whole section; 65,536-vCPU figures take 3 repetitions (1 with ``quick``)."""
     big = 1 if quick else min(reps, 3)
     await measure_journal_cost(res, reps, seconds)
     for i, (label, us) in enumerate(journal_cpu()):
-        res.add(Figure(f"durable.cpu.{i}", f"daemon CPU per request, in-process: {label}", "us",
-                       samples=[us], note="best of 5; the journal's own cost, without noise"))
+        res.add(
+            Figure(
+                f"durable.cpu.{i}",
+                f"daemon CPU per request, in-process: {label}",
+                "us",
+                samples=[us],
+                note="best of 5; the journal's own cost, without noise",
+            )
+        )
     await measure_snapshots(res, reps, big)
     await measure_shutdown(res, big)
 

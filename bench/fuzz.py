@@ -58,10 +58,17 @@ MAX_MESSAGE = 1 << 16
 CONN_MESSAGES = 2000
 
 #: Numbers the daemon gives meaning to: chip addresses, attr groups, register ids.
-_INTERESTING = (abi.IOCSR_IPI_BASE + abi.IPI_SET, abi.IOCSR_IPI_BASE + abi.IPI_SEND,
-                abi.EIOINTC_BASE, abi.EIOINTC_BASE + abi.EIOINTC_ENABLE,
-                abi.EIOINTC_BASE + abi.EIOINTC_COREISR, abi.CPUCFG_KVM_FEATURE,
-                abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK, abi.CPUID, abi.ESTAT)
+_INTERESTING = (
+    abi.IOCSR_IPI_BASE + abi.IPI_SET,
+    abi.IOCSR_IPI_BASE + abi.IPI_SEND,
+    abi.EIOINTC_BASE,
+    abi.EIOINTC_BASE + abi.EIOINTC_ENABLE,
+    abi.EIOINTC_BASE + abi.EIOINTC_COREISR,
+    abi.CPUCFG_KVM_FEATURE,
+    abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK,
+    abi.CPUID,
+    abi.ESTAT,
+)
 
 
 def say(msg: str) -> None:
@@ -69,6 +76,7 @@ def say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------- (a) chips ---------------
+
 
 def chip_fuzz(target: int, segment: int, deadline: float, seed0: int) -> tuple[FuzzStats, bool]:
     """Segments of ``segment`` steps until every chip has ``target`` accesses or time runs out."""
@@ -84,14 +92,15 @@ def chip_fuzz(target: int, segment: int, deadline: float, seed0: int) -> tuple[F
             say(f"chip fuzz FAILED, seed {seed} ({segment} steps reproduce it):\n{exc}")
             raise
         seed += 1
-        say(f"  chips: {total.steps:,} steps, "
+        say(
+            f"  chips: {total.steps:,} steps, "
             + ", ".join(f"{c} {total.accesses[c]:,}" for c in CHIPS)
-            + f" ({total.steps / total.seconds:,.0f} steps/s)")
+            + f" ({total.steps / total.seconds:,.0f} steps/s)"
+        )
     return total, True
 
 
 # ---------------------------------------------------------------------- (b) socket soak ---------
-
 
 
 class Junk:
@@ -103,13 +112,35 @@ class Junk:
 
     def int_(self) -> int:
         rng = self.rng
-        return rng.choice((rng.randrange(300), rng.randrange(9), rng.getrandbits(64),
-                           rng.getrandbits(32), U64_MAX, -(1 << 63), -1, *_INTERESTING))
+        return rng.choice(
+            (
+                rng.randrange(300),
+                rng.randrange(9),
+                rng.getrandbits(64),
+                rng.getrandbits(32),
+                U64_MAX,
+                -(1 << 63),
+                -1,
+                *_INTERESTING,
+            )
+        )
 
     def scalar(self) -> Any:
         rng = self.rng
-        return rng.choice((None, True, 1.5, "x", b"\x00", self.int_(), "loongarch-ipi",
-                           [self.int_()], {"k": 1}, "z" * rng.randrange(40)))
+        return rng.choice(
+            (
+                None,
+                True,
+                1.5,
+                "x",
+                b"\x00",
+                self.int_(),
+                "loongarch-ipi",
+                [self.int_()],
+                {"k": 1},
+                "z" * rng.randrange(40),
+            )
+        )
 
     def params(self, method: str) -> dict[str, Any]:
         rng = self.rng
@@ -121,8 +152,15 @@ class Junk:
                 elif kind in ("vm", "vcpu", "device", "handle"):
                     out[name] = rng.randrange(9)
                 elif kind == "str":
-                    out[name] = rng.choice(("loongarch-ipi", "loongarch-eiointc", "one_reg", "",
-                                            f"soak-{rng.randrange(40)}"))
+                    out[name] = rng.choice(
+                        (
+                            "loongarch-ipi",
+                            "loongarch-eiointc",
+                            "one_reg",
+                            "",
+                            f"soak-{rng.randrange(40)}",
+                        )
+                    )
                 elif kind == "args":
                     out[name] = [self.int_() for _ in range(rng.randrange(7))]
                 else:
@@ -141,10 +179,18 @@ class Junk:
         if r < 0.78:
             return [0, msgid, rng.choice(("vm.nope", "", "KVM.LIST_VMS")), {}], "response"
         if r < 0.9:
-            return rng.choice(([0, msgid, 5, {}], [0, msgid, "hello", []], [1, msgid],
-                               [0, msgid, "hello"], [7, msgid, None, None, 1])), "response"
-        return rng.choice(([], {"a": 1}, 17, "hi", [0, -1, "hello", {}], [0, 1 << 32, "x", {}],
-                           [0], None)), "protocol_error"
+            return rng.choice(
+                (
+                    [0, msgid, 5, {}],
+                    [0, msgid, "hello", []],
+                    [1, msgid],
+                    [0, msgid, "hello"],
+                    [7, msgid, None, None, 1],
+                )
+            ), "response"
+        return rng.choice(
+            ([], {"a": 1}, 17, "hi", [0, -1, "hello", {}], [0, 1 << 32, "x", {}], [0], None)
+        ), "protocol_error"
 
 
 @dataclass(slots=True)
@@ -179,7 +225,7 @@ async def pipelined(path: str, junk: Junk, count: int, window: int, counts: Soak
         for i in range(0, len(sent_plan), 64):
             for _ in range(min(64, len(sent_plan) - i)):
                 await budget.acquire()
-            await stream.send_all(b"".join(sent_plan[i:i + 64]))
+            await stream.send_all(b"".join(sent_plan[i : i + 64]))
 
     async def receiver() -> None:
         nonlocal got
@@ -233,8 +279,9 @@ def throwaway_payload(rng: random.Random, junk: Junk) -> bytes:
     return b"\x91" * rng.randrange(900, 1200) + b"\xc0"
 
 
-def soak(messages: int, connections: int, throwaway: int, deadline: float,
-         seed: int) -> dict[str, Any]:
+def soak(
+    messages: int, connections: int, throwaway: int, deadline: float, seed: int
+) -> dict[str, Any]:
     rng = random.Random(seed)
     out: dict[str, Any] = {}
     with procs.daemon("--max-vms", "512", "--max-message", str(MAX_MESSAGE)) as proc:
@@ -276,10 +323,12 @@ def soak(messages: int, connections: int, throwaway: int, deadline: float,
             if watcher.observe() != watcher.baseline:
                 raise RuntimeError("the watcher's VM changed during the soak")
             watcher.cleanup_others()
-            say(f"  soak: {counts.sent:,} messages, {counts.responses:,} responses, "
+            say(
+                f"  soak: {counts.sent:,} messages, {counts.responses:,} responses, "
                 f"{counts.protocol_errors:,} protocol_errors, {counts.throwaway:,} throwaway "
                 f"connections ({counts.sent / (time.perf_counter() - t0):,.0f} msg/s), "
-                f"daemon RSS {procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
+                f"daemon RSS {procs.rss_bytes(proc.pid) / 2**20:.1f} MiB"
+            )
         seconds = time.perf_counter() - t0
         if not proc.alive():
             raise RuntimeError(f"the daemon died (status {proc.proc.returncode})")
@@ -287,9 +336,14 @@ def soak(messages: int, connections: int, throwaway: int, deadline: float,
             raise RuntimeError("the watcher's VM changed during the soak")
         out["rss_after"] = procs.rss_bytes(proc.pid)
         watcher.close()
-        out.update(seconds=seconds, sent=counts.sent, responses=counts.responses,
-                   protocol_errors=counts.protocol_errors, throwaway=counts.throwaway,
-                   closed_with=dict(counts.closed_with or {}))
+        out.update(
+            seconds=seconds,
+            sent=counts.sent,
+            responses=counts.responses,
+            protocol_errors=counts.protocol_errors,
+            throwaway=counts.throwaway,
+            closed_with=dict(counts.closed_with or {}),
+        )
     return out
 
 
@@ -298,8 +352,10 @@ def soak(messages: int, connections: int, throwaway: int, deadline: float,
 STORM_VCPUS = 32
 STORM_MSI_IRQ = 3
 EIOINTC_ENABLE, EIOINTC_COREISR, EIOINTC_COREMAP = (
-    abi.EIOINTC_BASE + abi.EIOINTC_ENABLE, abi.EIOINTC_BASE + abi.EIOINTC_COREISR,
-    abi.EIOINTC_BASE + abi.EIOINTC_COREMAP)
+    abi.EIOINTC_BASE + abi.EIOINTC_ENABLE,
+    abi.EIOINTC_BASE + abi.EIOINTC_COREISR,
+    abi.EIOINTC_BASE + abi.EIOINTC_COREMAP,
+)
 BEHAVIOURS = ("close", "reset", "shut-read", "shut-write", "stop-reading", "junk")
 
 
@@ -343,30 +399,55 @@ async def storm_vm(path: str, name: str) -> tuple[Lane, int, list[int]]:
     """A VM of STORM_VCPUS vCPUs (CPUID = vcpu_id), EIOINTC irq STORM_MSI_IRQ routed to CPUID 1."""
     lane = await Lane.open(path)
     vm = (await lane.call("kvm.create_vm", name=name))["vm"]
-    made = await lane.batch([("vm.create_vcpu", {"vm": vm, "vcpu_id": i})
-                             for i in range(STORM_VCPUS)])
+    made = await lane.batch(
+        [("vm.create_vcpu", {"vm": vm, "vcpu_id": i}) for i in range(STORM_VCPUS)]
+    )
     vcpus = [m["vcpu"] for m in made]
-    await lane.batch([("vcpu.set_one_reg", {"vcpu": v, "id": abi.CPUID, "value": i})
-                      for i, v in enumerate(vcpus)])
+    await lane.batch(
+        [
+            ("vcpu.set_one_reg", {"vcpu": v, "id": abi.CPUID, "value": i})
+            for i, v in enumerate(vcpus)
+        ]
+    )
     for chip in (abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC):
         await lane.call("vm.create_device", vm=vm, type=chip)
-    await lane.call("vcpu.iocsr_write", vcpu=vcpus[0], addr=EIOINTC_ENABLE, size=8,
-                    value=1 << STORM_MSI_IRQ)
-    await lane.call("vcpu.iocsr_write", vcpu=vcpus[0], addr=EIOINTC_COREMAP, size=8,
-                    value=0x2 << (8 * STORM_MSI_IRQ))
+    await lane.call(
+        "vcpu.iocsr_write", vcpu=vcpus[0], addr=EIOINTC_ENABLE, size=8, value=1 << STORM_MSI_IRQ
+    )
+    await lane.call(
+        "vcpu.iocsr_write",
+        vcpu=vcpus[0],
+        addr=EIOINTC_COREMAP,
+        size=8,
+        value=0x2 << (8 * STORM_MSI_IRQ),
+    )
     return lane, vm, vcpus
 
 
-async def drive(lane: Lane, vm: int, vcpus: list[int], until: trio.Event,
-                counts: Counter[str]) -> None:
+async def drive(
+    lane: Lane, vm: int, vcpus: list[int], until: trio.Event, counts: Counter[str]
+) -> None:
     """PV IPI bursts and MSI pairs until ``until`` is set; every answer must be a success."""
-    pv = [("vcpu.hypercall", {"vcpu": vcpus[0], "code": abi.KVM_HCALL_SERVICE,
-                              "args": [abi.KVM_HCALL_FUNC_IPI, U64_MAX, 0, 0]})]
-    acks = [("vcpu.csr_xchg", {"vcpu": v, "csr": abi.CSR_ESTAT, "value": 0, "mask": 1})
-            for v in vcpus]
-    msi = [("vm.signal_msi", {"vm": vm, "address": 0, "data": STORM_MSI_IRQ}),
-           ("vcpu.iocsr_write", {"vcpu": vcpus[1], "addr": EIOINTC_COREISR, "size": 8,
-                                 "value": 1 << STORM_MSI_IRQ})] * 16
+    pv = [
+        (
+            "vcpu.hypercall",
+            {
+                "vcpu": vcpus[0],
+                "code": abi.KVM_HCALL_SERVICE,
+                "args": [abi.KVM_HCALL_FUNC_IPI, U64_MAX, 0, 0],
+            },
+        )
+    ]
+    acks = [
+        ("vcpu.csr_xchg", {"vcpu": v, "csr": abi.CSR_ESTAT, "value": 0, "mask": 1}) for v in vcpus
+    ]
+    msi = [
+        ("vm.signal_msi", {"vm": vm, "address": 0, "data": STORM_MSI_IRQ}),
+        (
+            "vcpu.iocsr_write",
+            {"vcpu": vcpus[1], "addr": EIOINTC_COREISR, "size": 8, "value": 1 << STORM_MSI_IRQ},
+        ),
+    ] * 16
     while not until.is_set():
         [answer] = await lane.batch(pv)
         if answer["a0"] != 0:
@@ -403,8 +484,9 @@ async def misbehave(path: str, name: str, rng: random.Random, counts: Counter[st
         elif behaviour == "stop-reading":
             await trio.sleep(rng.random() * 0.3)
         elif behaviour == "junk":
-            await stream.send_all(rng.choice((b"\xc1", rng.randbytes(rng.randrange(1, 64)),
-                                              b"\x91" * 1100)))
+            await stream.send_all(
+                rng.choice((b"\xc1", rng.randbytes(rng.randrange(1, 64)), b"\x91" * 1100))
+            )
             with trio.move_on_after(0.5):
                 while await stream.receive_some(65536):
                     pass
@@ -434,16 +516,20 @@ def storm(total: int, concurrent: int, deadline: float, seed: int) -> dict[str, 
                 first, vm, vcpus = await storm_vm(path, name)
                 second = await Lane.open(path)  # a second driver on its own connection
                 vm2 = (await second.call("kvm.open_vm", name=name))["vm"]
-                vcpus2 = [a["vcpu"] for a in await second.batch(
-                    [("vm.open_vcpu", {"vm": vm2, "vcpu_id": i})
-                     for i in range(STORM_VCPUS)])]
+                vcpus2 = [
+                    a["vcpu"]
+                    for a in await second.batch(
+                        [("vm.open_vcpu", {"vm": vm2, "vcpu_id": i}) for i in range(STORM_VCPUS)]
+                    )
+                ]
                 stop = trio.Event()
                 limit = trio.Semaphore(concurrent)
 
                 async def one(i: int) -> None:
                     async with limit:
-                        await misbehave(path, name, random.Random(seed * 7919 + r * 1000 + i),
-                                        counts)
+                        await misbehave(
+                            path, name, random.Random(seed * 7919 + r * 1000 + i), counts
+                        )
 
                 with trio.fail_after(max(1.0, deadline - time.monotonic())):
                     async with trio.open_nursery() as nursery:
@@ -462,17 +548,21 @@ def storm(total: int, concurrent: int, deadline: float, seed: int) -> dict[str, 
                 raise RuntimeError(f"the daemon died (status {proc.proc.returncode})")
             if watcher.observe() != watcher.baseline:
                 raise RuntimeError("the watcher's VM changed during the storm")
-            say(f"  storm: {sum(v for k, v in counts.items() if k != 'line changes'):,} "
+            say(
+                f"  storm: {sum(v for k, v in counts.items() if k != 'line changes'):,} "
                 f"misbehaving subscribers, {counts['line changes']:,} line changes "
                 f"({time.perf_counter() - t0:.1f} s), daemon RSS "
-                f"{procs.rss_bytes(proc.pid) / 2**20:.1f} MiB")
+                f"{procs.rss_bytes(proc.pid) / 2**20:.1f} MiB"
+            )
         out["seconds"] = time.perf_counter() - t0
         out["rss_after"] = procs.rss_bytes(proc.pid)
         watcher.close()
         out["counts"] = dict(counts)
     return out
 
+
 # ---------------------------------------------------------------------- main --------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n")[0])
@@ -507,35 +597,52 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rate = chips.steps / chips.seconds
     print()
-    print(f"## make fuzz{' --quick' if args.quick else ''} "
-          f"({os.cpu_count()} CPUs, {time.monotonic() - start:.0f} s)")
+    print(
+        f"## make fuzz{' --quick' if args.quick else ''} "
+        f"({os.cpu_count()} CPUs, {time.monotonic() - start:.0f} s)"
+    )
     print()
     print("| fuzzer | total | rate | notes |")
     print("|---|---:|---:|---|")
-    print(f"| chips: steps (invariants checked after each) | {chips.steps:,} | "
-          f"{rate:,.0f} steps/s | {-(-chips.steps // segment)} VMs, 0 violations |")
+    print(
+        f"| chips: steps (invariants checked after each) | {chips.steps:,} | "
+        f"{rate:,.0f} steps/s | {-(-chips.steps // segment)} VMs, 0 violations |"
+    )
     for c in CHIPS:
-        print(f"| chips: {c} accesses | {chips.accesses[c]:,} | "
-              f"{chips.accesses[c] / chips.seconds:,.0f} /s | |")
+        print(
+            f"| chips: {c} accesses | {chips.accesses[c]:,} | "
+            f"{chips.accesses[c] / chips.seconds:,.0f} /s | |"
+        )
     up = chips.lines_up
-    print(f"| chips: steps with a line up | | | HWI {up['hwi']:,}, IPI {up['ipi']:,}, "
-          f"SWI0 {up['swi0']:,} |")
-    print(f"| socket soak: messages | {s['sent']:,} | {s['sent'] / s['seconds']:,.0f} msg/s | "
-          f"{s['responses']:,} responses, {s['protocol_errors']:,} protocol_errors |")
+    print(
+        f"| chips: steps with a line up | | | HWI {up['hwi']:,}, IPI {up['ipi']:,}, "
+        f"SWI0 {up['swi0']:,} |"
+    )
+    print(
+        f"| socket soak: messages | {s['sent']:,} | {s['sent'] / s['seconds']:,.0f} msg/s | "
+        f"{s['responses']:,} responses, {s['protocol_errors']:,} protocol_errors |"
+    )
     closed = ", ".join(f"{k} {v:,}" for k, v in sorted(s["closed_with"].items()))
     print(f"| socket soak: throwaway junk connections | {s['throwaway']:,} | | {closed} |")
-    print(f"| daemon RSS before / after | {s['rss_before'] / 2**20:.1f} MiB / "
-          f"{s['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |")
-    ended = ", ".join(f"{k} {v:,}" for k, v in sorted(st["counts"].items())
-                      if k != "line changes")
-    print(f"| disconnect storm: misbehaving subscribers | "
-          f"{sum(v for k, v in st['counts'].items() if k != 'line changes'):,} | | {ended} |")
-    print(f"| disconnect storm: line changes (PV IPI, EIOINTC) meanwhile | "
-          f"{st['counts']['line changes']:,} | "
-          f"{st['counts']['line changes'] / st['seconds']:,.0f} /s | every driver request "
-          f"succeeded |")
-    print(f"| disconnect storm: daemon RSS before / after | {st['rss_before'] / 2**20:.1f} MiB / "
-          f"{st['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |")
+    print(
+        f"| daemon RSS before / after | {s['rss_before'] / 2**20:.1f} MiB / "
+        f"{s['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |"
+    )
+    ended = ", ".join(f"{k} {v:,}" for k, v in sorted(st["counts"].items()) if k != "line changes")
+    print(
+        f"| disconnect storm: misbehaving subscribers | "
+        f"{sum(v for k, v in st['counts'].items() if k != 'line changes'):,} | | {ended} |"
+    )
+    print(
+        f"| disconnect storm: line changes (PV IPI, EIOINTC) meanwhile | "
+        f"{st['counts']['line changes']:,} | "
+        f"{st['counts']['line changes'] / st['seconds']:,.0f} /s | every driver request "
+        f"succeeded |"
+    )
+    print(
+        f"| disconnect storm: daemon RSS before / after | {st['rss_before'] / 2**20:.1f} MiB / "
+        f"{st['rss_after'] / 2**20:.1f} MiB | | watcher VM unchanged, daemon alive |"
+    )
     if not complete:
         say(f"chip fuzz stopped at its deadline before {chip_target:,} accesses per chip")
         return 1

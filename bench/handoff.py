@@ -26,6 +26,7 @@ WORKERS = 64
 
 def trio_floor(calls: int) -> tuple[float, float]:
     """(calls per second, CPU µs per call) of the bare trio park/reschedule handoff."""
+
     async def main() -> tuple[float, float]:
         posted: collections.deque[trio.lowlevel.Task] = collections.deque()
         left, done = [calls], [False]
@@ -55,6 +56,7 @@ def trio_floor(calls: int) -> tuple[float, float]:
             done[0] = True
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         return calls / wall, cpu / calls * 1e6
+
     return trio.run(main)
 
 
@@ -95,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.handoff", description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
-    for name, floor, calls in (("trio tasks", trio_floor, 200_000),
-                               ("threads", thread_floor, 50_000)):
+    for name, floor, calls in (
+        ("trio tasks", trio_floor, 200_000),
+        ("threads", thread_floor, 50_000),
+    ):
         runs = sorted(floor(calls) for _ in range(args.reps))
         rate, cpu = runs[len(runs) // 2]
-        print(f"{WORKERS} {name}, bare handoff: {rate:,.0f} calls/s (median of {args.reps}), "
-              f"{cpu:.2f} µs CPU per call")
+        print(
+            f"{WORKERS} {name}, bare handoff: {rate:,.0f} calls/s (median of {args.reps}), "
+            f"{cpu:.2f} µs CPU per call"
+        )
     return 0
 
 

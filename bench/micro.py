@@ -55,8 +55,10 @@ async def main() -> None:
         u.feed(batch)
         out = [pack([1, m[1], None, {}]) for m in u]
         b"".join(out)
-    rows.append(("floor: decode + encode (per request, batches of 64)",
-                 per_call(floor_batch, N // 64) / 64))
+
+    rows.append(
+        ("floor: decode + encode (per request, batches of 64)", per_call(floor_batch, N // 64) / 64)
+    )
 
     # --- lvz decode + validate -------------------------------------------------------------
     def lvz_decode_batch() -> None:
@@ -64,11 +66,17 @@ async def main() -> None:
         p.receive_data(batch)
         while p.next_event() is not NEED_DATA:
             pass
-    rows.append(("lvz: ServerConnection.next_event (decode+shape+validate+Request)",
-                 per_call(lvz_decode_batch, N // 64) / 64))
+
+    rows.append(
+        (
+            "lvz: ServerConnection.next_event (decode+shape+validate+Request)",
+            per_call(lvz_decode_batch, N // 64) / 64,
+        )
+    )
     params = {"vcpu": 2, "id": abi.CPUID}
-    rows.append(("  of which methods.validate", per_call(lambda: validate("vcpu.get_one_reg",
-                                                                          params))))
+    rows.append(
+        ("  of which methods.validate", per_call(lambda: validate("vcpu.get_one_reg", params)))
+    )
 
     # --- lvz dispatch on a real daemon object ------------------------------------------------
     try:
@@ -86,22 +94,33 @@ async def main() -> None:
             daemon._dispatch(conn, event)  # type: ignore[arg-type]
             conn.out.clear()
             conn.out_bytes = 0
-        rows.append(("lvz: Daemon._dispatch (resolve, handler, encode, put)",
-                     per_call(dispatch)))
-        rows.append(("  _resolve (handle lookup + liveness + kind)",
-                     per_call(lambda: daemon._resolve(conn, vcpu_h, VcpuHandle, "m"))))
+
+        rows.append(("lvz: Daemon._dispatch (resolve, handler, encode, put)", per_call(dispatch)))
+        rows.append(
+            (
+                "  _resolve (handle lookup + liveness + kind)",
+                per_call(lambda: daemon._resolve(conn, vcpu_h, VcpuHandle, "m")),
+            )
+        )
         lock = daemon.map_locks[vh.vm]
 
         def lock_cycle() -> None:
             lock.acquire_nowait()
             lock.release()
-        rows.append(("  (a trio.Lock cycle: what a free map lock no longer costs)",
-                     per_call(lock_cycle)))
-        rows.append(("  handlers.vcpu_get_one_reg handler", per_call(
-            lambda: handlers.vcpu_get_one_reg(daemon, conn, params, vh))))
+
+        rows.append(
+            ("  (a trio.Lock cycle: what a free map lock no longer costs)", per_call(lock_cycle))
+        )
+        rows.append(
+            (
+                "  handlers.vcpu_get_one_reg handler",
+                per_call(lambda: handlers.vcpu_get_one_reg(daemon, conn, params, vh)),
+            )
+        )
         rows.append(("    abi.decode(CPUID)", per_call(lambda: abi.decode(abi.CPUID))))
-        rows.append(("  send_result (encode)", per_call(
-            lambda: conn.proto.send_result(1, {"value": 256}))))
+        rows.append(
+            ("  send_result (encode)", per_call(lambda: conn.proto.send_result(1, {"value": 256})))
+        )
     except Exception as exc:  # internals moved: say so, keep the rows we have
         rows.append((f"dispatch rows unavailable: {type(exc).__name__}: {exc}", float("nan")))
 

@@ -45,8 +45,20 @@ def daemon(*args: str) -> Iterator[DaemonProcess]:
 @contextlib.contextmanager
 def profiled_daemon(profile: Path, *args: str) -> Iterator[DaemonProcess]:
     """``lvz serve`` under cProfile, writing ``profile`` when it shuts down."""
-    command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "lvz.clients.cli",
-               "serve", "--socket", "{socket}", "--exit-with-parent", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "cProfile",
+        "-o",
+        str(profile),
+        "-m",
+        "lvz.clients.cli",
+        "serve",
+        "--socket",
+        "{socket}",
+        "--exit-with-parent",
+        *args,
+    ]
     with spawn(command=command, env=_env(), prefix="lvzb") as proc:
         yield proc
 

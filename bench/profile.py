@@ -29,8 +29,9 @@ async def drive(path: Path, method: str, pipelined: bool, seconds: float) -> flo
     try:
         await bench.setup_main()
         assert bench.main is not None
-        make = {"get": bench.get_one_reg, "set": bench.set_one_reg,
-                "lookup": bench.phyid_lookup}[method]()
+        make = {"get": bench.get_one_reg, "set": bench.set_one_reg, "lookup": bench.phyid_lookup}[
+            method
+        ]()
         conn: Wire = bench.main.conn
         if pipelined:
             run = await conn.pipelined(make, WINDOW, seconds, 10_000_000)

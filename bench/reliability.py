@@ -55,9 +55,14 @@ def slow_subscriber(path: Path, pid: int) -> None:
     t0 = time.monotonic()
     batch = 500
     for _ in range(CHANGES // batch):
-        drv.send(b"".join(drv.send_request("vcpu.interrupt",
-                                           {"vcpu": vcpu, "irq": 5 if i % 2 == 0 else -5})[1]
-                          for i in range(batch)))
+        drv.send(
+            b"".join(
+                drv.send_request("vcpu.interrupt", {"vcpu": vcpu, "irq": 5 if i % 2 == 0 else -5})[
+                    1
+                ]
+                for i in range(batch)
+            )
+        )
         last, data = drv.send_request("kvm.get_api_version", {})
         drv.send(data)
         while True:  # skip the batch's answers as sent, without building objects for them
@@ -70,10 +75,12 @@ def slow_subscriber(path: Path, pid: int) -> None:
                 break
     elapsed = time.monotonic() - t0
     after = rss_bytes(pid)
-    print(f"non-reading subscriber: {CHANGES:,} line changes in {elapsed:.2f} s "
-          f"({CHANGES / elapsed:,.0f}/s for the driver); daemon RSS "
-          f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
-          f"(+{(after - before) / 2**20:.1f} MiB, queue bound --max-events 4096)")
+    print(
+        f"non-reading subscriber: {CHANGES:,} line changes in {elapsed:.2f} s "
+        f"({CHANGES / elapsed:,.0f}/s for the driver); daemon RSS "
+        f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
+        f"(+{(after - before) / 2**20:.1f} MiB, queue bound --max-events 4096)"
+    )
     sub.close()
     drv.close()
 
@@ -113,11 +120,14 @@ def shutdown_timing(path: Path, proc: DaemonProcess) -> None:
     for w, _ in parked:
         w.close()
     owner.close()
-    print(f"SIGTERM with 64 vcpu.run parked: exit {status} after {took:.3f} s; "
-          f"answers {dict(collections.Counter(answers))}")
+    print(
+        f"SIGTERM with 64 vcpu.run parked: exit {status} after {took:.3f} s; "
+        f"answers {dict(collections.Counter(answers))}"
+    )
 
 
 # ---------------------------------------------------------------------- the probe ---------------
+
 
 def probe_main(path: str, seconds: float) -> None:
     """Run as a child process: sequential requests every 2 ms; prints latencies as JSON."""
@@ -136,21 +146,29 @@ def probe_main(path: str, seconds: float) -> None:
 @contextmanager
 def probe(path: Path, seconds: float, results: dict[str, float]) -> Iterator[None]:
     """A probe client for ``seconds`` in its own process; fills ``results`` when it ends."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.reliability", "--probe", str(path),
-                             str(seconds)], cwd=ROOT, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.reliability", "--probe", str(path), str(seconds)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
     try:
         yield
     finally:
         out, _ = proc.communicate(timeout=seconds + 60)
         lat = sorted(json.loads(out))
-        results.update(n=len(lat), p50=lat[len(lat) // 2] * 1e3,
-                       p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
-                       max=lat[-1] * 1e3)
+        results.update(
+            n=len(lat),
+            p50=lat[len(lat) // 2] * 1e3,
+            p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+            max=lat[-1] * 1e3,
+        )
 
 
 def probe_text(r: dict[str, float]) -> str:
-    return (f"probe p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, worst {r['max']:.1f} ms "
-            f"({int(r['n']):,} requests)")
+    return (
+        f"probe p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, worst {r['max']:.1f} ms "
+        f"({int(r['n']):,} requests)"
+    )
 
 
 async def _one_request(path: Path) -> trio.SocketStream:
@@ -183,6 +201,7 @@ async def _open_many(path: Path, n: int) -> list[trio.SocketStream]:
 
 # ---------------------------------------------------------------------- the attacks -------------
 
+
 def idle_connections(path: Path, pid: int, n: int) -> None:
     r: dict[str, float] = {}
 
@@ -192,8 +211,10 @@ def idle_connections(path: Path, pid: int, n: int) -> None:
         streams = await _open_many(path, n)
         await trio.sleep(0.5)
         after = rss_bytes(pid)
-        print(f"idle connections: {n:,} held, daemon RSS {before / MiB:.1f} -> "
-              f"{after / MiB:.1f} MiB = {(after - before) / n / 1024:.1f} KiB each")
+        print(
+            f"idle connections: {n:,} held, daemon RSS {before / MiB:.1f} -> "
+            f"{after / MiB:.1f} MiB = {(after - before) / n / 1024:.1f} KiB each"
+        )
         await trio.sleep(1.0)
         for st in streams:
             await st.aclose()
@@ -234,7 +255,7 @@ def slowloris(path: Path, pid: int, n: int, budget: int) -> None:
                 await stream.send_all(head)
                 for i in range(len(tail) - 1):  # a byte a second, never the last one
                     await trio.sleep(1.0)
-                    await stream.send_all(tail[i:i + 1])
+                    await stream.send_all(tail[i : i + 1])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await trio.sleep_forever()  # the reader reports how it ended
             ended["never ended"] += 1
@@ -264,10 +285,12 @@ def slowloris(path: Path, pid: int, n: int, budget: int) -> None:
         trio.run(run)
     took = time.monotonic() - t0
     after = rss_bytes(pid)
-    print(f"slowloris: {n:,} connections with an unfinished 1 MiB message, trickling 1 B/s: "
-          f"all ended in {took:.1f} s ({', '.join(f'{k} {v}' for k, v in ended.most_common())}); "
-          f"daemon RSS {before / MiB:.1f} -> peak {peak / MiB:.1f} -> {after / MiB:.1f} MiB "
-          f"(growth {(peak - before) / MiB:.1f} MiB, bound budget {budget / MiB:.0f} + 100 MiB)")
+    print(
+        f"slowloris: {n:,} connections with an unfinished 1 MiB message, trickling 1 B/s: "
+        f"all ended in {took:.1f} s ({', '.join(f'{k} {v}' for k, v in ended.most_common())}); "
+        f"daemon RSS {before / MiB:.1f} -> peak {peak / MiB:.1f} -> {after / MiB:.1f} MiB "
+        f"(growth {(peak - before) / MiB:.1f} MiB, bound budget {budget / MiB:.0f} + 100 MiB)"
+    )
     print(f"  {probe_text(r)}")
 
 
@@ -318,10 +341,12 @@ def header_bombs(path: Path, pid: int, n: int) -> None:
 
     with probe(path, 6.0, r):
         trio.run(run)
-    print(f"header bombs: {n:,} connections each sending {len(bomb):,} bytes of nested "
-          f"array16 headers: {', '.join(f'{k} {v}' for k, v in ended.most_common())}; daemon "
-          f"RSS {before / MiB:.1f} -> peak {peak / MiB:.1f} MiB "
-          f"(growth {(peak - before) / MiB:.1f} MiB)")
+    print(
+        f"header bombs: {n:,} connections each sending {len(bomb):,} bytes of nested "
+        f"array16 headers: {', '.join(f'{k} {v}' for k, v in ended.most_common())}; daemon "
+        f"RSS {before / MiB:.1f} -> peak {peak / MiB:.1f} MiB "
+        f"(growth {(peak - before) / MiB:.1f} MiB)"
+    )
     print(f"  {probe_text(r)}")
 
 
@@ -345,17 +370,24 @@ def churn(path: Path, pid: int, n: int, rounds: int) -> None:
     with probe(path, 12.0, threading_probe):
         trio.run(run)
     took = time.monotonic() - t0
-    print(f"churn: {n:,} connections opened (one request each) and closed, {rounds} rounds in "
-          f"{took:.1f} s: daemon RSS " + " -> ".join(f"{x / MiB:.1f}" for x in sizes)
-          + f" MiB (growth after round 1: {(sizes[-1] - sizes[1]) / MiB:+.1f} MiB)")
+    print(
+        f"churn: {n:,} connections opened (one request each) and closed, {rounds} rounds in "
+        f"{took:.1f} s: daemon RSS "
+        + " -> ".join(f"{x / MiB:.1f}" for x in sizes)
+        + f" MiB (growth after round 1: {(sizes[-1] - sizes[1]) / MiB:+.1f} MiB)"
+    )
     print(f"  {probe_text(threading_probe)}; idle baseline {probe_text(base)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.reliability")
     ap.add_argument("--quick", action="store_true", help="smaller counts")
-    ap.add_argument("--only", nargs="*", default=(),
-                    help="slowsub, idle, slowloris, bombs, churn, shutdown (default: all)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=(),
+        help="slowsub, idle, slowloris, bombs, churn, shutdown (default: all)",
+    )
     ap.add_argument("--probe", nargs=2, metavar=("SOCKET", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:

@@ -118,13 +118,33 @@ def _num(x: float) -> str:
 
 
 def table(results: Results, title: str) -> str:
-    header = ("figure", "median", "min-max", "unit", "x ref", "srv us/req, busy",
-              "client us/req", "target", "result")
+    header = (
+        "figure",
+        "median",
+        "min-max",
+        "unit",
+        "x ref",
+        "srv us/req, busy",
+        "client us/req",
+        "target",
+        "result",
+    )
     rows: list[Sequence[str]] = []
     for fig in results.figures.values():
         if fig.skipped:
-            rows.append((fig.label, "-", "-", fig.unit, "-", "", "",
-                         fig.target.text if fig.target else "", f"skipped: {fig.skipped}"))
+            rows.append(
+                (
+                    fig.label,
+                    "-",
+                    "-",
+                    fig.unit,
+                    "-",
+                    "",
+                    "",
+                    fig.target.text if fig.target else "",
+                    f"skipped: {fig.skipped}",
+                )
+            )
             continue
         r = results.ratio(fig)
         ratio = f"{r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f})" if r else ""
@@ -132,16 +152,29 @@ def table(results: Results, title: str) -> str:
         verdict = "" if v is None else ("PASS" if v else "FAIL")
         if fig.ok_checks and not all(fig.ok_checks):
             verdict += " (check failed)"
-        cpu = (f"{statistics.median(fig.cpu_us):.1f}, {statistics.median(fig.cpu_pct):.0f}%"
-               if fig.cpu_us else "")
+        cpu = (
+            f"{statistics.median(fig.cpu_us):.1f}, {statistics.median(fig.cpu_pct):.0f}%"
+            if fig.cpu_us
+            else ""
+        )
         client = f"{statistics.median(fig.client_us):.1f}" if fig.client_us else ""
-        rows.append((fig.label, _num(fig.median), f"{_num(fig.lo)}-{_num(fig.hi)}", fig.unit,
-                     ratio, cpu, client, fig.target.text if fig.target else "", verdict))
+        rows.append(
+            (
+                fig.label,
+                _num(fig.median),
+                f"{_num(fig.lo)}-{_num(fig.hi)}",
+                fig.unit,
+                ratio,
+                cpu,
+                client,
+                fig.target.text if fig.target else "",
+                verdict,
+            )
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = "  ".join("-" * w for w in widths)
     out = [title, line, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
-    out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-               for r in rows)
+    out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
     out.append(line)
     notes = [f"  {f.label}: {f.note}" for f in results.figures.values() if f.note]
     if notes:
@@ -150,35 +183,54 @@ def table(results: Results, title: str) -> str:
     return "\n".join(out)
 
 
-def to_json(results: Results, *, quick: bool, reps: int, seconds: float, elapsed: float,
-            daemon_cmd: list[str]) -> dict[str, Any]:
+def to_json(
+    results: Results,
+    *,
+    quick: bool,
+    reps: int,
+    seconds: float,
+    elapsed: float,
+    daemon_cmd: list[str],
+) -> dict[str, Any]:
     figs = []
     for fig in results.figures.values():
         r = results.ratio(fig)
-        figs.append({
-            "key": fig.key, "label": fig.label, "unit": fig.unit,
-            "median": None if fig.skipped else fig.median,
-            "min": None if fig.skipped else fig.lo,
-            "max": None if fig.skipped else fig.hi,
-            "samples": fig.samples,
-            "ref": fig.ref,
-            "ratio": None if r is None else {"median": r[0], "min": r[1], "max": r[2]},
-            "target": None if fig.target is None else {
-                "kind": fig.target.kind, "value": fig.target.value, "text": fig.target.text},
-            "pass": results.verdict(fig),
-            "checks_ok": all(fig.ok_checks) if fig.ok_checks else None,
-            "server_cpu_us_per_request": fig.cpu_us or None,
-            "server_busy_percent": fig.cpu_pct or None,
-            "client_cpu_us_per_request": fig.client_us or None,
-            "note": fig.note, "skipped": fig.skipped or None,
-        })
+        figs.append(
+            {
+                "key": fig.key,
+                "label": fig.label,
+                "unit": fig.unit,
+                "median": None if fig.skipped else fig.median,
+                "min": None if fig.skipped else fig.lo,
+                "max": None if fig.skipped else fig.hi,
+                "samples": fig.samples,
+                "ref": fig.ref,
+                "ratio": None if r is None else {"median": r[0], "min": r[1], "max": r[2]},
+                "target": None
+                if fig.target is None
+                else {"kind": fig.target.kind, "value": fig.target.value, "text": fig.target.text},
+                "pass": results.verdict(fig),
+                "checks_ok": all(fig.ok_checks) if fig.ok_checks else None,
+                "server_cpu_us_per_request": fig.cpu_us or None,
+                "server_busy_percent": fig.cpu_pct or None,
+                "client_cpu_us_per_request": fig.client_us or None,
+                "note": fig.note,
+                "skipped": fig.skipped or None,
+            }
+        )
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+        "machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "build": build_name(),
-        "quick": quick, "repetitions": reps, "seconds_per_sample": seconds,
-        "elapsed_seconds": elapsed, "daemon_command": daemon_cmd,
+        "quick": quick,
+        "repetitions": reps,
+        "seconds_per_sample": seconds,
+        "elapsed_seconds": elapsed,
+        "daemon_command": daemon_cmd,
         "figures": figs,
     }
 

@@ -51,14 +51,17 @@ ROUTE_PHYID = 1  # both irqs are routed (COREMAP bitmap byte 1 << 1) to the vCPU
 
 # --------------------------------------------------------------------------- VM setup -------
 
+
 async def populate(path: Path, name: str, max_phyid: int, phyids: list[int]) -> float:
     """Create a named VM with one vCPU per phyid (vcpu_id = index), each CPUID set.
 
     The vCPUs are spread over connections of at most MAX_VCPUS_PER_CONN handles, opened before
     the clock starts. Returns the seconds from ``kvm.create_vm`` to the last CPUID set.
     """
-    chunks = [list(range(i, min(i + MAX_VCPUS_PER_CONN, len(phyids))))
-              for i in range(0, len(phyids), MAX_VCPUS_PER_CONN)] or [[]]
+    chunks = [
+        list(range(i, min(i + MAX_VCPUS_PER_CONN, len(phyids))))
+        for i in range(0, len(phyids), MAX_VCPUS_PER_CONN)
+    ] or [[]]
     conns = [await Wire.connect(path) for _ in chunks]
     try:
         t0 = time.perf_counter()
@@ -66,9 +69,12 @@ async def populate(path: Path, name: str, max_phyid: int, phyids: list[int]) -> 
         for conn, ids in zip(conns, chunks, strict=True):
             vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
             made = await conn.batch([("vm.create_vcpu", {"vm": vm, "vcpu_id": i}) for i in ids])
-            await conn.batch([("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": CPUID,
-                                                     "value": phyids[i]})
-                              for r, i in zip(made, ids, strict=True)])
+            await conn.batch(
+                [
+                    ("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": CPUID, "value": phyids[i]})
+                    for r, i in zip(made, ids, strict=True)
+                ]
+            )
         return time.perf_counter() - t0
     finally:
         for conn in conns:
@@ -102,6 +108,7 @@ async def open_vm(path: Path, name: str, vcpu_ids: Sequence[int] = ()) -> VmConn
 
 
 # --------------------------------------------------------------------------- subscriber -----
+
 
 class Subscriber:
     """A connection subscribed to some VMs that checks it receives every line change.
@@ -170,8 +177,10 @@ class Subscriber:
             while self.raised < raised or self.lowered < lowered:
                 await self._changed.wait()
         if self.raised < raised or self.lowered < lowered:
-            self._fail(f"expected {raised} raises and {lowered} lowers, "
-                       f"got {self.raised} and {self.lowered}")
+            self._fail(
+                f"expected {raised} raises and {lowered} lowers, "
+                f"got {self.raised} and {self.lowered}"
+            )
         if self.raised > raised or self.lowered > lowered:
             self._fail(f"got more events than line changes: {self.raised}/{self.lowered}")
 
@@ -241,14 +250,15 @@ class Bench:
         async def sample(seconds: float) -> Sample:
             assert self.floor is not None
             if pipelined:
-                return run_sample(await self.floor.pipelined(make, WINDOW, seconds,
-                                                             self.max_count))
+                return run_sample(await self.floor.pipelined(make, WINDOW, seconds, self.max_count))
             return run_sample(await self.floor.sequential(make, seconds, self.max_count))
+
         return sample
 
     def raw_sampler(self, which: str, pipelined: bool) -> Sampler:
-        make = {"get": self.get_one_reg, "set": self.set_one_reg,
-                "lookup": self.phyid_lookup}[which]()
+        make = {"get": self.get_one_reg, "set": self.set_one_reg, "lookup": self.phyid_lookup}[
+            which
+        ]()
 
         async def sample(seconds: float) -> Sample:
             assert self.main is not None
@@ -256,6 +266,7 @@ class Bench:
             if pipelined:
                 return run_sample(await conn.pipelined(make, WINDOW, seconds, self.max_count))
             return run_sample(await conn.sequential(make, seconds, self.max_count))
+
         return sample
 
     # --- interrupt paths ---------------------------------------------------------------------
@@ -271,20 +282,41 @@ class Bench:
         c = d.conn
         for chip in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC):
             d.devices[chip] = (await c.result("vm.create_device", {"vm": d.vm, "type": chip}))[
-                "device"]
+                "device"
+            ]
         v0 = d.vcpus[0]
-        await c.result("device.set_attr", {"device": d.devices[DEV_PCHPIC],
-                                           "group": PCHPIC_GRP_CTRL,
-                                           "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
-                                         "value": PCHPIC_BASE})
-        await c.result("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_ENABLE, "size": 8,
-                                          "value": (1 << MSI_IRQ) | (1 << PIC_PIN)})
+        await c.result(
+            "device.set_attr",
+            {
+                "device": d.devices[DEV_PCHPIC],
+                "group": PCHPIC_GRP_CTRL,
+                "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+                "value": PCHPIC_BASE,
+            },
+        )
+        await c.result(
+            "vcpu.iocsr_write",
+            {
+                "vcpu": v0,
+                "addr": EIOINTC_ENABLE,
+                "size": 8,
+                "value": (1 << MSI_IRQ) | (1 << PIC_PIN),
+            },
+        )
         byte = 1 << ROUTE_PHYID
-        await c.result("vcpu.iocsr_write", {"vcpu": v0, "addr": EIOINTC_COREMAP, "size": 8,
-                                          "value": (byte << (8 * MSI_IRQ))
-                                          | (byte << (8 * PIC_PIN))})
-        await c.result("vcpu.mmio_write", {"vcpu": v0, "addr": PCHPIC_MASK, "size": 8,
-                                         "value": U64_MAX & ~(1 << PIC_PIN)})
+        await c.result(
+            "vcpu.iocsr_write",
+            {
+                "vcpu": v0,
+                "addr": EIOINTC_COREMAP,
+                "size": 8,
+                "value": (byte << (8 * MSI_IRQ)) | (byte << (8 * PIC_PIN)),
+            },
+        )
+        await c.result(
+            "vcpu.mmio_write",
+            {"vcpu": v0, "addr": PCHPIC_MASK, "size": 8, "value": U64_MAX & ~(1 << PIC_PIN)},
+        )
         self.irq = d
         self.irq_sub = await Subscriber.open(self.path, ["bench-irq"])
 
@@ -294,18 +326,26 @@ class Bench:
         assert d is not None
         vm, v = d.vm, d.vcpus
         if which == "ipi_send":
+
             def make(i: int) -> tuple[str, dict[str, Any]]:
                 t = 1 + (i >> 1) % 3  # targets CPUID 1..3 in turn, sent by vCPU 0
                 if i & 1 == 0:
-                    return ("vcpu.iocsr_write", {"vcpu": v[0], "addr": IPI_SEND, "size": 4,
-                                                 "value": abi.ipi_send(t)})
-                return ("vcpu.iocsr_write", {"vcpu": v[t], "addr": IPI_CLEAR, "size": 4,
-                                             "value": 1})
+                    return (
+                        "vcpu.iocsr_write",
+                        {"vcpu": v[0], "addr": IPI_SEND, "size": 4, "value": abi.ipi_send(t)},
+                    )
+                return (
+                    "vcpu.iocsr_write",
+                    {"vcpu": v[t], "addr": IPI_CLEAR, "size": 4, "value": 1},
+                )
+
             return make
         if which == "msi":
             raise_ = ("vm.signal_msi", {"vm": vm, "address": 0, "data": MSI_IRQ})
-            ack = ("vcpu.iocsr_write", {"vcpu": v[ROUTE_PHYID], "addr": EIOINTC_COREISR,
-                                        "size": 8, "value": 1 << MSI_IRQ})
+            ack = (
+                "vcpu.iocsr_write",
+                {"vcpu": v[ROUTE_PHYID], "addr": EIOINTC_COREISR, "size": 8, "value": 1 << MSI_IRQ},
+            )
             return lambda i: ack if i & 1 else raise_
         if which == "pchpic":
             up = ("vm.irq_line", {"vm": vm, "irq": PIC_PIN, "level": 1})
@@ -325,8 +365,14 @@ class Bench:
             run = await d.conn.pipelined(make, WINDOW, seconds, self.max_count, unit=2)
             pairs = run.count // 2
             await sub.wait_for(r0 + pairs, l0 + pairs)
-            return Sample(pairs / run.seconds, ok=sub.ok, extra={"req_per_s": run.rate},
-                          count=run.count, seconds=run.seconds)
+            return Sample(
+                pairs / run.seconds,
+                ok=sub.ok,
+                extra={"req_per_s": run.rate},
+                count=run.count,
+                seconds=run.seconds,
+            )
+
         return sample
 
     # --- PV IPI --------------------------------------------------------------------------------
@@ -344,8 +390,9 @@ class Bench:
         self.pv_vcpus: list[tuple[int, int]] = []  # (vm handle, vcpu handle)
         for name in names:
             vm = (await conn.result("kvm.open_vm", {"name": name}))["vm"]
-            got = await conn.batch([("vm.open_vcpu", {"vm": vm, "vcpu_id": i})
-                                    for i in range(self.PV_TARGETS)])
+            got = await conn.batch(
+                [("vm.open_vcpu", {"vm": vm, "vcpu_id": i}) for i in range(self.PV_TARGETS)]
+            )
             self.pv_first[vm] = got[0]["vcpu"]
             self.pv_vcpus.extend((vm, r["vcpu"]) for r in got)
         self.pv = d
@@ -356,14 +403,25 @@ class Bench:
         is down, so every delivery is a line change and an event; between bursts the guests
         acknowledge (csr_xchg of ESTAT.SWI0, untimed). Value: deliveries/s over the bursts;
         ``extra['events_per_s']``: raise events the subscriber received per second."""
+
         async def sample(seconds: float) -> Sample:
             d, sub = self.pv, self.pv_sub
             assert d is not None and sub is not None
-            burst = [("vcpu.hypercall", {"vcpu": h, "code": KVM_HCALL_SERVICE,
-                                         "args": [KVM_HCALL_FUNC_IPI, U64_MAX, U64_MAX, 0]})
-                     for h in self.pv_first.values()]
-            acks = [("vcpu.csr_xchg", {"vcpu": h, "csr": CSR_ESTAT, "value": 0, "mask": 1})
-                    for _vm, h in self.pv_vcpus]
+            burst = [
+                (
+                    "vcpu.hypercall",
+                    {
+                        "vcpu": h,
+                        "code": KVM_HCALL_SERVICE,
+                        "args": [KVM_HCALL_FUNC_IPI, U64_MAX, U64_MAX, 0],
+                    },
+                )
+                for h in self.pv_first.values()
+            ]
+            acks = [
+                ("vcpu.csr_xchg", {"vcpu": h, "csr": CSR_ESTAT, "value": 0, "mask": 1})
+                for _vm, h in self.pv_vcpus
+            ]
             per_burst = len(burst) * self.PV_TARGETS
             delivered = 0
             busy = events_busy = 0.0
@@ -383,8 +441,10 @@ class Bench:
                 await sub.wait_for(r0 + per_burst, l0 + per_burst)
                 if time.perf_counter() >= deadline:
                     break
-            return Sample(delivered / busy, ok=ok and sub.ok,
-                          extra={"events_per_s": delivered / events_busy})
+            return Sample(
+                delivered / busy, ok=ok and sub.ok, extra={"events_per_s": delivered / events_busy}
+            )
+
         return sample
 
     # --- scale: lookup cost against max_phyid ------------------------------------------------
@@ -416,18 +476,23 @@ class Bench:
 
         async def sample(seconds: float) -> Sample:
             return run_sample(await d.conn.pipelined(make, WINDOW, seconds, self.max_count))
+
         return sample
 
     async def aclose(self) -> None:
         holders = (self.main, self.irq, self.irq_sub, self.pv, self.pv_sub)
-        conns = [self.floor, *(h.conn for h in holders if h is not None),
-                 *(d.conn for d, _ in self.scale.values())]
+        conns = [
+            self.floor,
+            *(h.conn for h in holders if h is not None),
+            *(d.conn for d, _ in self.scale.values()),
+        ]
         for c in conns:
             if c is not None:
                 await c.aclose()
 
 
 # --------------------------------------------------------------------------- connections ----
+
 
 def many_connections(path: Path, n: int, timeout: float = 20.0) -> tuple[int, float, float]:
     """Open ``n`` connections, hold them all, send one request on each, read every answer.

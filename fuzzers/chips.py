@@ -110,10 +110,17 @@ class P:
     """PCH-PIC's ABI (lvz.protocol.abi) under the short names of kvm_pch_pic.h."""
 
     PCH_PIC_SIZE = abi.PCH_PIC_SIZE
-    INT_ID, MASK, HTMSI_EN, EDGE = (abi.PCH_PIC_INT_ID, abi.PCH_PIC_MASK, abi.PCH_PIC_HTMSI_EN,
-                                    abi.PCH_PIC_EDGE)
-    CLEAR, AUTO_CTRL0, AUTO_CTRL1 = (abi.PCH_PIC_CLEAR, abi.PCH_PIC_AUTO_CTRL0,
-                                     abi.PCH_PIC_AUTO_CTRL1)
+    INT_ID, MASK, HTMSI_EN, EDGE = (
+        abi.PCH_PIC_INT_ID,
+        abi.PCH_PIC_MASK,
+        abi.PCH_PIC_HTMSI_EN,
+        abi.PCH_PIC_EDGE,
+    )
+    CLEAR, AUTO_CTRL0, AUTO_CTRL1 = (
+        abi.PCH_PIC_CLEAR,
+        abi.PCH_PIC_AUTO_CTRL0,
+        abi.PCH_PIC_AUTO_CTRL1,
+    )
     ROUTE_ENTRY, HTMSI_VEC = abi.PCH_PIC_ROUTE_ENTRY, abi.PCH_PIC_HTMSI_VEC
     INT_IRR, INT_ISR, POLARITY = abi.PCH_PIC_INT_IRR, abi.PCH_PIC_INT_ISR, abi.PCH_PIC_POLARITY
     WORD_REGS = abi.PCH_PIC_WORD_REGS
@@ -123,7 +130,13 @@ class P:
 
 
 __all__ = [
-    "CHIPS", "ChipFuzzer", "FuzzFailure", "FuzzStats", "fuzz_seed", "implied_lines", "run_fuzzer",
+    "CHIPS",
+    "ChipFuzzer",
+    "FuzzFailure",
+    "FuzzStats",
+    "fuzz_seed",
+    "implied_lines",
+    "run_fuzzer",
 ]
 
 #: The chips accesses are counted for (``bench.fuzz`` wants a million of each).
@@ -220,9 +233,16 @@ class ChipFuzzer:
     Call ``setup()``, then ``step()`` or ``run()`` (``run_fuzzer`` does both).
     """
 
-    def __init__(self, rng: random.Random, *, host: PluginHost | None = None,
-                 max_phyid: int = 256, n_vcpus: int = 6, max_vcpus: int = 10,
-                 history: int = 24) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        host: PluginHost | None = None,
+        max_phyid: int = 256,
+        n_vcpus: int = 6,
+        max_vcpus: int = 10,
+        history: int = 24,
+    ) -> None:
         self.rng = rng
         self.host = host or load_plugins()
         self.vm = Vm(self.host, name=None, max_phyid=max_phyid, max_vcpus=max_vcpus)
@@ -249,8 +269,11 @@ class ChipFuzzer:
         ids = {0, vm.max_vcpu_id - 1}
         while len(ids) < self.n_vcpus:
             ids.add(rng.choice((rng.randrange(16), rng.randrange(vm.max_vcpu_id))))
-        pool = [p for p in (0, 1, 2, 3, limit - 1, min(255, limit - 1), 1023, rng.randrange(limit))
-                if p < limit]
+        pool = [
+            p
+            for p in (0, 1, 2, 3, limit - 1, min(255, limit - 1), 1023, rng.randrange(limit))
+            if p < limit
+        ]
         rng.shuffle(pool)
         for vid in sorted(ids)[: self.n_vcpus]:
             vcpu = vm.create_vcpu(vid)
@@ -271,22 +294,42 @@ class ChipFuzzer:
         # What a booting guest does: enable irqs, route them, unmask PCH-PIC pins.
         v0 = self.vcpu_list[0]
         for word in range(0, E.REGISTERS[E.ENABLE], 8):
-            vm.guest_write("iocsr", v0, EIO_BASE + E.ENABLE + word, 8,
-                           rng.choice((U64_MAX, U64_MAX, rng.getrandbits(64))))
+            vm.guest_write(
+                "iocsr",
+                v0,
+                EIO_BASE + E.ENABLE + word,
+                8,
+                rng.choice((U64_MAX, U64_MAX, rng.getrandbits(64))),
+            )
         for word in range(0, E.REGISTERS[E.COREMAP], 8):
             vm.guest_write("iocsr", v0, EIO_BASE + E.COREMAP + word, 8, self._coremap_word())
         vm.guest_write("iocsr", v0, EIO_BASE + E.IPMAP, 8, self._bytes_of((1, 2, 4, 8, 0)))
         if self.pch_base is not None:
-            vm.guest_write("mmio", v0, self.pch_base + P.MASK, 8, rng.getrandbits(64)
-                           & rng.getrandbits(64))
-            vm.guest_write("mmio", v0, self.pch_base + P.EDGE, 8, rng.getrandbits(64)
-                           & rng.getrandbits(64) & rng.getrandbits(64))
+            vm.guest_write(
+                "mmio", v0, self.pch_base + P.MASK, 8, rng.getrandbits(64) & rng.getrandbits(64)
+            )
+            vm.guest_write(
+                "mmio",
+                v0,
+                self.pch_base + P.EDGE,
+                8,
+                rng.getrandbits(64) & rng.getrandbits(64) & rng.getrandbits(64),
+            )
         weights: list[tuple[Callable[[], None], float]] = [
-            (self.op_iocsr_read, 8), (self.op_iocsr_write, 26), (self.op_mmio_read, 5),
-            (self.op_mmio_write, 16), (self.op_attr_set, 9), (self.op_attr_get, 3),
-            (self.op_irq_line, 10), (self.op_msi, 4), (self.op_pv_ipi, 20),
-            (self.op_set_phyid, 2), (self.op_csr_xchg, 4), (self.op_create_vcpu, 0.4),
-            (self.op_destroy_vcpu, 0.4), (self.op_pv_features, 0.05),
+            (self.op_iocsr_read, 8),
+            (self.op_iocsr_write, 26),
+            (self.op_mmio_read, 5),
+            (self.op_mmio_write, 16),
+            (self.op_attr_set, 9),
+            (self.op_attr_get, 3),
+            (self.op_irq_line, 10),
+            (self.op_msi, 4),
+            (self.op_pv_ipi, 20),
+            (self.op_set_phyid, 2),
+            (self.op_csr_xchg, 4),
+            (self.op_create_vcpu, 0.4),
+            (self.op_destroy_vcpu, 0.4),
+            (self.op_pv_features, 0.05),
         ]
         total = 0.0
         for fn, w in weights:
@@ -361,11 +404,13 @@ class ChipFuzzer:
 
     def fail(self, why: str) -> FuzzFailure:
         ops = "\n".join(f"  {kind}{args!r}" for kind, args in self.history)
-        return FuzzFailure(f"after {self.stats.steps} steps: {why}\nlast operations (oldest "
-                           f"first):\n{ops}")
+        return FuzzFailure(
+            f"after {self.stats.steps} steps: {why}\nlast operations (oldest first):\n{ops}"
+        )
 
-    def _call(self, kind: str, args: tuple[Any, ...], fn: Callable[..., Any],
-              *call_args: Any) -> tuple[Any, KvmError | None]:
+    def _call(
+        self, kind: str, args: tuple[Any, ...], fn: Callable[..., Any], *call_args: Any
+    ) -> tuple[Any, KvmError | None]:
         """Run one model call; only KvmError other than EIO may come out of it."""
         self.history.append((kind, args))
         self.stats.ops[kind] += 1
@@ -380,8 +425,9 @@ class ChipFuzzer:
             raise self.fail(f"{kind}: {type(exc).__name__} escaped the model: {exc}") from exc
         return result, None
 
-    def _expect(self, kind: str, err: KvmError | None, ok: bool | None,
-                name: str | None = None) -> None:
+    def _expect(
+        self, kind: str, err: KvmError | None, ok: bool | None, name: str | None = None
+    ) -> None:
         """``ok`` True: must succeed; False: must fail (with ``name`` if given); None: either."""
         if ok is True and err is not None:
             raise self.fail(f"{kind} should have succeeded but failed: {err}")
@@ -396,9 +442,20 @@ class ChipFuzzer:
     def _ipi_offset(self) -> int:
         rng = self.rng
         if rng.random() < 0.85:
-            return rng.choice((*_IPI_ATTR_WIDTH, I.IPI_SET, I.IPI_CLEAR, abi.IPI_BUF + 4,
-                               I.IPI_SEND, I.IPI_SEND, I.MAIL_SEND, I.MAIL_SEND, I.ANY_SEND,
-                               I.ANY_SEND))
+            return rng.choice(
+                (
+                    *_IPI_ATTR_WIDTH,
+                    I.IPI_SET,
+                    I.IPI_CLEAR,
+                    abi.IPI_BUF + 4,
+                    I.IPI_SEND,
+                    I.IPI_SEND,
+                    I.MAIL_SEND,
+                    I.MAIL_SEND,
+                    I.ANY_SEND,
+                    I.ANY_SEND,
+                )
+            )
         return rng.randrange(I.IOCSR_IPI_SIZE)
 
     def _ipi_data(self, off: int) -> int:
@@ -410,12 +467,21 @@ class ChipFuzzer:
             elif off == I.MAIL_SEND:
                 low = rng.randrange(8) << abi.IPI_SEND_MAILBOX_SHIFT
             else:
-                low = rng.choice((IPI_BASE + I.IPI_SET, IPI_BASE + I.IPI_SET,
-                                  IPI_BASE + I.IPI_CLEAR, IPI_BASE + abi.IPI_EN,
-                                  IPI_BASE + abi.IPI_BUF, IPI_BASE + abi.IPI_BUF_END - 4, IPI_BASE,
-                                  EIO_BASE + E.ENABLE, EIO_BASE + E.COREISR,
-                                  EIO_BASE + E.COREMAP + rng.randrange(E.REGISTERS[E.COREMAP]),
-                                  rng.getrandbits(16)))
+                low = rng.choice(
+                    (
+                        IPI_BASE + I.IPI_SET,
+                        IPI_BASE + I.IPI_SET,
+                        IPI_BASE + I.IPI_CLEAR,
+                        IPI_BASE + abi.IPI_EN,
+                        IPI_BASE + abi.IPI_BUF,
+                        IPI_BASE + abi.IPI_BUF_END - 4,
+                        IPI_BASE,
+                        EIO_BASE + E.ENABLE,
+                        EIO_BASE + E.COREISR,
+                        EIO_BASE + E.COREMAP + rng.randrange(E.REGISTERS[E.COREMAP]),
+                        rng.getrandbits(16),
+                    )
+                )
             keep = rng.choice((0, 0, rng.randrange(16)))
             payload = rng.getrandbits(32) if rng.random() < 0.7 else rng.choice((0, U32_MAX))
             return abi.ipi_send(self._phyid_target() & abi.IPI_SEND_CPU_MASK, low, payload, keep)
@@ -428,8 +494,21 @@ class ChipFuzzer:
     def _eio_offset(self) -> int:
         rng = self.rng
         if rng.random() < 0.9:
-            start = rng.choice((E.NODETYPE, E.IPMAP, E.ENABLE, E.ENABLE, E.BOUNCE, E.ISR,
-                                E.COREISR, E.COREISR, E.COREMAP, E.COREMAP, E.COREMAP))
+            start = rng.choice(
+                (
+                    E.NODETYPE,
+                    E.IPMAP,
+                    E.ENABLE,
+                    E.ENABLE,
+                    E.BOUNCE,
+                    E.ISR,
+                    E.COREISR,
+                    E.COREISR,
+                    E.COREMAP,
+                    E.COREMAP,
+                    E.COREMAP,
+                )
+            )
             return start + rng.randrange(E.REGISTERS[start])
         return rng.randrange(E.EIOINTC_SIZE)
 
@@ -439,8 +518,10 @@ class ChipFuzzer:
             return self._coremap_word()
         if E.IPMAP <= off < E.IPMAP + E.REGISTERS[E.IPMAP]:
             return self._bytes_of((1, 2, 4, 8, 0, 3, rng.randrange(256)))
-        if (E.ENABLE <= off < E.ENABLE + E.REGISTERS[E.ENABLE]
-                or E.COREISR <= off < E.COREISR + E.REGISTERS[E.COREISR]):
+        if (
+            E.ENABLE <= off < E.ENABLE + E.REGISTERS[E.ENABLE]
+            or E.COREISR <= off < E.COREISR + E.REGISTERS[E.COREISR]
+        ):
             return rng.choice((U64_MAX, 0, rng.getrandbits(64), 1 << rng.randrange(64)))
         return self._value()
 
@@ -456,13 +537,22 @@ class ChipFuzzer:
             off = self._eio_offset()
             addr, value = EIO_BASE + off, self._eio_data(off)
         elif r < 0.94:
-            off = rng.choice((E.VIRT_FEATURES, E.VIRT_CONFIG, E.VIRT_CONFIG,
-                              rng.randrange(E.EIOINTC_VIRT_SIZE)))
+            off = rng.choice(
+                (E.VIRT_FEATURES, E.VIRT_CONFIG, E.VIRT_CONFIG, rng.randrange(E.EIOINTC_VIRT_SIZE))
+            )
             addr = VIRT_BASE + off
             value = rng.choice((0, rng.randrange(16), rng.randrange(16), self._value()))
         else:
-            addr = rng.choice((rng.getrandbits(32), rng.getrandbits(64), IPI_END - 4,
-                               EIO_END - 4, VIRT_END - 4, EIO_BASE - 4))
+            addr = rng.choice(
+                (
+                    rng.getrandbits(32),
+                    rng.getrandbits(64),
+                    IPI_END - 4,
+                    EIO_END - 4,
+                    VIRT_END - 4,
+                    EIO_BASE - 4,
+                )
+            )
             value = self._value()
         if size in (2, 4, 8) and rng.random() < 0.9:
             addr &= ~(size - 1)
@@ -474,16 +564,37 @@ class ChipFuzzer:
         base = self.pch_base
         if base is not None and rng.random() < 0.9:
             if rng.random() < 0.85:
-                off = rng.choice((P.INT_ID, P.MASK, P.MASK, P.HTMSI_EN, P.EDGE, P.CLEAR,
-                                  P.CLEAR, P.AUTO_CTRL0, P.AUTO_CTRL1, P.INT_IRR, P.INT_ISR,
-                                  P.POLARITY, P.ROUTE_ENTRY + rng.randrange(64),
-                                  P.HTMSI_VEC + rng.randrange(64)))
+                off = rng.choice(
+                    (
+                        P.INT_ID,
+                        P.MASK,
+                        P.MASK,
+                        P.HTMSI_EN,
+                        P.EDGE,
+                        P.CLEAR,
+                        P.CLEAR,
+                        P.AUTO_CTRL0,
+                        P.AUTO_CTRL1,
+                        P.INT_IRR,
+                        P.INT_ISR,
+                        P.POLARITY,
+                        P.ROUTE_ENTRY + rng.randrange(64),
+                        P.HTMSI_VEC + rng.randrange(64),
+                    )
+                )
             else:
                 off = rng.randrange(P.PCH_PIC_SIZE)
             word = off & ~7
             if word == P.MASK:
-                value = rng.choice((0, U64_MAX, rng.getrandbits(64), 1 << rng.randrange(64),
-                                    rng.getrandbits(64) & rng.getrandbits(64)))
+                value = rng.choice(
+                    (
+                        0,
+                        U64_MAX,
+                        rng.getrandbits(64),
+                        1 << rng.randrange(64),
+                        rng.getrandbits(64) & rng.getrandbits(64),
+                    )
+                )
             elif word == P.CLEAR:
                 value = rng.choice((U64_MAX, rng.getrandbits(64), 1 << rng.randrange(64)))
             elif P.HTMSI_VEC <= word < P.HTMSI_VEC + 64:
@@ -492,8 +603,14 @@ class ChipFuzzer:
                 value = self._value()
             addr = base + off
         else:
-            addr = rng.choice((rng.getrandbits(32), rng.getrandbits(64), (base or 0) - 4,
-                               (base or 0) + P.PCH_PIC_SIZE - 4))
+            addr = rng.choice(
+                (
+                    rng.getrandbits(32),
+                    rng.getrandbits(64),
+                    (base or 0) - 4,
+                    (base or 0) + P.PCH_PIC_SIZE - 4,
+                )
+            )
             value = self._value()
         if size in (2, 4, 8) and rng.random() < 0.9:
             addr &= ~(size - 1)
@@ -539,31 +656,50 @@ class ChipFuzzer:
 
     def _too_wide(self, width: int) -> int:
         rng = self.rng
-        return rng.choice((-1, -rng.randrange(1, 1 << 40), 1 << (8 * width),
-                           (1 << (8 * width)) + rng.getrandbits(8 * width), 1 << 64, 1 << 200))
+        return rng.choice(
+            (
+                -1,
+                -rng.randrange(1, 1 << 40),
+                1 << (8 * width),
+                (1 << (8 * width)) + rng.getrandbits(8 * width),
+                1 << 64,
+                1 << 200,
+            )
+        )
 
     def _fits(self, width: int) -> int:
         rng = self.rng
-        return rng.choice((0, (1 << (8 * width)) - 1, rng.getrandbits(8 * width),
-                           rng.randrange(256)))
+        return rng.choice(
+            (0, (1 << (8 * width)) - 1, rng.getrandbits(8 * width), rng.randrange(256))
+        )
 
     def _other_group(self, *known: int) -> int:
         """An attr group the chip does not have (its neighbours and random numbers)."""
         rng = self.rng
         while True:
-            group = rng.choice((0, 1, abi.CPUCFG_KVM_SIG,
-                                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL + 1,
-                                abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
-                                abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
-                                self._value() | (1 << 30), self._value()))
+            group = rng.choice(
+                (
+                    0,
+                    1,
+                    abi.CPUCFG_KVM_SIG,
+                    abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL + 1,
+                    abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+                    abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
+                    self._value() | (1 << 30),
+                    self._value(),
+                )
+            )
             if group not in known:
                 return group
 
     def _ipi_attr(self, for_set: bool) -> tuple[int, int, int, bool]:
         """(group, attr, value, predicted ok) for the IPI."""
         rng = self.rng
-        group = (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS if rng.random() < 0.9
-                 else self._other_group(I.KVM_DEV_LOONGARCH_IPI_GRP_REGS))
+        group = (
+            I.KVM_DEV_LOONGARCH_IPI_GRP_REGS
+            if rng.random() < 0.9
+            else self._other_group(I.KVM_DEV_LOONGARCH_IPI_GRP_REGS)
+        )
         # The attr's cpu field is 10 bits: a vcpu_id of 1024 or more cannot be named.
         vid = self._vcpu().vcpu_id if rng.random() < 0.85 else rng.randrange(1024)
         vid &= abi.IPI_ATTR_CPU_MASK
@@ -575,8 +711,12 @@ class ChipFuzzer:
         value = self._fits(width) if rng.random() < 0.8 else self._too_wide(width)
         if for_set and group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and off == I.IPI_STATUS:
             value = self._too_wide(width)  # STATUS carries INT_IPI: refused writes only
-        ok = (group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS and vid in self.vm.vcpus
-              and off in _IPI_ATTR_WIDTH and (not for_set or 0 <= value < 1 << (8 * width)))
+        ok = (
+            group == I.KVM_DEV_LOONGARCH_IPI_GRP_REGS
+            and vid in self.vm.vcpus
+            and off in _IPI_ATTR_WIDTH
+            and (not for_set or 0 <= value < 1 << (8 * width))
+        )
         return group, attr, value, ok
 
     def _eio_attr(self, for_set: bool) -> tuple[int, int, int, bool | None]:
@@ -586,8 +726,9 @@ class ChipFuzzer:
         value = rng.choice((self._fits(4), self._fits(4), self._too_wide(4)))
         if r < 0.5:
             group = E.GRP_REGS
-            cpu = rng.choice((self._vcpu().vcpu_id, rng.randrange(max(eio.num_cpu, 1)),
-                              rng.getrandbits(16)))
+            cpu = rng.choice(
+                (self._vcpu().vcpu_id, rng.randrange(max(eio.num_cpu, 1)), rng.getrandbits(16))
+            )
             start = rng.choice(_EIO_ALLOWED + _EIO_ALLOWED + _EIO_FORBIDDEN)
             off = start + rng.randrange(E.REGISTERS[start])
             if rng.random() < 0.1:
@@ -596,13 +737,23 @@ class ChipFuzzer:
             where = Eiointc._locate(off)
             if for_set and where not in _EIO_ALLOWED:
                 value = self._too_wide(4)
-            ok = (where is not None and (where != E.COREISR or cpu < eio.num_cpu)
-                  and (not for_set or 0 <= value <= U32_MAX))
+            ok = (
+                where is not None
+                and (where != E.COREISR or cpu < eio.num_cpu)
+                and (not for_set or 0 <= value <= U32_MAX)
+            )
             return group, attr, value, ok
         if r < 0.7:
             group = E.GRP_SW_STATUS
-            which = rng.choice((E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE, E.SW_STATUS_STATE,
-                                E.SW_STATUS_ROUTE, rng.getrandbits(16)))
+            which = rng.choice(
+                (
+                    E.SW_STATUS_NUM_CPU,
+                    E.SW_STATUS_FEATURE,
+                    E.SW_STATUS_STATE,
+                    E.SW_STATUS_ROUTE,
+                    rng.getrandbits(16),
+                )
+            )
             irq = rng.choice((rng.randrange(256), rng.getrandbits(16)))
             attr = (irq << 16) | which
             if for_set:
@@ -611,7 +762,8 @@ class ChipFuzzer:
                 known = which in (E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE)
                 return group, attr, value, known and 0 <= value <= U32_MAX
             known = which in (E.SW_STATUS_NUM_CPU, E.SW_STATUS_FEATURE, E.SW_STATUS_STATE) or (
-                which == E.SW_STATUS_ROUTE and irq < 256)
+                which == E.SW_STATUS_ROUTE and irq < 256
+            )
             return group, attr, value, known
         if r < 0.9:
             group = E.GRP_CTRL
@@ -645,10 +797,20 @@ class ChipFuzzer:
             elif choice < 0.9:
                 off = rng.choice(_PCH_FORBIDDEN)
             else:
-                off = rng.choice((P.INT_ID, P.CLEAR, P.MASK + 1, P.PCH_PIC_SIZE, 0x140,
-                                  rng.getrandbits(12), rng.getrandbits(32)))
-            byte_reg = (P.ROUTE_ENTRY <= off < P.ROUTE_ENTRY + 64
-                        or P.HTMSI_VEC <= off < P.HTMSI_VEC + 64)
+                off = rng.choice(
+                    (
+                        P.INT_ID,
+                        P.CLEAR,
+                        P.MASK + 1,
+                        P.PCH_PIC_SIZE,
+                        0x140,
+                        rng.getrandbits(12),
+                        rng.getrandbits(32),
+                    )
+                )
+            byte_reg = (
+                P.ROUTE_ENTRY <= off < P.ROUTE_ENTRY + 64 or P.HTMSI_VEC <= off < P.HTMSI_VEC + 64
+            )
             valid = off in P.WORD_REGS or byte_reg
             width = 1 if byte_reg else 8
             attr = off | (rng.getrandbits(32) << 32 if rng.random() < 0.1 else 0)
@@ -679,15 +841,17 @@ class ChipFuzzer:
         chip, dev, group, attr, value, ok = self._attr_target(True)
         self.stats.accesses[chip] += 1
         args = (chip, hex(group), hex(attr), hex(value))
-        _, err = self._call("attr_set", args, self.vm.device_call, dev, "set_attr", group, attr,
-                            value)
+        _, err = self._call(
+            "attr_set", args, self.vm.device_call, dev, "set_attr", group, attr, value
+        )
         self._expect("attr_set", err, ok)
         if err is None:
             if chip == "pchpic" and group == P.GRP_CTRL:
                 self.pch_base = value
             elif group in (I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, E.GRP_REGS, P.GRP_REGS):
-                back, err = self._call("attr_get", args[:3], self.vm.device_call, dev,
-                                       "get_attr", group, attr)
+                back, err = self._call(
+                    "attr_get", args[:3], self.vm.device_call, dev, "get_attr", group, attr
+                )
                 if err is not None or back != value:
                     raise self.fail(f"attr {args} read back as {back!r} ({err})")
 
@@ -695,8 +859,9 @@ class ChipFuzzer:
         chip, dev, group, attr, _value, ok = self._attr_target(False)
         self.stats.accesses[chip] += 1
         args = (chip, hex(group), hex(attr))
-        result, err = self._call("attr_get", args, self.vm.device_call, dev, "get_attr", group,
-                                 attr)
+        result, err = self._call(
+            "attr_get", args, self.vm.device_call, dev, "get_attr", group, attr
+        )
         self._expect("attr_get", err, ok)
         if err is None and (type(result) is not int or not 0 <= result <= U64_MAX):
             raise self.fail(f"attr_get {args} returned {result!r}, not a u64")
@@ -708,8 +873,9 @@ class ChipFuzzer:
         pin = rng.randrange(64) if rng.random() < 0.97 else rng.choice((64, 65, -1, 1 << 40))
         level = rng.choice((0, 1))
         self.stats.accesses["pchpic"] += 1
-        _, err = self._call("irq_line", (pin, level), self.vm.set_chip_input, DEV_PCHPIC, pin,
-                            level)
+        _, err = self._call(
+            "irq_line", (pin, level), self.vm.set_chip_input, DEV_PCHPIC, pin, level
+        )
         self._expect("irq_line", err, 0 <= pin < 64, None if 0 <= pin < 64 else "EINVAL")
 
     def op_msi(self) -> None:
@@ -725,16 +891,22 @@ class ChipFuzzer:
         rng = self.rng
         vm = self.vm
         vcpu = self._vcpu()
-        code = KVM_HCALL_SERVICE if rng.random() < 0.93 else rng.choice(
-            (abi.KVM_HCALL_SWDBG, abi.KVM_HCALL_USER_SERVICE, 0, rng.getrandbits(15)))
+        code = (
+            KVM_HCALL_SERVICE
+            if rng.random() < 0.93
+            else rng.choice(
+                (abi.KVM_HCALL_SWDBG, abi.KVM_HCALL_USER_SERVICE, 0, rng.getrandbits(15))
+            )
+        )
         a0 = KVM_HCALL_FUNC_IPI if rng.random() < 0.93 else rng.choice((0, 2, 3, -1, 1 << 32 | 1))
         r = rng.random()
         targets = [self._phyid_target() for _ in range(rng.randrange(1, 4))]
         if r < 0.6:
             base = max(0, min(targets) - rng.randrange(8))
         elif r < 0.75:
-            base = rng.choice((0, U32_MAX, U32_MAX - 62, (1 << 32) + rng.randrange(4),
-                               (1 << 31) - 1, 1 << 31))
+            base = rng.choice(
+                (0, U32_MAX, U32_MAX - 62, (1 << 32) + rng.randrange(4), (1 << 31) - 1, 1 << 31)
+            )
         else:
             base = rng.choice((rng.getrandbits(64), rng.getrandbits(32), -rng.randrange(100)))
         bitmap = 0
@@ -753,12 +925,18 @@ class ChipFuzzer:
         self.stats.accesses["pv_ipi"] += 1
         # The expected outcome, from SEMANTICS §7 alone.
         full = [x & U64_MAX for x in args] + [0] * (6 - len(args))
-        sends = (code == KVM_HCALL_SERVICE and full[0] == KVM_HCALL_FUNC_IPI
-                 and vm.pv_features & KVM_FEATURE_IPI)
+        sends = (
+            code == KVM_HCALL_SERVICE
+            and full[0] == KVM_HCALL_FUNC_IPI
+            and vm.pv_features & KVM_FEATURE_IPI
+        )
         expect = 0 if sends else -1
         steal = None
-        if (code == KVM_HCALL_SERVICE and full[0] == abi.KVM_HCALL_FUNC_NOTIFY
-                and vm.pv_features & abi.KVM_FEATURE_STEAL_TIME):
+        if (
+            code == KVM_HCALL_SERVICE
+            and full[0] == abi.KVM_HCALL_FUNC_NOTIFY
+            and vm.pv_features & abi.KVM_FEATURE_STEAL_TIME
+        ):
             # kvm_save_notify: only a1 = BIT(KVM_FEATURE_STEAL_TIME), a2 well-formed, stores.
             if full[1] != abi.KVM_FEATURE_STEAL_TIME:
                 expect = -1
@@ -776,9 +954,14 @@ class ChipFuzzer:
                         owner = vm.phyids.get(cpuid) if cpuid < 1 << 31 else None
                         if owner is not None:
                             hit.add(owner.vcpu_id)
-        result, err = self._call("pv_ipi", (vcpu.vcpu_id, hex(code), [hex(a & U64_MAX) for a in
-                                                                      args]),
-                                 vm.hypercall, vcpu, code, args)
+        result, err = self._call(
+            "pv_ipi",
+            (vcpu.vcpu_id, hex(code), [hex(a & U64_MAX) for a in args]),
+            vm.hypercall,
+            vcpu,
+            code,
+            args,
+        )
         if err is not None or result != expect:
             raise self.fail(f"hypercall returned {result!r} ({err}), expected {expect}")
         if steal is not None and vcpu.steal_gpa != steal:
@@ -788,13 +971,21 @@ class ChipFuzzer:
 
     def op_pv_features(self) -> None:
         rng = self.rng
-        value = rng.choice((KVM_FEATURE_IPI, KVM_FEATURE_IPI, 0b1110, 0,
-                            rng.getrandbits(32)))
+        value = rng.choice((KVM_FEATURE_IPI, KVM_FEATURE_IPI, 0b1110, 0, rng.getrandbits(32)))
         vcpu = self._vcpu()
-        _, err = self._call("pv_features", (hex(value),), self.vm.set_vcpu_attr, vcpu,
-                            KVM_LOONGARCH_VCPU_CPUCFG, CPUCFG_KVM_FEATURE, value)
-        if err is None and self.vm.get_vcpu_attr(vcpu, KVM_LOONGARCH_VCPU_CPUCFG,
-                                                 CPUCFG_KVM_FEATURE) != value:
+        _, err = self._call(
+            "pv_features",
+            (hex(value),),
+            self.vm.set_vcpu_attr,
+            vcpu,
+            KVM_LOONGARCH_VCPU_CPUCFG,
+            CPUCFG_KVM_FEATURE,
+            value,
+        )
+        if (
+            err is None
+            and self.vm.get_vcpu_attr(vcpu, KVM_LOONGARCH_VCPU_CPUCFG, CPUCFG_KVM_FEATURE) != value
+        ):
             raise self.fail(f"PV features {value:#x} did not stick")
 
     # ------------------------------------------------------------------ phyids, vCPUs, SWI ------
@@ -807,8 +998,9 @@ class ChipFuzzer:
         cur = vcpu.csrs[CSR_CPUID]
         taken = [p for p in vm.phyids if p != cur]
         free = [p for p in (0, 1, 2, 3, limit - 1, rng.randrange(limit)) if p not in vm.phyids]
-        value = rng.choice([cur, limit, limit + 1, U64_MAX, rng.getrandbits(64), *free, *free,
-                            *taken[:2]])
+        value = rng.choice(
+            [cur, limit, limit + 1, U64_MAX, rng.getrandbits(64), *free, *free, *taken[:2]]
+        )
         # kvm_set_cpuid, SEMANTICS §4.
         if value >= limit:
             expect: str | None = "EINVAL"
@@ -818,8 +1010,9 @@ class ChipFuzzer:
             expect = "EINVAL"
         else:
             expect = None
-        _, err = self._call("set_phyid", (vcpu.vcpu_id, value), vm.set_one_reg, vcpu,
-                            abi.CPUID, value)
+        _, err = self._call(
+            "set_phyid", (vcpu.vcpu_id, value), vm.set_one_reg, vcpu, abi.CPUID, value
+        )
         self._expect("set_phyid", err, expect is None, expect)
         now = vcpu.csrs[CSR_CPUID]
         if (err is None and now != value) or (err is not None and now != cur):
@@ -829,15 +1022,31 @@ class ChipFuzzer:
         rng = self.rng
         vm = self.vm
         vcpu = self._vcpu()
-        index = CSR_ESTAT if rng.random() < 0.9 else rng.choice(
-            (rng.randrange(abi.CSR_MAX_NUMS), abi.CSR_MAX_NUMS, rng.getrandbits(16)))
+        index = (
+            CSR_ESTAT
+            if rng.random() < 0.9
+            else rng.choice(
+                (rng.randrange(abi.CSR_MAX_NUMS), abi.CSR_MAX_NUMS, rng.getrandbits(16))
+            )
+        )
         mask = rng.choice((1, 2, 3, 3, U64_MAX, 0, self._value()))
         value = rng.choice((0, 0, 0, 1, 2, self._value()))
         before = vm.get_one_reg(vcpu, abi.ESTAT)
-        old, err = self._call("csr_xchg", (vcpu.vcpu_id, hex(index), hex(value), hex(mask)),
-                              vm.csr_xchg, vcpu, index, value, mask)
-        self._expect("csr_xchg", err, index < abi.CSR_MAX_NUMS,
-                     None if index < abi.CSR_MAX_NUMS else "EINVAL")
+        old, err = self._call(
+            "csr_xchg",
+            (vcpu.vcpu_id, hex(index), hex(value), hex(mask)),
+            vm.csr_xchg,
+            vcpu,
+            index,
+            value,
+            mask,
+        )
+        self._expect(
+            "csr_xchg",
+            err,
+            index < abi.CSR_MAX_NUMS,
+            None if index < abi.CSR_MAX_NUMS else "EINVAL",
+        )
         if index == CSR_ESTAT and err is None:
             if old != before:
                 raise self.fail(f"csr_xchg ESTAT returned {old:#x}, ESTAT was {before:#x}")
@@ -848,8 +1057,15 @@ class ChipFuzzer:
     def op_create_vcpu(self) -> None:
         rng = self.rng
         vm = self.vm
-        vid = rng.choice((rng.randrange(vm.max_vcpu_id), rng.randrange(16),
-                          self._vcpu().vcpu_id, vm.max_vcpu_id, -1))
+        vid = rng.choice(
+            (
+                rng.randrange(vm.max_vcpu_id),
+                rng.randrange(16),
+                self._vcpu().vcpu_id,
+                vm.max_vcpu_id,
+                -1,
+            )
+        )
         if not 0 <= vid < vm.max_vcpu_id:
             expect: str | None = "EINVAL"
         elif vid in vm.vcpus:
@@ -891,8 +1107,10 @@ class ChipFuzzer:
             if bits & ~HWI_MASK or (bits and vid not in vcpus):
                 raise self.fail(f"EIOINTC implies lines {bits:#x} for vCPU {vid}")
         if len(vcpus) != len(self.vcpu_list):
-            raise self.fail(f"the VM has vCPUs {sorted(vcpus)}, expected "
-                            f"{sorted(v.vcpu_id for v in self.vcpu_list)}")
+            raise self.fail(
+                f"the VM has vCPUs {sorted(vcpus)}, expected "
+                f"{sorted(v.vcpu_id for v in self.vcpu_list)}"
+            )
         limit = vm.max_phyid
         mapped: dict[int, Vcpu] = {}
         for vcpu in self.vcpu_list:
@@ -905,21 +1123,25 @@ class ChipFuzzer:
                 raise self.fail(
                     f"vCPU {vid} lines {lines:#06x} but chips/guest imply {want:#06x} "
                     f"(EIOINTC {eio_lines.get(vid, 0):#x}, IPI {ipi_lines.get(vid, 0):#x}, "
-                    f"SWI {self.swi[vid]:#x})")
+                    f"SWI {self.swi[vid]:#x})"
+                )
             seen |= lines
             phyid = vcpu.csrs[CSR_CPUID]
             if phyid < limit:
                 if phyid in mapped:
-                    raise self.fail(f"phyid {phyid} is held by vCPUs {mapped[phyid].vcpu_id} "
-                                    f"and {vid}")
+                    raise self.fail(
+                        f"phyid {phyid} is held by vCPUs {mapped[phyid].vcpu_id} and {vid}"
+                    )
                 mapped[phyid] = vcpu
             elif phyid != limit:
                 raise self.fail(f"vCPU {vid} has CPUID {phyid}, neither set nor the unset mark")
         phyids = vm.phyids
         if len(phyids) != len(mapped) or any(mapped.get(p) is not v for p, v in phyids.items()):
             shown = {p: v.vcpu_id for p, v in phyids.items()}
-            raise self.fail(f"phyid map {shown} is not the vCPUs' CPUIDs "
-                            f"{ {p: v.vcpu_id for p, v in mapped.items()} }")
+            raise self.fail(
+                f"phyid map {shown} is not the vCPUs' CPUIDs "
+                f"{ {p: v.vcpu_id for p, v in mapped.items()} }"
+            )
         lines_up = self.stats.lines_up
         if seen & HWI_MASK:
             lines_up["hwi"] += 1
@@ -937,8 +1159,9 @@ def run_fuzzer(fuzzer_factory: Callable[[], ChipFuzzer], steps: int) -> ChipFuzz
     return fuzzer
 
 
-def fuzz_seed(seed: int, steps: int, *, host: PluginHost | None = None,
-              max_phyid: int | None = None) -> FuzzStats:
+def fuzz_seed(
+    seed: int, steps: int, *, host: PluginHost | None = None, max_phyid: int | None = None
+) -> FuzzStats:
     """A reproducible run: everything (VM shape, ops) follows from ``seed``."""
     rng = random.Random(seed)
     limit = max_phyid if max_phyid is not None else rng.choice((256, 4096, 16, 65536))

@@ -53,21 +53,39 @@ class Watcher:
             self.vcpus[vid] = h
             if phyid is not None:
                 w.ok("vcpu.set_one_reg", vcpu=h, id=abi.CPUID, value=phyid)
-        self.dev = {t: w.ok("vm.create_device", vm=self.vm, type=t)["device"]
-                    for t in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)}
-        w.ok("device.set_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_CTRL, attr=P.CTRL_INIT,
-             value=self.PCH_BASE)
+        self.dev = {
+            t: w.ok("vm.create_device", vm=self.vm, type=t)["device"]
+            for t in (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC)
+        }
+        w.ok(
+            "device.set_attr",
+            device=self.dev[DEV_PCHPIC],
+            group=P.GRP_CTRL,
+            attr=P.CTRL_INIT,
+            value=self.PCH_BASE,
+        )
         v0 = self.vcpus[0]
         # irq PIN: enabled, IPMAP group 0 -> ip 1 (HWI1), coremap byte -> CPUID 2 -> vCPU 5.
         w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.ENABLE, size=8, value=1 << self.PIN)
         w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.IPMAP, size=8, value=0x2)
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_BASE + E.COREMAP, size=8,
-             value=0x4 << (8 * self.PIN))
-        w.ok("vcpu.mmio_write", vcpu=v0, addr=self.PCH_BASE + P.MASK, size=8,
-             value=U64_MAX ^ (1 << self.PIN))
+        w.ok(
+            "vcpu.iocsr_write",
+            vcpu=v0,
+            addr=EIO_BASE + E.COREMAP,
+            size=8,
+            value=0x4 << (8 * self.PIN),
+        )
+        w.ok(
+            "vcpu.mmio_write",
+            vcpu=v0,
+            addr=self.PCH_BASE + P.MASK,
+            size=8,
+            value=U64_MAX ^ (1 << self.PIN),
+        )
         w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + abi.IPI_BUF, size=8, value=0xFEEDFACE)
-        w.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + I.IPI_SEND, size=4,
-             value=(7 << 16) | 3)  # vCPU 0 (CPUID 7) sends itself vector 3: stays pending
+        w.ok(
+            "vcpu.iocsr_write", vcpu=v0, addr=IPI_BASE + I.IPI_SEND, size=4, value=(7 << 16) | 3
+        )  # vCPU 0 (CPUID 7) sends itself vector 3: stays pending
         self.baseline = self.observe()
 
     def _estat(self, vid: int) -> int:
@@ -84,22 +102,36 @@ class Watcher:
             # Line changes since the last probe ended: none may happen but the probe's own.
             "seq_delta": 0 if self.last_seq is None else seq - self.last_seq,
             "map": w.ok("vm.phyid_map", vm=vm),
-            "lookups": [w.ok("vm.phyid_lookup", vm=vm, phyid=p)["vcpu_id"]
-                        for p in (7, 2, 4000, 0, -1, 4096)],
-            "regs": {vid: [w.ok("vcpu.get_one_reg", vcpu=h, id=r)["value"]
-                           for r in (abi.CPUID, abi.TMID, abi.ESTAT)]
-                     for vid, h in self.vcpus.items()},
+            "lookups": [
+                w.ok("vm.phyid_lookup", vm=vm, phyid=p)["vcpu_id"]
+                for p in (7, 2, 4000, 0, -1, 4096)
+            ],
+            "regs": {
+                vid: [
+                    w.ok("vcpu.get_one_reg", vcpu=h, id=r)["value"]
+                    for r in (abi.CPUID, abi.TMID, abi.ESTAT)
+                ]
+                for vid, h in self.vcpus.items()
+            },
             "attrs": [
-                w.ok("device.get_attr", device=self.dev[DEV_IPI],
-                     group=I.KVM_DEV_LOONGARCH_IPI_GRP_REGS, attr=off)["value"]
+                w.ok(
+                    "device.get_attr",
+                    device=self.dev[DEV_IPI],
+                    group=I.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+                    attr=off,
+                )["value"]
                 for off in (I.IPI_STATUS, abi.IPI_BUF)
-            ] + [
-                w.ok("device.get_attr", device=self.dev[DEV_EIOINTC], group=E.GRP_REGS,
-                     attr=off)["value"]
+            ]
+            + [
+                w.ok("device.get_attr", device=self.dev[DEV_EIOINTC], group=E.GRP_REGS, attr=off)[
+                    "value"
+                ]
                 for off in (E.ENABLE, E.IPMAP, E.COREMAP, E.ISR)
-            ] + [
-                w.ok("device.get_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_REGS,
-                     attr=P.MASK)["value"],
+            ]
+            + [
+                w.ok("device.get_attr", device=self.dev[DEV_PCHPIC], group=P.GRP_REGS, attr=P.MASK)[
+                    "value"
+                ],
             ],
         }
         # Routing probe: each path raises a line on the expected vCPU, then lowers it again.
@@ -108,14 +140,28 @@ class Watcher:
         probe.append(self._estat(5))
         w.ok("vm.irq_line", vm=vm, irq=self.PIN, level=0)
         probe.append(self._estat(5))
-        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[9], addr=IPI_BASE + I.IPI_SEND, size=4,
-             value=(2 << 16) | 9)
+        w.ok(
+            "vcpu.iocsr_write",
+            vcpu=self.vcpus[9],
+            addr=IPI_BASE + I.IPI_SEND,
+            size=4,
+            value=(2 << 16) | 9,
+        )
         probe.append(self._estat(5))
-        w.ok("vcpu.iocsr_write", vcpu=self.vcpus[5], addr=IPI_BASE + I.IPI_CLEAR, size=4,
-             value=1 << 9)
+        w.ok(
+            "vcpu.iocsr_write",
+            vcpu=self.vcpus[5],
+            addr=IPI_BASE + I.IPI_CLEAR,
+            size=4,
+            value=1 << 9,
+        )
         probe.append(self._estat(5))
-        a0 = w.ok("vcpu.hypercall", vcpu=self.vcpus[9], code=KVM_HCALL_SERVICE,
-                  args=[KVM_HCALL_FUNC_IPI, 1, 0, 4000])["a0"]
+        a0 = w.ok(
+            "vcpu.hypercall",
+            vcpu=self.vcpus[9],
+            code=KVM_HCALL_SERVICE,
+            args=[KVM_HCALL_FUNC_IPI, 1, 0, 4000],
+        )["a0"]
         probe += [a0, self._estat(300)]
         w.ok("vcpu.csr_xchg", vcpu=self.vcpus[300], csr=CSR_ESTAT, value=0, mask=1)
         probe.append(self._estat(300))

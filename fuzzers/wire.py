@@ -18,8 +18,14 @@ from lvz.protocol import abi
 from lvz.testing.wire import BlockingWire, wire_error_problem, wire_message_problem
 
 __all__ = [
-    "CLOSING_ERRORS", "HANDLE_SETUP", "SENTINEL", "SENTINEL_ID", "Exchange", "exchange",
-    "wire_error_problem", "wire_message_problem",
+    "CLOSING_ERRORS",
+    "HANDLE_SETUP",
+    "SENTINEL",
+    "SENTINEL_ID",
+    "Exchange",
+    "exchange",
+    "wire_error_problem",
+    "wire_message_problem",
 ]
 
 #: protocol_error names after which the daemon closes the connection (protocol-additions.md).
@@ -41,9 +47,15 @@ HANDLE_SETUP: list[tuple[str, dict[str, Any]]] = [
     ("vm.create_device", {"vm": 1, "type": "loongarch-eiointc"}),
     ("vm.create_device", {"vm": 1, "type": "loongarch-pchpic"}),
     ("vcpu.set_one_reg", {"vcpu": 3, "id": abi.CPUID, "value": 1}),
-    ("device.set_attr", {"device": 6, "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                         "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
-                         "value": abi.VIRT_PCH_PIC_BASE}),
+    (
+        "device.set_attr",
+        {
+            "device": 6,
+            "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+            "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+            "value": abi.VIRT_PCH_PIC_BASE,
+        },
+    ),
 ]
 
 
@@ -102,8 +114,10 @@ def exchange(path: str | Path, payload: bytes, timeout: float = 10.0) -> Exchang
                 raise AssertionError(f"the daemon kept talking after {msg!r:.120}")
             closed_with = msg[2]["name"]
     if not answered and not closed_with and _whole_messages(payload):
-        raise AssertionError(f"the daemon closed without answering the sentinel and without a "
-                             f"protocol_error; it sent {messages!r:.300}")
+        raise AssertionError(
+            f"the daemon closed without answering the sentinel and without a "
+            f"protocol_error; it sent {messages!r:.300}"
+        )
     if answered and closed_with:
         raise AssertionError(f"{closed_with} after the sentinel was answered")
     return Exchange(messages, answered, closed_with)
@@ -112,8 +126,9 @@ def exchange(path: str | Path, payload: bytes, timeout: float = 10.0) -> Exchang
 def _whole_messages(payload: bytes) -> bool:
     """Does ``payload`` decode (as the daemon decodes) into whole messages, so that the sentinel
     after it is a message of its own? If not, the sentinel may have become part of a message."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=1 << 26,
-                                ext_hook=_no_ext)
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=1 << 26, ext_hook=_no_ext
+    )
     unpacker.feed(payload)
     end = 0  # tell() also moves inside a partial message: trust it only after a whole one
     try:

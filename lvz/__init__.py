@@ -66,8 +66,9 @@ def source_digest(package_dir: Path = _HERE) -> str:
 
 def _has_extension(module: str, package_dir: Path) -> bool:
     base = source_path(module, package_dir).with_suffix("")
-    return any(base.with_name(base.name + s).exists()
-               for s in importlib.machinery.EXTENSION_SUFFIXES)
+    return any(
+        base.with_name(base.name + s).exists() for s in importlib.machinery.EXTENSION_SUFFIXES
+    )
 
 
 def _extension_modules(package_dir: Path) -> list[str]:
@@ -116,8 +117,9 @@ class _SourcesFirst:
     """Meta path finder that imports ``lvz.*`` modules from their ``.py``, ignoring any ``.so``
     (also one an older build left for a module no longer on the list)."""
 
-    def find_spec(self, name: str, path: Sequence[str] | None,
-                  target: ModuleType | None = None) -> ModuleSpec | None:
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if not name.startswith("lvz."):
             return None
         source = source_path(name)
@@ -136,9 +138,12 @@ def _choose() -> tuple[bool, str]:
     if state == "fresh":
         return True, why
     if state == "stale":
-        warnings.warn(f"lvz: {why}; running the pure-Python sources instead "
-                      f"(`make compiled` rebuilds, `make clean-compiled` removes the build)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"lvz: {why}; running the pure-Python sources instead "
+            f"(`make compiled` rebuilds, `make clean-compiled` removes the build)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if state != "none" or want == "pure":
         sys.meta_path.insert(0, _SourcesFirst())
     return False, why

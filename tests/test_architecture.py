@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ROOMS = {"protocol": "lvz.protocol", "daemon": "lvz.daemon", "plugins": "lvz.plugins",
-         "clients": "lvz.clients"}
+ROOMS = {
+    "protocol": "lvz.protocol",
+    "daemon": "lvz.daemon",
+    "plugins": "lvz.plugins",
+    "clients": "lvz.clients",
+}
 CHIPS = {"ipi", "eiointc", "pchpic", "pv_ipi"}
 
 
@@ -45,16 +49,18 @@ def sources(room: str) -> list[Path]:
 @pytest.mark.parametrize("path", sources("protocol"), ids=lambda p: p.name)
 def test_protocol_is_sans_io(path: Path) -> None:
     for name, _ in imports(path, "protocol"):
-        assert not name.startswith(("trio", "socket", "asyncio", "lvz.daemon", "lvz.plugins",
-                                    "lvz.clients")), f"{path.name} imports {name}"
+        assert not name.startswith(
+            ("trio", "socket", "asyncio", "lvz.daemon", "lvz.plugins", "lvz.clients")
+        ), f"{path.name} imports {name}"
 
 
 @pytest.mark.parametrize("path", sources("plugins"), ids=lambda p: p.name)
 def test_plugins_see_only_the_chip_api(path: Path) -> None:
     me = path.stem
     for name, _ in imports(path, "plugins"):
-        assert not name.startswith(("trio", "socket", "lvz.daemon", "lvz.clients")), \
+        assert not name.startswith(("trio", "socket", "lvz.daemon", "lvz.clients")), (
             f"{path.name} imports {name}"
+        )
         other = name.removeprefix("lvz.plugins.")
         assert not (other in CHIPS and other != me), f"chip {me} imports chip {other}"
 
@@ -63,8 +69,9 @@ def test_plugins_see_only_the_chip_api(path: Path) -> None:
 def test_clients_do_not_reach_into_the_daemon(path: Path) -> None:
     for name, top_level in imports(path, "clients"):
         if name.startswith("lvz.daemon"):
-            assert path.name == "cli.py" and not top_level, \
+            assert path.name == "cli.py" and not top_level, (
                 f"{path.name} imports {name} (only `lvz serve` may, inside its function)"
+            )
 
 
 @pytest.mark.parametrize("path", sources("daemon"), ids=lambda p: p.name)

@@ -69,10 +69,10 @@ def test_a_complete_matching_build_is_used(fake_package: Path) -> None:
     assert lvz.build_state(fake_package) == ("fresh", "compiled with mypyc")
 
 
-@pytest.mark.parametrize("spoil", ["edit a source", "one module missing", "no stamp",
-                                   "a module no longer on the list"])
-def test_a_build_that_does_not_match_the_sources_is_stale(fake_package: Path,
-                                                          spoil: str) -> None:
+@pytest.mark.parametrize(
+    "spoil", ["edit a source", "one module missing", "no stamp", "a module no longer on the list"]
+)
+def test_a_build_that_does_not_match_the_sources_is_stale(fake_package: Path, spoil: str) -> None:
     plant_build(fake_package, skip="lvz.daemon.model" if spoil == "one module missing" else "")
     if spoil == "edit a source":
         with lvz.source_path("lvz.protocol.events", fake_package).open("a") as f:
@@ -90,12 +90,14 @@ def run_python(code: str, cwd: Path, build: str | None) -> subprocess.CompletedP
     env.pop("LVZ_BUILD", None)
     if build is not None:
         env["LVZ_BUILD"] = build
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
-REPORT = ("import lvz, lvz.daemon.model as m; "
-          f"print(lvz.compiled, str(m.__file__).endswith({SUFFIX!r}))")
+REPORT = (
+    f"import lvz, lvz.daemon.model as m; print(lvz.compiled, str(m.__file__).endswith({SUFFIX!r}))"
+)
 
 
 def test_pure_is_honoured_from_another_directory(tmp_path: Path) -> None:
@@ -126,8 +128,11 @@ async def test_bytes_parameter_names_are_einval_not_a_crash(connect: Connect) ->
     raw = await connect()
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     vcpu = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
-    for params in ({b"vcpu": vcpu, "id": abi.CPUID}, {"vcpu": vcpu, "id": abi.CPUID, b"x": 1},
-                   {b"vcpu": vcpu, b"id": abi.CPUID}):
+    for params in (
+        {b"vcpu": vcpu, "id": abi.CPUID},
+        {"vcpu": vcpu, "id": abi.CPUID, b"x": 1},
+        {b"vcpu": vcpu, b"id": abi.CPUID},
+    ):
         await raw.send(msgpack.packb([0, 9000, "vcpu.get_one_reg", params], use_bin_type=True))
         r = await raw.response(9000)
         assert r.error is not None and r.error.name == "EINVAL", r

@@ -29,15 +29,21 @@ def test_a_chip_load_is_the_guest_load_without_sign_extension(vm: Vm) -> None:
     assert api.iocsr_read(0, EN, 4) == 5
 
 
-@pytest.mark.parametrize(("addr", "size", "errno"), [
-    (abi.IOCSR_IPI_BASE + abi.IOCSR_IPI_SIZE, 4, "ENXIO"),  # nothing claims it
-    (EN, 3, "EINVAL"),  # not an access width
-])
-def test_chip_accesses_fail_as_a_guest_access_does(vm: Vm, addr: int, size: int,
-                                                   errno: str) -> None:
-    for call in (lambda: vm.chip_api.iocsr_read(0, addr, size),
-                 lambda: vm.chip_api.iocsr_write(0, addr, size, 1),
-                 lambda: vm.guest_read("iocsr", vm.vcpus[0], addr, size)):
+@pytest.mark.parametrize(
+    ("addr", "size", "errno"),
+    [
+        (abi.IOCSR_IPI_BASE + abi.IOCSR_IPI_SIZE, 4, "ENXIO"),  # nothing claims it
+        (EN, 3, "EINVAL"),  # not an access width
+    ],
+)
+def test_chip_accesses_fail_as_a_guest_access_does(
+    vm: Vm, addr: int, size: int, errno: str
+) -> None:
+    for call in (
+        lambda: vm.chip_api.iocsr_read(0, addr, size),
+        lambda: vm.chip_api.iocsr_write(0, addr, size, 1),
+        lambda: vm.guest_read("iocsr", vm.vcpus[0], addr, size),
+    ):
         with pytest.raises(KvmError) as exc:
             call()
         assert exc.value.name == errno

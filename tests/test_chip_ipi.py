@@ -24,8 +24,12 @@ from tests.chipfake import FakeVm, implied_lines
 GRP = abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS
 #: Absolute IOCSR addresses, as a guest uses them.
 BASE = abi.IOCSR_IPI_BASE
-STATUS, EN, SET, CLEAR = (BASE + abi.IPI_STATUS, BASE + abi.IPI_EN, BASE + abi.IPI_SET,
-                          BASE + abi.IPI_CLEAR)
+STATUS, EN, SET, CLEAR = (
+    BASE + abi.IPI_STATUS,
+    BASE + abi.IPI_EN,
+    BASE + abi.IPI_SET,
+    BASE + abi.IPI_CLEAR,
+)
 BUF = BASE + abi.IPI_BUF
 IPI_SEND, MAIL_SEND, ANY_SEND = BASE + abi.IPI_SEND, BASE + abi.MAIL_SEND, BASE + abi.ANY_SEND
 #: The attr offsets of a vCPU's registers, in layout order.
@@ -503,8 +507,16 @@ def test_attr_widest_values_fit(chip: Chip) -> None:
     assert chip.dev.get_attr(GRP, attr(0, abi.IPI_BUF + 24)) == U64_MAX
 
 
-@pytest.mark.parametrize("group", [0, 1, abi.CPUCFG_KVM_SIG, abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS,
-                                   abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS])
+@pytest.mark.parametrize(
+    "group",
+    [
+        0,
+        1,
+        abi.CPUCFG_KVM_SIG,
+        abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS,
+        abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS,
+    ],
+)
 def test_other_attr_groups_are_einval(chip: Chip, group: int) -> None:
     with pytest.raises(KvmError) as e:
         chip.dev.set_attr(group, attr(0, 0), 1)

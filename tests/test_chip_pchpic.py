@@ -22,8 +22,12 @@ from lvz.protocol.errors import KvmError
 from tests.chipfake import FakeVm, implied_lines
 
 # kvm_pch_pic.h's short names, as the chip module uses them.
-INT_ID, MASK, HTMSI_EN, EDGE = (abi.PCH_PIC_INT_ID, abi.PCH_PIC_MASK, abi.PCH_PIC_HTMSI_EN,
-                                abi.PCH_PIC_EDGE)
+INT_ID, MASK, HTMSI_EN, EDGE = (
+    abi.PCH_PIC_INT_ID,
+    abi.PCH_PIC_MASK,
+    abi.PCH_PIC_HTMSI_EN,
+    abi.PCH_PIC_EDGE,
+)
 CLEAR, AUTO_CTRL0, AUTO_CTRL1 = abi.PCH_PIC_CLEAR, abi.PCH_PIC_AUTO_CTRL0, abi.PCH_PIC_AUTO_CTRL1
 ROUTE_ENTRY, HTMSI_VEC = abi.PCH_PIC_ROUTE_ENTRY, abi.PCH_PIC_HTMSI_VEC
 INT_IRR, INT_ISR, POLARITY = abi.PCH_PIC_INT_IRR, abi.PCH_PIC_INT_ISR, abi.PCH_PIC_POLARITY

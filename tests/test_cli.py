@@ -35,21 +35,29 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_vms_table_and_json(lvz_socket: Path, named_vm: str,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_vms_table_and_json(
+    lvz_socket: Path, named_vm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, "vms", "--socket", str(lvz_socket))
     assert code == 0
     assert "NAME" in out and named_vm in out
     code, out, _ = run(capsys, "vms", "--socket", str(lvz_socket), "--format", "json")
     assert code == 0
     [row] = [r for r in json.loads(out) if r["name"] == named_vm]
-    assert row | {"id": 0} == {"id": 0, "name": named_vm, "vcpus": 3, "phyids": 2,
-                               "max_phyid": 256, "devices": 0}
+    assert row | {"id": 0} == {
+        "id": 0,
+        "name": named_vm,
+        "vcpus": 3,
+        "phyids": 2,
+        "max_phyid": 256,
+        "devices": 0,
+    }
     assert row["id"] >= 1
 
 
-def test_map_table_and_json(lvz_socket: Path, named_vm: str,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_map_table_and_json(
+    lvz_socket: Path, named_vm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, "map", named_vm, "--socket", str(lvz_socket))
     assert code == 0
     assert "PHYID" in out
@@ -65,8 +73,9 @@ def test_map_table_and_json(lvz_socket: Path, named_vm: str,
 def test_lookup(lvz_socket: Path, named_vm: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "lookup", named_vm, "0x2a", "--socket", str(lvz_socket))
     assert (code, out.strip()) == (0, "phyid 42 → vCPU 0")
-    code, out, _ = run(capsys, "lookup", "--format", "json", "--socket", str(lvz_socket),
-                       named_vm, "-1")
+    code, out, _ = run(
+        capsys, "lookup", "--format", "json", "--socket", str(lvz_socket), named_vm, "-1"
+    )
     assert code == 0
     assert json.loads(out) == {"vm": named_vm, "phyid": -1, "vcpu_id": None}
 
@@ -80,8 +89,9 @@ def test_plugins_json(lvz_socket: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0 and "DEVICE TYPES" in out
 
 
-def test_failed_ioctl_exits_1_with_errno_name(lvz_socket: Path, vm_name: str,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_ioctl_exits_1_with_errno_name(
+    lvz_socket: Path, vm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, "map", vm_name, "--socket", str(lvz_socket))
     assert code == 1
     assert out == ""
@@ -97,8 +107,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "frobnicate")[0] == 2
 
 
-def test_unreachable_daemon_exits_125(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_daemon_exits_125(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     missing = tmp_path / "none.sock"
     code, _, err = run(capsys, "vms", "--socket", str(missing))
     assert code == 125
@@ -108,17 +119,37 @@ def test_unreachable_daemon_exits_125(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 125 and str(missing) in err
 
 
-def test_socket_from_environment(lvz_socket: Path, named_vm: str,
-                                 capsys: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_socket_from_environment(
+    lvz_socket: Path,
+    named_vm: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("LVZ_SOCKET", str(lvz_socket))
     code, out, _ = run(capsys, "lookup", named_vm, "7")
     assert (code, out.strip()) == (0, "phyid 7 → vCPU 1")
 
 
-@pytest.mark.parametrize("command", ["", "serve", "demo", "vms", "map", "lookup", "plugins",
-                                     "vm create", "vcpu ls", "reg set", "attr get", "irq",
-                                     "msi", "events", "replay"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "",
+        "serve",
+        "demo",
+        "vms",
+        "map",
+        "lookup",
+        "plugins",
+        "vm create",
+        "vcpu ls",
+        "reg set",
+        "attr get",
+        "irq",
+        "msi",
+        "events",
+        "replay",
+    ],
+)
 def test_help_documents_exit_codes(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, *command.split(), "--help")
     assert code == 0
@@ -128,8 +159,14 @@ def test_help_documents_exit_codes(command: str, capsys: pytest.CaptureFixture[s
 
 
 def _lvz(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lvz.clients.cli", *argv], capture_output=True,
-                          text=True, timeout=60, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lvz.clients.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
 
 
 def test_demo_with_a_private_daemon() -> None:
@@ -140,8 +177,16 @@ def test_demo_with_a_private_daemon() -> None:
     assert "private daemon" in out
     assert "PHYID" in out and "VCPU" in out
     assert "FAIL" not in out
-    for step in ("same value again", "change refused", "sharing refused", "destroy then reuse",
-                 "IPI", "PV IPI", "device interrupt", "MSI"):
+    for step in (
+        "same value again",
+        "change refused",
+        "sharing refused",
+        "destroy then reuse",
+        "IPI",
+        "PV IPI",
+        "device interrupt",
+        "MSI",
+    ):
         assert step in out
     assert "→ vCPU 4 (phyid 42) IPI" in out
     assert "behaved as expected" in out

@@ -27,8 +27,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_a_vm_is_built_from_the_shell(lvz_socket: Path, vm_name: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_vm_is_built_from_the_shell(
+    lvz_socket: Path, vm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     assert run(capsys, "vm", "create", vm_name, *sock)[0] == 0
     try:
@@ -44,7 +45,10 @@ def test_a_vm_is_built_from_the_shell(lvz_socket: Path, vm_name: str,
         assert code == 1 and "ENODEV" in err
         code, out, _ = run(capsys, "device", "ls", vm_name, "--format", "json", *sock)
         assert code == 0 and sorted(d["type"] for d in json.loads(out)) == [
-            "loongarch-eiointc", "loongarch-ipi", "loongarch-pchpic"]
+            "loongarch-eiointc",
+            "loongarch-ipi",
+            "loongarch-pchpic",
+        ]
         with Kvm.connect(lvz_socket) as kvm:
             vm = kvm.open_vm(vm_name)
             assert vm.info().vcpus == (0, 1)
@@ -53,28 +57,46 @@ def test_a_vm_is_built_from_the_shell(lvz_socket: Path, vm_name: str,
         run(capsys, "vm", "destroy", vm_name, *sock)
 
 
-def test_attr_group_and_attr_by_name(lvz_socket: Path, vm_name: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_attr_group_and_attr_by_name(
+    lvz_socket: Path, vm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     with Kvm.connect(lvz_socket) as kvm:
         vm = kvm.create_vm(name=vm_name)
         vm.create_vcpu(0)
         vm.create_device("loongarch-pchpic")
         try:
-            code, out, _ = run(capsys, "attr", "set", vm_name, "pchpic", "PCH_PIC_GRP_CTRL",
-                               "kvm_dev_loongarch_pch_pic_ctrl_init", "0x10000000", *sock)
+            code, out, _ = run(
+                capsys,
+                "attr",
+                "set",
+                vm_name,
+                "pchpic",
+                "PCH_PIC_GRP_CTRL",
+                "kvm_dev_loongarch_pch_pic_ctrl_init",
+                "0x10000000",
+                *sock,
+            )
             assert code == 0 and "group 0x40000006 attr 0x0" in out, out
-            code, out, _ = run(capsys, "attr", "get", vm_name, "vcpu0", "cpucfg",
-                               "cpucfg_kvm_feature", "--format", "json", *sock)
+            code, out, _ = run(
+                capsys,
+                "attr",
+                "get",
+                vm_name,
+                "vcpu0",
+                "cpucfg",
+                "cpucfg_kvm_feature",
+                "--format",
+                "json",
+                *sock,
+            )
             reply = json.loads(out)
             assert code == 0 and reply["group"] == 0 and reply["attr"] == 0x40000004
             assert reply["value"] & 2  # KVM_FEATURE_IPI, on for a new VM
             # Raw numbers still work, as before.
-            code, out, _ = run(capsys, "attr", "get", vm_name, "vcpu0", "0", "0x40000004",
-                               *sock)
+            code, out, _ = run(capsys, "attr", "get", vm_name, "vcpu0", "0", "0x40000004", *sock)
             assert code == 0
-            code, _, err = run(capsys, "attr", "get", vm_name, "vcpu0", "nosuch_grp", "0",
-                               *sock)
+            code, _, err = run(capsys, "attr", "get", vm_name, "vcpu0", "nosuch_grp", "0", *sock)
             assert code == 2  # a usage error, before anything is sent
             assert "'nosuch_grp' is neither a number nor an attribute group name" in err
             assert "pch_pic_grp_ctrl" in err  # the names it would take
@@ -101,25 +123,38 @@ def complete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> object:
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
 
     def offer(line: str) -> list[str]:
-        program = (script + 'COMP_WORDS=(); read -r -a COMP_WORDS <<< "$LINE";'
-                   ' [[ "$LINE" == *" " ]] && COMP_WORDS+=("");'
-                   ' COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _lvz;'
-                   ' for w in "${COMPREPLY[@]}"; do printf "%s\\n" "$w"; done')
-        done = subprocess.run([bash, "-c", program], capture_output=True, text=True,
-                              timeout=30, check=True, env=dict(env, LINE=line),
-                              cwd=tmp_path)
+        program = (
+            script + 'COMP_WORDS=(); read -r -a COMP_WORDS <<< "$LINE";'
+            ' [[ "$LINE" == *" " ]] && COMP_WORDS+=("");'
+            " COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _lvz;"
+            ' for w in "${COMPREPLY[@]}"; do printf "%s\\n" "$w"; done'
+        )
+        done = subprocess.run(
+            [bash, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            env=dict(env, LINE=line),
+            cwd=tmp_path,
+        )
         assert done.stderr == ""  # quietly, whatever happens
         return done.stdout.splitlines()
+
     return offer
 
 
-def test_completion_asks_the_daemon_for_vm_names(lvz_socket: Path, vm_name: str,
-                                                 complete: object, tmp_path: Path) -> None:
+def test_completion_asks_the_daemon_for_vm_names(
+    lvz_socket: Path, vm_name: str, complete: object, tmp_path: Path
+) -> None:
     assert callable(complete)
     hostile = f"{vm_name}-$(touch pwned)"
     with Kvm.connect(lvz_socket) as kvm:
-        vms = [kvm.create_vm(name=vm_name), kvm.create_vm(name=hostile),
-               kvm.create_vm(name=f"{vm_name}-two\nlines")]
+        vms = [
+            kvm.create_vm(name=vm_name),
+            kvm.create_vm(name=hostile),
+            kvm.create_vm(name=f"{vm_name}-two\nlines"),
+        ]
         try:
             offered = complete(f"lvz vm info --socket {lvz_socket} {vm_name}")
             # A name with a newline cannot be one line: left out rather than split in two.
@@ -127,8 +162,9 @@ def test_completion_asks_the_daemon_for_vm_names(lvz_socket: Path, vm_name: str,
             assert not (tmp_path / "pwned").exists()  # a name is a word, never run
             assert complete(f"lvz --socket {lvz_socket} reg get {vm_name}-$") == [hostile]
             # The option's value is not the VM: the word after it is.
-            assert complete(f"lvz events --socket {lvz_socket} --format json "
-                            f"{vm_name}-") == [hostile]
+            assert complete(f"lvz events --socket {lvz_socket} --format json {vm_name}-") == [
+                hostile
+            ]
         finally:
             for vm in vms:
                 vm.destroy()
@@ -142,10 +178,8 @@ def test_completion_is_quiet_when_no_daemon_answers(complete: object, tmp_path: 
 def test_completion_offers_register_attr_and_device_names(complete: object) -> None:
     assert callable(complete)
     assert complete("lvz reg get vm 0 cpu") == ["cpuid", "cpucfg:"]
-    assert complete("lvz attr get vm ipi pch_pic_grp_") == ["pch_pic_grp_ctrl",
-                                                            "pch_pic_grp_regs"]
-    assert complete("lvz attr set vm pchpic pch_pic_grp_ctrl pch_pic_c") == [
-        "pch_pic_ctrl_init"]
+    assert complete("lvz attr get vm ipi pch_pic_grp_") == ["pch_pic_grp_ctrl", "pch_pic_grp_regs"]
+    assert complete("lvz attr set vm pchpic pch_pic_grp_ctrl pch_pic_c") == ["pch_pic_ctrl_init"]
     assert complete("lvz device create vm e") == ["eiointc"]
     assert complete("lvz vcpu cr") == ["create"]
     assert complete("lvz d") == ["demo", "device"]

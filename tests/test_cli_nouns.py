@@ -35,8 +35,14 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def lvz(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
-        [sys.executable, "-m", "lvz.clients.cli", *argv], capture_output=True, text=True,
-        timeout=60, env=env, check=False, **kw)
+        [sys.executable, "-m", "lvz.clients.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        **kw,
+    )
     return done
 
 
@@ -53,17 +59,25 @@ def routed_vm(lvz_socket: Path, vm_name: str) -> Iterator[str]:
         vm.destroy()
 
 
-def test_socket_goes_before_the_command_too(capsys: pytest.CaptureFixture[str],
-                                            lvz_socket: Path, vm_name: str,
-                                            tmp_path: Path) -> None:
+def test_socket_goes_before_the_command_too(
+    capsys: pytest.CaptureFixture[str], lvz_socket: Path, vm_name: str, tmp_path: Path
+) -> None:
     """`lvz --socket P vms`, as `git -C` / `docker -H`: it was "invalid choice: 'P'", exit 2."""
     code, out, err = run(capsys, "--socket", str(lvz_socket), "vm", "create", vm_name)
     assert code == 0 and f"created VM {vm_name}" in out, err
     code, out, err = run(capsys, "--socket", str(lvz_socket), "vms")
     assert code == 0 and vm_name in out, err
     # Given twice, the one after the command wins, as for -v.
-    code, out, err = run(capsys, "--socket", str(tmp_path / "none.sock"), "vm", "destroy",
-                         vm_name, "--socket", str(lvz_socket))
+    code, out, err = run(
+        capsys,
+        "--socket",
+        str(tmp_path / "none.sock"),
+        "vm",
+        "destroy",
+        vm_name,
+        "--socket",
+        str(lvz_socket),
+    )
     assert code == 0, err
     code, _, err = run(capsys, "--socket", str(tmp_path / "none.sock"), "vms")
     assert code == 125 and "none.sock" in err
@@ -77,8 +91,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, out.strip()) == (0, f"lvz {__version__} ({build})")
 
 
-def test_vm_create_info_destroy(lvz_socket: Path, vm_name: str,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_vm_create_info_destroy(
+    lvz_socket: Path, vm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     code, out, _ = run(capsys, "vm", "create", vm_name, "--max-phyid", "4096", *sock)
     assert code == 0 and f"created VM {vm_name}" in out
@@ -98,8 +113,9 @@ def test_vm_create_info_destroy(lvz_socket: Path, vm_name: str,
     assert run(capsys, "vm", "create", "x", "--max-phyid", "65537", *sock)[0] == 2
 
 
-def test_an_unnamed_vm_is_inspected_by_id(lvz_socket: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unnamed_vm_is_inspected_by_id(
+    lvz_socket: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     with Kvm.connect(lvz_socket) as kvm:
         vm = kvm.create_vm()
@@ -121,8 +137,9 @@ def test_an_unnamed_vm_is_inspected_by_id(lvz_socket: Path,
     assert code == 1 and "ENOENT" in err
 
 
-def test_reg_get_set_ls(lvz_socket: Path, routed_vm: str,
-                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_reg_get_set_ls(
+    lvz_socket: Path, routed_vm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     code, out, _ = run(capsys, "reg", "get", routed_vm, "1", "CPUID", "--format", "json", *sock)
     assert json.loads(out) == {"id": regs.CPUID, "name": "cpuid", "value": 42}
@@ -148,15 +165,16 @@ def test_reg_get_set_ls(lvz_socket: Path, routed_vm: str,
     assert code == 2 and "cannot carry" in err
 
 
-def test_attr_get_set(lvz_socket: Path, routed_vm: str,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_attr_get_set(lvz_socket: Path, routed_vm: str, capsys: pytest.CaptureFixture[str]) -> None:
     sock = ("--socket", str(lvz_socket))
     ctrl, init, base = 0x40000006, 0, 0x10000000  # PCH-PIC: CTRL group, INIT attr
-    code, out, _ = run(capsys, "attr", "set", routed_vm, "pchpic", hex(ctrl), str(init),
-                       hex(base), *sock)
+    code, out, _ = run(
+        capsys, "attr", "set", routed_vm, "pchpic", hex(ctrl), str(init), hex(base), *sock
+    )
     assert code == 0, out
-    code, out, _ = run(capsys, "attr", "get", routed_vm, "vcpu0", "0", "0x40000004",
-                       "--format", "json", *sock)
+    code, out, _ = run(
+        capsys, "attr", "get", routed_vm, "vcpu0", "0", "0x40000004", "--format", "json", *sock
+    )
     assert code == 0 and json.loads(out)["value"] & 2  # KVM_FEATURE_IPI, on for a new VM
     code, _, err = run(capsys, "attr", "get", routed_vm, "vcpu0", "7", "7", *sock)
     assert code == 1 and "ENXIO" in err
@@ -164,14 +182,29 @@ def test_attr_get_set(lvz_socket: Path, routed_vm: str,
     assert code == 1 and "ENOENT" in err
 
 
-def test_irq_msi_and_a_live_event_stream(lvz_socket: Path, routed_vm: str,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_irq_msi_and_a_live_event_stream(
+    lvz_socket: Path, routed_vm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", str(lvz_socket))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     events = subprocess.Popen(
-        [sys.executable, "-m", "lvz.clients.cli", "events", routed_vm, "--count", "2",
-         "--format", "json", *sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env)
+        [
+            sys.executable,
+            "-m",
+            "lvz.clients.cli",
+            "events",
+            routed_vm,
+            "--count",
+            "2",
+            "--format",
+            "json",
+            *sock,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert events.stderr is not None
         assert "watching" in events.stderr.readline()  # subscribed: now cause the events
@@ -191,8 +224,7 @@ def test_irq_msi_and_a_live_event_stream(lvz_socket: Path, routed_vm: str,
             events.wait()
     assert events.returncode == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["vcpu_id"], r["line"], r["level"]) for r in rows] == [(1, "IPI", 1),
-                                                                     (0, "HWI0", 1)]
+    assert [(r["vcpu_id"], r["line"], r["level"]) for r in rows] == [(1, "IPI", 1), (0, "HWI0", 1)]
     assert rows[1]["seq"] == rows[0]["seq"] + 1
     code, out, _ = run(capsys, "irq", routed_vm, "5", "up", *sock)
     assert code == 0 and "irq line 5 := 1" in out
@@ -203,10 +235,10 @@ def test_irq_msi_and_a_live_event_stream(lvz_socket: Path, routed_vm: str,
     assert code == 1 and "EINVAL" in err
 
 
-def test_events_table_stops_after_a_quiet_timeout(lvz_socket: Path, routed_vm: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "events", routed_vm, "--timeout", "0", "--socket",
-                         str(lvz_socket))
+def test_events_table_stops_after_a_quiet_timeout(
+    lvz_socket: Path, routed_vm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "events", routed_vm, "--timeout", "0", "--socket", str(lvz_socket))
     assert code == 0 and "SEQ" in out and "watching" in err
 
 
@@ -220,17 +252,25 @@ def test_verbose_shows_the_connection_and_every_request(lvz_socket: Path, routed
 
 @pytest.mark.parametrize("kind", ["directory", "regular file", "missing", "no directory"])
 def test_a_bad_socket_path_is_named_with_what_is_wrong(
-        tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
-    path = {"directory": tmp_path, "regular file": tmp_path / "f", "missing": tmp_path / "m",
-            "no directory": tmp_path / "d" / "s"}[kind]
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = {
+        "directory": tmp_path,
+        "regular file": tmp_path / "f",
+        "missing": tmp_path / "m",
+        "no directory": tmp_path / "d" / "s",
+    }[kind]
     if kind == "regular file":
         path.write_text("")
     code, _, err = run(capsys, "vms", "--socket", str(path))
     assert code == 125
     assert "Connection refused" not in err
-    expected = {"directory": "is a directory, not a socket",
-                "regular file": "is a regular file, not a socket",
-                "missing": "no such file", "no directory": "does not exist"}[kind]
+    expected = {
+        "directory": "is a directory, not a socket",
+        "regular file": "is a regular file, not a socket",
+        "missing": "no such file",
+        "no directory": "does not exist",
+    }[kind]
     assert str(path) in err and expected in err
 
 
@@ -240,9 +280,20 @@ def test_events_ends_when_its_vm_is_destroyed(lvz_socket: Path, vm_name: str) ->
     with Kvm.connect(lvz_socket) as kvm:
         vm = kvm.create_vm(name=vm_name)
         watcher = subprocess.Popen(
-            [sys.executable, "-m", "lvz.clients.cli", "events", vm_name, "--socket",
-             str(lvz_socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            [
+                sys.executable,
+                "-m",
+                "lvz.clients.cli",
+                "events",
+                vm_name,
+                "--socket",
+                str(lvz_socket),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
         try:
             assert watcher.stderr is not None
             assert "watching VM" in watcher.stderr.readline()  # subscribed
@@ -257,31 +308,31 @@ def test_events_ends_when_its_vm_is_destroyed(lvz_socket: Path, vm_name: str) ->
 
 
 def test_names_from_other_clients_cannot_write_to_the_terminal(
-        capsys: pytest.CaptureFixture[str], lvz_socket: Path, vm_name: str) -> None:
+    capsys: pytest.CaptureFixture[str], lvz_socket: Path, vm_name: str
+) -> None:
     """A VM name is any string another client chose: printed raw, a newline forged a row of
     `lvz vms` and ESC sequences cleared the operator's screen (the daemon's log escaped them)."""
     hostile = f"{vm_name}\nforged 99\x1b[2J\x07"
     with Kvm.connect(lvz_socket) as kvm:
         vm = kvm.create_vm(name=hostile)
         try:
-            vid = next(r["id"] for r in kvm.call("kvm.list_vms", {})["vms"]
-                       if r["name"] == hostile)
+            vid = next(r["id"] for r in kvm.call("kvm.list_vms", {})["vms"] if r["name"] == hostile)
             shown = f"{vm_name}\\nforged 99\\x1b[2J\\x07"
             for argv in (["vms"], ["vm", "info", str(vid)]):
                 code, out, err = run(capsys, *argv, "--socket", str(lvz_socket))
                 assert code == 0, err
                 assert shown in out and "\x1b" not in out and "\x07" not in out, out
                 assert not any(line.startswith("forged") for line in out.splitlines())
-            top = lvz("top", "--once", "--interval", "0", "--vm", str(vid), "--socket",
-                      str(lvz_socket))
+            top = lvz(
+                "top", "--once", "--interval", "0", "--vm", str(vid), "--socket", str(lvz_socket)
+            )
             assert top.returncode == 0, top.stderr
             assert shown in top.stdout and "\x1b[2J" not in top.stdout
         finally:
             vm.destroy()
 
 
-def test_the_socket_of_a_killed_daemon_is_named_stale(
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_socket_of_a_killed_daemon_is_named_stale(capsys: pytest.CaptureFixture[str]) -> None:
     """kill -9 leaves the socket file; clients said only "Connection refused"."""
     with spawn() as daemon:
         daemon.proc.kill()
@@ -294,7 +345,8 @@ def test_the_socket_of_a_killed_daemon_is_named_stale(
 
 
 def test_empty_socket_and_unsendable_values_are_usage_errors(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, _, err = run(capsys, "vms", "--socket", "")
     assert code == 2 and "empty path" in err
     code, _, err = run(capsys, "lookup", "lab", "99999999999999999999")
@@ -309,9 +361,23 @@ def test_output_to_a_closed_pipe_ends_quietly(lvz_socket: Path, routed_vm: str) 
         for vcpu_id in range(2, 200):
             vm.create_vcpu(vcpu_id)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "lvz.clients.cli", "vcpu", "ls", routed_vm,
-                             "--format", "json", "--socket", str(lvz_socket)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lvz.clients.cli",
+            "vcpu",
+            "ls",
+            routed_vm,
+            "--format",
+            "json",
+            "--socket",
+            str(lvz_socket),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()
     proc.stdout.close()  # the reader goes away, as head does
@@ -330,10 +396,13 @@ def test_bash_completion_walks_the_real_parser(capsys: pytest.CaptureFixture[str
         pytest.skip("no bash here")
 
     def complete(line: str) -> list[str]:
-        program = (script + f'COMP_WORDS=({line}); [[ "{line}" == *" " ]] && COMP_WORDS+=("");'
-                   ' COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _lvz; echo "${COMPREPLY[*]}"')
-        out = subprocess.run([bash, "-c", program], capture_output=True, text=True, timeout=30,
-                             check=True).stdout
+        program = (
+            script + f'COMP_WORDS=({line}); [[ "{line}" == *" " ]] && COMP_WORDS+=("");'
+            ' COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _lvz; echo "${COMPREPLY[*]}"'
+        )
+        out = subprocess.run(
+            [bash, "-c", program], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
         return out.split()
 
     assert complete("lvz v") == ["vms", "vm", "vcpu"]

@@ -33,8 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def lvz(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LVZ_SOCKET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "lvz.clients.cli", *argv], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lvz.clients.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -48,29 +55,41 @@ def tmp() -> Iterator[Path]:
 
 
 def test_format_round_trip_fed_one_byte_at_a_time() -> None:
-    records = [Record(0, 1, "open"), Record(5, 1, "in", b"\x94\x00\x01"),
-               Record(9, 1, "out", b"x" * 70000), Record(12, 1, "close")]
+    records = [
+        Record(0, 1, "open"),
+        Record(5, 1, "in", b"\x94\x00\x01"),
+        Record(9, 1, "out", b"x" * 70000),
+        Record(12, 1, "close"),
+    ]
     data = encode_header("9.9", [("ipi", "1.0")], ["lvz", "serve"], 1.5)
     data += msgpack.packb([7, 1, "journal-kind", b""])  # a kind of another version: skipped
     data += b"".join(encode_record(r) for r in records)
     reader = RecordingReader()
-    got = [r for i in range(len(data)) for r in reader.feed(data[i:i + 1])]
+    got = [r for i in range(len(data)) for r in reader.feed(data[i : i + 1])]
     reader.end()
     assert got == records
     assert reader.header is not None
     assert (reader.header.lvz, reader.header.plugins, reader.header.argv) == (
-        "9.9", (("ipi", "1.0"),), ("lvz", "serve"))
+        "9.9",
+        (("ipi", "1.0"),),
+        ("lvz", "serve"),
+    )
 
 
-@pytest.mark.parametrize(("data", "why"), [
-    (b"", "ends before the recording header"),
-    (msgpack.packb({"format": "something-else"}), "not an lvz recording"),
-    (msgpack.packb({"format": "lvz-recording", "version": 2}), "format version 2"),
-    (encode_header("1", [], [], 0) + encode_record(Record(0, 1, "in", b"abc"))[:-1],
-     "ends inside record 0"),
-    (encode_header("1", [], [], 0) + msgpack.packb([0, "one", "in", b""]), "record 0 is not"),
-    (encode_header("1", [], [], 0) + b"\xc1", "record 0 is not msgpack"),
-])
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "ends before the recording header"),
+        (msgpack.packb({"format": "something-else"}), "not an lvz recording"),
+        (msgpack.packb({"format": "lvz-recording", "version": 2}), "format version 2"),
+        (
+            encode_header("1", [], [], 0) + encode_record(Record(0, 1, "in", b"abc"))[:-1],
+            "ends inside record 0",
+        ),
+        (encode_header("1", [], [], 0) + msgpack.packb([0, "one", "in", b""]), "record 0 is not"),
+        (encode_header("1", [], [], 0) + b"\xc1", "record 0 is not msgpack"),
+    ],
+)
 def test_bad_recordings_are_refused_with_a_reason(data: bytes, why: str) -> None:
     def read() -> None:
         reader = RecordingReader()
@@ -118,8 +137,7 @@ def _edit_first_response(source: Path, target: Path, method: str, new_result: ob
                 if m[0] == 1 and m[1] in msgids and not done:
                     m[3] = new_result
                     done = True
-            rec = Record(rec.t_ns, rec.conn, rec.kind, b"".join(msgpack.packb(m)
-                                                                for m in messages))
+            rec = Record(rec.t_ns, rec.conn, rec.kind, b"".join(msgpack.packb(m) for m in messages))
         out.append(encode_record(rec))
     assert done
     target.write_bytes(b"".join(out))
@@ -131,8 +149,9 @@ def _messages(data: bytes) -> list[list[Any]]:
     return list(unpacker)
 
 
-def test_an_edited_recording_replays_with_exit_1_naming_the_answer(demo_recording: Path,
-                                                                   tmp: Path) -> None:
+def test_an_edited_recording_replays_with_exit_1_naming_the_answer(
+    demo_recording: Path, tmp: Path
+) -> None:
     edited = tmp / "edited.lvzrec"
     _edit_first_response(demo_recording, edited, "vm.phyid_lookup", {"vcpu_id": 5})
     result = lvz("replay", str(edited))
@@ -150,11 +169,29 @@ def test_replay_as_pytest_passes_on_a_fresh_daemon(demo_recording: Path, tmp: Pa
         "import pytest\nfrom lvz.clients import Kvm\n"
         "pytest_plugins = ['tests.daemon_fixtures']\n"
         "@pytest.fixture\ndef kvm(lvz_socket):\n"
-        "    with Kvm.connect(lvz_socket) as client:\n        yield client\n")
+        "    with Kvm.connect(lvz_socket) as client:\n        yield client\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--rootdir", str(tmp), "-c", os.devnull, str(tmp)],
-                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp),
+            "-c",
+            os.devnull,
+            str(tmp),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
     assert "pytest.raises(KvmError)" in result.stdout and "IrqEvent" in result.stdout
@@ -186,8 +223,9 @@ def test_serve_record_keeps_junk_and_several_connections(tmp: Path) -> None:
     assert "recorded by lvz" in result.stderr
 
 
-def test_replay_refuses_a_bad_file_with_exit_2(tmp: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_refuses_a_bad_file_with_exit_2(
+    tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["replay", str(tmp / "missing")]) == 2
     assert f"cannot read {tmp / 'missing'}" in capsys.readouterr().err
     (tmp / "junk").write_bytes(b"\x00\x01")
@@ -228,8 +266,10 @@ def test_replay_runs_with_the_recorded_plugins_not_the_installed_ones(tmp: Path)
     LVZ_PLUGINS) replayed against every installed chip, so it 'differed' at hello's
     device_types before the first real request."""
     path = tmp / "ipi-only.lvzrec"
-    with spawn("--record", str(path), plugins=["loongarch-ipi"]) as daemon, \
-            Kvm.connect(daemon.socket) as kvm:
+    with (
+        spawn("--record", str(path), plugins=["loongarch-ipi"]) as daemon,
+        Kvm.connect(daemon.socket) as kvm,
+    ):
         vm = kvm.create_vm(name="ipi-only")
         vm.create_vcpu(0).set_one_reg(regs.CPUID, 5)
         vm.create_device("loongarch-ipi")

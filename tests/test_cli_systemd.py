@@ -58,21 +58,34 @@ def messages(notify: socket.socket, until: str, timeout: float = 10.0) -> list[s
     raise AssertionError(f"no {until!r} among {got}")
 
 
-def start(tmp: Path, listen_fds: str = "1", watchdog: str = "",
-          passed: socket.socket | None = None) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def start(
+    tmp: Path, listen_fds: str = "1", watchdog: str = "", passed: socket.socket | None = None
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify"))
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"), LISTEN_FDS=listen_fds,
-               PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, NOTIFY_SOCKET=str(tmp / "notify"), LISTEN_FDS=listen_fds, PYTHONPATH=str(ROOT)
+    )
     env.pop("LVZ_SOCKET", None)
     if watchdog:
         env["WATCHDOG_USEC"] = watchdog
     fd = passed.fileno() if passed is not None else os.open(os.devnull, os.O_RDONLY)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, str(fd), "serve", "--socket",
-             str(tmp / "unused" / "lvz.sock")],
-            pass_fds=(fd,), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-c",
+                WRAPPER,
+                str(fd),
+                "serve",
+                "--socket",
+                str(tmp / "unused" / "lvz.sock"),
+            ],
+            pass_fds=(fd,),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
     finally:
         if passed is None:
             os.close(fd)
@@ -121,11 +134,19 @@ def test_listen_pid_of_another_process_is_ignored(tmp: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify"))
     own = tmp / "own" / "lvz.sock"
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"), LISTEN_FDS="1", LISTEN_PID="1",
-               PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
-                             str(own)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        NOTIFY_SOCKET=str(tmp / "notify"),
+        LISTEN_FDS="1",
+        LISTEN_PID="1",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", str(own)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         messages(notify, "READY=1")
         with Kvm.connect(own) as kvm:
@@ -136,11 +157,14 @@ def test_listen_pid_of_another_process_is_ignored(tmp: Path) -> None:
     assert code == 0, err
 
 
-@pytest.mark.parametrize(("listen_fds", "why"), [
-    ("2", "systemd passed 2 sockets"),
-    ("1", "fd 3 is not a socket"),
-    ("x", "LISTEN_FDS='x' is not a number"),
-])
+@pytest.mark.parametrize(
+    ("listen_fds", "why"),
+    [
+        ("2", "systemd passed 2 sockets"),
+        ("1", "fd 3 is not a socket"),
+        ("x", "LISTEN_FDS='x' is not a number"),
+    ],
+)
 def test_bad_activation_is_refused_with_a_reason(tmp: Path, listen_fds: str, why: str) -> None:
     proc, notify = start(tmp, listen_fds=listen_fds)
     _, raw = proc.communicate(timeout=20)

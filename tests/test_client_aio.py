@@ -267,6 +267,7 @@ async def test_lines_gather_and_wait_for_line(lvz_socket: Path) -> None:
 
                 async def wait() -> None:
                     got.append(await vm.wait_for_line(1, "IPI"))
+
                 nursery.start_soon(wait)
                 while kvm._events.statistics().tasks_waiting == 0:
                     await trio.testing.wait_all_tasks_blocked()  # until it waits for events

@@ -75,8 +75,11 @@ def test_responses_complete_their_own_call_only() -> None:
 def test_a_protocol_error_fails_every_waiter_with_its_reason() -> None:
     s, done, wakes = _session()
     p, _ = s.request("a", {}, "w")
-    s.receive(msgpack.packb([2, "protocol_error", {"errno": 71, "name": "EPROTO",
-                                                   "message": "bad bytes"}]))
+    s.receive(
+        msgpack.packb(
+            [2, "protocol_error", {"errno": 71, "name": "EPROTO", "message": "bad bytes"}]
+        )
+    )
     assert done == [p] and wakes
     with pytest.raises(ConnectionLost, match="EPROTO: bad bytes"):
         s.outcome(p)

@@ -93,8 +93,7 @@ def test_closed_handle_is_ebadf(kvm: Kvm) -> None:
     vm.close()
 
 
-def test_named_vm_is_shared_between_connections(kvm: Kvm, lvz_socket: Path,
-                                                vm_name: str) -> None:
+def test_named_vm_is_shared_between_connections(kvm: Kvm, lvz_socket: Path, vm_name: str) -> None:
     name = vm_name
     vm = kvm.create_vm(name=name, max_phyid=1024)
     vm.create_vcpu(7).set_one_reg(regs.CPUID, 1000)
@@ -134,7 +133,9 @@ def test_events_are_buffered_while_calls_wait(kvm: Kvm) -> None:
     events = list(vm.events(timeout=0))
     assert all(isinstance(e, IrqEvent) for e in events)
     assert [(e.vcpu_id, e.irq, e.level) for e in events if isinstance(e, IrqEvent)] == [
-        (2, INT_IPI, 1), (2, INT_IPI, 0)] * 3 + [(2, INT_IPI, 1)]
+        (2, INT_IPI, 1),
+        (2, INT_IPI, 0),
+    ] * 3 + [(2, INT_IPI, 1)]
     seqs = [e.seq for e in events if isinstance(e, IrqEvent)]
     assert seqs == list(range(seqs[0], seqs[0] + 7))
     assert all(e.vm == vm.handle for e in events)
@@ -153,8 +154,7 @@ def test_next_event_interleaves_vms_in_arrival_order(kvm: Kvm) -> None:
     while (item := kvm.next_event(timeout=0.2)) is not None:
         assert isinstance(item, IrqEvent)
         order.append((item.vm, item.irq, item.level))
-    assert order == [(vm1.handle, INT_TI, 1), (vm2.handle, INT_SWI1, 1),
-                     (vm1.handle, INT_TI, 0)]
+    assert order == [(vm1.handle, INT_TI, 1), (vm2.handle, INT_SWI1, 1), (vm1.handle, INT_TI, 0)]
 
 
 def test_event_buffer_is_bounded_and_reports_losses(lvz_socket: Path) -> None:
@@ -287,6 +287,7 @@ def test_threads_pipeline_on_one_connection(kvm: Kvm) -> None:
             vcpu = vm.create_vcpu(10 + i)
             for _ in range(50):
                 assert vcpu.get_one_reg(regs.TMID) == 10 + i  # each answer goes to its caller
+
         threads = [threading.Thread(target=hammer, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
@@ -309,6 +310,7 @@ def test_close_wakes_a_thread_waiting_for_events(kvm: Kvm) -> None:
             vm.next_event(timeout=None)
         except ConnectionLost as exc:
             errors.append(exc)
+
     t = threading.Thread(target=wait)
     t.start()
     while not kvm._reading and t.is_alive():
@@ -337,7 +339,8 @@ def _impostor(path: Path, ready: int, told: int) -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run an impostor as uid 65534")
 def test_a_daemon_of_another_user_is_refused_before_sending(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     where = Path(tempfile.mkdtemp(prefix="lvz-impostor-"))
     os.chmod(where, 0o777)  # the attacker's directory (issue 8)
     path = where / "lvz.sock"
@@ -358,6 +361,7 @@ def test_a_daemon_of_another_user_is_refused_before_sending(
         async def connect_async() -> None:
             async with open_kvm(path):
                 pass
+
         with pytest.raises(UntrustedDaemon, match="uid 65534"):
             trio.run(connect_async)
     finally:

@@ -69,8 +69,9 @@ Line = tuple[int, int, int]  # (vcpu_id, irq, level)
 class Guest:
     """A VM under test: its vCPUs by vcpu_id, its devices by type, its event stream."""
 
-    def __init__(self, vm: AsyncVm, vcpus: dict[int, AsyncVcpu],
-                 devices: dict[str, AsyncDevice]) -> None:
+    def __init__(
+        self, vm: AsyncVm, vcpus: dict[int, AsyncVcpu], devices: dict[str, AsyncDevice]
+    ) -> None:
         self.vm = vm
         self.v = vcpus
         self.dev = devices
@@ -103,8 +104,13 @@ class Guest:
         return next(iter(self.v.values()))
 
 
-async def make_guest(kvm: AsyncKvm, phyids: dict[int, int | None], devices: Iterable[str] = (),
-                     *, max_phyid: int | None = None) -> Guest:
+async def make_guest(
+    kvm: AsyncKvm,
+    phyids: dict[int, int | None],
+    devices: Iterable[str] = (),
+    *,
+    max_phyid: int | None = None,
+) -> Guest:
     """vcpu_id -> phyid (None: left unset); devices created after the vCPUs; subscribed."""
     vm = await kvm.create_vm(max_phyid=max_phyid)
     vcpus: dict[int, AsyncVcpu] = {}
@@ -197,8 +203,15 @@ async def test_case_14_pv_ipi_single_target_raises_swi0(daemon: Daemon) -> None:
 async def test_case_15_pv_ipi_bitmap_with_holes_across_a1_and_a2(daemon: Daemon) -> None:
     base = 100
     layout: dict[int, int | None] = {
-        0: base, 1: base + 5, 2: base + 63, 3: base + 64, 4: base + 64 + 7, 5: base + 127,
-        6: base + 3, 7: base + 128, 8: base - 1,  # a hole, past the bitmap, below the base
+        0: base,
+        1: base + 5,
+        2: base + 63,
+        3: base + 64,
+        4: base + 64 + 7,
+        5: base + 127,
+        6: base + 3,
+        7: base + 128,
+        8: base - 1,  # a hole, past the bitmap, below the base
     }
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, layout)
@@ -231,7 +244,8 @@ async def test_case_17_pv_ipi_self_included(daemon: Daemon) -> None:
 
 
 async def test_case_18_pv_ipi_base_wraps_as_u32_and_negative_ids_find_nobody(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {7: 0, 8: 63, 9: 5, 3: 1})
         ack = g.v[7].csr_xchg
@@ -256,7 +270,8 @@ async def test_case_18_pv_ipi_base_wraps_as_u32_and_negative_ids_find_nobody(
 
 
 async def test_case_19_pv_ipi_without_feature_is_invalid_code_and_sends_nothing(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         on = await make_guest(kvm, {0: 0, 1: 1})
         off = await make_guest(kvm, {0: 0, 1: 1})
@@ -320,8 +335,7 @@ async def test_case_21_ipi_send_raises_once_and_clear_to_zero_lowers(daemon: Dae
         assert await ipi_status(g.v[0]) == 1 << 3
 
 
-async def test_case_22_ipi_send_to_unmapped_or_out_of_range_cpu_is_ignored(
-        daemon: Daemon) -> None:
+async def test_case_22_ipi_send_to_unmapped_or_out_of_range_cpu_is_ignored(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 3, 1: 255, 2: None}, [IPI])
         for cpu in (256, 300, 1023, 4, 0, 254):
@@ -347,8 +361,7 @@ async def test_case_22_ipi_cpu_field_is_10_bits_and_follows_max_phyid(daemon: Da
         assert await g.estat(2) == 0
 
 
-async def test_case_23_mail_send_writes_the_targets_mailbox_with_byte_mask(
-        daemon: Daemon) -> None:
+async def test_case_23_mail_send_writes_the_targets_mailbox_with_byte_mask(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 3, 1: 7}, [IPI])
         src, dst = g.v[0], g.v[1]
@@ -366,12 +379,18 @@ async def test_case_23_mail_send_writes_the_targets_mailbox_with_byte_mask(
         assert await dst.iocsr_read(IPI_BUF, 4) == 0x01020304
         assert await dst.iocsr_read(IPI_BUF + 0x18, 8) == 0x0A0B0C0D << 32
         # To nobody: ignored, no error, nothing changes anywhere.
-        before = [await g.dev[IPI].get_attr(IPI_GRP_REGS, (v << 16) | off)
-                  for v in (0, 1) for off in (0x20, 0x28, 0x30, 0x38)]
+        before = [
+            await g.dev[IPI].get_attr(IPI_GRP_REGS, (v << 16) | off)
+            for v in (0, 1)
+            for off in (0x20, 0x28, 0x30, 0x38)
+        ]
         await src.iocsr_write(MAIL_SEND, 4, send_data(8, 0, payload=U32))
         await src.iocsr_write(MAIL_SEND, 4, send_data(256 + 7, 0, payload=U32))
-        after = [await g.dev[IPI].get_attr(IPI_GRP_REGS, (v << 16) | off)
-                 for v in (0, 1) for off in (0x20, 0x28, 0x30, 0x38)]
+        after = [
+            await g.dev[IPI].get_attr(IPI_GRP_REGS, (v << 16) | off)
+            for v in (0, 1)
+            for off in (0x20, 0x28, 0x30, 0x38)
+        ]
         assert after == before
         assert await g.drain() == []  # mail alone raises no interrupt
 
@@ -429,14 +448,25 @@ async def test_case_25_ipi_attr_addresses_vcpu_id_not_phyid(daemon: Daemon) -> N
 
 
 async def test_case_26_unaligned_or_unknown_ipi_accesses_read_zero_and_ignore_writes(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 0}, [IPI])
         v = g.v[0]
         word = 0x8899AABBCCDDEEFF
         await g.dev[IPI].set_attr(IPI_GRP_REGS, 0x20, word)
-        for addr, size in ((0x1021, 2), (0x1022, 4), (0x1024, 8), (0x1004, 8), (0x1010, 4),
-                           (0x1018, 8), (0x1100, 4), (0x1040, 4), (IPI_SET, 4), (IPI_CLEAR, 4)):
+        for addr, size in (
+            (0x1021, 2),
+            (0x1022, 4),
+            (0x1024, 8),
+            (0x1004, 8),
+            (0x1010, 4),
+            (0x1018, 8),
+            (0x1100, 4),
+            (0x1040, 4),
+            (IPI_SET, 4),
+            (IPI_CLEAR, 4),
+        ):
             assert await v.iocsr_read(addr, size) == 0, hex(addr)
         # Aligned loads come back sign-extended from the access width (decision 7).
         assert await v.iocsr_read(0x1020, 1) == U64
@@ -460,8 +490,19 @@ async def test_case_26_unaligned_or_unknown_ipi_accesses_read_zero_and_ignore_wr
 # === EIOINTC (cases 27-35) =======================================================================
 
 COREMAP_BITMAP = [  # coremap byte -> physical CPUID, bitmap mode (§13 case 27)
-    (0x00, 0), (0x01, 0), (0x02, 1), (0x04, 2), (0x08, 3), (0x10, 0), (0x20, 0), (0x40, 0),
-    (0x80, 0), (0x0C, 2), (0x03, 0), (0x06, 1), (0xF8, 3),
+    (0x00, 0),
+    (0x01, 0),
+    (0x02, 1),
+    (0x04, 2),
+    (0x08, 3),
+    (0x10, 0),
+    (0x20, 0),
+    (0x40, 0),
+    (0x80, 0),
+    (0x0C, 2),
+    (0x03, 0),
+    (0x06, 1),
+    (0xF8, 3),
 ]
 
 
@@ -502,7 +543,10 @@ async def test_case_28_cpu_encode_mode_and_unmapped_phyid_keeps_route(daemon: Da
         for irq in (5, 6, 7, 8, 40):
             await g.vm.signal_msi(0, irq)
         assert {v: await guest_coreisr(g.v[v]) for v in (0, 3, 4)} == {
-            0: bits(6, 8, 40), 3: bits(5), 4: bits(7)}
+            0: bits(6, 8, 40),
+            3: bits(5),
+            4: bits(7),
+        }
         assert await g.drain() == [(3, INT_HWI0, 1), (0, INT_HWI0, 1), (4, INT_HWI0, 1)]
 
 
@@ -536,15 +580,23 @@ async def test_case_29_moving_a_pending_irq_moves_the_line(daemon: Daemon) -> No
 
 
 IPMAP_BITMAP = [  # ipmap byte -> ip (HWI0 + ip), bitmap mode (§13 case 30)
-    (0x00, 0), (0x01, 0), (0x02, 1), (0x04, 2), (0x08, 3), (0x10, 0), (0x80, 0), (0x06, 1),
+    (0x00, 0),
+    (0x01, 0),
+    (0x02, 1),
+    (0x04, 2),
+    (0x08, 3),
+    (0x10, 0),
+    (0x80, 0),
+    (0x06, 1),
 ]
 
 
-@pytest.mark.parametrize(("group", "byte", "ip"),
-                         [(k, b, ip) for k, (b, ip) in enumerate(IPMAP_BITMAP)],
-                         ids=[f"{b:#04x}" for b, _ in IPMAP_BITMAP])
-async def test_case_30_ipmap_bitmap_decode(daemon: Daemon, group: int, byte: int,
-                                           ip: int) -> None:
+@pytest.mark.parametrize(
+    ("group", "byte", "ip"),
+    [(k, b, ip) for k, (b, ip) in enumerate(IPMAP_BITMAP)],
+    ids=[f"{b:#04x}" for b, _ in IPMAP_BITMAP],
+)
+async def test_case_30_ipmap_bitmap_decode(daemon: Daemon, group: int, byte: int, ip: int) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         irq = 32 * group + 1
@@ -558,7 +610,8 @@ async def test_case_30_ipmap_bitmap_decode(daemon: Daemon, group: int, byte: int
 
 
 async def test_case_31_shared_line_asserts_once_deasserts_after_both_cleared(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 0}, MSI_CHIPS)
         await g.any.iocsr_write(EIO_IPMAP + 1, 1, 0x02)  # irqs 32..63 on HWI1
@@ -736,8 +789,7 @@ async def test_case_37_edge_pin_ignores_deassert_and_clear_lowers(daemon: Daemon
         assert await g.estat(0) == 1 << INT_HWI0
         await g.any.mmio_write(PCH_BASE + PCH_CLEAR, 8, bits(9))
         assert await g.drain() == [(0, INT_HWI0, 0)]
-        assert (await pch_reg(g, PCH_IRR), await pch_reg(g, PCH_ISR), await eio_isr(g)) == (
-            0, 0, 0)
+        assert (await pch_reg(g, PCH_IRR), await pch_reg(g, PCH_ISR), await eio_isr(g)) == (0, 0, 0)
         # CLEAR does nothing to a level pin.
         await unmask(g, 10)
         await g.vm.irq_line(10, 1)
@@ -773,11 +825,14 @@ async def test_case_38_pins_32_to_63_reach_eiointc_irq_0_by_default(daemon: Daem
         assert await eio_isr(g) == bits(200)
 
 
-@pytest.mark.parametrize("chips", [(), (IPI,), (EIOINTC,), (PCHPIC,), (IPI, EIOINTC),
-                                   (IPI, PCHPIC), (EIOINTC, PCHPIC)],
-                         ids=lambda c: "+".join(c) or "none")
-async def test_case_39_irq_line_needs_all_three_irqchips(daemon: Daemon,
-                                                         chips: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "chips",
+    [(), (IPI,), (EIOINTC,), (PCHPIC,), (IPI, EIOINTC), (IPI, PCHPIC), (EIOINTC, PCHPIC)],
+    ids=lambda c: "+".join(c) or "none",
+)
+async def test_case_39_irq_line_needs_all_three_irqchips(
+    daemon: Daemon, chips: tuple[str, ...]
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 0}, chips)
         await expect_errno("ENXIO", g.vm.irq_line(0, 1))
@@ -819,8 +874,7 @@ async def test_case_40_msi_data_is_the_eiointc_irq(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("chips", [(), (IPI, PCHPIC)], ids=["none", "ipi+pchpic"])
-async def test_case_40_msi_without_eiointc_is_enxio(daemon: Daemon,
-                                                    chips: tuple[str, ...]) -> None:
+async def test_case_40_msi_without_eiointc_is_enxio(daemon: Daemon, chips: tuple[str, ...]) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         g = await make_guest(kvm, {0: 0}, chips)
         await expect_errno("ENXIO", g.vm.signal_msi(0, 1))

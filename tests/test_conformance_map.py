@@ -37,8 +37,9 @@ def csr_id(index: int, size: int = SIZE_U64) -> int:
     return KVM_REG_LOONGARCH | size | CLASS_CSR | (index << 3)
 
 
-async def make_vm(kvm: AsyncKvm, phyids: dict[int, int | None], *,
-                  max_phyid: int | None = None) -> tuple[AsyncVm, dict[int, AsyncVcpu]]:
+async def make_vm(
+    kvm: AsyncKvm, phyids: dict[int, int | None], *, max_phyid: int | None = None
+) -> tuple[AsyncVm, dict[int, AsyncVcpu]]:
     """A VM with one vCPU per key (vcpu_id); a non-None value is set as its CPUID."""
     vm = await kvm.create_vm(max_phyid=max_phyid)
     vcpus: dict[int, AsyncVcpu] = {}
@@ -70,7 +71,8 @@ async def lookups(vm: AsyncVm, phyids: Iterable[int]) -> dict[int, int | None]:
 
 @pytest.mark.parametrize(("max_phyid", "marker"), [(None, 256), (4096, 4096)])
 async def test_case_01_fresh_vcpu_reads_unset_marker_and_tmid(
-        daemon: Daemon, max_phyid: int | None, marker: int) -> None:
+    daemon: Daemon, max_phyid: int | None, marker: int
+) -> None:
     ids = [0, 5, 200, 255] if max_phyid is None else [0, 5, 255, 300, 4095]
     async with open_kvm(daemon.config.socket) as kvm:
         vm, vcpus = await make_vm(kvm, dict.fromkeys(ids), max_phyid=max_phyid)
@@ -127,8 +129,7 @@ async def test_case_03_same_value_again_is_a_repeatable_no_op(daemon: Daemon) ->
 # --- case 4 --------------------------------------------------------------------------------------
 
 
-async def test_case_04_changing_a_set_cpuid_is_einval_and_keeps_the_old_one(
-        daemon: Daemon) -> None:
+async def test_case_04_changing_a_set_cpuid_is_einval_and_keeps_the_old_one(daemon: Daemon) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         vm, vcpus = await make_vm(kvm, {0: 10, 1: 20, 2: None})
         await expect_errno("EINVAL", vcpus[0].set_one_reg(CPUID, 11))  # free value
@@ -162,7 +163,8 @@ async def test_case_05_second_vcpu_asking_for_a_taken_cpuid_is_einval(daemon: Da
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE, ids=hex)
 async def test_case_06_out_of_range_cpuid_is_einval_set_or_unset(
-        daemon: Daemon, value: int) -> None:
+    daemon: Daemon, value: int
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         vm, vcpus = await make_vm(kvm, {0: None, 1: 3})
         await expect_errno("EINVAL", vcpus[0].set_one_reg(CPUID, value))
@@ -183,11 +185,18 @@ async def test_case_07_cpuid_is_independent_of_vcpu_id(daemon: Daemon) -> None:
         vm, vcpus = await make_vm(kvm, layout)
         assert await entries(vm) == ((0, 3), (1, 17), (2, 99), (3, 254), (255, 0))
         assert await lookups(vm, [0, 255, 1, 2, 3, 128]) == {
-            0: 3, 255: 0, 1: 17, 2: 99, 3: 254, 128: None}
+            0: 3,
+            255: 0,
+            1: 17,
+            2: 99,
+            3: 254,
+            128: None,
+        }
         for vcpu_id, vcpu in vcpus.items():
             assert await vcpu.get_one_reg(TMID) == vcpu_id
-            assert await vcpu.get_one_reg(CPUID) == (layout[vcpu_id] if layout[vcpu_id]
-                                                     is not None else 256)
+            assert await vcpu.get_one_reg(CPUID) == (
+                layout[vcpu_id] if layout[vcpu_id] is not None else 256
+            )
 
 
 # --- case 8 --------------------------------------------------------------------------------------
@@ -219,14 +228,20 @@ async def test_case_09_lookup_unset_out_of_range_and_negative_is_none(daemon: Da
 
         big, _ = await make_vm(kvm, {0: 4095}, max_phyid=4096)
         assert await lookups(big, [300, 4096, 4097, -1, 4095]) == {
-            300: None, 4096: None, 4097: None, -1: None, 4095: 0}
+            300: None,
+            4096: None,
+            4097: None,
+            -1: None,
+            4095: 0,
+        }
 
 
 # --- case 10 -------------------------------------------------------------------------------------
 
 
 async def test_case_10_vcpu_destroy_clears_the_entry_and_the_phyid_can_be_reused(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         vm, vcpus = await make_vm(kvm, {0: 0, 1: 9, 2: None})
         await vcpus[1].destroy()
@@ -247,8 +262,7 @@ async def test_case_10_vcpu_destroy_clears_the_entry_and_the_phyid_can_be_reused
 
 
 async def test_case_10_vm_destroy_drops_every_entry(daemon: Daemon) -> None:
-    async with (open_kvm(daemon.config.socket) as kvm,
-                open_kvm(daemon.config.socket) as other):
+    async with open_kvm(daemon.config.socket) as kvm, open_kvm(daemon.config.socket) as other:
         vm = await kvm.create_vm(name="doomed")
         v0 = await vm.create_vcpu(0)
         await v0.set_one_reg(CPUID, 0)
@@ -273,7 +287,8 @@ async def test_case_10_vm_destroy_drops_every_entry(daemon: Daemon) -> None:
 
 
 async def test_case_11_destroying_a_vcpu_that_never_set_a_cpuid_leaves_the_map(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with open_kvm(daemon.config.socket) as kvm:
         vm, vcpus = await make_vm(kvm, {0: 0, 1: 1, 2: None, 3: None})
         before = await entries(vm)

@@ -85,8 +85,9 @@ def scene(daemon: DaemonProcess) -> Iterator[tuple[DaemonProcess, str, str]]:
     _assert_still_serving(daemon, watcher)
 
 
-def _during_storm(scene: tuple[DaemonProcess, str, str],
-                  act: Callable[[DaemonProcess, str], None], rounds: int) -> None:
+def _during_storm(
+    scene: tuple[DaemonProcess, str, str], act: Callable[[DaemonProcess, str], None], rounds: int
+) -> None:
     daemon, _, busy = scene
     stop = threading.Event()
     t = _storm(daemon.socket, busy, stop)
@@ -98,8 +99,7 @@ def _during_storm(scene: tuple[DaemonProcess, str, str],
         t.join(10)
 
 
-def test_half_closed_subscriber_then_one_line_change(
-        scene: tuple[DaemonProcess, str, str]) -> None:
+def test_half_closed_subscriber_then_one_line_change(scene: tuple[DaemonProcess, str, str]) -> None:
     daemon, _, busy = scene
     s = _raw_subscriber(daemon.socket, busy)
     s.shutdown(socket.SHUT_RD)
@@ -112,8 +112,7 @@ def test_half_closed_subscriber_then_one_line_change(
     s.close()
 
 
-def test_subscribers_that_close_while_lines_change(
-        scene: tuple[DaemonProcess, str, str]) -> None:
+def test_subscribers_that_close_while_lines_change(scene: tuple[DaemonProcess, str, str]) -> None:
     def act(daemon: DaemonProcess, busy: str) -> None:
         s = _raw_subscriber(daemon.socket, busy)
         s.recv(4096)
@@ -123,7 +122,8 @@ def test_subscribers_that_close_while_lines_change(
 
 
 def test_subscribers_that_send_junk_while_events_flow(
-        scene: tuple[DaemonProcess, str, str]) -> None:
+    scene: tuple[DaemonProcess, str, str],
+) -> None:
     def act(daemon: DaemonProcess, busy: str) -> None:
         s = _raw_subscriber(daemon.socket, busy)
         s.recv(4096)
@@ -139,8 +139,7 @@ def test_subscribers_that_send_junk_while_events_flow(
     _during_storm(scene, act, rounds=10)
 
 
-def test_subscriber_process_killed_during_a_storm(
-        scene: tuple[DaemonProcess, str, str]) -> None:
+def test_subscriber_process_killed_during_a_storm(scene: tuple[DaemonProcess, str, str]) -> None:
     daemon, _, busy = scene
     child = textwrap.dedent(f"""
         from lvz.clients import Kvm

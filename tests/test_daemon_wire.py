@@ -60,11 +60,14 @@ async def test_garbage_closes_only_that_connection(connect: Connect) -> None:
     assert await snapshot(good, vm, vcpus) == before
 
 
-@pytest.mark.parametrize(("junk", "says"), [
-    (b"\xc1", "0xc1"),
-    (b"\x93\xc1", "0xc1"),
-    (b"\x91" * 100_000, "nested deeper"),
-])
+@pytest.mark.parametrize(
+    ("junk", "says"),
+    [
+        (b"\xc1", "0xc1"),
+        (b"\x93\xc1", "0xc1"),
+        (b"\x91" * 100_000, "nested deeper"),
+    ],
+)
 async def test_undecodable_bytes_are_named(connect: Connect, junk: bytes, says: str) -> None:
     """msgpack's FormatError and StackError carry no text: the notification said only
     'undecodable message: ' (PROTOCOL §2: errors name what is wrong)."""
@@ -161,8 +164,11 @@ async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
     assert (await b.ok("vm.phyid_lookup", vm=vm2, phyid=4000))["vcpu_id"] == 300
     v2 = (await b.ok("vm.open_vcpu", vm=vm2, vcpu_id=300))["vcpu"]
     await b.ok("vm.destroy", vm=vm2)
-    for method, params in (("vm.phyid_map", {"vm": vm2}), ("close", {"handle": vm2}),
-                           ("vcpu.get_one_reg", {"vcpu": v2, "id": abi.CPUID})):
+    for method, params in (
+        ("vm.phyid_map", {"vm": vm2}),
+        ("close", {"handle": vm2}),
+        ("vcpu.get_one_reg", {"vcpu": v2, "id": abi.CPUID}),
+    ):
         assert await b.err(method, **params) == "EBADF"
     assert await b.err("kvm.open_vm", name="shared") == "ENOENT"
     fresh = (await b.ok("kvm.create_vm"))["vm"]
@@ -170,19 +176,26 @@ async def test_named_vm_persists_and_is_shared(connect: Connect) -> None:
 
 
 async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
-        connect: Connect) -> None:
+    connect: Connect,
+) -> None:
     raw = await connect()
     vm, vcpus = await make_vm(raw)
     await raw.ok("vm.subscribe", vm=vm)
     await raw.ok("vm.subscribe", vm=vm)  # again: a no-op, still one event per change
-    vm_again = (await raw.ok("vm.info", vm=vm))
+    vm_again = await raw.ok("vm.info", vm=vm)
     assert vm_again["vcpus"] == [0, 1, 2]
     msgid, data = raw.send_request("vcpu.interrupt", {"vcpu": vcpus[2], "irq": 5})
     await raw.send(data)
     ev = await raw.next_event()
     assert isinstance(ev, Notification)
-    assert ev.params == {"vm": vm, "vcpu_id": 2, "irq": 5, "level": 1, "seq": 1,
-                         "phyid": None}  # no CPUID set: no phyid (protocol-additions.md)
+    assert ev.params == {
+        "vm": vm,
+        "vcpu_id": 2,
+        "irq": 5,
+        "level": 1,
+        "seq": 1,
+        "phyid": None,
+    }  # no CPUID set: no phyid (protocol-additions.md)
     ev = await raw.next_event()
     assert isinstance(ev, Response)
     assert ev.msgid == msgid
@@ -190,8 +203,10 @@ async def test_irq_events_are_ordered_deduplicated_and_before_the_response(
     await raw.ok("vcpu.interrupt", vcpu=vcpus[2], irq=-5)
     await raw.ok("vcpu.set_one_reg", vcpu=vcpus[0], id=abi.ESTAT, value=(1 << 12) | 2)
     await raw.ok("vcpu.csr_xchg", vcpu=vcpus[0], csr=5, value=0, mask=3)
-    got = [(n.params["vcpu_id"], n.params["irq"], n.params["level"], n.params["seq"])
-           for n in raw.notifications]
+    got = [
+        (n.params["vcpu_id"], n.params["irq"], n.params["level"], n.params["seq"])
+        for n in raw.notifications
+    ]
     assert got == [(2, 5, 0, 2), (0, 1, 1, 3), (0, 12, 1, 4), (0, 1, 0, 5)]
 
 
@@ -208,7 +223,9 @@ async def test_vcpu_run_waits_without_blocking_later_requests(connect: Connect) 
     # a line already up: returns at once; no line: times out
     assert (await raw.ok("vcpu.run", vcpu=vcpus[1], timeout=5))["exit_reason"] == "irq"
     assert (await raw.ok("vcpu.run", vcpu=vcpus[2], timeout=0.01)) == {
-        "exit_reason": "timeout", "estat": 0}
+        "exit_reason": "timeout",
+        "estat": 0,
+    }
 
 
 async def test_vcpu_run_ends_with_ebadf_on_destroy_and_close(connect: Connect) -> None:
@@ -256,8 +273,9 @@ async def test_racing_connections_exactly_one_wins_a_phyid(connect: Connect) -> 
     assert entries[0][0] == 77
 
 
-async def test_limits_handles_and_vms(sock_dir: object, nursery: trio.Nursery,
-                                      connect: Connect) -> None:
+async def test_limits_handles_and_vms(
+    sock_dir: object, nursery: trio.Nursery, connect: Connect
+) -> None:
     from pathlib import Path
 
     from lvz.daemon.config import ServeConfig
@@ -282,7 +300,8 @@ async def test_limits_handles_and_vms(sock_dir: object, nursery: trio.Nursery,
 
 
 async def test_a_missing_socket_directory_is_created_private(
-        sock_dir: object, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: object, nursery: trio.Nursery, connect: Connect
+) -> None:
     from pathlib import Path
 
     from lvz.daemon.config import ServeConfig
@@ -315,7 +334,8 @@ async def test_vcpu_kick_ends_a_waiting_run_with_eintr(connect: Connect) -> None
 
 
 async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
-        sock_dir: object, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: object, nursery: trio.Nursery, connect: Connect
+) -> None:
     from pathlib import Path
 
     from lvz.daemon.config import ServeConfig
@@ -350,8 +370,11 @@ async def test_handles_of_destroyed_objects_do_not_use_up_the_limit(
 def test_every_method_has_one_handler_in_the_table_of_its_handle_kind() -> None:
     """The dispatch tables are the whole routing: grep a method's name, find its handler."""
     tables: dict[str, dict[str, object]] = {
-        "none": dict(handlers.KVM), "": dict(handlers.ANY), "vm": dict(handlers.VM),
-        "vcpu": dict(handlers.VCPU), "device": dict(handlers.DEVICE),
+        "none": dict(handlers.KVM),
+        "": dict(handlers.ANY),
+        "vm": dict(handlers.VM),
+        "vcpu": dict(handlers.VCPU),
+        "device": dict(handlers.DEVICE),
     }
     seen = [name for table in tables.values() for name in table]
     assert len(seen) == len(set(seen))
@@ -363,7 +386,8 @@ def test_every_method_has_one_handler_in_the_table_of_its_handle_kind() -> None:
 
 
 async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(
-        connect: Connect) -> None:
+    connect: Connect,
+) -> None:
     """Resolution by kind happens before any handler: EBADF first, then ENOTTY, then its own."""
     raw = await connect()
     vm = (await raw.ok("kvm.create_vm"))["vm"]
@@ -373,9 +397,9 @@ async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(
         if not kind:
             continue
         valid: dict[str, object] = {"str": "x", "source": {"pin": 0}}
-        params: dict[str, object] = {p: valid.get(k, 0)
-                                     for p, k, required in METHODS[name]
-                                     if required and p != param}
+        params: dict[str, object] = {
+            p: valid.get(k, 0) for p, k, required in METHODS[name] if required and p != param
+        }
         params[param] = wrong[kind]
         r = await raw.call(name, **params)
         assert r.error is not None and r.error.name == "ENOTTY", (name, r.error)

@@ -112,12 +112,23 @@ def cpuids_set(kvm: Kvm, h: dict[str, int]) -> None:
 
 
 def other_registers(kvm: Kvm, h: dict[str, int]) -> None:
-    kvm.call("vcpu.set_one_reg", {"vcpu": _vcpu(kvm, h, 1), "id": abi.csr_id(abi.CSR_KS0),
-                                  "value": 0xDEADBEEF})
-    kvm.call("vcpu.set_one_reg", {"vcpu": _vcpu(kvm, h, 3), "id": abi.cpucfg_id(2),
-                                  "value": abi.CPUCFG2_LLFTP})
-    kvm.call("vcpu.set_attr", {"vcpu": _vcpu(kvm, h, 0), "group": abi.KVM_LOONGARCH_VCPU_CPUCFG,
-                               "attr": abi.CPUCFG_KVM_FEATURE, "value": abi.KVM_FEATURE_IPI})
+    kvm.call(
+        "vcpu.set_one_reg",
+        {"vcpu": _vcpu(kvm, h, 1), "id": abi.csr_id(abi.CSR_KS0), "value": 0xDEADBEEF},
+    )
+    kvm.call(
+        "vcpu.set_one_reg",
+        {"vcpu": _vcpu(kvm, h, 3), "id": abi.cpucfg_id(2), "value": abi.CPUCFG2_LLFTP},
+    )
+    kvm.call(
+        "vcpu.set_attr",
+        {
+            "vcpu": _vcpu(kvm, h, 0),
+            "group": abi.KVM_LOONGARCH_VCPU_CPUCFG,
+            "attr": abi.CPUCFG_KVM_FEATURE,
+            "value": abi.KVM_FEATURE_IPI,
+        },
+    )
 
 
 def devices_created(kvm: Kvm, h: dict[str, int]) -> None:
@@ -126,41 +137,80 @@ def devices_created(kvm: Kvm, h: dict[str, int]) -> None:
 
 
 def device_attrs(kvm: Kvm, h: dict[str, int]) -> None:
-    kvm.call("device.set_attr", {"device": _dev(kvm, h, abi.DEV_EIOINTC),
-                                 "group": abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
-                                 "attr": abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU,
-                                 "value": 8})
-    kvm.call("device.set_attr", {"device": _dev(kvm, h, abi.DEV_PCHPIC),
-                                 "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                                 "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
-                                 "value": abi.VIRT_PCH_PIC_BASE})
+    kvm.call(
+        "device.set_attr",
+        {
+            "device": _dev(kvm, h, abi.DEV_EIOINTC),
+            "group": abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
+            "attr": abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU,
+            "value": 8,
+        },
+    )
+    kvm.call(
+        "device.set_attr",
+        {
+            "device": _dev(kvm, h, abi.DEV_PCHPIC),
+            "group": abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+            "attr": abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+            "value": abi.VIRT_PCH_PIC_BASE,
+        },
+    )
 
 
 def guest_writes_to_chips(kvm: Kvm, h: dict[str, int]) -> None:
     v0 = _vcpu(kvm, h, 0)
-    kvm.call("vcpu.mmio_write", {"vcpu": v0, "size": 8,
-                                 "addr": abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK,
-                                 "value": ~(1 << 4) & abi.U64_MAX})  # unmask pin 4
-    kvm.call("vcpu.iocsr_write", {"vcpu": v0, "size": 8,
-                                  "addr": EIO_BASE + abi.EIOINTC_ENABLE, "value": 0xFFFF})
-    kvm.call("vcpu.iocsr_write", {"vcpu": v0, "size": 1,
-                                  "addr": EIO_BASE + abi.EIOINTC_COREMAP + 4, "value": 1})
+    kvm.call(
+        "vcpu.mmio_write",
+        {
+            "vcpu": v0,
+            "size": 8,
+            "addr": abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK,
+            "value": ~(1 << 4) & abi.U64_MAX,
+        },
+    )  # unmask pin 4
+    kvm.call(
+        "vcpu.iocsr_write",
+        {"vcpu": v0, "size": 8, "addr": EIO_BASE + abi.EIOINTC_ENABLE, "value": 0xFFFF},
+    )
+    kvm.call(
+        "vcpu.iocsr_write",
+        {"vcpu": v0, "size": 1, "addr": EIO_BASE + abi.EIOINTC_COREMAP + 4, "value": 1},
+    )
 
 
 def lines(kvm: Kvm, h: dict[str, int]) -> None:
     kvm.call("vm.irq_line", {"vm": h["vm"], "irq": 4, "level": 1})
     kvm.call("vm.signal_msi", {"vm": h["vm"], "address": 0, "data": 9})
     kvm.call("vcpu.interrupt", {"vcpu": _vcpu(kvm, h, 7), "irq": abi.INT_TI})
-    kvm.call("vcpu.iocsr_write", {"vcpu": _vcpu(kvm, h, 0), "size": 4,
-                                  "addr": abi.IOCSR_IPI_BASE + abi.IPI_SEND,
-                                  "value": abi.ipi_send(200, 3)})
+    kvm.call(
+        "vcpu.iocsr_write",
+        {
+            "vcpu": _vcpu(kvm, h, 0),
+            "size": 4,
+            "addr": abi.IOCSR_IPI_BASE + abi.IPI_SEND,
+            "value": abi.ipi_send(200, 3),
+        },
+    )
 
 
 def csrxchg_and_hypercall(kvm: Kvm, h: dict[str, int]) -> None:
-    kvm.call("vcpu.csr_xchg", {"vcpu": _vcpu(kvm, h, 7), "csr": abi.CSR_ESTAT,
-                               "value": 1 << abi.INT_SWI0, "mask": 1 << abi.INT_SWI0})
-    kvm.call("vcpu.hypercall", {"vcpu": _vcpu(kvm, h, 0), "code": abi.KVM_HCALL_SERVICE,
-                                "args": [abi.KVM_HCALL_FUNC_IPI, 1 << 5, 0, 0]})
+    kvm.call(
+        "vcpu.csr_xchg",
+        {
+            "vcpu": _vcpu(kvm, h, 7),
+            "csr": abi.CSR_ESTAT,
+            "value": 1 << abi.INT_SWI0,
+            "mask": 1 << abi.INT_SWI0,
+        },
+    )
+    kvm.call(
+        "vcpu.hypercall",
+        {
+            "vcpu": _vcpu(kvm, h, 0),
+            "code": abi.KVM_HCALL_SERVICE,
+            "args": [abi.KVM_HCALL_FUNC_IPI, 1 << 5, 0, 0],
+        },
+    )
 
 
 def vcpu_destroyed_and_recreated(kvm: Kvm, h: dict[str, int]) -> None:
@@ -168,14 +218,22 @@ def vcpu_destroyed_and_recreated(kvm: Kvm, h: dict[str, int]) -> None:
     kvm.call("vm.create_vcpu", {"vm": h["vm"], "vcpu_id": 3})
 
 
-STEPS: list[Step] = [vcpus_created, cpuids_set, other_registers, devices_created, device_attrs,
-                     guest_writes_to_chips, lines, csrxchg_and_hypercall,
-                     vcpu_destroyed_and_recreated]
+STEPS: list[Step] = [
+    vcpus_created,
+    cpuids_set,
+    other_registers,
+    devices_created,
+    device_attrs,
+    guest_writes_to_chips,
+    lines,
+    csrxchg_and_hypercall,
+    vcpu_destroyed_and_recreated,
+]
 
 
 #: Kinds of change, killed after in pairs (a restart costs a process start): the second of a
 #: pair is acknowledged last, the first is checked too, and every one is compared.
-PAIRS = [STEPS[i:i + 2] for i in range(0, len(STEPS), 2)]
+PAIRS = [STEPS[i : i + 2] for i in range(0, len(STEPS), 2)]
 
 
 def test_every_acknowledged_change_survives_kill_9(crashy: Crashy) -> None:
@@ -231,8 +289,7 @@ def test_a_restore_named_last_survives_kill_9(crashy: Crashy) -> None:
         assert observe(kvm, "copy") == before
 
 
-def test_a_write_that_changes_nothing_is_not_journaled_and_survives_kill_9(
-        crashy: Crashy) -> None:
+def test_a_write_that_changes_nothing_is_not_journaled_and_survives_kill_9(crashy: Crashy) -> None:
     """VMMs re-put every register: a write of the value already there (the kernel's no-op)
     adds nothing to the file, yet a restart has the right value; a changing write after
     such a no-op, in one pipelined batch too, is journaled as any other."""
@@ -270,8 +327,9 @@ def test_a_write_that_changes_nothing_is_not_journaled_and_survives_kill_9(
         put(kvm, vc, ks0, 7)  # not known to be a no-op since the restart: written
         put(kvm, vc, ks0, 7)  # a no-op, then a change: the change is written
         put(kvm, vc, ks0, 8)
-        kvm.call("vcpu.csr_xchg", {"vcpu": vc, "csr": abi.CSR_KS0, "value": 0x55,
-                                   "mask": 0xFF})  # the guest changes it behind the VMM's back
+        kvm.call(
+            "vcpu.csr_xchg", {"vcpu": vc, "csr": abi.CSR_KS0, "value": 0x55, "mask": 0xFF}
+        )  # the guest changes it behind the VMM's back
         put(kvm, vc, ks0, 8)  # so 8 again is a change, and must be written
         before = observe(kvm, "noop")
     crashy.kill9()
@@ -283,9 +341,12 @@ def test_a_write_that_changes_nothing_is_not_journaled_and_survives_kill_9(
         h = kvm.call("kvm.open_vm", {"name": "noop"})["vm"]
         vc = kvm.call("vm.open_vcpu", {"vm": h, "vcpu_id": 0})["vcpu"]
         alias = ks0 | 1  # the same CSR: the index's low bits are dropped, as the kernel does
-        kvm.call_batch([("vcpu.set_one_reg", {"vcpu": vc, "id": reg, "value": v})
-                        for reg, v in ((ks0, 8), (ks0, 8), (ks0, 9), (ks0, 9), (alias, 10),
-                                       (ks0, 9))])  # no-ops and changes in one read
+        kvm.call_batch(
+            [
+                ("vcpu.set_one_reg", {"vcpu": vc, "id": reg, "value": v})
+                for reg, v in ((ks0, 8), (ks0, 8), (ks0, 9), (ks0, 9), (alias, 10), (ks0, 9))
+            ]
+        )  # no-ops and changes in one read
         before = observe(kvm, "noop")
     crashy.kill9()
     crashy.start()
@@ -317,9 +378,21 @@ def test_lvz_serve_refuses_an_unsafe_state_dir_naming_it(sock_dir: Path) -> None
     state = sock_dir / "open"
     state.mkdir()
     state.chmod(0o777)
-    r = subprocess.run([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
-                        str(sock_dir / "s.sock"), "--state-dir", str(state)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lvz.clients.cli",
+            "serve",
+            "--socket",
+            str(sock_dir / "s.sock"),
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 125
     assert f"cannot use the state directory: {state} is group- or world-writable" in r.stderr
 
@@ -330,19 +403,25 @@ def test_killing_lvz_restore_leaves_nothing_or_the_whole_vm(sock_dir: Path) -> N
     with start_daemon() as d:
         with Kvm.connect(d.socket) as kvm:
             h = kvm.call("kvm.create_vm", {"name": "src", "max_phyid": 4096})["vm"]
-            made = kvm.call_batch([("vm.create_vcpu", {"vm": h, "vcpu_id": v})
-                                   for v in range(n)])
-            kvm.call_batch([("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": abi.CPUID,
-                                                  "value": v})
-                            for v, r in enumerate(made) if not isinstance(r, KvmError)])
+            made = kvm.call_batch([("vm.create_vcpu", {"vm": h, "vcpu_id": v}) for v in range(n)])
+            kvm.call_batch(
+                [
+                    ("vcpu.set_one_reg", {"vcpu": r["vcpu"], "id": abi.CPUID, "value": v})
+                    for v, r in enumerate(made)
+                    if not isinstance(r, KvmError)
+                ]
+            )
         file = sock_dir / "src.lvz"
         sock = ["--socket", str(d.socket)]
         cli = [sys.executable, "-m", "lvz.clients.cli"]
         subprocess.run([*cli, "snapshot", "src", str(file), *sock], check=True, timeout=60)
         halfway = 0
         for _ in range(3):
-            proc = subprocess.Popen([*cli, "restore", str(file), "--name", "copy", *sock],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [*cli, "restore", str(file), "--name", "copy", *sock],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             with Kvm.connect(d.socket) as kvm:  # kill it once the daemon holds part of it
                 while proc.poll() is None:
                     vms = kvm.call("kvm.list_vms", {})["vms"]
@@ -361,6 +440,5 @@ def test_killing_lvz_restore_leaves_nothing_or_the_whole_vm(sock_dir: Path) -> N
                     time.sleep(0.01)
                 if "copy" in vms:  # the restore had finished: whole
                     assert vms["copy"]["vcpus"] == n and vms["copy"]["phyids"] == n
-                    kvm.call("vm.destroy", {"vm": kvm.call("kvm.open_vm",
-                                                           {"name": "copy"})["vm"]})
+                    kvm.call("vm.destroy", {"vm": kvm.call("kvm.open_vm", {"name": "copy"})["vm"]})
         assert halfway  # at least one kill landed mid-restore

@@ -104,15 +104,19 @@ async def finish(vcpu: AsyncVcpu, **completion: int) -> RunResult:
 # ---------------------------------------------------------------- MMIO ------------------------
 
 
-@pytest.mark.parametrize(("size", "data", "value"), [
-    (1, 0x7F, 0x7F),
-    (1, 0x80, U64 ^ 0x7F),                                   # sign-extended from bit 7
-    (2, 0x12348001, U64 ^ 0x7FFE),                           # only the low len bytes count
-    (4, 0x80000001, 0xFFFFFFFF80000001),
-    (8, 0x8000000000000002, 0x8000000000000002),
-])
+@pytest.mark.parametrize(
+    ("size", "data", "value"),
+    [
+        (1, 0x7F, 0x7F),
+        (1, 0x80, U64 ^ 0x7F),  # sign-extended from bit 7
+        (2, 0x12348001, U64 ^ 0x7FFE),  # only the low len bytes count
+        (4, 0x80000001, 0xFFFFFFFF80000001),
+        (8, 0x8000000000000002, 0x8000000000000002),
+    ],
+)
 async def test_mmio_read_exits_and_returns_the_vmms_data_sign_extended(
-        pair: Pair, size: int, data: int, value: int) -> None:
+    pair: Pair, size: int, data: int, value: int
+) -> None:
     """kvm_emu_mmio_read: an access nobody claims leaves KVM_RUN as KVM_EXIT_MMIO;
     kvm_complete_mmio_read loads run->mmio.data into the register on the next KVM_RUN."""
     async with trio.open_nursery() as nursery:
@@ -122,7 +126,7 @@ async def test_mmio_read_exits_and_returns_the_vmms_data_sign_extended(
         assert exit.mmio is not None and exit.iocsr_io is None and exit.hypercall is None
         assert (exit.mmio.phys_addr, exit.mmio.len, exit.mmio.is_write) == (UART + 8, size, False)
         assert exit.mmio.data == 0
-        assert not read.done.is_set()                        # it waits for the completion
+        assert not read.done.is_set()  # it waits for the completion
         assert (await finish(pair.vmm, data=data)).exit_reason == "timeout"
         assert await read.result() == value
 
@@ -134,7 +138,11 @@ async def test_mmio_write_exit_carries_the_stored_bytes(pair: Pair) -> None:
         exit = await take(pair.vmm)
         assert exit.exit_reason == "mmio" and exit.mmio is not None
         assert (exit.mmio.phys_addr, exit.mmio.len, exit.mmio.is_write, exit.mmio.data) == (
-            UART, 2, True, 0x1234)
+            UART,
+            2,
+            True,
+            0x1234,
+        )
         await finish(pair.vmm)
         assert await write.result() is None
 
@@ -154,20 +162,26 @@ async def test_iocsr_read_exit_is_sign_extended(pair: Pair) -> None:
     """kvm_emu_iocsr + kvm_complete_iocsr_read: KVM_EXIT_LOONGARCH_IOCSR, and the read always
     sign-extends (IOCSRRD has no unsigned form)."""
     async with trio.open_nursery() as nursery:
-        read = Guest(nursery, partial(pair.guest.iocsr_read, abi.LOONGARCH_IOCSR_FEATURES, 4,
-                                      timeout=LONG))
+        read = Guest(
+            nursery, partial(pair.guest.iocsr_read, abi.LOONGARCH_IOCSR_FEATURES, 4, timeout=LONG)
+        )
         exit = await take(pair.vmm)
         assert exit.exit_reason == "iocsr" and exit.iocsr_io is not None and exit.mmio is None
         assert (exit.iocsr_io.phys_addr, exit.iocsr_io.len, exit.iocsr_io.is_write) == (
-            abi.LOONGARCH_IOCSR_FEATURES, 4, False)
+            abi.LOONGARCH_IOCSR_FEATURES,
+            4,
+            False,
+        )
         await finish(pair.vmm, data=0xF000000F)
         assert await read.result() == 0xFFFFFFFFF000000F
 
 
 async def test_iocsr_write_exit(pair: Pair) -> None:
     async with trio.open_nursery() as nursery:
-        write = Guest(nursery, partial(pair.guest.iocsr_write, abi.LOONGARCH_IOCSR_FEATURES, 8,
-                                       U64, timeout=LONG))
+        write = Guest(
+            nursery,
+            partial(pair.guest.iocsr_write, abi.LOONGARCH_IOCSR_FEATURES, 8, U64, timeout=LONG),
+        )
         exit = await take(pair.vmm)
         assert exit.exit_reason == "iocsr" and exit.iocsr_io is not None
         assert (exit.iocsr_io.is_write, exit.iocsr_io.len, exit.iocsr_io.data) == (True, 8, U64)
@@ -198,18 +212,26 @@ async def enable(pair: Pair, features: int = FEATURES) -> None:
     await pair.vmm.set_attr(abi.KVM_LOONGARCH_VCPU_CPUCFG, abi.CPUCFG_KVM_FEATURE, features)
 
 
-@pytest.mark.parametrize(("ret", "a0"), [
-    ({"ret": 42}, 42), ({"ret": -5}, -5), ({"ret": U64 - 1}, -2),
-    ({}, abi.KVM_HCALL_INVALID_CODE),                        # KVM's preset, if the VMM sets none
-])
+@pytest.mark.parametrize(
+    ("ret", "a0"),
+    [
+        ({"ret": 42}, 42),
+        ({"ret": -5}, -5),
+        ({"ret": U64 - 1}, -2),
+        ({}, abi.KVM_HCALL_INVALID_CODE),  # KVM's preset, if the VMM sets none
+    ],
+)
 async def test_user_hypercall_exits_and_ret_becomes_a0(
-        pair: Pair, ret: dict[str, int], a0: int) -> None:
+    pair: Pair, ret: dict[str, int], a0: int
+) -> None:
     """kvm_handle_hypercall, KVM_HCALL_USER_SERVICE: KVM_EXIT_HYPERCALL with nr 0x102,
     args = a0..a5, ret preset to INVALID_CODE; kvm_complete_user_service writes a0 = ret."""
     await enable(pair)
     async with trio.open_nursery() as nursery:
-        call = Guest(nursery, partial(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE,
-                                      7, -1, 3, timeout=LONG))
+        call = Guest(
+            nursery,
+            partial(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE, 7, -1, 3, timeout=LONG),
+        )
         exit = await take(pair.vmm)
         assert exit.exit_reason == "hypercall" and exit.hypercall is not None
         assert exit.hypercall.nr == abi.KVM_HCALL_USER_SERVICE
@@ -239,7 +261,7 @@ async def test_crash_is_a_system_event_that_repeats_until_the_vm_goes(pair: Pair
             assert exit.system_event.type == abi.KVM_SYSTEM_EVENT_CRASH == 3
             assert (exit.system_event.ndata, exit.system_event.data) == (0, ())
         assert not crash.done.is_set()
-        await pair.vm.destroy()                              # what a VMM does with a crash
+        await pair.vm.destroy()  # what a VMM does with a crash
         with pytest.raises(KvmError) as info:
             await crash.result()
         assert info.value.name == "EBADF" and "destroyed" in info.value.message
@@ -259,14 +281,19 @@ async def test_a_completion_does_not_fit_a_crash(pair: Pair) -> None:
 # ---------------------------------------------------------------- no VMM ----------------------
 
 
-@pytest.mark.parametrize("call", ["mmio_read", "mmio_write", "iocsr_read", "iocsr_write",
-                                  "hypercall"])
+@pytest.mark.parametrize(
+    "call", ["mmio_read", "mmio_write", "iocsr_read", "iocsr_write", "hypercall"]
+)
 async def test_no_vmm_is_enxio_at_once(pair: Pair, call: str) -> None:
     """No run waits on the vCPU and no timeout says to wait for one: PROTOCOL.md's ENXIO."""
     await enable(pair)
     args: dict[str, tuple[int, ...]] = {
-        "mmio_read": (UART, 1), "mmio_write": (UART, 1, 0), "iocsr_read": (8, 4),
-        "iocsr_write": (8, 4, 0), "hypercall": (abi.KVM_HCALL_USER_SERVICE,)}
+        "mmio_read": (UART, 1),
+        "mmio_write": (UART, 1, 0),
+        "iocsr_read": (8, 4),
+        "iocsr_write": (8, 4, 0),
+        "hypercall": (abi.KVM_HCALL_USER_SERVICE,),
+    }
     with pytest.raises(KvmError) as info:
         await getattr(pair.guest, call)(*args[call])
     assert info.value.name == "ENXIO" and "no VMM runs vCPU 0" in info.value.message
@@ -281,10 +308,11 @@ async def test_no_vmm_within_the_timeout_is_etimedout(pair: Pair) -> None:
 
 
 async def test_a_vmm_that_never_completes_times_the_guest_out_and_may_complete_late(
-        pair: Pair) -> None:
+    pair: Pair,
+) -> None:
     async with trio.open_nursery() as nursery:
         run = Guest(nursery, partial(pair.vmm.run, LONG))
-        await settle(pair.vmm)                               # the run waits: the exit is taken
+        await settle(pair.vmm)  # the run waits: the exit is taken
         read = Guest(nursery, partial(pair.guest.mmio_read, UART, 1, timeout=0.05))
         assert (await run.result()).exit_reason == "mmio"
         with pytest.raises(KvmError) as info:
@@ -310,7 +338,7 @@ async def test_guest_and_vmm_on_one_connection(pair: Pair) -> None:
         read = Guest(nursery, partial(vcpu.mmio_read, UART, 8, timeout=LONG))
         exit = await take(vcpu)
         assert exit.mmio is not None and exit.mmio.len == 8
-        assert await vcpu.get_one_reg(abi.CPUID) == 256      # other calls still answered
+        assert await vcpu.get_one_reg(abi.CPUID) == 256  # other calls still answered
         await finish(vcpu, data=5)
         assert await read.result() == 5
 
@@ -321,7 +349,7 @@ async def test_exits_of_a_vcpu_come_one_at_a_time_oldest_first(pair: Pair) -> No
         exit = await take(pair.vmm)
         assert exit.mmio is not None and exit.mmio.phys_addr == UART
         second = Guest(nursery, partial(pair.guest.mmio_read, UART + 1, 1))  # a VMM holds one
-        await settle(pair.guest)                             # the second is queued
+        await settle(pair.guest)  # the second is queued
         exit = await take(pair.vmm, data=1)  # completes the first, returns the second at once
         assert exit.mmio is not None and exit.mmio.phys_addr == UART + 1
         assert await first.result() == 1
@@ -344,39 +372,48 @@ async def test_exits_come_before_interrupt_lines(pair: Pair) -> None:
 # ---------------------------------------------------------------- errors and endings ----------
 
 
-@pytest.mark.parametrize(("guest_call", "completion", "says"), [
-    ("mmio_write", {"data": 1}, "MMIO write"),
-    ("mmio_read", {"ret": 1}, "MMIO read"),
-    ("hypercall", {"data": 1}, "hypercall 0x102"),
-])
+@pytest.mark.parametrize(
+    ("guest_call", "completion", "says"),
+    [
+        ("mmio_write", {"data": 1}, "MMIO write"),
+        ("mmio_read", {"ret": 1}, "MMIO read"),
+        ("hypercall", {"data": 1}, "hypercall 0x102"),
+    ],
+)
 async def test_a_completion_that_does_not_fit_is_einval_and_changes_nothing(
-        pair: Pair, guest_call: str, completion: dict[str, int], says: str) -> None:
+    pair: Pair, guest_call: str, completion: dict[str, int], says: str
+) -> None:
     await enable(pair)
     args: dict[str, tuple[int, ...]] = {
-        "mmio_write": (UART, 1, 0), "mmio_read": (UART, 1),
-        "hypercall": (abi.KVM_HCALL_USER_SERVICE,)}
+        "mmio_write": (UART, 1, 0),
+        "mmio_read": (UART, 1),
+        "hypercall": (abi.KVM_HCALL_USER_SERVICE,),
+    }
     async with trio.open_nursery() as nursery:
-        call = Guest(nursery, partial(getattr(pair.guest, guest_call), *args[guest_call],
-                                      timeout=LONG))
+        call = Guest(
+            nursery, partial(getattr(pair.guest, guest_call), *args[guest_call], timeout=LONG)
+        )
         await take(pair.vmm)
         with pytest.raises(KvmError) as info:
             await finish(pair.vmm, **completion)
         assert info.value.name == "EINVAL" and says in info.value.message
         assert not call.done.is_set()
-        await finish(pair.vmm)                               # a fitting completion still works
+        await finish(pair.vmm)  # a fitting completion still works
         await call.result()
 
 
 @pytest.mark.parametrize("completion", [{"data": 1}, {"ret": 0}])
-async def test_completing_with_no_exit_held_is_einval(pair: Pair,
-                                                      completion: dict[str, int]) -> None:
+async def test_completing_with_no_exit_held_is_einval(
+    pair: Pair, completion: dict[str, int]
+) -> None:
     with pytest.raises(KvmError) as info:
         await finish(pair.vmm, **completion)
     assert info.value.name == "EINVAL" and "no exit is pending" in info.value.message
 
 
 async def test_an_exit_whose_vmm_goes_away_is_offered_to_the_next(
-        pair: Pair, lvz_socket: Path, vm_name: str) -> None:
+    pair: Pair, lvz_socket: Path, vm_name: str
+) -> None:
     """A VMM that closes the handle it holds an exit through (or its connection, which closes
     them all) gives the exit back: the next run, from any connection, returns it again."""
     async with trio.open_nursery() as nursery:
@@ -385,8 +422,8 @@ async def test_an_exit_whose_vmm_goes_away_is_offered_to_the_next(
             vcpu = await (await first.open_vm(vm_name)).open_vcpu(0)
             exit = await take(vcpu)
             assert exit.mmio is not None
-            await vcpu.close()              # answered: the daemon has given the exit back
-            exit = await take(pair.vmm)                      # the same exit, again
+            await vcpu.close()  # answered: the daemon has given the exit back
+            exit = await take(pair.vmm)  # the same exit, again
         assert exit.mmio is not None and (exit.mmio.phys_addr, exit.mmio.len) == (UART, 2)
         await finish(pair.vmm, data=9)
         assert await read.result() == 9
@@ -400,7 +437,7 @@ async def test_closing_the_guests_handle_ends_its_call_with_ebadf(pair: Pair) ->
         with pytest.raises(KvmError) as info:
             await read.result()
         assert info.value.name == "EBADF" and "handle was closed" in info.value.message
-        await finish(pair.vmm, data=0)                       # abandoned: accepted, answers nobody
+        await finish(pair.vmm, data=0)  # abandoned: accepted, answers nobody
 
 
 async def test_destroying_the_vcpu_ends_the_guests_call(pair: Pair) -> None:
@@ -427,7 +464,8 @@ async def test_shutdown_ends_a_waiting_guest_call_with_ebadf(own_daemon: DaemonP
 
 
 async def test_a_vcpu_holds_a_bounded_number_of_waiting_exits(
-        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Beyond MAX_WAITING queued exits a guest call is EBUSY: no client can make the daemon
     hold an unbounded queue."""
     monkeypatch.setattr(exits, "MAX_WAITING", 2)
@@ -435,8 +473,9 @@ async def test_a_vcpu_holds_a_bounded_number_of_waiting_exits(
         vm = await kvm.create_vm()
         vcpu = await vm.create_vcpu(0)
         async with trio.open_nursery() as nursery:
-            waiting = [Guest(nursery, partial(vcpu.mmio_read, UART, 1, timeout=LONG))
-                       for _ in range(2)]
+            waiting = [
+                Guest(nursery, partial(vcpu.mmio_read, UART, 1, timeout=LONG)) for _ in range(2)
+            ]
             await settle(vcpu)
             with pytest.raises(KvmError) as info:
                 await vcpu.mmio_write(UART, 1, 0, timeout=LONG)
@@ -450,8 +489,9 @@ async def test_a_vcpu_holds_a_bounded_number_of_waiting_exits(
 async def test_a_user_hypercall_counts_in_the_hypercalls_stat(pair: Pair) -> None:
     await enable(pair)
     async with trio.open_nursery() as nursery:
-        call = Guest(nursery, partial(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE,
-                                      timeout=LONG))
+        call = Guest(
+            nursery, partial(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE, timeout=LONG)
+        )
         await take(pair.vmm)
         await finish(pair.vmm, ret=0)
         assert await call.result() == 0

@@ -38,12 +38,18 @@ class Pair:
 
 @pytest.fixture
 def pair(lvz_socket: Path, vm_name: str) -> Iterator[Pair]:
-    with Kvm.connect(lvz_socket) as vmm_kvm, Kvm.connect(lvz_socket) as guest_kvm, \
-            ThreadPoolExecutor(1) as pool:
+    with (
+        Kvm.connect(lvz_socket) as vmm_kvm,
+        Kvm.connect(lvz_socket) as guest_kvm,
+        ThreadPoolExecutor(1) as pool,
+    ):
         vm = vmm_kvm.create_vm(name=vm_name)
         vmm = vm.create_vcpu(0)
-        vmm.set_attr(abi.KVM_LOONGARCH_VCPU_CPUCFG, abi.CPUCFG_KVM_FEATURE,
-                     abi.KVM_FEATURE_IPI | abi.KVM_FEATURE_USER_HCALL | abi.KVM_FEATURE_CRASH)
+        vmm.set_attr(
+            abi.KVM_LOONGARCH_VCPU_CPUCFG,
+            abi.CPUCFG_KVM_FEATURE,
+            abi.KVM_FEATURE_IPI | abi.KVM_FEATURE_USER_HCALL | abi.KVM_FEATURE_CRASH,
+        )
         guest = guest_kvm.open_vm(vm_name).open_vcpu(0)
         try:
             yield Pair(vm, vmm, guest, pool)
@@ -58,9 +64,9 @@ def failure(future: Future[Any]) -> KvmError:
     return error
 
 
-def test_the_vmm_loop_example_runs_as_documented(lvz_socket: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_vmm_loop_example_runs_as_documented(
+    lvz_socket: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     [code] = re.findall(r"```python\n(import threading\n.*?)```", DOC.read_text(), re.S)
     monkeypatch.setenv("LVZ_SOCKET", str(lvz_socket))
     exec(compile(code, str(DOC), "exec"), {"__name__": "vmm_loop_example"})
@@ -92,8 +98,9 @@ def test_iocsr_read_and_write(pair: Pair) -> None:
     pair.vmm.run(0, data=0xFE)
     assert read.result(timeout=LONG) == U64 - 1
 
-    write = pair.pool.submit(pair.guest.iocsr_write, abi.LOONGARCH_IOCSR_FEATURES, 4, 7,
-                             timeout=LONG)
+    write = pair.pool.submit(
+        pair.guest.iocsr_write, abi.LOONGARCH_IOCSR_FEATURES, 4, 7, timeout=LONG
+    )
     exit = pair.vmm.run(LONG)
     assert exit.iocsr_io is not None and (exit.iocsr_io.is_write, exit.iocsr_io.data) == (True, 7)
     pair.vmm.run(0)
@@ -102,8 +109,9 @@ def test_iocsr_read_and_write(pair: Pair) -> None:
 
 def test_user_hypercall_ret_becomes_a0(pair: Pair) -> None:
     """kvm_handle_hypercall (USER_SERVICE) and kvm_complete_user_service."""
-    call = pair.pool.submit(pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE, 1, 2, 3, 4, 5, 6,
-                            timeout=LONG)
+    call = pair.pool.submit(
+        pair.guest.hypercall, abi.KVM_HCALL_USER_SERVICE, 1, 2, 3, 4, 5, 6, timeout=LONG
+    )
     exit = pair.vmm.run(LONG)
     assert exit.exit_reason == "hypercall" and exit.hypercall is not None
     assert (exit.hypercall.nr, exit.hypercall.args) == (0x102, (1, 2, 3, 4, 5, 6))

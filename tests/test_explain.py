@@ -23,15 +23,32 @@ HWI1 = abi.INT_HWI0 + 1
 CTRL = abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL
 FEATURE = abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE
 VIRT, CPU_ENCODE = abi.EIOINTC_HAS_VIRT_EXTENSION, abi.EIOINTC_HAS_CPU_ENCODE
-FULL_STEPS = ["irq_line", "pin", "mask", "vector", "input", "coremap", "decode", "phyid", "route",
-              "ipmap", "enable", "line"]
+FULL_STEPS = [
+    "irq_line",
+    "pin",
+    "mask",
+    "vector",
+    "input",
+    "coremap",
+    "decode",
+    "phyid",
+    "route",
+    "ipmap",
+    "enable",
+    "line",
+]
 
 
 class Guest:
     """A VM with vCPUs at chosen phyids and the three irqchips, programmed as a guest does."""
 
-    def __init__(self, kvm: Kvm, layout: dict[int, int | None],
-                 chips: tuple[str, ...] = (IPI, EIO, PCH), features: int | None = None) -> None:
+    def __init__(
+        self,
+        kvm: Kvm,
+        layout: dict[int, int | None],
+        chips: tuple[str, ...] = (IPI, EIO, PCH),
+        features: int | None = None,
+    ) -> None:
         self.vm: VmFd = kvm.create_vm()
         self.vcpus: dict[int, VcpuFd] = {}
         for vcpu_id, phyid in layout.items():
@@ -42,9 +59,11 @@ class Guest:
         if features is not None:
             self.devs[EIO].set_attr(CTRL, FEATURE, features)
         if PCH in self.devs:
-            self.devs[PCH].set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                                    abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
-                                    abi.VIRT_PCH_PIC_BASE)
+            self.devs[PCH].set_attr(
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+                abi.VIRT_PCH_PIC_BASE,
+            )
         self.cpu = next(iter(self.vcpus.values()))  # the CPU that programs the chips
         if EIO in self.devs:
             self.eio(abi.EIOINTC_IPMAP, 0x02, size=1)  # irqs 0..31 on HWI1
@@ -91,15 +110,22 @@ def test_a_delivered_route_names_the_vcpu_whose_line_then_rises(kvm: Kvm) -> Non
     assert [h.step for h in why.hops] == FULL_STEPS
     assert why.stopped is None and why.redirected is None
     assert why.delivered is not None
-    assert (why.delivered.vcpu_id, why.delivered.phyid, why.delivered.line_name,
-            why.delivered.changed) == (1, 2, "HWI1", True)
+    assert (
+        why.delivered.vcpu_id,
+        why.delivered.phyid,
+        why.delivered.line_name,
+        why.delivered.changed,
+    ) == (1, 2, "HWI1", True)
     assert moved(g, lambda: g.vm.irq_line(PIN, 1)) == [(1, HWI1, 1)]
     again = g.vm.explain_route(PIN)  # the line is up now: delivered there, no change
     assert again.delivered is not None and again.delivered.changed is False
     assert again.hops[-2].step == "shared" and "already pending" in again.hops[-2].note
     down = g.vm.explain_route(PIN, level=0)
-    assert down.delivered is not None and (down.delivered.vcpu_id, down.delivered.level,
-                                           down.delivered.changed) == (1, 0, True)
+    assert down.delivered is not None and (
+        down.delivered.vcpu_id,
+        down.delivered.level,
+        down.delivered.changed,
+    ) == (1, 0, True)
     assert moved(g, lambda: g.vm.irq_line(PIN, 0)) == [(1, HWI1, 0)]
 
 
@@ -138,8 +164,13 @@ def test_a_masked_pin_stops_at_pch_pic_mask(kvm: Kvm) -> None:
     g.enable(PIN)
     why = g.vm.explain_route(PIN)  # PCH-PIC starts with every pin masked
     assert why.delivered is None and why.stopped is not None
-    assert (why.stopped.chip, why.stopped.reason, why.stopped.register, why.stopped.bit,
-            why.stopped.value) == (PCH, "masked", "MASK", PIN, 1)
+    assert (
+        why.stopped.chip,
+        why.stopped.reason,
+        why.stopped.register,
+        why.stopped.bit,
+        why.stopped.value,
+    ) == (PCH, "masked", "MASK", PIN, 1)
     assert moved(g, lambda: g.vm.irq_line(PIN, 1)) == []
 
 
@@ -151,8 +182,11 @@ def test_lowering_an_edge_pin_stops_at_pch_pic_edge(kvm: Kvm) -> None:
     g.vm.irq_line(PIN, 1)
     why = g.vm.explain_route(PIN, level=0)
     assert why.stopped is not None
-    assert (why.stopped.reason, why.stopped.register, why.stopped.bit) == ("edge_latched",
-                                                                            "EDGE", PIN)
+    assert (why.stopped.reason, why.stopped.register, why.stopped.bit) == (
+        "edge_latched",
+        "EDGE",
+        PIN,
+    )
     assert "CLEAR" in why.stopped.message
     assert moved(g, lambda: g.vm.irq_line(PIN, 0)) == []
     assert g.lines() == {0: ("HWI1",)}
@@ -162,8 +196,12 @@ def test_lowering_a_pin_never_forwarded_stops_at_pch_pic_isr(kvm: Kvm) -> None:
     g = Guest(kvm, {0: 0})
     why = g.vm.explain_route(PIN, level=0)
     assert why.stopped is not None
-    assert (why.stopped.reason, why.stopped.register, why.stopped.bit,
-            why.stopped.value) == ("not_forwarded", "INT_ISR", PIN, 0)
+    assert (why.stopped.reason, why.stopped.register, why.stopped.bit, why.stopped.value) == (
+        "not_forwarded",
+        "INT_ISR",
+        PIN,
+        0,
+    )
 
 
 def test_an_irq_not_enabled_stops_at_eiointc_enable(kvm: Kvm) -> None:
@@ -172,8 +210,13 @@ def test_an_irq_not_enabled_stops_at_eiointc_enable(kvm: Kvm) -> None:
     why = g.vm.explain_route(PIN)
     assert [h.step for h in why.hops] == FULL_STEPS[:-2]
     assert why.stopped is not None
-    assert (why.stopped.chip, why.stopped.reason, why.stopped.register, why.stopped.bit,
-            why.stopped.value) == (EIO, "not_enabled", "ENABLE", PIN, 0)
+    assert (
+        why.stopped.chip,
+        why.stopped.reason,
+        why.stopped.register,
+        why.stopped.bit,
+        why.stopped.value,
+    ) == (EIO, "not_enabled", "ENABLE", PIN, 0)
     assert moved(g, lambda: g.vm.irq_line(PIN, 1)) == []
 
 
@@ -183,17 +226,25 @@ def test_a_route_to_a_missing_vcpu_stops_at_the_route(kvm: Kvm) -> None:
     why = g.vm.explain_route(eiointc_irq=7)
     assert why.stopped is not None
     assert (why.stopped.reason, why.stopped.register, why.stopped.value) == (
-        "no_such_vcpu", "SW_STATUS_ROUTE", 0)
+        "no_such_vcpu",
+        "SW_STATUS_ROUTE",
+        0,
+    )
     assert moved(g, lambda: g.vm.signal_msi(0, 7)) == []
 
 
-@pytest.mark.parametrize(("chips", "source", "missing"), [
-    ((EIO,), {"pin": 3}, "loongarch-ipi, loongarch-pchpic missing"),
-    ((IPI,), {"msi": (0, 3)}, "no loongarch-eiointc"),
-    ((IPI,), {"eiointc_irq": 3}, "no loongarch-eiointc"),
-], ids=["pin", "msi", "eiointc_irq"])
+@pytest.mark.parametrize(
+    ("chips", "source", "missing"),
+    [
+        ((EIO,), {"pin": 3}, "loongarch-ipi, loongarch-pchpic missing"),
+        ((IPI,), {"msi": (0, 3)}, "no loongarch-eiointc"),
+        ((IPI,), {"eiointc_irq": 3}, "no loongarch-eiointc"),
+    ],
+    ids=["pin", "msi", "eiointc_irq"],
+)
 def test_a_vm_without_the_irqchip_stops_before_any_chip(
-        kvm: Kvm, chips: tuple[str, ...], source: dict[str, object], missing: str) -> None:
+    kvm: Kvm, chips: tuple[str, ...], source: dict[str, object], missing: str
+) -> None:
     g = Guest(kvm, {0: 0}, chips=chips)
     why = g.vm.explain_route(**source)  # type: ignore[arg-type]
     assert why.stopped is not None and why.stopped.reason == "no_irqchip"
@@ -213,8 +264,12 @@ def test_config_ignored_without_has_virt_extension_names_init_feature(kvm: Kvm) 
     why = g.vm.explain_route(PIN)
     assert why.delivered is not None and (why.delivered.vcpu_id, why.delivered.phyid) == (1, 0)
     assert why.redirected is not None
-    assert (why.redirected.reason, why.redirected.register, why.redirected.bit,
-            why.redirected.value) == ("config_ignored", "INIT_FEATURE", 0, 0)
+    assert (
+        why.redirected.reason,
+        why.redirected.register,
+        why.redirected.bit,
+        why.redirected.value,
+    ) == ("config_ignored", "INIT_FEATURE", 0, 0)
     assert "HAS_VIRT_EXTENSION" in why.redirected.message
     assert "phyid 0, not 5" in why.redirected.message
     assert moved(g, lambda: g.vm.irq_line(PIN, 1)) == [(1, HWI1, 1)]
@@ -228,7 +283,10 @@ def test_cpu_encode_not_offered_names_init_feature_bit_3(kvm: Kvm) -> None:
     why = g.vm.explain_route(eiointc_irq=PIN)
     assert why.redirected is not None
     assert (why.redirected.reason, why.redirected.register, why.redirected.bit) == (
-        "cpu_encode_unsupported", "INIT_FEATURE", 3)
+        "cpu_encode_unsupported",
+        "INIT_FEATURE",
+        3,
+    )
     assert why.delivered is not None and why.delivered.vcpu_id == 1
 
 
@@ -240,8 +298,12 @@ def test_config_written_while_enabled_names_config_enable(kvm: Kvm) -> None:
     g.coremap(PIN, 5)
     why = g.vm.explain_route(eiointc_irq=PIN)
     assert why.redirected is not None
-    assert (why.redirected.reason, why.redirected.register, why.redirected.bit,
-            why.redirected.value) == ("config_ignored", "CONFIG", 1, 1)
+    assert (
+        why.redirected.reason,
+        why.redirected.register,
+        why.redirected.bit,
+        why.redirected.value,
+    ) == ("config_ignored", "CONFIG", 1, 1)
 
 
 def test_a_coremap_byte_naming_an_unheld_phyid_leaves_the_old_route(kvm: Kvm) -> None:
@@ -253,7 +315,10 @@ def test_a_coremap_byte_naming_an_unheld_phyid_leaves_the_old_route(kvm: Kvm) ->
     assert phyid.value == 3 and "no vCPU" in phyid.note
     assert why.redirected is not None
     assert (why.redirected.reason, why.redirected.register, why.redirected.value) == (
-        "phyid_unmapped", f"COREMAP[{PIN}]", 0x08)
+        "phyid_unmapped",
+        f"COREMAP[{PIN}]",
+        0x08,
+    )
     assert why.delivered is not None and why.delivered.vcpu_id == 0
     assert moved(g, lambda: g.vm.signal_msi(0, PIN)) == [(0, HWI1, 1)]
 
@@ -266,7 +331,10 @@ def test_a_route_resolved_before_its_phyid_was_set_is_stale(kvm: Kvm) -> None:
     why = g.vm.explain_route(eiointc_irq=PIN)
     assert why.redirected is not None
     assert (why.redirected.reason, why.redirected.register, why.redirected.value) == (
-        "stale_route", "SW_STATUS_ROUTE", 0)
+        "stale_route",
+        "SW_STATUS_ROUTE",
+        0,
+    )
     assert "vCPU 2" in why.redirected.message
     assert why.delivered is not None and why.delivered.vcpu_id == 0
     assert moved(g, lambda: g.vm.signal_msi(0, PIN)) == [(0, HWI1, 1)]
@@ -300,21 +368,35 @@ def test_an_explanation_changes_nothing_and_sends_no_event(kvm: Kvm) -> None:
     assert kvm.call("vm.stats", {"vm": g.vm.handle}) == stats  # no chip counted anything
 
 
-@pytest.mark.parametrize(("source", "level", "words"), [
-    ({"pin": 64}, 1, "not a PCH-PIC pin"),
-    # vm.irq_line raises on any non-zero __u32 level (pch_pic_set_irq: ``if (level)``).
-    ({"pin": 3}, 1 << 32, "does not fit the __u32"),
-    ({"msi": {"address": 0, "data": 256}}, 1, "not an EIOINTC irq"),
-    ({"msi": {"address": 0, "data": 3}}, 0, "an MSI only raises"),
-    ({"eiointc_irq": 256}, 1, "not an EIOINTC irq"),
-    ({"eiointc_irq": 3}, -1, "level -1 is not 0 or 1"),
-    ({"pin": 1, "eiointc_irq": 1}, 1, "parameter 'source' must be one of"),
-    ({"msi": {"address": 0}}, 1, "parameter 'source' must be one of"),
-    ({"irq": 3}, 1, "parameter 'source' must be one of"),
-], ids=["pin", "pin-level", "msi-data", "msi-level", "irq", "irq-level", "two", "msi-shape",
-        "kind"])
-def test_bad_input_is_einval_naming_it(kvm: Kvm, source: dict[str, object], level: int,
-                                       words: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "level", "words"),
+    [
+        ({"pin": 64}, 1, "not a PCH-PIC pin"),
+        # vm.irq_line raises on any non-zero __u32 level (pch_pic_set_irq: ``if (level)``).
+        ({"pin": 3}, 1 << 32, "does not fit the __u32"),
+        ({"msi": {"address": 0, "data": 256}}, 1, "not an EIOINTC irq"),
+        ({"msi": {"address": 0, "data": 3}}, 0, "an MSI only raises"),
+        ({"eiointc_irq": 256}, 1, "not an EIOINTC irq"),
+        ({"eiointc_irq": 3}, -1, "level -1 is not 0 or 1"),
+        ({"pin": 1, "eiointc_irq": 1}, 1, "parameter 'source' must be one of"),
+        ({"msi": {"address": 0}}, 1, "parameter 'source' must be one of"),
+        ({"irq": 3}, 1, "parameter 'source' must be one of"),
+    ],
+    ids=[
+        "pin",
+        "pin-level",
+        "msi-data",
+        "msi-level",
+        "irq",
+        "irq-level",
+        "two",
+        "msi-shape",
+        "kind",
+    ],
+)
+def test_bad_input_is_einval_naming_it(
+    kvm: Kvm, source: dict[str, object], level: int, words: str
+) -> None:
     g = Guest(kvm, {0: 0})
     with pytest.raises(KvmError) as err:
         kvm.call("vm.explain_route", {"vm": g.vm.handle, "source": source, "level": level})
@@ -343,8 +425,9 @@ def test_str_reads_as_a_numbered_chain(kvm: Kvm) -> None:
     assert lines[-1] == "  => delivered: raises HWI1 of vCPU 1 (phyid 2)"
 
 
-def test_lvz_why_prints_the_chain_and_json(kvm: Kvm, lvz_socket: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_lvz_why_prints_the_chain_and_json(
+    kvm: Kvm, lvz_socket: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.daemon_fixtures import unique_name
 
     name = unique_name("why")
@@ -356,8 +439,9 @@ def test_lvz_why_prints_the_chain_and_json(kvm: Kvm, lvz_socket: Path,
     try:
         assert main(["why", name, "pin", "5", *sock]) == 0
         out = capsys.readouterr().out
-        assert out.startswith("PCH-PIC pin 5:\n") and "=> stopped: masked (pchpic, MASK bit 5" \
-            in out
+        assert (
+            out.startswith("PCH-PIC pin 5:\n") and "=> stopped: masked (pchpic, MASK bit 5" in out
+        )
         assert main(["why", name, "msi", "0x2ff00000", "9", "--format", "json", *sock]) == 0
         data = json.loads(capsys.readouterr().out)
         assert data["source"] == "MSI address 0x2ff00000 data 9"

@@ -63,10 +63,12 @@ class FakePchPlugin:
 
 
 async def test_each_way_a_chip_answers_ends_the_route_with_its_reason(
-        nursery: trio.Nursery, sock_dir: Path) -> None:
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
     cfg = ServeConfig(socket=sock_dir / "x.sock")
-    host = load_plugins(allow=["loongarch-ipi", "loongarch-eiointc"],
-                        extra=[(PLUGIN, FakePchPlugin())])
+    host = load_plugins(
+        allow=["loongarch-ipi", "loongarch-eiointc"], extra=[(PLUGIN, FakePchPlugin())]
+    )
     await nursery.start(serve, cfg, host)
     raw = await Wire.open(cfg.socket)
     vm = (await raw.ok("kvm.create_vm"))["vm"]
@@ -90,16 +92,16 @@ async def test_each_way_a_chip_answers_ends_the_route_with_its_reason(
     # A chip's hops and forward are followed into the built-in EIOINTC.
     through = await why(5)
     steps = [(h["chip"], h["step"]) for h in through["hops"]]
-    assert steps[:3] == [("vm", "irq_line"), (abi.DEV_PCHPIC, "fake"),
-                         (abi.DEV_EIOINTC, "input")]
+    assert steps[:3] == [("vm", "irq_line"), (abi.DEV_PCHPIC, "fake"), (abi.DEV_EIOINTC, "input")]
     assert through["stopped"]["reason"] == "not_enabled"
     await raw.aclose()
 
 
 # --- agreement on random chip states (pure chips, no daemon) ------------------------------------
 
-PHYIDS = st.dictionaries(st.integers(0, 3), st.one_of(st.none(), st.integers(0, 5)), min_size=2,
-                         max_size=4)
+PHYIDS = st.dictionaries(
+    st.integers(0, 3), st.one_of(st.none(), st.integers(0, 5)), min_size=2, max_size=4
+)
 BYTE = st.integers(0, 255)
 #: Mostly set / mostly clear bytes, so that most routes get past MASK, EDGE and ENABLE.
 DENSE = st.builds(lambda a, b: a | b, BYTE, BYTE)
@@ -125,9 +127,11 @@ def chip_states(draw: st.DrawFn) -> tuple[FakeVm, PchPic, Eiointc, int, int]:
             vm.add_vcpu(vcpu_id)
             if phyid is not None and not taken:
                 late[vcpu_id] = phyid
-    eio.set_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
-                 abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE,
-                 draw(st.integers(0, abi.EIOINTC_VIRT_FEATURE_MASK)))
+    eio.set_attr(
+        abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
+        abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_FEATURE,
+        draw(st.integers(0, abi.EIOINTC_VIRT_FEATURE_MASK)),
+    )
     cpu = next(iter(layout))
     for value in draw(st.lists(st.integers(0, 15), max_size=2)):
         vm.guest_iocsr_write(cpu, abi.EIOINTC_VIRT_BASE + abi.EIOINTC_VIRT_CONFIG, 4, value)
@@ -139,8 +143,9 @@ def chip_states(draw: st.DrawFn) -> tuple[FakeVm, PchPic, Eiointc, int, int]:
     vm.guest_iocsr_write(cpu, eio_base + abi.EIOINTC_ENABLE, 1, draw(DENSE))
     vm.guest_iocsr_write(cpu, eio_base + abi.EIOINTC_IPMAP, 1, draw(st.integers(0, 255)))
     for irq in range(8):
-        vm.guest_iocsr_write(cpu, eio_base + abi.EIOINTC_COREMAP + irq, 1,
-                             draw(st.integers(0, 255)))
+        vm.guest_iocsr_write(
+            cpu, eio_base + abi.EIOINTC_COREMAP + irq, 1, draw(st.integers(0, 255))
+        )
     for vcpu_id, phyid in late.items():  # set after the coremap was resolved: stale routes
         vm.phyids[phyid] = vcpu_id
     pch.regs[abi.PCH_PIC_MASK] = draw(SPARSE) | ~0xFF & abi.U64_MAX
@@ -163,17 +168,30 @@ def explain(pch: PchPic, eio: Eiointc, pin: int, level: int) -> RouteTrace:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chip_states())
 def test_the_explanation_is_what_set_input_then_does(
-        state: tuple[FakeVm, PchPic, Eiointc, int, int]) -> None:
+    state: tuple[FakeVm, PchPic, Eiointc, int, int],
+) -> None:
     vm, pch, eio, pin, level = state
-    saved = (pch.save_state(), eio.save_state(), pch.stats(), eio.stats(), dict(vm.lines),
-             len(vm.events))
+    saved = (
+        pch.save_state(),
+        eio.save_state(),
+        pch.stats(),
+        eio.stats(),
+        dict(vm.lines),
+        len(vm.events),
+    )
     trace = explain(pch, eio, pin, level)
-    assert (pch.save_state(), eio.save_state(), pch.stats(), eio.stats(), dict(vm.lines),
-            len(vm.events)) == saved
+    assert (
+        pch.save_state(),
+        eio.save_state(),
+        pch.stats(),
+        eio.stats(),
+        dict(vm.lines),
+        len(vm.events),
+    ) == saved
     assert (trace.stopped is None) == (trace.delivered is not None)
     lines_before = dict(vm.lines)
     pch.set_input(pin, level)
-    made = vm.events[saved[-1]:]
+    made = vm.events[saved[-1] :]
     if trace.delivered is None:
         assert made == []
         return

@@ -64,8 +64,9 @@ class Witness(Device):
         self.rec.started.set()
 
 
-async def recording_daemon(nursery: trio.Nursery, sock_dir: Path,
-                           max_handles: int = 66_000) -> tuple[Recorder, Path, Daemon]:
+async def recording_daemon(
+    nursery: trio.Nursery, sock_dir: Path, max_handles: int = 66_000
+) -> tuple[Recorder, Path, Daemon]:
     rec = Recorder()
     cfg = ServeConfig(socket=sock_dir / "fair.sock", max_handles=max_handles)
     daemon = await nursery.start(serve, cfg, load_plugins(extra=[("recorder", rec)]))
@@ -78,11 +79,12 @@ async def probe_vcpu(raw: Wire) -> int:
 
 
 def probe_came_during_the_work(log: list[str]) -> bool:
-    return "probe" in log and "work" in log[log.index("probe"):]
+    return "probe" in log and "work" in log[log.index("probe") :]
 
 
 async def test_a_huge_destroy_lets_other_clients_in(
-        nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server, "DESTROY_CHUNK", 4)  # 64 vCPUs: 16 chunks, as 65,536 are 64
     rec, path, _ = await recording_daemon(nursery, sock_dir)
     a, b = await Wire.open(path), await Wire.open(path)
@@ -104,7 +106,8 @@ async def test_a_huge_destroy_lets_other_clients_in(
 
 
 async def test_a_huge_orphaned_vm_is_torn_down_in_the_background(
-        nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An unnamed VM dies with its client's connection: in chunks too, and never half-way."""
     monkeypatch.setattr(server, "DESTROY_CHUNK", 4)
     rec, path, daemon = await recording_daemon(nursery, sock_dir)
@@ -126,7 +129,8 @@ async def test_a_huge_orphaned_vm_is_torn_down_in_the_background(
 
 
 async def test_a_pipeline_of_requests_lets_other_clients_in(
-        nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nursery: trio.Nursery, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A storm (LOAD_FINISHED, hypercalls, ...) in one send is served in slices."""
     monkeypatch.setattr(server, "SLICE", 0.0)  # every request ends a slice
     rec, path, _ = await recording_daemon(nursery, sock_dir)
@@ -158,7 +162,8 @@ class CountingHandles(dict[int, Handle]):
 
 
 async def test_refusals_at_the_handle_limit_cost_no_scan(
-        nursery: trio.Nursery, sock_dir: Path) -> None:
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
     _rec, path, daemon = await recording_daemon(nursery, sock_dir, max_handles=4)
     a = await Wire.open(path)
     vm = (await a.ok("kvm.create_vm"))["vm"]
@@ -176,7 +181,8 @@ async def test_refusals_at_the_handle_limit_cost_no_scan(
 
 
 async def test_subscribe_is_idempotent_per_connection_and_vm(
-        daemon: Daemon, connect: Connect, vm_name: str) -> None:
+    daemon: Daemon, connect: Connect, vm_name: str
+) -> None:
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=vm_name))["vm"]
     v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]

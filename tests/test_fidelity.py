@@ -30,8 +30,13 @@ async def expect_errno(name: str, call: Awaitable[object]) -> KvmError:
     return info.value
 
 
-async def vm_with(kvm: AsyncKvm, chips: tuple[str, ...] = (), *, pch_base: int = PCH_BASE,
-                  features: int | None = None) -> AsyncVm:
+async def vm_with(
+    kvm: AsyncKvm,
+    chips: tuple[str, ...] = (),
+    *,
+    pch_base: int = PCH_BASE,
+    features: int | None = None,
+) -> AsyncVm:
     vm = await kvm.create_vm()
     v0 = await vm.create_vcpu(0)
     await v0.set_one_reg(abi.CPUID, 0)
@@ -40,8 +45,11 @@ async def vm_with(kvm: AsyncKvm, chips: tuple[str, ...] = (), *, pch_base: int =
     for chip in chips:
         dev = await vm.create_device(chip)
         if chip == PCH:
-            await dev.set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                               abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, pch_base)
+            await dev.set_attr(
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+                pch_base,
+            )
     return vm
 
 
@@ -64,7 +72,8 @@ async def test_func_notify_stores_the_callers_steal_time_address(daemon: Daemon)
 
 @pytest.mark.parametrize("a2", [0x2, 0x20, 0x3E | 1, 0x1000_0004])
 async def test_func_notify_with_bits_outside_the_mask_is_invalid_parameter(
-        daemon: Daemon, a2: int) -> None:
+    daemon: Daemon, a2: int
+) -> None:
     """kvm_save_notify: a2 & ~(KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID) -> -2, no store."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await vm_with(kvm, features=ST)
@@ -84,7 +93,8 @@ async def test_func_notify_for_another_feature_is_invalid_code(daemon: Daemon, a
 
 
 async def test_without_the_steal_time_feature_notify_and_the_attr_are_absent(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     """kvm_handle_service gates FUNC_NOTIFY, kvm_loongarch_pvtime_has_attr the attr (-ENXIO)."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await vm_with(kvm)  # default PV features: IPI only
@@ -126,8 +136,10 @@ async def test_steal_time_survives_a_snapshot(daemon: Daemon) -> None:
         v1 = await vm.create_vcpu(1)
         assert await v1.hypercall(SERVICE, NOTIFY, ST, 0xABC0_0001) == 0
         saved = await kvm.save_vm(vm)
-        assert [v["attrs"] for v in saved["vcpus"]] == [[[PVTIME, GPA, 0]],
-                                                        [[PVTIME, GPA, 0xABC0_0001]]]
+        assert [v["attrs"] for v in saved["vcpus"]] == [
+            [[PVTIME, GPA, 0]],
+            [[PVTIME, GPA, 0xABC0_0001]],
+        ]
         copy = await kvm.restore_vm(saved)
         assert await (await copy.open_vcpu(1)).get_attr(PVTIME, GPA) == 0xABC0_0001
         assert await (await copy.open_vcpu(0)).get_attr(PVTIME, GPA) == 0
@@ -140,8 +152,9 @@ async def test_steal_time_survives_a_snapshot(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("chips", [(EIO,), (IPI, EIO), (EIO, PCH)], ids="+".join)
-async def test_signal_msi_without_the_whole_irqchip_is_einval(daemon: Daemon,
-                                                              chips: tuple[str, ...]) -> None:
+async def test_signal_msi_without_the_whole_irqchip_is_einval(
+    daemon: Daemon, chips: tuple[str, ...]
+) -> None:
     """kvm_send_userspace_msi: ``if (!kvm_arch_irqchip_in_kernel(kvm)) return -EINVAL``, and
     kvm_arch_irqchip_in_kernel wants IPI, EIOINTC and PCH-PIC; nothing is delivered."""
     async with open_kvm(daemon.config.socket) as kvm:
@@ -153,13 +166,13 @@ async def test_signal_msi_without_the_whole_irqchip_is_einval(daemon: Daemon,
             if chip not in chips:
                 await vm.create_device(chip)
         await vm.signal_msi(0, 3)  # whole now: delivered to EIOINTC irq 3
-        assert await eio.get_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS,
-                                  abi.EIOINTC_ISR) == 1 << 3
+        assert await eio.get_attr(abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_REGS, abi.EIOINTC_ISR) == 1 << 3
 
 
 @pytest.mark.parametrize("chips", [(), (IPI,), (IPI, PCH)], ids=lambda c: "+".join(c) or "none")
-async def test_signal_msi_without_eiointc_stays_enxio(daemon: Daemon,
-                                                      chips: tuple[str, ...]) -> None:
+async def test_signal_msi_without_eiointc_stays_enxio(
+    daemon: Daemon, chips: tuple[str, ...]
+) -> None:
     """PROTOCOL.md §4 fixes ENXIO here (the kernel says EINVAL): SEMANTICS decision 10."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await vm_with(kvm, chips)
@@ -213,10 +226,15 @@ async def test_a_second_ctrl_init_keeps_the_old_window_answering(daemon: Daemon)
         vm = await vm_with(kvm, (IPI, EIO, PCH))
         pch = await vm.open_device(PCH)
         v0 = await vm.open_vcpu(0)
-        await pch.set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                           abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, new)
-        assert await pch.get_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                                  abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT) == new
+        await pch.set_attr(
+            abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL, abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, new
+        )
+        assert (
+            await pch.get_attr(
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL, abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT
+            )
+            == new
+        )
         assert await v0.mmio_read(new + abi.PCH_PIC_MASK, 8) == U64
         # Through the old window the offset is negative from the new base: no register, so
         # the newest kernel reads 0 and drops the store (2faec60a4858). It is not unclaimed.
@@ -256,5 +274,4 @@ async def test_irq_line_decisions_kept_by_the_contract(daemon: Daemon) -> None:
             await expect_errno("EINVAL", vm.irq_line(gsi, 1))
         for level in (1 << 32, -(1 << 31) - 1):
             await expect_errno("EINVAL", vm.irq_line(5, level))
-        assert await pch.get_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS,
-                                  abi.PCH_PIC_INT_IRR) == 0
+        assert await pch.get_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_REGS, abi.PCH_PIC_INT_IRR) == 0

@@ -46,15 +46,23 @@ def test_seeded_runs_reach_pv_ipi_delivery() -> None:
     assert total.lines_up["swi0"] > 0, total.lines_up
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example,
-                                 HealthCheck.data_too_large])
-@given(rng=st.randoms(use_true_random=False), limit=st.sampled_from([256, 4096]),
-       n_vcpus=st.integers(2, 7))
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.large_base_example,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(
+    rng=st.randoms(use_true_random=False),
+    limit=st.sampled_from([256, 4096]),
+    n_vcpus=st.integers(2, 7),
+)
 def test_hypothesis_driven_run(rng: random.Random, limit: int, n_vcpus: int) -> None:
     """Hypothesis owns every random choice, so a failing sequence shrinks to a short one."""
-    fuzzer = run_fuzzer(lambda: ChipFuzzer(rng, host=HOST, max_phyid=limit, n_vcpus=n_vcpus),
-                        60)
+    fuzzer = run_fuzzer(lambda: ChipFuzzer(rng, host=HOST, max_phyid=limit, n_vcpus=n_vcpus), 60)
     assert fuzzer.stats.steps == 60
 
 
@@ -66,6 +74,7 @@ def test_same_seed_same_run() -> None:
 
 
 # ---------------------------------------------------------------------- planted bugs ------------
+
 
 def _caught(seeds: range = range(20, 26), steps: int = 3000) -> str:
     for seed in seeds:
@@ -130,15 +139,15 @@ class _LeakyMapFuzzer(ChipFuzzer):
 
 def test_catches_a_phyid_map_that_is_not_a_bijection() -> None:
     with pytest.raises(FuzzFailure, match="phyid map"):
-        run_fuzzer(lambda: _LeakyMapFuzzer(random.Random(20), host=HOST, max_phyid=256,
-                                           n_vcpus=5), 3000)
+        run_fuzzer(
+            lambda: _LeakyMapFuzzer(random.Random(20), host=HOST, max_phyid=256, n_vcpus=5), 3000
+        )
 
 
 def test_catches_an_exception_escaping_a_chip(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Eiointc._virt_write
 
-    def crash_on_config(self: Eiointc, vcpu_id: int, offset: int, size: int,
-                        value: int) -> None:
+    def crash_on_config(self: Eiointc, vcpu_id: int, offset: int, size: int, value: int) -> None:
         if offset == E.VIRT_CONFIG and value & 0x4:
             raise IndexError("planted")
         real(self, vcpu_id, offset, size, value)

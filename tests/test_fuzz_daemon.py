@@ -32,14 +32,20 @@ from lvz.protocol.schema import METHODS
 
 from .daemon_fixtures import DaemonProcess, start_daemon, unique_name
 
-GUEST_CALLS = frozenset({"vcpu.iocsr_read", "vcpu.iocsr_write", "vcpu.mmio_read",
-                         "vcpu.mmio_write", "vcpu.hypercall"})
+GUEST_CALLS = frozenset(
+    {"vcpu.iocsr_read", "vcpu.iocsr_write", "vcpu.mmio_read", "vcpu.mmio_write", "vcpu.hypercall"}
+)
 MAX_MESSAGE = 1 << 16
 MAX_VMS = 8
 
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                       HealthCheck.data_too_large,
-                                                       HealthCheck.large_base_example])
+FUZZ = settings(
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 
 
 class Target:
@@ -72,27 +78,56 @@ def target() -> Iterator[Target]:
 
 INTS = st.one_of(
     st.integers(-4, 300),
-    st.sampled_from([U32_MAX, U32_MAX + 1, U64_MAX, -(1 << 63), 1 << 63, abi.CPUID, abi.ESTAT,
-                     0x1000, 0x1008, 0x1040, 0x1400, 0x40000001, 0x40000004, 0x40000006]),
+    st.sampled_from(
+        [
+            U32_MAX,
+            U32_MAX + 1,
+            U64_MAX,
+            -(1 << 63),
+            1 << 63,
+            abi.CPUID,
+            abi.ESTAT,
+            0x1000,
+            0x1008,
+            0x1040,
+            0x1400,
+            0x40000001,
+            0x40000004,
+            0x40000006,
+        ]
+    ),
     st.integers(-(1 << 63), U64_MAX),
 )
-SCALARS = st.one_of(st.none(), st.booleans(), INTS, st.floats(), st.text(max_size=12),
-                    st.binary(max_size=12))
-KEYS = st.one_of(st.text(max_size=8), st.sampled_from(["vm", "vcpu", "id", "value", "name"]),
-                 st.binary(max_size=4))
+SCALARS = st.one_of(
+    st.none(), st.booleans(), INTS, st.floats(), st.text(max_size=12), st.binary(max_size=12)
+)
+KEYS = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["vm", "vcpu", "id", "value", "name"]),
+    st.binary(max_size=4),
+)
 VALUES = st.recursive(
     SCALARS,
-    lambda inner: st.one_of(st.lists(inner, max_size=5),
-                            st.dictionaries(KEYS, inner, max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(KEYS, inner, max_size=5)),
     max_leaves=30,
 )
-MSGIDS = st.one_of(st.integers(0, 50), st.sampled_from([U32_MAX, U32_MAX + 1, -1]),
-                   st.integers(-(1 << 63), U64_MAX))
-METHOD_NAMES = st.one_of(st.sampled_from(sorted(METHODS)), st.text(max_size=16),
-                         st.sampled_from(["vm.frobnicate", "kvm.", "", "VCPU.RUN"]))
+MSGIDS = st.one_of(
+    st.integers(0, 50),
+    st.sampled_from([U32_MAX, U32_MAX + 1, -1]),
+    st.integers(-(1 << 63), U64_MAX),
+)
+METHOD_NAMES = st.one_of(
+    st.sampled_from(sorted(METHODS)),
+    st.text(max_size=16),
+    st.sampled_from(["vm.frobnicate", "kvm.", "", "VCPU.RUN"]),
+)
 SHAPED = st.one_of(
-    st.tuples(st.sampled_from([0, 0, 0, 1, 2, -1, False]), MSGIDS, METHOD_NAMES | VALUES,
-              st.dictionaries(KEYS, VALUES, max_size=4) | VALUES).map(list),
+    st.tuples(
+        st.sampled_from([0, 0, 0, 1, 2, -1, False]),
+        MSGIDS,
+        METHOD_NAMES | VALUES,
+        st.dictionaries(KEYS, VALUES, max_size=4) | VALUES,
+    ).map(list),
     st.lists(VALUES, max_size=6),
     VALUES,
 )
@@ -117,6 +152,7 @@ def _observed(msg: list[Any]) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------------- the tests ---------------
 
+
 def _corrupt(raw: bytes, at: int, junk: bytes) -> bytes:
     """A message with bytes spliced in (or, past its end, appended)."""
     at %= len(raw) + 1
@@ -124,11 +160,17 @@ def _corrupt(raw: bytes, at: int, junk: bytes) -> bytes:
 
 
 @settings(FUZZ, max_examples=200)
-@given(payload=st.one_of(
-    st.binary(max_size=600),
-    st.builds(lambda obj, at, junk: _corrupt(msgpack.packb(obj), at, junk),
-              SHAPED, st.integers(0, 40), st.binary(min_size=1, max_size=3)),
-))
+@given(
+    payload=st.one_of(
+        st.binary(max_size=600),
+        st.builds(
+            lambda obj, at, junk: _corrupt(msgpack.packb(obj), at, junk),
+            SHAPED,
+            st.integers(0, 40),
+            st.binary(min_size=1, max_size=3),
+        ),
+    )
+)
 def test_random_bytes(target: Target, payload: bytes) -> None:
     """Arbitrary bytes and corrupted messages: answered, or refused with EPROTO (not msgpack)
     or E2BIG (a header announcing more than --max-message) and closed."""
@@ -170,9 +212,16 @@ def _decode_all(payload: bytes) -> list[Any]:
 
 
 @settings(FUZZ, max_examples=40)
-@given(key=st.one_of(st.integers(-(1 << 63), U64_MAX), st.none(), st.booleans(),
-                     st.floats(allow_nan=False), st.tuples(st.integers(0, 9))),
-       prefix=st.lists(st.just([0, 9, "kvm.get_api_version", {}]), max_size=2))
+@given(
+    key=st.one_of(
+        st.integers(-(1 << 63), U64_MAX),
+        st.none(),
+        st.booleans(),
+        st.floats(allow_nan=False),
+        st.tuples(st.integers(0, 9)),
+    ),
+    prefix=st.lists(st.just([0, 9, "kvm.get_api_version", {}]), max_size=2),
+)
 def test_non_string_map_keys_are_eproto(target: Target, key: Any, prefix: list[Any]) -> None:
     """protocol-additions.md: a non-string map key is EPROTO and closes the connection, after
     everything before it was answered."""
@@ -197,17 +246,24 @@ def _sized(n: int) -> bytes:
 
 
 @settings(FUZZ, max_examples=30)
-@given(n=st.one_of(st.integers(MAX_MESSAGE - 8, MAX_MESSAGE + 8),
-                   st.integers(MAX_MESSAGE // 2, 2 * MAX_MESSAGE)),
-       kind=st.sampled_from(["bin", "map", "list"]))
+@given(
+    n=st.one_of(
+        st.integers(MAX_MESSAGE - 8, MAX_MESSAGE + 8),
+        st.integers(MAX_MESSAGE // 2, 2 * MAX_MESSAGE),
+    ),
+    kind=st.sampled_from(["bin", "map", "list"]),
+)
 def test_size_limit(target: Target, n: int, kind: str) -> None:
     """Up to --max-message bytes a message is read and answered; one byte more is E2BIG + close."""
     if kind == "bin":
         raw = _sized(n)
     else:
         count = n // 10
-        item: Any = {f"k{i:07d}": i for i in range(count)} if kind == "map" else list(
-            range(1000, 1000 + count))
+        item: Any = (
+            {f"k{i:07d}": i for i in range(count)}
+            if kind == "map"
+            else list(range(1000, 1000 + count))
+        )
         raw = msgpack.packb([0, 7, "vm.info", {"vm": item}])
     ex = exchange(target.path, raw)
     if len(raw) <= MAX_MESSAGE:
@@ -219,8 +275,11 @@ def test_size_limit(target: Target, n: int, kind: str) -> None:
 
 
 @settings(FUZZ, max_examples=30)
-@given(depth=st.integers(1, 3000), container=st.sampled_from([b"\x91", b"\x81\xa1k"]),
-       inside=st.booleans())
+@given(
+    depth=st.integers(1, 3000),
+    container=st.sampled_from([b"\x91", b"\x81\xa1k"]),
+    inside=st.booleans(),
+)
 def test_deep_nesting(target: Target, depth: int, container: bytes, inside: bool) -> None:
     """Deeply nested values: answered while the decoder can hold them (msgpack's limit is 1024
     levels); deeper is refused with EPROTO and a close, never a crash."""
@@ -244,15 +303,25 @@ def test_deep_nesting(target: Target, depth: int, container: bytes, inside: bool
 
 
 GOOD = {
-    "handle": st.integers(0, 8), "vm": st.integers(0, 8), "vcpu": st.integers(0, 8),
-    "device": st.integers(0, 8), "u32": INTS, "u64": INTS, "int": INTS,
-    "str": st.one_of(st.sampled_from(["loongarch-ipi", "loongarch-eiointc", "loongarch-pchpic",
-                                      "one_reg", "max_vcpus", ""]), st.text(max_size=10)),
+    "handle": st.integers(0, 8),
+    "vm": st.integers(0, 8),
+    "vcpu": st.integers(0, 8),
+    "device": st.integers(0, 8),
+    "u32": INTS,
+    "u64": INTS,
+    "int": INTS,
+    "str": st.one_of(
+        st.sampled_from(
+            ["loongarch-ipi", "loongarch-eiointc", "loongarch-pchpic", "one_reg", "max_vcpus", ""]
+        ),
+        st.text(max_size=10),
+    ),
     "timeout": st.one_of(st.floats(0, 0.02), st.integers(0, 0), st.floats()),
     "args": st.lists(INTS, max_size=7),
     "source": st.one_of(
         st.builds(lambda k, n: {k: n}, st.sampled_from(["pin", "eiointc_irq"]), INTS),
-        st.builds(lambda a, d: {"msi": {"address": a, "data": d}}, INTS, INTS)),
+        st.builds(lambda a, d: {"msi": {"address": a, "data": d}}, INTS, INTS),
+    ),
 }
 WRONG = st.one_of(SCALARS, st.lists(INTS, max_size=3), st.dictionaries(KEYS, INTS, max_size=2))
 
@@ -302,8 +371,11 @@ def test_random_requests(target: Target, reqs: list[tuple[str, Any]]) -> None:
     assert all(r[2] is None for r in setup), setup
     # vcpu.run, and a guest access given a timeout (it may wait for a VMM to complete its
     # exit), are answered by a task of their own: not in order, and not after the half-close.
-    waits = {1000 + i for i, (m, p) in enumerate(reqs)
-             if m == "vcpu.run" or (m in GUEST_CALLS and isinstance(p, dict) and "timeout" in p)}
+    waits = {
+        1000 + i
+        for i, (m, p) in enumerate(reqs)
+        if m == "vcpu.run" or (m in GUEST_CALLS and isinstance(p, dict) and "timeout" in p)
+    }
     got = [r for r in replies if r[1] >= 1000 and r[1] not in waits]
     assert [r[1] for r in got] == [1000 + i for i in range(len(reqs)) if 1000 + i not in waits]
     for r in got:

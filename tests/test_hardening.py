@@ -35,8 +35,7 @@ NOBODY = 65534
 
 
 def serve_cmd(sock: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", os.fspath(sock),
-            *extra]
+    return [sys.executable, "-m", "lvz.clients.cli", "serve", "--socket", os.fspath(sock), *extra]
 
 
 def refused(sock: Path) -> subprocess.CompletedProcess[str]:
@@ -60,12 +59,12 @@ def wait_until_serving(sock: Path, proc: subprocess.Popen[bytes], what: str = ""
 
 # ------------------------------------------------------------------ socket path safety --------
 
+
 def test_socket_directory_is_created_0700_and_the_socket_born_0600(sock_dir: Path) -> None:
     with start_daemon() as d:  # a fresh directory of our own already exists: fine
         assert stat.S_IMODE(d.socket.stat().st_mode) == 0o600
     sock = sock_dir / "made" / "lvz.sock"
-    proc = subprocess.Popen(serve_cmd(sock), stdin=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(serve_cmd(sock), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until_serving(sock, proc)
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
@@ -115,6 +114,7 @@ def test_socket_directory_of_another_user_is_refused(sock_dir: Path) -> None:
 
 # ------------------------------------------------------------------ memory bounds -------------
 
+
 def test_decoder_buffer_grows_for_a_large_message_and_shrinks_after() -> None:
     conn = ServerConnection()
     big = msgpack.packb([0, 1, "kvm.get_api_version", {"pad": b"x" * 600_000}])
@@ -157,12 +157,14 @@ async def closing_error(raw: object) -> tuple[str, str]:
 
 @pytest.fixture
 def serve_config(sock_dir: Path) -> ServeConfig:
-    return ServeConfig(socket=sock_dir / "lvz.sock", partial_budget=400_000,
-                       message_timeout=0.5, max_connections=4)
+    return ServeConfig(
+        socket=sock_dir / "lvz.sock", partial_budget=400_000, message_timeout=0.5, max_connections=4
+    )
 
 
 async def test_partial_messages_over_the_daemon_budget_close_the_connection(
-        connect: Connect) -> None:
+    connect: Connect,
+) -> None:
     holder, greedy = await connect(), await connect()
     await holder.send(unfinished(150_000))
     await trio.sleep(0.05)
@@ -187,8 +189,7 @@ async def test_a_message_left_unfinished_is_closed_with_etimedout(connect: Conne
     assert (await other.ok("kvm.get_api_version"))["version"] == 12
 
 
-async def test_a_connection_over_max_connections_gets_emfile_at_once(
-        connect: Connect) -> None:
+async def test_a_connection_over_max_connections_gets_emfile_at_once(connect: Connect) -> None:
     held = [await connect() for _ in range(4)]
     for raw in held:
         await raw.ok("kvm.get_api_version")
@@ -213,8 +214,7 @@ def _read_protocol_error(s: socket.socket) -> str | None:
     return None
 
 
-def test_at_the_fd_limit_clients_are_told_emfile_and_the_log_stays_short(
-        sock_dir: Path) -> None:
+def test_at_the_fd_limit_clients_are_told_emfile_and_the_log_stays_short(sock_dir: Path) -> None:
     sock = sock_dir / "lvz.sock"
     log = sock_dir / "log"
 
@@ -222,9 +222,13 @@ def test_at_the_fd_limit_clients_are_told_emfile_and_the_log_stays_short(
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_cmd(sock, "--max-connections", "1000"),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                preexec_fn=small_fd_table)
+        proc = subprocess.Popen(
+            serve_cmd(sock, "--max-connections", "1000"),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=small_fd_table,
+        )
     held: list[socket.socket] = []
     try:
         wait_until_serving(sock, proc, log.read_text())
@@ -265,6 +269,7 @@ def test_at_the_fd_limit_clients_are_told_emfile_and_the_log_stays_short(
 
 # ------------------------------------------------------------------ signals -------------------
 
+
 @pytest.fixture
 def stateful(sock_dir: Path) -> Iterator[tuple[DaemonProcess, Path, str]]:
     state = sock_dir / "state"
@@ -287,8 +292,7 @@ def _saved(state: Path, name: str) -> bool:
     return vcpus + sum(e.method == "vm.create_vcpu" for e in parsed.entries) == 64
 
 
-def test_sighup_shuts_down_cleanly_and_saves(
-        stateful: tuple[DaemonProcess, Path, str]) -> None:
+def test_sighup_shuts_down_cleanly_and_saves(stateful: tuple[DaemonProcess, Path, str]) -> None:
     d, state, name = stateful
     d.proc.send_signal(signal.SIGHUP)
     assert d.proc.wait(10) == 0, d.log_text()
@@ -298,7 +302,8 @@ def test_sighup_shuts_down_cleanly_and_saves(
 
 
 def test_a_second_signal_during_shutdown_does_not_abort_the_save(
-        stateful: tuple[DaemonProcess, Path, str]) -> None:
+    stateful: tuple[DaemonProcess, Path, str],
+) -> None:
     d, state, name = stateful
     d.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -313,6 +318,7 @@ def test_a_second_signal_during_shutdown_does_not_abort_the_save(
 
 
 # ------------------------------------------------------------------ logs ----------------------
+
 
 def test_a_newline_in_a_vm_name_cannot_forge_a_log_line() -> None:
     forged = "lvz[1] ERROR lvz.daemon: forged"

@@ -30,8 +30,9 @@ from .daemon_fixtures import start_daemon
 
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="reads the daemon's memory from /proc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads the daemon's memory from /proc"
+)
 
 
 def vm_hwm(pid: int) -> int:
@@ -108,7 +109,7 @@ def test_a_split_bomb_is_refused_as_its_headers_arrive() -> None:
     seen: list[int] = []
     refused: RemoteProtocolError | None = None
     for i in range(len(stream)):
-        conn.receive_data(stream[i:i + 1])
+        conn.receive_data(stream[i : i + 1])
         try:
             while (ev := conn.next_event()) is not NEED_DATA:
                 assert isinstance(ev, Request)
@@ -131,21 +132,32 @@ def test_an_unfinished_message_counts_what_msgpack_built_for_it() -> None:
 
 # ---------------------------------------------------------------------- hypothesis ---------
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-           | st.floats(allow_nan=False) | st.text(max_size=40) | st.binary(max_size=300))
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=300)
+)
 values = st.recursive(
     scalars,
-    lambda inner: (st.lists(inner, max_size=20)
-                   | st.dictionaries(st.text(max_size=8), inner, max_size=8)),
+    lambda inner: (
+        st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=8), inner, max_size=8)
+    ),
     max_leaves=60,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(objs=st.lists(values, min_size=1, max_size=5), cuts=st.lists(st.integers(0, 4000)),
-       big=st.integers(0, 3))
+@given(
+    objs=st.lists(values, min_size=1, max_size=5),
+    cuts=st.lists(st.integers(0, 4000)),
+    big=st.integers(0, 3),
+)
 def test_the_walker_never_refuses_a_valid_message_within_the_limit(
-        objs: list[object], cuts: list[int], big: int) -> None:
+    objs: list[object], cuts: list[int], big: int
+) -> None:
     if big:  # a long array or map, so array16/32 and map16 headers are walked too
         objs.append(list(range(20 * big)) if big < 3 else {str(i): i for i in range(70)})
     packed = [msgpack.packb(o, use_bin_type=True) for o in objs]

@@ -18,8 +18,9 @@ from .daemon_fixtures import DaemonProcess, start_daemon
 
 
 def lvz(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lvz.clients.cli", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "lvz.clients.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_sigterm_with_runs_in_flight_releases_them_and_exits_fast() -> None:
@@ -81,7 +82,8 @@ def test_state_dir_keeps_named_vms_across_restarts(sock_dir: Path) -> None:
             kvm.create_vm()  # unnamed: not persistent
         assert d.stop() == 0
     assert sorted(p.name for p in state.iterdir()) == sorted(
-        file_name(n) for n in ("doomed", "persist"))
+        file_name(n) for n in ("doomed", "persist")
+    )
     with start_daemon("--state-dir", str(state)) as d:
         with Kvm.connect(d.socket) as kvm:
             assert sorted(str(v.name) for v in kvm.list_vms()) == ["doomed", "persist"]
@@ -149,8 +151,12 @@ def test_ready_notification_comes_after_the_socket_is_bound(sock_dir: Path) -> N
     with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as rx:
         rx.bind(str(notify))
         rx.settimeout(15)
-        proc = subprocess.Popen(serve_cmd(sock), env={**os.environ, "NOTIFY_SOCKET": str(notify)},
-                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            serve_cmd(sock),
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             assert rx.recv(100) == b"READY=1"
             with Kvm.connect(sock) as kvm:  # bound and serving at the moment it said so

@@ -25,7 +25,8 @@ def name(vm_name: str) -> str:
 
 
 async def test_phyid_writes_wait_for_the_lock_in_order_and_nothing_else_does(
-        daemon: Daemon, connect: Connect, name: str) -> None:
+    daemon: Daemon, connect: Connect, name: str
+) -> None:
     a, b = await connect(), await connect()
     vm = (await a.ok("kvm.create_vm", name=name))["vm"]
     v0 = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
@@ -34,13 +35,11 @@ async def test_phyid_writes_wait_for_the_lock_in_order_and_nothing_else_does(
     bv1 = (await b.ok("vm.open_vcpu", vm=bvm, vcpu_id=1))["vcpu"]
     lock = daemon.map_locks[daemon.named[name]]
     await lock.acquire()
-    set_a, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
-                                                           "value": 5})
+    set_a, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID, "value": 5})
     read_a, more = a.send_request("vcpu.get_one_reg", {"vcpu": v0, "id": abi.CPUID})
     await a.send(data + more)  # the read is pipelined behind the waiting write
     await trio.testing.wait_all_tasks_blocked()
-    set_b, data = b.send_request("vcpu.set_one_reg", {"vcpu": bv1, "id": abi.CPUID,
-                                                           "value": 5})
+    set_b, data = b.send_request("vcpu.set_one_reg", {"vcpu": bv1, "id": abi.CPUID, "value": 5})
     await b.send(data)
     await trio.testing.wait_all_tasks_blocked()
     # Another connection's requests that do not write the map are answered meanwhile.
@@ -59,15 +58,15 @@ async def test_phyid_writes_wait_for_the_lock_in_order_and_nothing_else_does(
 
 
 async def test_a_write_waiting_for_the_lock_sees_its_vm_destroyed(
-        daemon: Daemon, connect: Connect, name: str) -> None:
+    daemon: Daemon, connect: Connect, name: str
+) -> None:
     a, b = await connect(), await connect()
     vm = (await a.ok("kvm.create_vm", name=name))["vm"]
     v0 = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
     model = daemon.named[name]
     lock = daemon.map_locks[model]
     await lock.acquire()
-    pending, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID,
-                                                             "value": 9})
+    pending, data = a.send_request("vcpu.set_one_reg", {"vcpu": v0, "id": abi.CPUID, "value": 9})
     await a.send(data)
     await trio.testing.wait_all_tasks_blocked()
     bvm = (await b.ok("kvm.open_vm", name=name))["vm"]
@@ -82,8 +81,9 @@ async def test_a_write_waiting_for_the_lock_sees_its_vm_destroyed(
     assert model.phyids == {} and model.vcpus == {}
 
 
-async def test_the_same_value_again_takes_no_lock(daemon: Daemon, connect: Connect,
-                                                 name: str) -> None:
+async def test_the_same_value_again_takes_no_lock(
+    daemon: Daemon, connect: Connect, name: str
+) -> None:
     """VMMs re-put every register: an unchanged CPUID must not queue behind a durable write."""
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=name))["vm"]
@@ -96,8 +96,8 @@ async def test_the_same_value_again_takes_no_lock(daemon: Daemon, connect: Conne
 
 
 async def test_a_big_phyid_map_is_built_in_chunks_and_whole(
-        daemon: Daemon, connect: Connect, monkeypatch: pytest.MonkeyPatch,
-        name: str) -> None:
+    daemon: Daemon, connect: Connect, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     monkeypatch.setattr(handlers, "MAP_CHUNK", 8)
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=name, max_phyid=1024))["vm"]

@@ -37,8 +37,10 @@ def errno_of(fn: object, *args: object) -> str | None:
 
 def make_machine(limit: int) -> type[RuleBasedStateMachine]:
     ids = st.integers(min_value=0, max_value=15)
-    values = st.one_of(st.integers(min_value=0, max_value=limit + 2),
-                       st.sampled_from([limit - 1, limit, 511, 2**31, 2**32, 2**64 - 1]))
+    values = st.one_of(
+        st.integers(min_value=0, max_value=limit + 2),
+        st.sampled_from([limit - 1, limit, 511, 2**31, 2**32, 2**64 - 1]),
+    )
 
     class PhyidMachine(RuleBasedStateMachine):
         """Reference: vcpu_id -> phyid (None = unset) and phyid -> vcpu_id."""
@@ -97,8 +99,11 @@ def make_machine(limit: int) -> type[RuleBasedStateMachine]:
         def map_is_a_bijection_matching_a_linear_scan(self) -> None:
             if not hasattr(self, "vm"):
                 return
-            scan = {v.csrs[CSR_CPUID]: v.vcpu_id for v in self.vm.vcpus.values()
-                    if v.csrs[CSR_CPUID] < limit}
+            scan = {
+                v.csrs[CSR_CPUID]: v.vcpu_id
+                for v in self.vm.vcpus.values()
+                if v.csrs[CSR_CPUID] < limit
+            }
             assert {p: v.vcpu_id for p, v in self.vm.phyids.items()} == scan == self.owner
 
     return PhyidMachine
@@ -129,8 +134,9 @@ def test_the_model_needs_no_trio() -> None:
         "vm.destroy()\n"
         "print(vm.alive, vm.vcpu_by_phyid(7))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "7", "False", "None"]
 

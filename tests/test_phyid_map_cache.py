@@ -18,8 +18,8 @@ from .conftest import Connect
 
 @pytest.mark.parametrize("chunk", [4096, 2], ids=["small", "chunked"])
 async def test_the_map_after_set_destroy_and_retake_of_phyids(
-        daemon: Daemon, connect: Connect, monkeypatch: pytest.MonkeyPatch,
-        vm_name: str, chunk: int) -> None:
+    daemon: Daemon, connect: Connect, monkeypatch: pytest.MonkeyPatch, vm_name: str, chunk: int
+) -> None:
     monkeypatch.setattr(handlers, "MAP_CHUNK", chunk)
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=vm_name))["vm"]
@@ -47,7 +47,8 @@ async def test_the_map_after_set_destroy_and_retake_of_phyids(
 
 
 async def test_a_destroyed_vm_leaves_no_map_behind(
-        daemon: Daemon, connect: Connect, vm_name: str) -> None:
+    daemon: Daemon, connect: Connect, vm_name: str
+) -> None:
     a = await connect()
     vm = (await a.ok("kvm.create_vm", name=vm_name))["vm"]
     v = (await a.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]

@@ -31,16 +31,19 @@ def test_hookspecs_are_typed_and_explained() -> None:
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if name.startswith("lvz_"):
             assert fn.__doc__, name
-            assert all(p.annotation is not inspect.Parameter.empty
-                       for p in inspect.signature(fn).parameters.values()), name
+            assert all(
+                p.annotation is not inspect.Parameter.empty
+                for p in inspect.signature(fn).parameters.values()
+            ), name
 
 
 def test_the_chip_contract_is_documented_whole() -> None:
     """Every VmApi member and every Device method a chip may override is in docs/plugins.md."""
     text = DOCS.read_text()
     members = [n for n in dir(VmApi) if not n.startswith("_")]
-    methods = [n for n, _ in inspect.getmembers(Device, inspect.isfunction)
-               if not n.startswith("_")]
+    methods = [
+        n for n, _ in inspect.getmembers(Device, inspect.isfunction) if not n.startswith("_")
+    ]
     assert "vcpu_by_phyid" in members and "save_state" in methods
     for name in members + methods:
         assert f"`{name}" in text, name
@@ -48,8 +51,9 @@ def test_the_chip_contract_is_documented_whole() -> None:
 
 def test_lifecycle_events_have_one_mechanism() -> None:
     """VM events reach chips as Device methods only: no hookspec duplicates them."""
-    hooks = {n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction)
-             if n.startswith("lvz_")}
+    hooks = {
+        n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("lvz_")
+    }
     assert hooks == {"lvz_device_types", "lvz_hypercall"}
     for event in ("vcpu_created", "vcpu_destroyed", "phyid_set", "phyid_dropped"):
         assert callable(getattr(Device, event))
@@ -62,7 +66,10 @@ def test_every_class_the_docs_construct_is_importable_from_lvz_plugins() -> None
     from lvz.plugins import api
 
     constructed = set(re.findall(r"`(\w+)\(", DOCS.read_text()))
-    public = {n for n, v in inspect.getmembers(api, inspect.isclass)
-              if v.__module__ == api.__name__ and not n.startswith("_")}
+    public = {
+        n
+        for n, v in inspect.getmembers(api, inspect.isclass)
+        if v.__module__ == api.__name__ and not n.startswith("_")
+    }
     missing = sorted((constructed & public) - set(lvz.plugins.__all__))
     assert not missing, f"docs/plugins.md builds {missing}, which lvz.plugins does not export"

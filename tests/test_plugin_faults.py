@@ -90,12 +90,14 @@ async def failure(raw: Wire, method: str, **params: object) -> tuple[str, str]:
 
 
 async def test_base_exceptions_from_a_plugin_fail_only_that_request(
-        nursery: trio.Nursery, sock_dir: Path) -> None:
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
     raw = await hostile_daemon(nursery, sock_dir)
     _vm, v, ipi, dev = await vm_with_chips(raw)
     for value, kind in ((1, "SystemExit"), (2, "KeyboardInterrupt"), (3, "GeneratorExit")):
-        name, message = await failure(raw, "vcpu.iocsr_write", vcpu=v, addr=0x7100, size=4,
-                                      value=value)
+        name, message = await failure(
+            raw, "vcpu.iocsr_write", vcpu=v, addr=0x7100, size=4, value=value
+        )
         assert name == "EIO" and PLUGIN in message and kind in message, message
     for code, kind in ((0x701, "SystemExit"), (0x702, "KeyboardInterrupt")):
         name, message = await failure(raw, "vcpu.hypercall", vcpu=v, code=code)
@@ -110,19 +112,20 @@ async def test_base_exceptions_from_a_plugin_fail_only_that_request(
 
 @pytest.mark.parametrize("value", [4, 5], ids=["sleep", "busy-loop"])
 async def test_a_hung_chip_is_interrupted_and_its_device_broken(
-        nursery: trio.Nursery, sock_dir: Path, value: int) -> None:
+    nursery: trio.Nursery, sock_dir: Path, value: int
+) -> None:
     raw = await hostile_daemon(nursery, sock_dir)
     other = await Wire.open(sock_dir / "h.sock")
     vm, v, ipi, dev = await vm_with_chips(raw)
     _vm2, v2, _ipi2, dev2 = await vm_with_chips(other)
-    name, message = await failure(raw, "vcpu.iocsr_write", vcpu=v, addr=0x7100, size=4,
-                                  value=value)
+    name, message = await failure(raw, "vcpu.iocsr_write", vcpu=v, addr=0x7100, size=4, value=value)
     assert name == "ETIMEDOUT" and PLUGIN in message and "--plugin-timeout" in message, message
     # From now on the device answers EIO, however it is reached, until the VM is destroyed.
-    for method, params in (("device.get_attr", {"device": dev, "group": 0, "attr": 0}),
-                           ("vcpu.iocsr_write", {"vcpu": v, "addr": 0x7100, "size": 4,
-                                                 "value": 0}),
-                           ("vcpu.iocsr_read", {"vcpu": v, "addr": 0x7100, "size": 4})):
+    for method, params in (
+        ("device.get_attr", {"device": dev, "group": 0, "attr": 0}),
+        ("vcpu.iocsr_write", {"vcpu": v, "addr": 0x7100, "size": 4, "value": 0}),
+        ("vcpu.iocsr_read", {"vcpu": v, "addr": 0x7100, "size": 4}),
+    ):
         name, message = await failure(raw, method, **params)
         assert name == "EIO" and PLUGIN in message and "broken" in message, (method, message)
     # Its VM's other chips, and the same chip in another VM, are unaffected.
@@ -139,7 +142,8 @@ async def test_a_hung_chip_is_interrupted_and_its_device_broken(
 
 
 async def test_a_hung_hook_is_interrupted_and_the_next_call_works(
-        nursery: trio.Nursery, sock_dir: Path) -> None:
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
     raw = await hostile_daemon(nursery, sock_dir)
     _vm, v, _ipi, _dev = await vm_with_chips(raw)
     name, message = await failure(raw, "vcpu.hypercall", vcpu=v, code=0x703)

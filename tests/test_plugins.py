@@ -48,7 +48,8 @@ def doorbell_on_path(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 async def test_external_plugin_through_entry_points(
-        doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     host = load_plugins()
     assert "doorbell" in [p.name for p in host.loaded]
     cfg = ServeConfig(socket=sock_dir / "ext.sock")
@@ -56,8 +57,12 @@ async def test_external_plugin_through_entry_points(
     raw = await connect(cfg.socket)
     assert "doorbell" in (await raw.ok("hello", protocol=1))["device_types"]
     plugins = (await raw.ok("kvm.list_plugins"))["plugins"]
-    assert {"name": "doorbell", "version": "0.1.0", "dist": "lvz-doorbell",
-            "device_types": ["doorbell"]} in plugins
+    assert {
+        "name": "doorbell",
+        "version": "0.1.0",
+        "dist": "lvz-doorbell",
+        "device_types": ["doorbell"],
+    } in plugins
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     await raw.ok("vm.subscribe", vm=vm)
     v0 = (await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0))["vcpu"]
@@ -66,8 +71,9 @@ async def test_external_plugin_through_entry_points(
     dev = (await raw.ok("vm.create_device", vm=vm, type="doorbell"))["device"]
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=42)  # rings phyid 42
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=0x9000, size=4, value=7)  # nobody: ignored
-    assert [(n.params["vcpu_id"], n.params["irq"], n.params["level"])
-            for n in raw.notifications] == [(1, 11, 1)]
+    assert [
+        (n.params["vcpu_id"], n.params["irq"], n.params["level"]) for n in raw.notifications
+    ] == [(1, 11, 1)]
     assert (await raw.ok("device.get_attr", device=dev, group=1, attr=0))["value"] == 1
     assert await raw.err("device.get_attr", device=dev, group=2, attr=0) == "EINVAL"
     assert (await raw.ok("vcpu.iocsr_read", vcpu=v0, addr=0x9000, size=4))["value"] == 1
@@ -124,7 +130,8 @@ class FaultyPlugin:
 
 
 async def test_a_failing_plugin_fails_only_that_request(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     cfg = ServeConfig(socket=sock_dir / "f.sock")
     await nursery.start(serve, cfg, load_plugins(extra=[("faulty-chip", FaultyPlugin())]))
     raw = await connect(cfg.socket)
@@ -145,17 +152,35 @@ async def test_a_failing_plugin_fails_only_that_request(
         assert "faulty-chip" in r.error.message, r.error.message
     # the VM's other state and the other chips are untouched
     assert (await raw.ok("vm.phyid_map", vm=vm))["entries"] == [[3, 0]]
-    await raw.ok("vcpu.iocsr_write", vcpu=v, addr=abi.IOCSR_IPI_BASE + abi.IPI_SEND, size=4,
-                 value=abi.ipi_send(3, 1))
+    await raw.ok(
+        "vcpu.iocsr_write",
+        vcpu=v,
+        addr=abi.IOCSR_IPI_BASE + abi.IPI_SEND,
+        size=4,
+        value=abi.ipi_send(3, 1),
+    )
     assert (await raw.ok("vcpu.get_one_reg", vcpu=v, id=abi.ESTAT))["value"] == 1 << abi.INT_IPI
-    assert (await raw.ok("device.get_attr", device=ipi, group=abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
-                         attr=abi.ipi_attr(0, abi.IPI_STATUS)))["value"] == 1 << 1
-    assert (await raw.ok("vcpu.hypercall", vcpu=v, code=abi.KVM_HCALL_SERVICE,
-                         args=[abi.KVM_HCALL_FUNC_IPI, 1, 0, 3]))["a0"] == abi.KVM_HCALL_SUCCESS
+    assert (
+        await raw.ok(
+            "device.get_attr",
+            device=ipi,
+            group=abi.KVM_DEV_LOONGARCH_IPI_GRP_REGS,
+            attr=abi.ipi_attr(0, abi.IPI_STATUS),
+        )
+    )["value"] == 1 << 1
+    assert (
+        await raw.ok(
+            "vcpu.hypercall",
+            vcpu=v,
+            code=abi.KVM_HCALL_SERVICE,
+            args=[abi.KVM_HCALL_FUNC_IPI, 1, 0, 3],
+        )
+    )["a0"] == abi.KVM_HCALL_SUCCESS
 
 
-def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_trace_env_logs_every_hook_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     from lvz.daemon.model import Vm
@@ -164,14 +189,19 @@ def test_trace_env_logs_every_hook_call(monkeypatch: pytest.MonkeyPatch,
     host = load_plugins()
     vm = Vm(host, name=None, max_phyid=abi.KVM_MAX_PHYID)
     with caplog.at_level(logging.INFO, logger="lvz.plugins"):
-        assert host.call_first("lvz_hypercall", vm=vm.chip_api, vcpu_id=0,
-                               code=abi.KVM_HCALL_SERVICE,
-                               args=[abi.KVM_HCALL_FUNC_IPI, 0, 0, 0, 0, 0]) == (0, "pv-ipi")
+        assert host.call_first(
+            "lvz_hypercall",
+            vm=vm.chip_api,
+            vcpu_id=0,
+            code=abi.KVM_HCALL_SERVICE,
+            args=[abi.KVM_HCALL_FUNC_IPI, 0, 0, 0, 0, 0],
+        ) == (0, "pv-ipi")
     assert "hook lvz_hypercall: pv-ipi(0, 256, [1, 0, 0, 0, 0, 0]) -> 0" in caplog.text
 
 
 async def test_doorbell_state_survives_lvz_snapshot_and_restore(
-        doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    doorbell_on_path: Path, sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     """A third-party chip declares its state (Device.save_state); the CLI saves and restores it."""
     cfg = ServeConfig(socket=sock_dir / "bell.sock")
     await nursery.start(serve, cfg, load_plugins())
@@ -186,8 +216,10 @@ async def test_doorbell_state_survives_lvz_snapshot_and_restore(
     file = sock_dir / "bell.lvzsnap"
     sock = ["--socket", str(cfg.socket)]
     assert await trio.to_thread.run_sync(cli_main, ["snapshot", "bell", str(file), *sock]) == 0
-    assert await trio.to_thread.run_sync(
-        cli_main, ["restore", str(file), "--name", "bell2", *sock]) == 0
+    assert (
+        await trio.to_thread.run_sync(cli_main, ["restore", str(file), "--name", "bell2", *sock])
+        == 0
+    )
     copy = (await raw.ok("kvm.open_vm", name="bell2"))["vm"]
     bell = (await raw.ok("vm.open_device", vm=copy, type="doorbell"))["device"]
     assert (await raw.ok("device.get_attr", device=bell, group=1, attr=0))["value"] == 3
@@ -214,7 +246,8 @@ class StatePlugin:
 
 
 async def test_a_device_without_declared_state_is_refused_by_name(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     cfg = ServeConfig(socket=sock_dir / "s.sock")
     await nursery.start(serve, cfg, load_plugins(extra=[("state-chips", StatePlugin())]))
     raw = await connect(cfg.socket)
@@ -225,7 +258,8 @@ async def test_a_device_without_declared_state_is_refused_by_name(
     assert "stateless cannot be saved" in r.error.message
     file = sock_dir / "nostate.lvzsnap"
     code = await trio.to_thread.run_sync(
-        cli_main, ["snapshot", "nostate", str(file), "--socket", str(cfg.socket)])
+        cli_main, ["snapshot", "nostate", str(file), "--socket", str(cfg.socket)]
+    )
     assert code == 1 and not file.exists()
     garbled = (await raw.ok("vm.create_device", vm=vm, type="garbled"))["device"]
     r = await raw.call("device.save_state", device=garbled)
@@ -234,7 +268,8 @@ async def test_a_device_without_declared_state_is_refused_by_name(
 
 
 async def test_chips_get_a_facade_not_the_vm(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     seen: list[object] = []
 
     class Peek(Device):
@@ -259,14 +294,26 @@ async def test_chips_get_a_facade_not_the_vm(
     for private in ("vcpus", "phyids", "set_cpuid", "set_one_reg", "devices", "host", "destroy"):
         assert not hasattr(api, private), private
     # every member of the documented contract is there
-    for member in ("max_phyid", "pv_features", "vcpu_by_phyid", "vcpu_exists", "vcpu_ids",
-                   "queue_irq", "dequeue_irq", "claim_iocsr", "claim_mmio", "set_chip_input",
-                   "iocsr_read", "iocsr_write"):
+    for member in (
+        "max_phyid",
+        "pv_features",
+        "vcpu_by_phyid",
+        "vcpu_exists",
+        "vcpu_ids",
+        "queue_irq",
+        "dequeue_irq",
+        "claim_iocsr",
+        "claim_mmio",
+        "set_chip_input",
+        "iocsr_read",
+        "iocsr_write",
+    ):
         assert hasattr(api, member), member
 
 
 def test_doorbell_state_survives_a_daemon_restart(
-        doorbell_on_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doorbell_on_path: Path, sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--state-dir`` saves a third-party chip through its declared state, like a snapshot."""
     monkeypatch.setenv("PYTHONPATH", str(doorbell_on_path))  # the daemons find the plugin
     state = sock_dir / "state"
@@ -300,11 +347,18 @@ def lvz_device_types():
 """
 
 
-@pytest.mark.parametrize(("where", "says"), [
-    ("import", "SystemExit"), ("hook", "SystemExit"),
-    ("import-hang", "--plugin-timeout"), ("hook-hang", "--plugin-timeout")])
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("import", "SystemExit"),
+        ("hook", "SystemExit"),
+        ("import-hang", "--plugin-timeout"),
+        ("hook-hang", "--plugin-timeout"),
+    ],
+)
 def test_a_plugin_that_exits_or_hangs_while_loading_is_named(
-        sock_dir: Path, where: str, says: str) -> None:
+    sock_dir: Path, where: str, says: str
+) -> None:
     """sys.exit in a plugin's module or its lvz_device_types made `lvz serve` exit 0 without
     a word: a supervisor saw a clean stop, the pytest fixture 'exited with status 0'. A sleep
     there kept the daemon from ever being ready, silently; now --plugin-timeout covers it."""
@@ -312,15 +366,32 @@ def test_a_plugin_that_exits_or_hangs_while_loading_is_named(
     (site / "lvz_exiting-0.1.0.dist-info").mkdir(parents=True)
     (site / "lvz_exiting.py").write_text(EXITING_PLUGIN)
     (site / "lvz_exiting-0.1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: lvz-exiting\nVersion: 0.1.0\n")
+        "Metadata-Version: 2.1\nName: lvz-exiting\nVersion: 0.1.0\n"
+    )
     (site / "lvz_exiting-0.1.0.dist-info" / "entry_points.txt").write_text(
-        "[lvz.irqchips]\nexiting = lvz_exiting\n")
+        "[lvz.irqchips]\nexiting = lvz_exiting\n"
+    )
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}", LVZ_PLUGINS="exiting",
-               EXIT_AT=where)
-    r = subprocess.run([sys.executable, "-m", "lvz.clients.cli", "serve", "--socket",
-                        str(sock_dir / "x.sock"), "--plugin-timeout", "0.2"],
-                       capture_output=True, text=True, env=env, timeout=50, check=False,
-                       stdin=subprocess.DEVNULL)
+    env = dict(
+        os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}", LVZ_PLUGINS="exiting", EXIT_AT=where
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lvz.clients.cli",
+            "serve",
+            "--socket",
+            str(sock_dir / "x.sock"),
+            "--plugin-timeout",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=50,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 125, (r.returncode, r.stderr)
     assert "plugin 'exiting'" in r.stderr and says in r.stderr, r.stderr

@@ -41,16 +41,20 @@ async def expect_errno(name: str, call: Awaitable[object]) -> KvmError:
     return info.value
 
 
-async def guest(kvm: AsyncKvm, profile: str, chips: tuple[str, ...] = (),
-                phyids: dict[int, int] | None = None) -> AsyncVm:
+async def guest(
+    kvm: AsyncKvm, profile: str, chips: tuple[str, ...] = (), phyids: dict[int, int] | None = None
+) -> AsyncVm:
     vm = await kvm.create_vm(profile=profile)
     for vcpu_id, phyid in (phyids or {0: 0}).items():
         await (await vm.create_vcpu(vcpu_id)).set_one_reg(abi.CPUID, phyid)
     for chip in chips:
         dev = await vm.create_device(chip)
         if chip == PCH:
-            await dev.set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                               abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, PCH_BASE)
+            await dev.set_attr(
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+                abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+                PCH_BASE,
+            )
     return vm
 
 
@@ -112,16 +116,25 @@ async def test_hello_answers_as_the_profile(daemon: Daemon) -> None:
         await expect_errno("EINVAL", kvm.call("hello", {"protocol": 1, "profile": "x"}))
 
 
-@pytest.mark.parametrize(("profile", "irqchip", "pv"), [
-    ("6.10", 0, 0), ("6.11", 0, 0),
-    ("6.13", 1, abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI),
-    ("6.14", 1, abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI
-     | abi.KVM_FEATURE_USER_HCALL),
-    ("6.18", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_PREEMPT & ~abi.KVM_FEATURE_CRASH),
-    ("7.0", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_CRASH),
-    ("newest", 1, abi.PV_FEATURE_MASK)])
-async def test_check_extension_answers_as_the_profile(daemon: Daemon, profile: str, irqchip: int,
-                                                      pv: int) -> None:
+@pytest.mark.parametrize(
+    ("profile", "irqchip", "pv"),
+    [
+        ("6.10", 0, 0),
+        ("6.11", 0, 0),
+        ("6.13", 1, abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI),
+        (
+            "6.14",
+            1,
+            abi.KVM_FEATURE_IPI | ST | abi.KVM_FEATURE_VIRT_EXTIOI | abi.KVM_FEATURE_USER_HCALL,
+        ),
+        ("6.18", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_PREEMPT & ~abi.KVM_FEATURE_CRASH),
+        ("7.0", 1, abi.PV_FEATURE_MASK & ~abi.KVM_FEATURE_CRASH),
+        ("newest", 1, abi.PV_FEATURE_MASK),
+    ],
+)
+async def test_check_extension_answers_as_the_profile(
+    daemon: Daemon, profile: str, irqchip: int, pv: int
+) -> None:
     """KVM_CAP_IRQCHIP / KVM_CAP_SIGNAL_MSI from 6.13 (HAVE_KVM_IRQCHIP, HAVE_KVM_MSI); the PV
     feature mask grew in 6.12 (control), 6.14 (USER_HCALL), 7.0 (PREEMPT) and the maintainer's
     tree (CRASH)."""
@@ -170,9 +183,8 @@ async def test_before_6_13_the_irqchips_do_not_exist(daemon: Daemon, profile: st
 
 
 @pytest.mark.parametrize("profile", ["6.10", "6.11"])
-async def test_before_6_12_pv_features_cannot_be_controlled(daemon: Daemon,
-                                                            profile: str) -> None:
-    """"Enable paravirt feature control from VMM" (6.12) added CPUCFG_KVM_FEATURE and the gate
+async def test_before_6_12_pv_features_cannot_be_controlled(daemon: Daemon, profile: str) -> None:
+    """ "Enable paravirt feature control from VMM" (6.12) added CPUCFG_KVM_FEATURE and the gate
     in kvm_handle_service: before, the attr is absent and PV IPI always works."""
     async with open_kvm(daemon.config.socket) as kvm:
         vm = await guest(kvm, profile, phyids={0: 0, 1: 1})
@@ -187,7 +199,7 @@ async def test_before_6_12_pv_features_cannot_be_controlled(daemon: Daemon,
 
 
 async def test_6_10_has_no_steal_time(daemon: Daemon) -> None:
-    """"Add PV steal time support in host side" came in 6.11: FUNC_NOTIFY is an unknown
+    """ "Add PV steal time support in host side" came in 6.11: FUNC_NOTIFY is an unknown
     function (INVALID_CODE) and the PVTIME attr group does not exist."""
     async with open_kvm(daemon.config.socket) as kvm:
         v0 = await (await guest(kvm, "6.10")).open_vcpu(0)
@@ -223,8 +235,9 @@ async def test_6_13_refuses_the_user_hcall_feature(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize(("profile", "extend"), [("6.14", False), ("6.18", True)])
-async def test_loads_from_in_kernel_devices_sign_extend_from_6_18(daemon: Daemon, profile: str,
-                                                                  extend: bool) -> None:
+async def test_loads_from_in_kernel_devices_sign_extend_from_6_18(
+    daemon: Daemon, profile: str, extend: bool
+) -> None:
     """80edf90831a2 / 44598fe77663 (6.18) route in-kernel MMIO / IOCSR reads through
     kvm_complete_mmio_read / kvm_complete_iocsr_read, which sign-extend; before, the device
     wrote ``len`` bytes into the register (lvz shows the bytes above as 0)."""
@@ -284,8 +297,9 @@ async def test_empty_eiointc_coremap_byte_before_7_0(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("profile", ["6.18", "6.13"])
-async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(daemon: Daemon,
-                                                                   profile: str) -> None:
+async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(
+    daemon: Daemon, profile: str
+) -> None:
     """2faec60a4858 (7.0) made the irqchips' IO bus ops return 0; before, an unaligned access,
     an unknown offset or a read-only register returned -EINVAL, and KVM passed the access on
     to the VMM as if nobody claimed it (ENXIO with no VMM running the vCPU, else an exit)."""
@@ -295,17 +309,18 @@ async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(daemon: Daemo
         old = await (await guest(kvm, profile, CHIPS)).open_vcpu(0)
         new = await (await guest(kvm, "7.0", CHIPS)).open_vcpu(0)
         accesses: list[tuple[str, int, int, int | None]] = [
-            ("iocsr", ipi + abi.IPI_EN + 1, 2, None),                # unaligned
-            ("iocsr", ipi + 0x100, 4, None),                         # no register
-            ("iocsr", ipi + abi.IPI_STATUS, 4, 1),                   # read-only
-            ("iocsr", eio + abi.EIOINTC_ISR, 4, None),               # attr-only register
-            ("iocsr", eio + abi.EIOINTC_ENABLE + 1, 2, 1),           # unaligned
-            ("mmio", PCH_BASE + 0x8, 8, None),                       # between registers
-            ("mmio", PCH_BASE + abi.PCH_PIC_MASK + 2, 4, 0),         # unaligned
+            ("iocsr", ipi + abi.IPI_EN + 1, 2, None),  # unaligned
+            ("iocsr", ipi + 0x100, 4, None),  # no register
+            ("iocsr", ipi + abi.IPI_STATUS, 4, 1),  # read-only
+            ("iocsr", eio + abi.EIOINTC_ISR, 4, None),  # attr-only register
+            ("iocsr", eio + abi.EIOINTC_ENABLE + 1, 2, 1),  # unaligned
+            ("mmio", PCH_BASE + 0x8, 8, None),  # between registers
+            ("mmio", PCH_BASE + abi.PCH_PIC_MASK + 2, 4, 0),  # unaligned
         ]
 
-        def access(v: AsyncVcpuFd, space: str, addr: int, size: int,
-                   value: int | None) -> Awaitable[object]:
+        def access(
+            v: AsyncVcpuFd, space: str, addr: int, size: int, value: int | None
+        ) -> Awaitable[object]:
             if value is None:
                 return (v.iocsr_read if space == "iocsr" else v.mmio_read)(addr, size)
             return (v.iocsr_write if space == "iocsr" else v.mmio_write)(addr, size, value)
@@ -317,7 +332,7 @@ async def test_undecoded_chip_accesses_leave_the_kernel_before_7_0(daemon: Daemo
 
 
 async def test_7_0_accepts_the_preempt_feature_and_6_18_does_not(daemon: Daemon) -> None:
-    """"Add paravirt preempt feature in hypervisor side" (7.0) added KVM_FEATURE_PREEMPT."""
+    """ "Add paravirt preempt feature in hypervisor side" (7.0) added KVM_FEATURE_PREEMPT."""
     async with open_kvm(daemon.config.socket) as kvm:
         v0 = await (await guest(kvm, "6.18")).open_vcpu(0)
         await expect_errno("EINVAL", v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_PREEMPT))
@@ -348,8 +363,7 @@ async def test_a_snapshot_keeps_the_profile(daemon: Daemon) -> None:
 # --- the command ------------------------------------------------------------------------------
 
 
-def test_lvz_profiles_lists_every_profile_with_its_rows(
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_lvz_profiles_lists_every_profile_with_its_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
     for name in profiles.PROFILES:
@@ -360,12 +374,15 @@ def test_lvz_profiles_lists_every_profile_with_its_rows(
     assert [r["name"] for r in rows] == list(profiles.PROFILES)
     by_name = {r["name"]: r for r in rows}
     assert by_name["newest"]["changes"] == []
-    assert {c["key"] for c in by_name["6.18"]["changes"]} >= {"negative_cpuid_check",
-                                                              "io_default_return_zero"}
+    assert {c["key"] for c in by_name["6.18"]["changes"]} >= {
+        "negative_cpuid_check",
+        "io_default_return_zero",
+    }
 
 
-def test_lvz_vm_create_with_a_profile(lvz_socket: Path, vm_name: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_lvz_vm_create_with_a_profile(
+    lvz_socket: Path, vm_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ["--socket", str(lvz_socket)]
     assert main(["vm", "create", vm_name, "--profile", "6.10", *sock]) == 0
     try:
@@ -380,13 +397,16 @@ def test_lvz_vm_create_with_a_profile(lvz_socket: Path, vm_name: str,
 # --- with a VMM: what the older kernels leave to it exits ---------------------------------------
 
 
-@pytest.mark.parametrize(("profile", "chips", "addr"), [
-    ("6.10", (), abi.IOCSR_IPI_BASE + abi.IPI_STATUS),      # no in-kernel IPI before 6.13
-    ("6.18", CHIPS, abi.IOCSR_IPI_BASE + 0x100),            # undecoded: -EINVAL before 7.0
-])
+@pytest.mark.parametrize(
+    ("profile", "chips", "addr"),
+    [
+        ("6.10", (), abi.IOCSR_IPI_BASE + abi.IPI_STATUS),  # no in-kernel IPI before 6.13
+        ("6.18", CHIPS, abi.IOCSR_IPI_BASE + 0x100),  # undecoded: -EINVAL before 7.0
+    ],
+)
 async def test_what_an_older_kernel_leaves_to_the_vmm_exits_to_it(
-        lvz_socket: Path, vm_name: str, profile: str, chips: tuple[str, ...],
-        addr: int) -> None:
+    lvz_socket: Path, vm_name: str, profile: str, chips: tuple[str, ...], addr: int
+) -> None:
     """A VMM's user-space irqchip fallback, end to end: the guest's IOCSR load leaves KVM_RUN
     as KVM_EXIT_LOONGARCH_IOCSR (kvm_emu_iocsr) and the VMM's data completes it
     (kvm_complete_iocsr_read, sign-extended)."""
@@ -399,8 +419,10 @@ async def test_what_an_older_kernel_leaves_to_the_vmm_exits_to_it(
             guest = await (await guest_kvm.open_vm(vm_name)).open_vcpu(0)
             loaded: list[int] = []
             async with trio.open_nursery() as nursery:
+
                 async def load() -> None:
                     loaded.append(await guest.iocsr_read(addr, 4, timeout=10))
+
                 nursery.start_soon(load)
                 with trio.fail_after(10):
                     exit = await vmm.run(10)
@@ -425,8 +447,10 @@ async def test_a_state_dir_restart_keeps_the_profile_and_steal_time(sock_dir: Pa
                     vm = await kvm.create_vm(name="old", profile="6.18")
                     v0 = await vm.create_vcpu(0)
                     await v0.set_attr(CPUCFG, FEATURE, abi.KVM_FEATURE_IPI | ST)
-                    assert await v0.hypercall(SERVICE, abi.KVM_HCALL_FUNC_NOTIFY, ST,
-                                              0x1_0000_0041) == 0
+                    assert (
+                        await v0.hypercall(SERVICE, abi.KVM_HCALL_FUNC_NOTIFY, ST, 0x1_0000_0041)
+                        == 0
+                    )
                 else:
                     vm = await kvm.open_vm("old")
                     v0 = await vm.open_vcpu(0)

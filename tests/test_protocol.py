@@ -41,14 +41,15 @@ def drain(conn: ServerConnection | ClientConnection) -> list[object]:
 def test_whole_message_is_one_validated_request() -> None:
     s = ServerConnection()
     s.receive_data(REQ)
-    assert drain(s) == [Request(msgid=7, method="vcpu.get_one_reg",
-                                params={"vcpu": 3, "id": abi.CPUID})]
+    assert drain(s) == [
+        Request(msgid=7, method="vcpu.get_one_reg", params={"vcpu": 3, "id": abi.CPUID})
+    ]
 
 
 def test_one_byte_at_a_time_needs_data_until_the_last_byte() -> None:
     s = ServerConnection()
     for i in range(len(REQ) - 1):
-        s.receive_data(REQ[i:i + 1])
+        s.receive_data(REQ[i : i + 1])
         assert s.next_event() is NEED_DATA
     s.receive_data(REQ[-1:])
     ev = s.next_event()
@@ -197,7 +198,7 @@ def test_fuzz_raw_bytes_only_protocol_errors_escape(data: bytes, chunk: int) -> 
     s = ServerConnection(max_message=256)
     try:
         for i in range(0, len(data), chunk):
-            s.receive_data(data[i:i + chunk])
+            s.receive_data(data[i : i + chunk])
             drain(s)
         s.receive_data(b"")
         drain(s)
@@ -206,10 +207,15 @@ def test_fuzz_raw_bytes_only_protocol_errors_escape(data: bytes, chunk: int) -> 
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -231,8 +237,11 @@ def test_client_pairs_responses_and_notifications() -> None:
     s.receive_data(data)
     req = s.next_event()
     assert isinstance(req, Request) and req.msgid == msgid
-    c.receive_data(s.send_notification("irq", {"seq": 1}) + s.send_result(msgid, {"version": 12})
-                   + s.send_error(msgid + 1, KvmError("EBADF", "gone")))
+    c.receive_data(
+        s.send_notification("irq", {"seq": 1})
+        + s.send_result(msgid, {"version": 12})
+        + s.send_error(msgid + 1, KvmError("EBADF", "gone"))
+    )
     events = drain(c)
     assert events[0] == Notification(event="irq", params={"seq": 1})
     assert events[1] == Response(msgid=msgid, error=None, result={"version": 12})

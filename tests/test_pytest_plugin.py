@@ -17,7 +17,7 @@ from lvz.testing.spawn import own_plugins, spawn
 EXT = Path(__file__).resolve().parent / "extplugin"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
-USER_TESTS = '''
+USER_TESTS = """
 import pytest
 import trio
 from lvz.clients import abi
@@ -38,7 +38,7 @@ async def test_trio_fixtures(trio_kvm, trio_vm):
     await vcpu.set_one_reg(abi.CPUID, 7)
     assert await trio_vm.phyid_lookup(7) == 3
     assert await trio_kvm.get_api_version() == 12
-'''
+"""
 
 
 def test_a_users_test_file_passes_with_plain_pytest(pytester: pytest.Pytester) -> None:
@@ -72,9 +72,13 @@ def test_the_documented_why_assertion_shows_the_chain(pytester: pytest.Pytester)
     pytester.makepyfile(test_why=f"{body}\n{snippet}{last}\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*AssertionError: PCH-PIC pin 5:*",
-                                 "*eiointc coremap*COREMAP byte of irq 5 is 0x2a*",
-                                 "*=> redirected: config_ignored*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: PCH-PIC pin 5:*",
+            "*eiointc coremap*COREMAP byte of irq 5 is 0x2a*",
+            "*=> redirected: config_ignored*",
+        ]
+    )
 
 
 def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
@@ -86,11 +90,11 @@ def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
 
 
 def test_the_daemon_ends_with_the_session(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile('''
+    pytester.makepyfile("""
         from pathlib import Path
         def test_remember(lvz_daemon):
             Path("daemon").write_text(f"{lvz_daemon.pid} {lvz_daemon.socket}")
-    ''')
+    """)
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
     pid, sock = (pytester.path / "daemon").read_text().split()
     assert not Path(sock).exists()
@@ -99,42 +103,48 @@ def test_the_daemon_ends_with_the_session(pytester: pytest.Pytester) -> None:
 
 
 def test_a_daemon_that_fails_to_start_is_reported_with_its_stderr(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makeini("[pytest]\nlvz_serve_args = --max-vms 0\n")
     pytester.makepyfile("def test_one(kvm): pass\ndef test_two(vm): pass\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(["*lvz serve exited with status 2 during start-up*",
-                                 "*lvz serve: error: argument --max-vms*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*lvz serve exited with status 2 during start-up*",
+            "*lvz serve: error: argument --max-vms*",
+        ]
+    )
     # One attempt, not one per test: the second test names the same failure.
     assert result.stdout.str().count("during start-up") == 2
 
 
 def test_the_daemon_log_is_attached_to_a_failing_test(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile('''
+    pytester.makepyfile("""
         def test_passes(vm):
             vm.create_vcpu(0)
 
         def test_fails(kvm):
             kvm.create_vm(name="seen-in-the-log")
             assert False, "the user's own failure"
-    ''')
+    """)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
     assert out.count("lvz daemon log (") == 1  # only the failing test carries it
-    result.stdout.fnmatch_lines(["*- lvz daemon log (*lvz.sock) -*",
-                                 "*INFO lvz.daemon: VM seen-in-the-log created*"])
+    result.stdout.fnmatch_lines(
+        ["*- lvz daemon log (*lvz.sock) -*", "*INFO lvz.daemon: VM seen-in-the-log created*"]
+    )
 
 
 def test_the_log_names_an_unnamed_vm_by_its_id(pytester: pytest.Pytester) -> None:
     """The ``vm`` fixture's VM is unnamed; its log line said "VM 0x7f3a… created" (a Python
     object address), which nothing else shows. Now it is the id `lvz vms` lists."""
-    pytester.makepyfile('''
+    pytester.makepyfile("""
         def test_fails(kvm, vm):
             ids = [v["id"] for v in kvm.call("kvm.list_vms", {})["vms"]]
             assert False, f"the VM ids are {ids}"
-    ''')
+    """)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     found = re.search(r"the VM ids are \[(\d+)\]", result.stdout.str())
@@ -142,18 +152,20 @@ def test_the_log_names_an_unnamed_vm_by_its_id(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines([f"*INFO lvz.daemon: VM {found[1]} created (unnamed, *"])
 
 
-def test_lvz_socket_uses_a_running_daemon(pytester: pytest.Pytester,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    pytester.makepyfile('''
+def test_lvz_socket_uses_a_running_daemon(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile("""
         import os
         def test_named(kvm, lvz_daemon):
             kvm.create_vm(name=os.environ["VM_NAME"])
             assert not hasattr(lvz_daemon, "proc")
-    ''')
+    """)
     with spawn() as daemon:
         monkeypatch.setenv("VM_NAME", "from-the-option")
-        pytester.runpytest("-p", "no:cacheprovider",
-                           "--lvz-socket", str(daemon.socket)).assert_outcomes(passed=1)
+        pytester.runpytest(
+            "-p", "no:cacheprovider", "--lvz-socket", str(daemon.socket)
+        ).assert_outcomes(passed=1)
         monkeypatch.setenv("VM_NAME", "from-the-ini")
         pytester.makeini(f"[pytest]\nlvz_socket = {daemon.socket}\n")
         pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
@@ -170,7 +182,7 @@ def test_lvz_socket_that_does_not_exist(pytester: pytest.Pytester) -> None:
 
 
 def test_marker_starts_a_daemon_with_those_options(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile('''
+    pytester.makepyfile("""
         import pytest
         from lvz.clients import KvmError
 
@@ -189,18 +201,18 @@ def test_marker_starts_a_daemon_with_those_options(pytester: pytest.Pytester) ->
         def test_unmarked(vm):
             vm.create_vcpu(1)
             vm.create_vcpu(2)
-    ''')
+    """)
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
 
 
 def test_a_daemon_whose_pytest_is_killed_exits_by_itself(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile('''
+    pytester.makepyfile("""
         import os, signal
         from pathlib import Path
         def test_killed(lvz_daemon):
             Path("pid").write_text(str(lvz_daemon.pid))
             os.kill(os.getpid(), signal.SIGKILL)
-    ''')
+    """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
     assert result.ret == -signal.SIGKILL
     pid = int((pytester.path / "pid").read_text())
@@ -232,11 +244,11 @@ def doorbell_installed(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatc
     return site
 
 
-LIST_PLUGINS = '''
+LIST_PLUGINS = """
 def test_plugins(kvm):
     names = [p.name for p in kvm.list_plugins()]
     print("PLUGINS", ",".join(names))
-'''
+"""
 
 
 def test_this_suite_names_exactly_lvz_own_plugins(pytestconfig: pytest.Config) -> None:
@@ -245,8 +257,11 @@ def test_this_suite_names_exactly_lvz_own_plugins(pytestconfig: pytest.Config) -
 
 
 def test_an_installed_third_party_chip_stays_out_of_the_suite(
-        pytester: pytest.Pytester, doorbell_installed: Path, monkeypatch: pytest.MonkeyPatch,
-        pytestconfig: pytest.Config) -> None:
+    pytester: pytest.Pytester,
+    doorbell_installed: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pytestconfig: pytest.Config,
+) -> None:
     pytester.makepyfile(LIST_PLUGINS)
     own = " ".join(pytestconfig.getini("lvz_plugins"))
     pytester.makeini(f"[pytest]\nlvz_plugins = {own}\n")  # what lvz's pyproject.toml says

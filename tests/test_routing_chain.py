@@ -126,8 +126,7 @@ async def test_pin_reaches_the_vcpu_whose_phyid_the_coremap_names(daemon: Daemon
 
 
 async def test_vcpu_run_wakes_when_another_connection_fires_the_chain(daemon: Daemon) -> None:
-    async with (open_kvm(daemon.config.socket) as kvm,
-                open_kvm(daemon.config.socket) as other):
+    async with open_kvm(daemon.config.socket) as kvm, open_kvm(daemon.config.socket) as other:
         c = await build(kvm, name="chain")
         target = c.v[1]
         assert (await target.run(0)).exit_reason == "timeout"  # nothing pending yet

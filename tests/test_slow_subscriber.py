@@ -16,7 +16,8 @@ from .conftest import Connect
 
 
 async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     cfg = ServeConfig(socket=sock_dir / "s.sock", max_events=500)
     daemon: Daemon = await nursery.start(serve, cfg, load_plugins())
     driver = await connect(cfg.socket)
@@ -64,7 +65,8 @@ async def test_non_reading_subscriber_is_bounded_and_told_what_it_lost(
 
 
 async def test_a_client_that_never_reads_answers_stops_being_read(
-        daemon: Daemon, connect: Connect) -> None:
+    daemon: Daemon, connect: Connect
+) -> None:
     """Backpressure: the daemon buffers at most ~FLUSH_BYTES of answers per connection, then
     blocks on that connection's send and reads no more of its requests."""
     from lvz.daemon.server import FLUSH_BYTES
@@ -77,9 +79,16 @@ async def test_a_client_that_never_reads_answers_stops_being_read(
         await raw.ok("vcpu.set_one_reg", vcpu=v, id=abi.CPUID, value=i * 100)
     [model] = daemon.vms
     # each pair: a big answer, and a line toggle that counts (vm.seq) how far the daemon got
-    burst = b"".join(raw.send_request(m, p)[1] for _ in range(50) for m, p in (
-        ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": 3}),
-        ("vm.phyid_map", {"vm": vm}), ("vcpu.interrupt", {"vcpu": v, "irq": -3})))
+    burst = b"".join(
+        raw.send_request(m, p)[1]
+        for _ in range(50)
+        for m, p in (
+            ("vm.phyid_map", {"vm": vm}),
+            ("vcpu.interrupt", {"vcpu": v, "irq": 3}),
+            ("vm.phyid_map", {"vm": vm}),
+            ("vcpu.interrupt", {"vcpu": v, "irq": -3}),
+        )
+    )
     sent = 0
     with trio.move_on_after(1.0):
         while True:
@@ -89,8 +98,9 @@ async def test_a_client_that_never_reads_answers_stops_being_read(
     assert processed < sent  # the daemon did not swallow everything it was sent
     await trio.testing.wait_all_tasks_blocked()  # the daemon has done all it will do
     assert model.seq == processed  # it stopped reading: nothing more gets processed
-    [conn] = [c for c in daemon.connections if c.number == max(c.number for c in
-                                                                  daemon.connections)]
+    [conn] = [
+        c for c in daemon.connections if c.number == max(c.number for c in daemon.connections)
+    ]
     assert conn.out_bytes <= FLUSH_BYTES + 64 * 1024  # at most one flush threshold queued
     other = await connect()  # and everyone else is served as before
     with trio.fail_after(2):

@@ -62,30 +62,59 @@ async def build_busy_vm(raw: Wire) -> int:
         if phyid is not None:
             await raw.ok("vcpu.set_one_reg", vcpu=vcpus[vid], id=abi.CPUID, value=phyid)
     await raw.ok("vcpu.set_one_reg", vcpu=vcpus[1], id=abi.csr_id(KS0), value=0xDEADBEEF)
-    await raw.ok("vcpu.set_one_reg", vcpu=vcpus[3], id=abi.cpucfg_id(2),
-                 value=abi.CPUCFG2_LLFTP | abi.CPUCFG2_FP | abi.CPUCFG2_FPSP | abi.CPUCFG2_FPDP)
-    await raw.ok("vcpu.set_attr", vcpu=vcpus[0], group=abi.KVM_LOONGARCH_VCPU_CPUCFG,
-                 attr=abi.CPUCFG_KVM_FEATURE,
-                 value=abi.KVM_FEATURE_IPI | abi.KVM_FEATURE_STEAL_TIME)
+    await raw.ok(
+        "vcpu.set_one_reg",
+        vcpu=vcpus[3],
+        id=abi.cpucfg_id(2),
+        value=abi.CPUCFG2_LLFTP | abi.CPUCFG2_FP | abi.CPUCFG2_FPSP | abi.CPUCFG2_FPDP,
+    )
+    await raw.ok(
+        "vcpu.set_attr",
+        vcpu=vcpus[0],
+        group=abi.KVM_LOONGARCH_VCPU_CPUCFG,
+        attr=abi.CPUCFG_KVM_FEATURE,
+        value=abi.KVM_FEATURE_IPI | abi.KVM_FEATURE_STEAL_TIME,
+    )
     await raw.ok("vcpu.interrupt", vcpu=vcpus[5], irq=abi.INT_TI)
     for kind in (IPI, EIO, PCH):
         await raw.ok("vm.create_device", vm=vm, type=kind)
     eio = (await raw.ok("vm.open_device", vm=vm, type=EIO))["device"]
-    await raw.ok("device.set_attr", device=eio, group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
-                 attr=abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU, value=8)
+    await raw.ok(
+        "device.set_attr",
+        device=eio,
+        group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_CTRL,
+        attr=abi.KVM_DEV_LOONGARCH_EXTIOI_CTRL_INIT_NUM_CPU,
+        value=8,
+    )
     pch = (await raw.ok("vm.open_device", vm=vm, type=PCH))["device"]
-    await raw.ok("device.set_attr", device=pch, group=abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                 attr=abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, value=abi.VIRT_PCH_PIC_BASE)
+    await raw.ok(
+        "device.set_attr",
+        device=pch,
+        group=abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
+        attr=abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT,
+        value=abi.VIRT_PCH_PIC_BASE,
+    )
     v0 = vcpus[0]
-    await raw.ok("vcpu.mmio_write", vcpu=v0, addr=abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK, size=8,
-                 value=~(1 << 4) & abi.U64_MAX)  # unmask pin 4
+    await raw.ok(
+        "vcpu.mmio_write",
+        vcpu=v0,
+        addr=abi.VIRT_PCH_PIC_BASE + abi.PCH_PIC_MASK,
+        size=8,
+        value=~(1 << 4) & abi.U64_MAX,
+    )  # unmask pin 4
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_ENABLE, size=8, value=0xFFFF)  # 0..15
     await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=EIO_COREMAP + 4, size=1, value=1)  # -> phyid 0
     await raw.ok("vm.irq_line", vm=vm, irq=4, level=1)  # pin 4 -> irq 4 -> phyid 0 = vCPU 3
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_IO + abi.IPI_SEND, size=4,
-                 value=abi.ipi_send(300, 3))
-    await raw.ok("vcpu.iocsr_write", vcpu=v0, addr=IPI_IO + abi.MAIL_SEND, size=8,
-                 value=abi.ipi_send(300, 2 << abi.IPI_SEND_MAILBOX_SHIFT, payload=0xCAFEF00D))
+    await raw.ok(
+        "vcpu.iocsr_write", vcpu=v0, addr=IPI_IO + abi.IPI_SEND, size=4, value=abi.ipi_send(300, 3)
+    )
+    await raw.ok(
+        "vcpu.iocsr_write",
+        vcpu=v0,
+        addr=IPI_IO + abi.MAIL_SEND,
+        size=8,
+        value=abi.ipi_send(300, 2 << abi.IPI_SEND_MAILBOX_SHIFT, payload=0xCAFEF00D),
+    )
     return vm
 
 
@@ -94,7 +123,7 @@ async def read_all(raw: Wire, vm: int) -> dict[str, Any]:
     state = await drive(snap.save_vm(vm), raw)
     info = await raw.ok("vm.info", vm=vm)
     state["vm"]["name"] = None
-    state["map"] = (await raw.ok("vm.phyid_map", vm=vm))
+    state["map"] = await raw.ok("vm.phyid_map", vm=vm)
     state["info"] = {k: info[k] for k in ("vcpus", "devices", "max_phyid")}
     for v in state["vcpus"]:
         v["regs"] = [r for r in v["regs"] if r[0] != abi.COUNTER]  # wall clock moves on
@@ -121,11 +150,16 @@ async def test_restore_is_indistinguishable(connect: Connect) -> None:
     raw.notifications.clear()
     for handle in (vm, copy):
         await raw.ok("vm.signal_msi", vm=handle, address=0, data=9)
-        await raw.ok("vcpu.hypercall", code=abi.KVM_HCALL_SERVICE,
-                     args=[abi.KVM_HCALL_FUNC_IPI, 1 << 7, 0, 0],
-                     vcpu=(await raw.ok("vm.open_vcpu", vm=handle, vcpu_id=0))["vcpu"])
-    seen = [(n.params["vm"], n.params["vcpu_id"], n.params["irq"], n.params["level"])
-            for n in raw.notifications]
+        await raw.ok(
+            "vcpu.hypercall",
+            code=abi.KVM_HCALL_SERVICE,
+            args=[abi.KVM_HCALL_FUNC_IPI, 1 << 7, 0, 0],
+            vcpu=(await raw.ok("vm.open_vcpu", vm=handle, vcpu_id=0))["vcpu"],
+        )
+    seen = [
+        (n.params["vm"], n.params["vcpu_id"], n.params["irq"], n.params["level"])
+        for n in raw.notifications
+    ]
     # irq 9's coremap byte was never written: it still goes to vcpu_id 0 (not phyid 0's
     # vCPU 3), in the copy too, because the snapshot carries the live route.
     assert seen == [(vm, 0, 2, 1), (vm, 0, 0, 1), (copy, 0, 2, 1), (copy, 0, 0, 1)]
@@ -135,8 +169,13 @@ async def test_corrupt_or_truncated_files_create_nothing(connect: Connect) -> No
     raw = await connect()
     vm = await build_busy_vm(raw)
     data = snap.encode(await drive(snap.save_vm(vm), raw))
-    for bad in (data[: len(data) // 2], b"\x00" + data, b"", data[:-1],
-                data.replace(b"lvz-snapshot", b"lvz-snapshoX")):
+    for bad in (
+        data[: len(data) // 2],
+        b"\x00" + data,
+        b"",
+        data[:-1],
+        data.replace(b"lvz-snapshot", b"lvz-snapshoX"),
+    ):
         with pytest.raises(KvmError) as exc:
             snap.decode(bad)
         assert exc.value.name == "EINVAL"
@@ -170,15 +209,22 @@ async def test_routes_to_vcpu_ids_past_255_survive_a_restore(connect: Connect) -
     copy = await drive(snap.restore_vm(saved, name="wide2"), raw)
     assert await read_all(raw, copy) == await read_all(raw, vm)
     eio = (await raw.ok("vm.open_device", vm=copy, type=EIO))["device"]
-    assert (await raw.ok("device.get_attr", device=eio,
-                         group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS,
-                         attr=abi.eiointc_route_attr(0)))["value"] == 300
+    assert (
+        await raw.ok(
+            "device.get_attr",
+            device=eio,
+            group=abi.KVM_DEV_LOONGARCH_EXTIOI_GRP_SW_STATUS,
+            attr=abi.eiointc_route_attr(0),
+        )
+    )["value"] == 300
 
 
 def test_every_single_bit_flip_is_refused_naming_the_file() -> None:
-    saved = {"vm": {"name": "tiny", "max_phyid": 256, "pv_features": 0},
-             "vcpus": [{"vcpu_id": 0, "regs": [[abi.CPUID, 3], [abi.csr_id(KS0), 7]]}],
-             "devices": [{"type": IPI, "attrs": []}]}
+    saved = {
+        "vm": {"name": "tiny", "max_phyid": 256, "pv_features": 0},
+        "vcpus": [{"vcpu_id": 0, "regs": [[abi.CPUID, 3], [abi.csr_id(KS0), 7]]}],
+        "devices": [{"type": IPI, "attrs": []}],
+    }
     data = snap.encode(saved)
     assert snap.decode(data, "/x/tiny.lvz")["vm"]["name"] == "tiny"
     for bit in range(8 * len(data)):
@@ -194,9 +240,13 @@ def test_version_1_files_still_load() -> None:
     """A snapshot written before the checksum (and a state dir of an older daemon) is read."""
     import msgpack
 
-    old = {"format": "lvz-snapshot", "version": 1,
-           "vm": {"name": "old", "max_phyid": 256, "pv_features": None},
-           "vcpus": [{"vcpu_id": 2, "regs": [[abi.CPUID, 1]]}], "devices": []}
+    old = {
+        "format": "lvz-snapshot",
+        "version": 1,
+        "vm": {"name": "old", "max_phyid": 256, "pv_features": None},
+        "vcpus": [{"vcpu_id": 2, "regs": [[abi.CPUID, 1]]}],
+        "devices": [],
+    }
     assert snap.decode(msgpack.packb(old))["vcpus"][0]["vcpu_id"] == 2
 
 
@@ -241,7 +291,8 @@ async def vm_names(raw: Wire) -> list[str | None]:
 
 
 async def test_killing_the_client_at_any_step_leaves_no_vm_behind(
-        connect: Connect, daemon: Any) -> None:
+    connect: Connect, daemon: Any
+) -> None:
     """The client dies after sending batch k (the daemon ran it): nothing of the restore stays.
 
     The generators see the failure thrown in and close without a request (no yield in
@@ -345,8 +396,8 @@ async def test_an_unnamed_restore_is_invisible_until_named(connect: Connect) -> 
 
 
 async def test_cli_errors_name_the_path_and_leave_no_temporary(
-        connect: Connect, daemon: Any, sock_dir: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    connect: Connect, daemon: Any, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     raw = await connect()
     await build_busy_vm(raw)
     sock = ["--socket", str(daemon.config.socket)]
@@ -383,7 +434,8 @@ async def test_cli_errors_name_the_path_and_leave_no_temporary(
 
 
 def test_the_progress_bar_shows_only_on_a_terminal_after_a_second(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -414,9 +466,13 @@ def test_a_batch_of_requests_fits_a_socket_buffer() -> None:
     import msgpack
 
     big = abi.U64_MAX
-    widest = max(len(msgpack.packb([0, 0xFFFFFFFF, method, params])) for method, params in (
-        ("device.set_attr", {"device": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
-        ("vcpu.set_one_reg", {"vcpu": 0xFFFFFFFF, "id": big, "value": big}),
-        ("vcpu.set_attr", {"vcpu": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
-        ("vm.create_vcpu", {"vm": 0xFFFFFFFF, "vcpu_id": 0xFFFFFFFF})))
+    widest = max(
+        len(msgpack.packb([0, 0xFFFFFFFF, method, params]))
+        for method, params in (
+            ("device.set_attr", {"device": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
+            ("vcpu.set_one_reg", {"vcpu": 0xFFFFFFFF, "id": big, "value": big}),
+            ("vcpu.set_attr", {"vcpu": 0xFFFFFFFF, "group": big, "attr": big, "value": big}),
+            ("vm.create_vcpu", {"vm": 0xFFFFFFFF, "vcpu_id": 0xFFFFFFFF}),
+        )
+    )
     assert widest * snap.CHUNK < 160 * 1024

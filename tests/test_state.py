@@ -38,8 +38,7 @@ _sockets = count()
 
 @asynccontextmanager
 async def running(state: Path, sock_dir: Path, **options: Any) -> AsyncIterator[Raw]:
-    config = ServeConfig(socket=sock_dir / f"s{next(_sockets)}.sock", state_dir=state,
-                         **options)
+    config = ServeConfig(socket=sock_dir / f"s{next(_sockets)}.sock", state_dir=state, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve, config, load_plugins())
         raw = await Raw.connect(config.socket)
@@ -67,7 +66,8 @@ async def make_vm(raw: Raw, name: str, vcpus: int = 6) -> int:
 
 
 async def test_a_vm_refused_by_stricter_flags_is_kept_and_comes_back(
-        sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state = sock_dir / "state"
     async with running(state, sock_dir) as raw:
         await make_vm(raw, "big", vcpus=6)
@@ -91,8 +91,7 @@ async def test_a_vm_refused_by_stricter_flags_is_kept_and_comes_back(
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
-async def test_a_damaged_file_is_set_aside_and_the_rest_loads(sock_dir: Path,
-                                                              damage: str) -> None:
+async def test_a_damaged_file_is_set_aside_and_the_rest_loads(sock_dir: Path, damage: str) -> None:
     state = sock_dir / "state"
     async with running(state, sock_dir) as raw:
         await make_vm(raw, "hurt")
@@ -124,7 +123,8 @@ async def test_names_of_any_length_and_script_fit(sock_dir: Path) -> None:
 
 
 async def test_odd_entries_are_skipped_with_a_warning(
-        sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state = sock_dir / "state"
     async with running(state, sock_dir) as raw:
         await make_vm(raw, "ok")
@@ -187,7 +187,8 @@ async def test_a_missing_state_dir_is_created_private(sock_dir: Path) -> None:
 
 
 async def test_the_journal_is_compacted_so_it_stays_bounded(
-        sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(state_mod, "COMPACT_MIN", 16 << 10)
     state = sock_dir / "state"
     reg = abi.csr_id(abi.CSR_KS0)
@@ -215,8 +216,9 @@ async def test_a_torn_tail_is_dropped_and_everything_before_it_loads(sock_dir: P
         await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=9)
     target = state / state_mod.file_name("torn")
     whole = target.read_bytes()
-    target.write_bytes(whole + encode_entry(Entry("vm.create_vcpu", None, {"vcpu_id": 5},
-                                                  None))[:-3])  # a write cut short
+    target.write_bytes(
+        whole + encode_entry(Entry("vm.create_vcpu", None, {"vcpu_id": 5}, None))[:-3]
+    )  # a write cut short
     async with running(state, sock_dir) as raw:
         vm = (await raw.ok("kvm.open_vm", name="torn"))["vm"]
         assert (await raw.ok("vm.info", vm=vm))["vcpus"] == [0, 9]
@@ -232,6 +234,7 @@ async def test_files_of_lvz_before_the_journal_are_taken_over(sock_dir: Path) ->
         saved = await drive(snapshot.save_vm(vm), raw)
     legacy = dict(saved, version=1)
     import msgpack
+
     (state / "old%20one.lvzvm").write_bytes(msgpack.packb(legacy, use_bin_type=True))
     async with running(state, sock_dir) as raw:
         assert await vm_names(raw) == ["old one"]
@@ -252,9 +255,13 @@ async def drive(gen: Any, raw: Raw) -> Any:
 
 
 def test_journal_parse_refuses_damage_before_the_tail() -> None:
-    head = encode_file(snapshot.encode({"vm": {"name": "j", "max_phyid": 256,
-                                               "pv_features": None},
-                                        "vcpus": [], "devices": []}), "0", [])
+    head = encode_file(
+        snapshot.encode(
+            {"vm": {"name": "j", "max_phyid": 256, "pv_features": None}, "vcpus": [], "devices": []}
+        ),
+        "0",
+        [],
+    )
     e1 = encode_entry(Entry("vm.create_vcpu", None, {"vcpu_id": 1}, None))
     e2 = encode_entry(Entry("vcpu.set_one_reg", 1, {"id": 1, "value": 2}, "EINVAL"))
     parsed = parse(head + e1 + e2)
@@ -274,17 +281,27 @@ def test_journal_parse_refuses_damage_before_the_tail() -> None:
 
 def test_a_group_names_each_connections_handles_apart() -> None:
     """Handle numbers are per connection: handle 3 of two connections are two vCPUs."""
-    head = encode_file(snapshot.encode({"vm": {"name": "g", "max_phyid": 256,
-                                               "pv_features": None},
-                                        "vcpus": [], "devices": []}), "0", [])
-    group = encode_group([(1, 3, 7), (2, 3, 9), (2, 4, abi.DEV_IPI)],
-                         [("vcpu.interrupt", {"vcpu": 3, "irq": 2}, None, 1),
-                          ("vcpu.interrupt", {"vcpu": 3, "irq": 3}, "EINVAL", 2),
-                          ("device.set_attr", {"device": 4, "group": 1, "attr": 2, "value": 3},
-                           None, 2)])
+    head = encode_file(
+        snapshot.encode(
+            {"vm": {"name": "g", "max_phyid": 256, "pv_features": None}, "vcpus": [], "devices": []}
+        ),
+        "0",
+        [],
+    )
+    group = encode_group(
+        [(1, 3, 7), (2, 3, 9), (2, 4, abi.DEV_IPI)],
+        [
+            ("vcpu.interrupt", {"vcpu": 3, "irq": 2}, None, 1),
+            ("vcpu.interrupt", {"vcpu": 3, "irq": 3}, "EINVAL", 2),
+            ("device.set_attr", {"device": 4, "group": 1, "attr": 2, "value": 3}, None, 2),
+        ],
+    )
     entries = parse(head + group).entries
-    assert [(e.target, e.outcome) for e in entries] == [(7, None), (9, "EINVAL"),
-                                                        (abi.DEV_IPI, None)]
+    assert [(e.target, e.outcome) for e in entries] == [
+        (7, None),
+        (9, "EINVAL"),
+        (abi.DEV_IPI, None),
+    ]
     unnamed = encode_group([], [("vcpu.interrupt", {"vcpu": 3, "irq": 2}, None, 1)])
     assert parse(head + unnamed).torn  # the last group: a torn write, dropped
     with pytest.raises(JournalError, match="not \\[handles, entries\\]"):

@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 7
 
 
-def values(schema: list[dict[str, Any]], scope: str, vals: list[Any],
-           device: str | None = None) -> dict[str, Any]:
+def values(
+    schema: list[dict[str, Any]], scope: str, vals: list[Any], device: str | None = None
+) -> dict[str, Any]:
     names = [d["name"] for d in schema if d["scope"] == scope and d["device"] == device]
     assert len(names) == len(vals)
     return dict(zip(names, vals, strict=True))
@@ -70,7 +71,10 @@ def test_descriptors_come_once_then_only_values(lvz_socket: Path) -> None:
             assert d["kind"] in ("cumulative", "instant", "peak")
             assert d["help"], d
         assert {d["device"] for d in descs if d["scope"] == "device"} == {
-            abi.DEV_IPI, abi.DEV_EIOINTC, abi.DEV_PCHPIC}
+            abi.DEV_IPI,
+            abi.DEV_EIOINTC,
+            abi.DEV_PCHPIC,
+        }
         again = kvm.call("kvm.stats", {"schema": first["schema"]})
         assert "descriptors" not in again and again["schema"] == first["schema"]
         stale = kvm.call("kvm.stats", {"schema": (first["schema"] + 1) % 2**32})
@@ -158,8 +162,7 @@ def test_events_lost_are_counted_per_vm() -> None:
         cpus = [vm.create_vcpu(i) for i in range(8)]
         for i, c in enumerate(cpus):
             c.set_one_reg(abi.CPUID, i)
-        cpus[0].set_attr(abi.KVM_LOONGARCH_VCPU_CPUCFG, abi.CPUCFG_KVM_FEATURE,
-                         abi.KVM_FEATURE_IPI)
+        cpus[0].set_attr(abi.KVM_LOONGARCH_VCPU_CPUCFG, abi.CPUCFG_KVM_FEATURE, abi.KVM_FEATURE_IPI)
         vm.subscribe()
         # One request raising 8 lines: 4 fit the subscriber's queue, 4 are dropped.
         cpus[0].hypercall(abi.KVM_HCALL_SERVICE, abi.KVM_HCALL_FUNC_IPI, 0xFF, 0, 0)
@@ -191,31 +194,47 @@ class Counter(Device):
 class CounterPlugin:
     @hookimpl
     def lvz_device_types(self) -> list[DeviceType]:
-        return [DeviceType("counter", 98, Counter, (
-            Stat("hits", "cumulative", help="inputs driven"),
-            Stat("up", "instant", "boolean", size=3, help="lines up"),
-        ))]
+        return [
+            DeviceType(
+                "counter",
+                98,
+                Counter,
+                (
+                    Stat("hits", "cumulative", help="inputs driven"),
+                    Stat("up", "instant", "boolean", size=3, help="lines up"),
+                ),
+            )
+        ]
 
 
-@pytest.mark.parametrize(("answer", "complaint"), [
-    (lambda self: [1], "not a list of the 2 values"),
-    (lambda self: [1, [0, 1]], "not a list of 3 ints"),
-    (lambda self: ["1", [0, 1, 0]], "'hits' is not an int"),
-    (lambda self: 1 / 0, "ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    ("answer", "complaint"),
+    [
+        (lambda self: [1], "not a list of the 2 values"),
+        (lambda self: [1, [0, 1]], "not a list of 3 ints"),
+        (lambda self: ["1", [0, 1, 0]], "'hits' is not an int"),
+        (lambda self: 1 / 0, "ZeroDivisionError"),
+    ],
+)
 async def test_plugin_counters_are_described_and_checked(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect,
-        monkeypatch: pytest.MonkeyPatch, answer: Callable[[Counter], Any],
-        complaint: str) -> None:
+    sock_dir: Path,
+    nursery: trio.Nursery,
+    connect: Connect,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: Callable[[Counter], Any],
+    complaint: str,
+) -> None:
     cfg = ServeConfig(socket=sock_dir / "c.sock")
-    await nursery.start(serve, cfg, load_plugins(allow=[], extra=[("counter-chip",
-                                                                     CounterPlugin())]))
+    await nursery.start(
+        serve, cfg, load_plugins(allow=[], extra=[("counter-chip", CounterPlugin())])
+    )
     raw = await connect(cfg.socket)
     vm = (await raw.ok("kvm.create_vm"))["vm"]
     await raw.ok("vm.create_device", vm=vm, type="counter")
     r = await raw.ok("vm.stats", vm=vm)
-    assert [(d["name"], d["device"], d["size"]) for d in r["descriptors"]
-            if d["scope"] == "device"] == [("hits", "counter", 1), ("up", "counter", 3)]
+    assert [
+        (d["name"], d["device"], d["size"]) for d in r["descriptors"] if d["scope"] == "device"
+    ] == [("hits", "counter", 1), ("up", "counter", 3)]
     assert r["devices"] == {"counter": [0, [0, 1, 0]]}
     monkeypatch.setattr(Counter, "answer", staticmethod(answer))
     err = await raw.call("vm.stats", vm=vm)
@@ -240,15 +259,17 @@ class HungPlugin:
 
 
 async def test_once_shows_a_broken_device_instead_of_crashing(
-        sock_dir: Path, nursery: trio.Nursery, connect: Connect) -> None:
+    sock_dir: Path, nursery: trio.Nursery, connect: Connect
+) -> None:
     """vm.stats answers nil for a broken device (protocol-additions): the drill-down says so.
 
     It used to end in a TypeError traceback, exit 1, on the one screen an operator opens to
     see what is wrong with that VM.
     """
     cfg = ServeConfig(socket=sock_dir / "b.sock", plugin_timeout=0.3)
-    await nursery.start(serve, cfg, load_plugins(allow=["loongarch-ipi"],
-                                                 extra=[("hung-chip", HungPlugin())]))
+    await nursery.start(
+        serve, cfg, load_plugins(allow=["loongarch-ipi"], extra=[("hung-chip", HungPlugin())])
+    )
     raw = await connect(cfg.socket)
     vm = (await raw.ok("kvm.create_vm", name="broken-chip"))["vm"]
     await raw.ok("vm.create_vcpu", vm=vm, vcpu_id=0)
@@ -257,19 +278,36 @@ async def test_once_shows_a_broken_device_instead_of_crashing(
     assert await raw.err("device.get_attr", device=hung, group=0, attr=0) == "ETIMEDOUT"
     assert (await raw.ok("vm.stats", vm=vm))["devices"]["hung"] is None
     r = await trio.run_process(
-        [sys.executable, "-m", "lvz.clients.cli", "top", "--once", "--interval", "0",
-         "--vm", "broken-chip", "--socket", str(cfg.socket)],
-        capture_stdout=True, capture_stderr=True, check=False,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        [
+            sys.executable,
+            "-m",
+            "lvz.clients.cli",
+            "top",
+            "--once",
+            "--interval",
+            "0",
+            "--vm",
+            "broken-chip",
+            "--socket",
+            str(cfg.socket),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     out, err = r.stdout.decode(), r.stderr.decode()
     assert r.returncode == 0 and "Traceback" not in err, err
     assert "hung: broken" in out and "loongarch-ipi: sends 0" in out, out
 
 
 def test_a_stat_is_checked_when_declared() -> None:
-    for bad in ({"name": "Hits", "kind": "cumulative"}, {"name": "hits", "kind": "total"},
-                {"name": "hits", "kind": "instant", "unit": "furlongs"},
-                {"name": "hits", "kind": "instant", "size": 0}):
+    for bad in (
+        {"name": "Hits", "kind": "cumulative"},
+        {"name": "hits", "kind": "total"},
+        {"name": "hits", "kind": "instant", "unit": "furlongs"},
+        {"name": "hits", "kind": "instant", "size": 0},
+    ):
         with pytest.raises(ValueError, match="stat"):
             Stat(**bad)
 
@@ -297,9 +335,15 @@ def test_rates_and_reset() -> None:
 def lvz(*argv: str, socket: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     extra = ["--socket", str(socket)] if socket else []
-    return subprocess.run([sys.executable, "-m", "lvz.clients.cli", *argv, *extra],
-                          capture_output=True, text=True, timeout=60, env=env, check=False,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "lvz.clients.cli", *argv, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_once_shows_each_vm(busy: tuple[Kvm, int], lvz_socket: Path, vm_name: str) -> None:
@@ -313,8 +357,7 @@ def test_once_shows_each_vm(busy: tuple[Kvm, int], lvz_socket: Path, vm_name: st
     assert cells[5] == str(6 * ROUNDS)  # DELIV
 
 
-def test_once_drills_into_one_vm(busy: tuple[Kvm, int], lvz_socket: Path,
-                                 vm_name: str) -> None:
+def test_once_drills_into_one_vm(busy: tuple[Kvm, int], lvz_socket: Path, vm_name: str) -> None:
     r = lvz("top", "--once", "--interval", "0.05", "--vm", vm_name, socket=lvz_socket)
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -326,14 +369,16 @@ def test_once_drills_into_one_vm(busy: tuple[Kvm, int], lvz_socket: Path,
     assert vcpu1.split()[3] == str(2 * ROUNDS)  # IPI and SWI0, ROUNDS each
     # EIOINTC lists only the lines that counted something or are pending
     eio = lines.index(next(ln for ln in lines if ln.startswith(abi.DEV_EIOINTC)))
-    listed = [ln.split()[0] for ln in lines[eio + 2:eio + 4]]
+    listed = [ln.split()[0] for ln in lines[eio + 2 : eio + 4]]
     assert listed == [str(topload.PIN), str(topload.MSI_IRQ)]
 
 
-def test_csv_prints_a_row_per_vm_per_interval(busy: tuple[Kvm, int], lvz_socket: Path,
-                                              vm_name: str) -> None:
-    r = lvz("top", "--csv", "--count", "2", "--interval", "0.05", "--filter", vm_name,
-            socket=lvz_socket)
+def test_csv_prints_a_row_per_vm_per_interval(
+    busy: tuple[Kvm, int], lvz_socket: Path, vm_name: str
+) -> None:
+    r = lvz(
+        "top", "--csv", "--count", "2", "--interval", "0.05", "--filter", vm_name, socket=lvz_socket
+    )
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 2
@@ -343,22 +388,26 @@ def test_csv_prints_a_row_per_vm_per_interval(busy: tuple[Kvm, int], lvz_socket:
     # Intervals under a second are told apart: the stamps carry milliseconds.
     assert rows[0]["time"] < rows[1]["time"]
     assert len(rows[0]["time"]) == len("2026-01-01T00:00:00.000Z")
-    r = lvz("top", "--log", "--count", "1", "--interval", "0.05", "--filter", vm_name,
-            socket=lvz_socket)
+    r = lvz(
+        "top", "--log", "--count", "1", "--interval", "0.05", "--filter", vm_name, socket=lvz_socket
+    )
     header, line = r.stdout.splitlines()
     assert header.split()[:3] == ["time", "id", "name"] and line.split()[2] == vm_name
 
 
-@pytest.mark.parametrize(("argv", "code", "says"), [
-    (["--vm", "x"], 2, "--vm goes with --once"),
-    ([], 2, "needs a terminal"),
-    (["--interval", "-1"], 2, "0..3600"),
-    (["--log", "--interval", "0"], 2, "need an --interval above 0"),
-    (["--csv", "--count", "0"], 2, "a count is"),
-    (["--once", "--filter", "("], 2, "not a regex"),
-    (["--once", "--log"], 2, "not allowed with"),
-    (["--once", "--vm", "no-such-vm-here"], 1, "ENOENT"),
-])
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["--vm", "x"], 2, "--vm goes with --once"),
+        ([], 2, "needs a terminal"),
+        (["--interval", "-1"], 2, "0..3600"),
+        (["--log", "--interval", "0"], 2, "need an --interval above 0"),
+        (["--csv", "--count", "0"], 2, "a count is"),
+        (["--once", "--filter", "("], 2, "not a regex"),
+        (["--once", "--log"], 2, "not allowed with"),
+        (["--once", "--vm", "no-such-vm-here"], 1, "ENOENT"),
+    ],
+)
 def test_usage_errors(lvz_socket: Path, argv: list[str], code: int, says: str) -> None:
     r = lvz("top", *argv, socket=lvz_socket)
     assert r.returncode == code and says in r.stderr, (r.returncode, r.stderr)
@@ -379,8 +428,9 @@ class Tmux:
         self.sock = str(where / "tmux.sock")
 
     def __call__(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.sock, *args], capture_output=True,
-                              text=True, check=True, timeout=10).stdout
+        return subprocess.run(
+            ["tmux", "-S", self.sock, *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "top")
@@ -400,39 +450,54 @@ class Tmux:
         self("send-keys", "-t", "top", *keys)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None,
-                    reason="tmux is not installed (apt-get install tmux): the live view is "
-                           "tested in a real terminal only")
-def test_live_view_in_a_terminal(busy: tuple[Kvm, int], lvz_socket: Path, vm_name: str,
-                                 sock_dir: Path) -> None:
+@pytest.mark.skipif(
+    shutil.which("tmux") is None,
+    reason="tmux is not installed (apt-get install tmux): the live view is "
+    "tested in a real terminal only",
+)
+def test_live_view_in_a_terminal(
+    busy: tuple[Kvm, int], lvz_socket: Path, vm_name: str, sock_dir: Path
+) -> None:
     kvm, vid = busy
     other = f"{vm_name}-b"
     quiet = kvm.create_vm(name=other)
     quiet.create_vcpu(0)
     tmux = Tmux(sock_dir)
-    cmd = (f"env LANG=C.UTF-8 PYTHONPATH={ROOT} {sys.executable} -m lvz.clients.cli top "
-           f"--socket {lvz_socket} --interval 0.2 --filter '^{vm_name}'; "
-           f"echo EXIT=$?; sleep 60")
+    cmd = (
+        f"env LANG=C.UTF-8 PYTHONPATH={ROOT} {sys.executable} -m lvz.clients.cli top "
+        f"--socket {lvz_socket} --interval 0.2 --filter '^{vm_name}'; "
+        f"echo EXIT=$?; sleep 60"
+    )
     tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "40", cmd)
 
     def row(screen: str, name: str) -> list[str] | None:
-        return next((ln.split() for ln in screen.splitlines() if ln.split()[1:2] == [name]),
-                    None)
+        return next((ln.split() for ln in screen.splitlines() if ln.split()[1:2] == [name]), None)
+
     try:
         # Both VMs with their counts; the cursor starts on the first (the busy one: equal
         # rates keep creation order).
         # (Every check waits for the whole screen it expects: tmux may be captured while
         # curses is halfway through redrawing it.)
-        tmux.wait_for(lambda s: s.startswith("lvz top") and "DELIV/s▼" in s
-                      and (row(s, vm_name) or [""] * 6)[5] == str(6 * ROUNDS)
-                      and (row(s, other) or [""] * 6)[2:4] == ["1", "0/256"])
+        tmux.wait_for(
+            lambda s: (
+                s.startswith("lvz top")
+                and "DELIV/s▼" in s
+                and (row(s, vm_name) or [""] * 6)[5] == str(6 * ROUNDS)
+                and (row(s, other) or [""] * 6)[2:4] == ["1", "0/256"]
+            )
+        )
         # Interrupts driven now show up: totals grow, the rate is no longer zero.
         topload.drive(kvm.open_vm(vm_name), ROUNDS)
         tmux.wait_for(lambda s: (row(s, vm_name) or [""] * 6)[5] == str(12 * ROUNDS))
         # Enter drills into the selected VM: its vCPUs and its chips' lines.
         tmux.keys("Enter")
-        tmux.wait_for(lambda s: s.startswith(f"VM {vid} {vm_name}: 3 vCPUs") and "PHYID" in s
-                      and f"{abi.DEV_IPI}: sends {2 * ROUNDS}" in s)
+        tmux.wait_for(
+            lambda s: (
+                s.startswith(f"VM {vid} {vm_name}: 3 vCPUs")
+                and "PHYID" in s
+                and f"{abi.DEV_IPI}: sends {2 * ROUNDS}" in s
+            )
+        )
         # b goes back to the list
         tmux.keys("b")
         tmux.wait_for(lambda s: s.startswith("lvz top"))
@@ -446,14 +511,16 @@ def test_live_view_in_a_terminal(busy: tuple[Kvm, int], lvz_socket: Path, vm_nam
         tmux.keys("f")
         tmux.wait_for(lambda s: "filter (regex" in s)
         tmux.keys(f"{other}$", "Enter")
-        tmux.wait_for(lambda s: f"filter /{other}$/" in s and row(s, vm_name) is None
-                      and row(s, other) is not None)
+        tmux.wait_for(
+            lambda s: (
+                f"filter /{other}$/" in s and row(s, vm_name) is None and row(s, other) is not None
+            )
+        )
         tmux.keys("c")
         tmux.wait_for(lambda s: "filter cleared" in s and row(s, vm_name) is not None)
         # q quits, with status 0, leaving the terminal usable
         tmux.keys("q")
         tmux.wait_for(lambda s: "EXIT=0" in s)
     finally:
-        subprocess.run(["tmux", "-S", tmux.sock, "kill-server"], check=False,
-                       capture_output=True)
+        subprocess.run(["tmux", "-S", tmux.sock, "kill-server"], check=False, capture_output=True)
         quiet.destroy()

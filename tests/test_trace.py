@@ -44,17 +44,19 @@ def test_vv_traces_requests_answers_and_events() -> None:
     number = re.search(r"connection (\d+) opened", text)
     assert number, text
     conn = number.group(1)
-    assert any(re.search(rf"connection {conn}: request \d+ kvm.create_vm .*'traced'", line)
-               for line in lines), text
-    assert any(re.search(rf"connection {conn}: request \d+ vcpu.set_one_reg ", line)
-               for line in lines), text
+    assert any(
+        re.search(rf"connection {conn}: request \d+ kvm.create_vm .*'traced'", line)
+        for line in lines
+    ), text
+    assert any(
+        re.search(rf"connection {conn}: request \d+ vcpu.set_one_reg ", line) for line in lines
+    ), text
     assert any(re.search(rf"connection {conn}: answer \d+ ok$", line) for line in lines), text
     assert any(re.search(rf"connection {conn}: answer \d+ ENOENT$", line) for line in lines)
     assert any(re.search(rf"connection {conn}: sent \d+ irq", line) for line in lines), text
     # The client's newline is escaped: no line of the log starts with what it tried to forge.
     assert not any(line.startswith(forged) for line in lines), text
-    assert any(f"kvm.open_vm {{'name': 'evil\\n{forged}'}}" in line
-               for line in lines), text
+    assert any(f"kvm.open_vm {{'name': 'evil\\n{forged}'}}" in line for line in lines), text
 
 
 def test_bytes_that_do_not_decode_stop_the_trace_not_the_daemon() -> None:

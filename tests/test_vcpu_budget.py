@@ -39,7 +39,8 @@ async def running(sock_dir: Path, **options: Any) -> AsyncIterator[Raw]:
 
 
 async def test_the_budget_spans_vms_and_connections_and_is_refused_with_enospc(
-        sock_dir: Path) -> None:
+    sock_dir: Path,
+) -> None:
     async with running(sock_dir, max_total_vcpus=3) as raw:
         a = (await raw.ok("kvm.create_vm", name="a"))["vm"]
         await raw.ok("vm.create_vcpu", vm=a, vcpu_id=0)
@@ -55,8 +56,7 @@ async def test_the_budget_spans_vms_and_connections_and_is_refused_with_enospc(
         await other.aclose()
 
 
-async def test_named_vms_keep_their_vcpus_after_their_connection_closes(
-        sock_dir: Path) -> None:
+async def test_named_vms_keep_their_vcpus_after_their_connection_closes(sock_dir: Path) -> None:
     config = ServeConfig(socket=sock_dir / "keep.sock", max_total_vcpus=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve, config, load_plugins())

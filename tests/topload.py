@@ -23,8 +23,9 @@ def build(kvm: Kvm, name: str, vcpus: int = 3) -> Vm:
     vm.create_device(abi.DEV_IPI)
     vm.create_device(abi.DEV_EIOINTC)
     pch = vm.create_device(abi.DEV_PCHPIC)
-    pch.set_attr(abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL,
-                 abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, PCHPIC_BASE)
+    pch.set_attr(
+        abi.KVM_DEV_LOONGARCH_PCH_PIC_GRP_CTRL, abi.KVM_DEV_LOONGARCH_PCH_PIC_CTRL_INIT, PCHPIC_BASE
+    )
     c0 = cpus[0]
     c0.mmio_write(PCHPIC_BASE + abi.PCH_PIC_MASK, 8, abi.U64_MAX & ~(1 << PIN))
     enable = abi.EIOINTC_BASE + abi.EIOINTC_ENABLE

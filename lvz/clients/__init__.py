@@ -65,36 +65,84 @@ if TYPE_CHECKING:
         open_kvm,
     )
 
-_TRIO_NAMES = frozenset({"open_kvm", "AsyncKvm", "AsyncVmFd", "AsyncVcpuFd", "AsyncDeviceFd",
-                         "AsyncVm", "AsyncVcpu", "AsyncDevice"})
+_TRIO_NAMES = frozenset(
+    {
+        "open_kvm",
+        "AsyncKvm",
+        "AsyncVmFd",
+        "AsyncVcpuFd",
+        "AsyncDeviceFd",
+        "AsyncVm",
+        "AsyncVcpu",
+        "AsyncDevice",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
     if name in _TRIO_NAMES:
         from . import trio_client
+
         return getattr(trio_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     # trio client
-    "open_kvm", "AsyncKvm", "AsyncVmFd", "AsyncVcpuFd", "AsyncDeviceFd",
-    "AsyncVm", "AsyncVcpu", "AsyncDevice",
+    "open_kvm",
+    "AsyncKvm",
+    "AsyncVmFd",
+    "AsyncVcpuFd",
+    "AsyncDeviceFd",
+    "AsyncVm",
+    "AsyncVcpu",
+    "AsyncDevice",
     # blocking client
-    "Kvm", "VmFd", "VcpuFd", "DeviceFd", "Vm", "Vcpu", "Device",
+    "Kvm",
+    "VmFd",
+    "VcpuFd",
+    "DeviceFd",
+    "Vm",
+    "Vcpu",
+    "Device",
     # call specs, for pipelining with gather
-    "ops", "Call",
+    "ops",
+    "Call",
     # values and errors
-    "IrqEvent", "EventsLost", "RunResult", "PhyidMap", "VmInfo", "VmSummary", "PluginInfo",
-    "RouteExplanation", "RouteHop", "RouteVerdict", "RouteDelivery",
-    "HelloInfo", "KvmError", "ConnectionLost", "DaemonUnreachable", "UntrustedDaemon",
+    "IrqEvent",
+    "EventsLost",
+    "RunResult",
+    "PhyidMap",
+    "VmInfo",
+    "VmSummary",
+    "PluginInfo",
+    "RouteExplanation",
+    "RouteHop",
+    "RouteVerdict",
+    "RouteDelivery",
+    "HelloInfo",
+    "KvmError",
+    "ConnectionLost",
+    "DaemonUnreachable",
+    "UntrustedDaemon",
     # exits to the VMM, as ``RunResult`` carries them (docs/vmm-loop.md)
-    "IoExit", "HypercallExit", "SystemEvent",
+    "IoExit",
+    "HypercallExit",
+    "SystemEvent",
     # the KVM ABI: register ids, attrs, offsets, lines, hypercalls (``regs``: its old name)
-    "abi", "regs",
+    "abi",
+    "regs",
     # interrupt lines (ESTAT bits, as in ``abi``) by name
-    "INT_SWI0", "INT_SWI1", "INT_HWI0", "INT_HWI7", "INT_TI", "INT_IPI", "LINE_MASK",
-    "LINE_NAMES", "LINES_BY_NAME", "line_names",
+    "INT_SWI0",
+    "INT_SWI1",
+    "INT_HWI0",
+    "INT_HWI7",
+    "INT_TI",
+    "INT_IPI",
+    "LINE_MASK",
+    "LINE_NAMES",
+    "LINES_BY_NAME",
+    "line_names",
 ]
 #: The line numbers, straight from ``abi``, so ``from lvz.clients import INT_IPI`` works.
 INT_SWI0, INT_SWI1, INT_HWI0, INT_HWI7 = abi.INT_SWI0, abi.INT_SWI1, abi.INT_HWI0, abi.INT_HWI7

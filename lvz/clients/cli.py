@@ -77,18 +77,24 @@ class Usage(Exception):
 # --- output -------------------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO,
-          indent: str = "") -> None:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO, indent: str = ""
+) -> None:
     """Columns padded to fit; numbers right-aligned so digits line up."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else printable(str(c)) for c in r]
-                                           for r in rows]
-    numeric = [all(isinstance(r[i], int) or r[i] is None for r in rows) and bool(rows)
-               for i in range(len(headers))]
+    cells = [[str(h) for h in headers]] + [
+        ["-" if c is None else printable(str(c)) for c in r] for r in rows
+    ]
+    numeric = [
+        all(isinstance(r[i], int) or r[i] is None for r in rows) and bool(rows)
+        for i in range(len(headers))
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric,
-                                                                        strict=True)]
+        parts = [
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(row, widths, numeric, strict=True)
+        ]
         return (indent + "  ".join(parts)).rstrip()
 
     print(line(cells[0]), file=out)
@@ -102,9 +108,14 @@ def emit_json(value: object, out: TextIO) -> None:
     out.write("\n")
 
 
-def listing(args: argparse.Namespace, headers: Sequence[str], keys: Sequence[str],
-            rows: Sequence[dict[str, Any]], empty: str,
-            show: Callable[[str, Any], object] | None = None) -> int:
+def listing(
+    args: argparse.Namespace,
+    headers: Sequence[str],
+    keys: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    empty: str,
+    show: Callable[[str, Any], object] | None = None,
+) -> int:
     """One listing in the format asked for: JSON gets raw values, the table readable ones."""
     if args.format == "json":
         emit_json(list(rows), sys.stdout)
@@ -126,8 +137,10 @@ def _diagnose(path: Path, failure: OSError | None = None) -> str | None:
     except FileNotFoundError:
         parent = path.parent
         if not parent.exists():
-            return f"{path}: no such file, and its directory {parent} does not exist " \
-                   "(is the daemon running? start it with `lvz serve`)"
+            return (
+                f"{path}: no such file, and its directory {parent} does not exist "
+                "(is the daemon running? start it with `lvz serve`)"
+            )
         return f"{path}: no such file (is the daemon running? start it with `lvz serve`)"
     except PermissionError:
         return f"{path}: permission denied (the daemon serves only its own user)"
@@ -140,8 +153,10 @@ def _diagnose(path: Path, failure: OSError | None = None) -> str | None:
     if not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket"
     if failure is not None and failure.errno == errno.ECONNREFUSED:
-        return f"{path}: ECONNREFUSED: nothing listens on this socket (its daemon is gone, " \
-               "killed perhaps; `lvz serve` replaces the stale file)"
+        return (
+            f"{path}: ECONNREFUSED: nothing listens on this socket (its daemon is gone, "
+            "killed perhaps; `lvz serve` replaces the stale file)"
+        )
     return None
 
 
@@ -196,9 +211,17 @@ def open_vm(kvm: Kvm, ref: str) -> Vm:
 
 def list_vms(kvm: Kvm) -> list[dict[str, Any]]:
     rows = kvm.call("kvm.list_vms", {})["vms"]
-    return [{"id": r.get("id"), "name": r.get("name"), "vcpus": r.get("vcpus"),
-             "phyids": r.get("phyids"), "max_phyid": r.get("max_phyid"),
-             "devices": r.get("devices")} for r in rows]
+    return [
+        {
+            "id": r.get("id"),
+            "name": r.get("name"),
+            "vcpus": r.get("vcpus"),
+            "phyids": r.get("phyids"),
+            "max_phyid": r.get("max_phyid"),
+            "devices": r.get("devices"),
+        }
+        for r in rows
+    ]
 
 
 # --- serve, and the read-only listings that predate the nouns -----------------------------------
@@ -210,9 +233,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lvz.daemon.config import ServeConfig
 
     options: dict[str, Any] = {}
-    for name in ("max_message", "max_handles", "max_vms", "max_vcpus", "max_total_vcpus",
-                 "max_events", "plugin_timeout", "max_connections", "partial_budget",
-                 "message_timeout"):
+    for name in (
+        "max_message",
+        "max_handles",
+        "max_vms",
+        "max_vcpus",
+        "max_total_vcpus",
+        "max_events",
+        "plugin_timeout",
+        "max_connections",
+        "partial_budget",
+        "message_timeout",
+    ):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.state_dir is not None:
@@ -221,17 +253,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["fsync"] = args.fsync
     if args.record is not None:
         options["record"] = Path(args.record)
-    config = ServeConfig(socket=resolve_socket_path(args.socket),
-                         exit_with_parent=args.exit_with_parent, **options)
+    config = ServeConfig(
+        socket=resolve_socket_path(args.socket), exit_with_parent=args.exit_with_parent, **options
+    )
     return server.run(config, args.verbose)
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         rows = list_vms(kvm)
-    return listing(args, ["ID", "NAME", "VCPUS", "PHYIDS", "MAX_PHYID", "DEVICES"],
-                   ["id", "name", "vcpus", "phyids", "max_phyid", "devices"], rows, "no VMs",
-                   lambda k, v: "(unnamed)" if k == "name" and v is None else v)
+    return listing(
+        args,
+        ["ID", "NAME", "VCPUS", "PHYIDS", "MAX_PHYID", "DEVICES"],
+        ["id", "name", "vcpus", "phyids", "max_phyid", "devices"],
+        rows,
+        "no VMs",
+        lambda k, v: "(unnamed)" if k == "name" and v is None else v,
+    )
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -241,12 +279,20 @@ def cmd_map(args: argparse.Namespace) -> int:
         info = vm.info()
     mapped = set(pmap.by_vcpu())
     if args.format == "json":
-        emit_json({"vm": args.vm, "limit": pmap.limit,
-                   "entries": [{"phyid": p, "vcpu_id": v} for p, v in pmap.entries],
-                   "unset": [v for v in info.vcpus if v not in mapped]}, sys.stdout)
+        emit_json(
+            {
+                "vm": args.vm,
+                "limit": pmap.limit,
+                "entries": [{"phyid": p, "vcpu_id": v} for p, v in pmap.entries],
+                "unset": [v for v in info.vcpus if v not in mapped],
+            },
+            sys.stdout,
+        )
         return EXIT_OK
-    print(f"VM {args.vm}: {len(pmap.entries)} of {len(info.vcpus)} vCPUs mapped, "
-          f"phyids 0..{pmap.limit - 1}")
+    print(
+        f"VM {args.vm}: {len(pmap.entries)} of {len(info.vcpus)} vCPUs mapped, "
+        f"phyids 0..{pmap.limit - 1}"
+    )
     if pmap.entries:
         table(["PHYID", "VCPU"], [list(e) for e in pmap.entries], sys.stdout)
     unset = [v for v in info.vcpus if v not in mapped]
@@ -279,8 +325,10 @@ class ProgressBar:
         self.last = now
         width = 30
         filled = width * done // max(total, 1)
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{100 * done // max(total, 1):3d}%")
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{100 * done // max(total, 1):3d}%"
+        )
         self.stream.flush()
         self.drawn = True
 
@@ -332,8 +380,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         bar.close()
     data = snapshot.encode(saved)
     write_atomically(target, data)
-    print(f"saved VM {args.vm}: {len(saved['vcpus'])} vCPUs, {len(saved['devices'])} devices, "
-          f"{len(data)} bytes -> {target}")
+    print(
+        f"saved VM {args.vm}: {len(saved['vcpus'])} vCPUs, {len(saved['devices'])} devices, "
+        f"{len(data)} bytes -> {target}"
+    )
     return EXIT_OK
 
 
@@ -353,8 +403,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     saved = snapshot.decode(data, args.file)  # EINVAL (exit 1) before anything is created
     name = args.name if args.name is not None else saved["vm"]["name"]
     if name is None:
-        raise Usage(f"{args.file} is a snapshot of an unnamed VM; give it a name with --name "
-                    "(an unnamed VM would die when this command disconnects)")
+        raise Usage(
+            f"{args.file} is a snapshot of an unnamed VM; give it a name with --name "
+            "(an unnamed VM would die when this command disconnects)"
+        )
     bar = ProgressBar(f"restoring {name}")
     try:
         with connect(args) as kvm:
@@ -384,11 +436,18 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         plugins = kvm.list_plugins()
-    rows = [{"name": p.name, "version": p.version, "dist": p.dist,
-             "device_types": list(p.device_types)} for p in plugins]
-    return listing(args, ["NAME", "VERSION", "DIST", "DEVICE TYPES"],
-                   ["name", "version", "dist", "device_types"], rows, "no plugins",
-                   lambda k, v: ", ".join(v) or "-" if k == "device_types" else v)
+    rows = [
+        {"name": p.name, "version": p.version, "dist": p.dist, "device_types": list(p.device_types)}
+        for p in plugins
+    ]
+    return listing(
+        args,
+        ["NAME", "VERSION", "DIST", "DEVICE TYPES"],
+        ["name", "version", "dist", "device_types"],
+        rows,
+        "no plugins",
+        lambda k, v: ", ".join(v) or "-" if k == "device_types" else v,
+    )
 
 
 # --- vm -----------------------------------------------------------------------------------------
@@ -400,14 +459,31 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     Read from lvz.protocol.profiles, the table the daemon itself resolves, so no daemon is
     needed (like ``lvz completion``).
     """
-    rows = [{"name": name, "summary": profiles.SUMMARY[name],
-             "changes": [{"key": r.key, "value": list(r.value) if isinstance(r.value, tuple)
-                          else r.value, "change": r.change} for r in profiles.rows_of(name)]}
-            for name in profiles.PROFILES]
-    return listing(args, ["PROFILE", "KERNEL", "DIFFERS FROM THE NEXT NEWER"],
-                   ["name", "summary", "changes"], rows, "no profiles",
-                   lambda k, v: (", ".join(f"{c['key']}={c['value']}" for c in v) or "-")
-                   if k == "changes" else v)
+    rows = [
+        {
+            "name": name,
+            "summary": profiles.SUMMARY[name],
+            "changes": [
+                {
+                    "key": r.key,
+                    "value": list(r.value) if isinstance(r.value, tuple) else r.value,
+                    "change": r.change,
+                }
+                for r in profiles.rows_of(name)
+            ],
+        }
+        for name in profiles.PROFILES
+    ]
+    return listing(
+        args,
+        ["PROFILE", "KERNEL", "DIFFERS FROM THE NEXT NEWER"],
+        ["name", "summary", "changes"],
+        rows,
+        "no profiles",
+        lambda k, v: (
+            (", ".join(f"{c['key']}={c['value']}" for c in v) or "-") if k == "changes" else v
+        ),
+    )
 
 
 def cmd_vm_create(args: argparse.Namespace) -> int:
@@ -430,12 +506,21 @@ def cmd_vm_info(args: argparse.Namespace) -> int:
         vm = open_vm(kvm, args.vm)
         raw = vm.kvm.call("vm.info", {"vm": vm.handle})
         pmap = vm.phyid_map()
-        vm_id = (int(args.vm) if raw["name"] is None
-                 else next((r["id"] for r in list_vms(kvm) if r["name"] == raw["name"]), None))
-    info = {"id": vm_id, "name": raw["name"], "max_phyid": raw["max_phyid"],
-            "vcpus": list(raw["vcpus"]), "phyids_set": len(pmap.entries),
-            "devices": list(raw["devices"]), "seq": raw.get("seq"),
-            "profile": raw.get("profile")}
+        vm_id = (
+            int(args.vm)
+            if raw["name"] is None
+            else next((r["id"] for r in list_vms(kvm) if r["name"] == raw["name"]), None)
+        )
+    info = {
+        "id": vm_id,
+        "name": raw["name"],
+        "max_phyid": raw["max_phyid"],
+        "vcpus": list(raw["vcpus"]),
+        "phyids_set": len(pmap.entries),
+        "devices": list(raw["devices"]),
+        "seq": raw.get("seq"),
+        "profile": raw.get("profile"),
+    }
     if args.format == "json":
         emit_json(info, sys.stdout)
         return EXIT_OK
@@ -477,12 +562,22 @@ def cmd_vcpu_ls(args: argparse.Namespace) -> int:
         for vcpu_id in info.vcpus:
             with vm.open_vcpu(vcpu_id) as vcpu:  # one handle at a time, whatever the VM's size
                 estat = vcpu.get_one_reg(abi.ESTAT)
-            rows.append({"vcpu_id": vcpu_id, "phyid": phyid_of.get(vcpu_id),
-                         "lines": raised_lines(estat), "estat": estat})
-    return listing(args, ["VCPU", "PHYID", "LINES", "ESTAT"],
-                   ["vcpu_id", "phyid", "lines", "estat"], rows, "no vCPUs",
-                   lambda k, v: (", ".join(v) or "-") if k == "lines"
-                   else f"{v:#x}" if k == "estat" else v)
+            rows.append(
+                {
+                    "vcpu_id": vcpu_id,
+                    "phyid": phyid_of.get(vcpu_id),
+                    "lines": raised_lines(estat),
+                    "estat": estat,
+                }
+            )
+    return listing(
+        args,
+        ["VCPU", "PHYID", "LINES", "ESTAT"],
+        ["vcpu_id", "phyid", "lines", "estat"],
+        rows,
+        "no vCPUs",
+        lambda k, v: (", ".join(v) or "-") if k == "lines" else f"{v:#x}" if k == "estat" else v,
+    )
 
 
 # --- registers ----------------------------------------------------------------------------------
@@ -492,9 +587,13 @@ def register_names() -> dict[str, int]:
     """Public register-id constants of ``lvz.protocol.abi`` by name (``cpuid``, ``estat``…)."""
     names: dict[str, int] = {}
     for key, value in vars(abi).items():
-        if (key.isupper() and type(value) is int
-                and value & abi.KVM_REG_LOONGARCH == abi.KVM_REG_LOONGARCH
-                and key.lower() not in names and _is_register(value)):
+        if (
+            key.isupper()
+            and type(value) is int
+            and value & abi.KVM_REG_LOONGARCH == abi.KVM_REG_LOONGARCH
+            and key.lower() not in names
+            and _is_register(value)
+        ):
             names[key.lower()] = value
     return names
 
@@ -524,7 +623,8 @@ def parse_register(text: str) -> int:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"unknown register {text!r}: use a name ({', '.join(sorted(names))}), "
-            "csr:N, cpucfg:N or a 64-bit register id") from None
+            "csr:N, cpucfg:N or a 64-bit register id"
+        ) from None
 
 
 def register_label(reg_id: int) -> str:
@@ -567,10 +667,15 @@ def cmd_reg_ls(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         vcpu = _vcpu(kvm, args)
         ids = [int(i) for i in kvm.call("vcpu.get_reg_list", {"vcpu": vcpu.handle})["ids"]]
-        rows = [{"id": i, "name": register_label(i), "value": vcpu.get_one_reg(i)}
-                for i in ids]
-    return listing(args, ["REGISTER", "ID", "VALUE"], ["name", "id", "value"], rows,
-                   "no registers", lambda k, v: f"{v:#x}" if k in ("id", "value") else v)
+        rows = [{"id": i, "name": register_label(i), "value": vcpu.get_one_reg(i)} for i in ids]
+    return listing(
+        args,
+        ["REGISTER", "ID", "VALUE"],
+        ["name", "id", "value"],
+        rows,
+        "no registers",
+        lambda k, v: f"{v:#x}" if k in ("id", "value") else v,
+    )
 
 
 # --- device and vCPU attributes -----------------------------------------------------------------
@@ -612,8 +717,9 @@ def _attr_number(kind: str) -> Callable[[str], int]:
         except argparse.ArgumentTypeError:
             short = sorted(n for n in names if not n.startswith("kvm_"))
             raise argparse.ArgumentTypeError(
-                f"{text!r} is neither a number nor an attribute {kind} name "
-                f"({', '.join(short)})") from None
+                f"{text!r} is neither a number nor an attribute {kind} name ({', '.join(short)})"
+            ) from None
+
     return parse
 
 
@@ -628,12 +734,22 @@ def cmd_device_create(args: argparse.Namespace) -> int:
 def cmd_device_ls(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         devices = open_vm(kvm, args.vm).info().devices
-    return listing(args, ["DEVICE"], ["type"], [{"type": d} for d in devices], "no devices",
-                   lambda _k, v: printable(str(v)))
+    return listing(
+        args,
+        ["DEVICE"],
+        ["type"],
+        [{"type": d} for d in devices],
+        "no devices",
+        lambda _k, v: printable(str(v)),
+    )
 
 
-SHORT_DEVICES: Final = {"ipi": DEV_IPI, "eiointc": DEV_EIOINTC, "pchpic": DEV_PCHPIC,
-                        "pch-pic": DEV_PCHPIC}
+SHORT_DEVICES: Final = {
+    "ipi": DEV_IPI,
+    "eiointc": DEV_EIOINTC,
+    "pchpic": DEV_PCHPIC,
+    "pch-pic": DEV_PCHPIC,
+}
 
 
 def _attr_target(kvm: Kvm, args: argparse.Namespace) -> tuple[str, Any]:
@@ -652,8 +768,9 @@ def cmd_attr_get(args: argparse.Namespace) -> int:
         label, target = _attr_target(kvm, args)
         value = target.get_attr(args.group, args.attr)
     if args.format == "json":
-        emit_json({"target": label, "group": args.group, "attr": args.attr, "value": value},
-                  sys.stdout)
+        emit_json(
+            {"target": label, "group": args.group, "attr": args.attr, "value": value}, sys.stdout
+        )
     else:
         print(f"{label} group {args.group:#x} attr {args.attr:#x} = {value:#x} ({value})")
     return EXIT_OK
@@ -714,8 +831,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     with connect(args) as kvm:
         vm = open_vm(kvm, args.vm)
         vm.subscribe()
-        print(f"lvz events: watching VM {args.vm}"
-              + (" (Ctrl-C to stop)" if args.count is None else ""), file=sys.stderr, flush=True)
+        print(
+            f"lvz events: watching VM {args.vm}"
+            + (" (Ctrl-C to stop)" if args.count is None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         if args.format == "table":
             print(f"{'SEQ':>8}  {'VCPU':>6}  {'LINE':<5}  LEVEL", flush=True)
         seen = 0
@@ -723,8 +844,11 @@ def cmd_events(args: argparse.Namespace) -> int:
         while args.count is None or seen < args.count:
             # The protocol has no "VM destroyed" event: look every DESTROY_CHECK quiet seconds,
             # or a watch on a destroyed VM would wait for ever (or --timeout) and exit 0.
-            wait = DESTROY_CHECK if quiet_until is None else \
-                max(0.0, min(DESTROY_CHECK, quiet_until - time.monotonic()))
+            wait = (
+                DESTROY_CHECK
+                if quiet_until is None
+                else max(0.0, min(DESTROY_CHECK, quiet_until - time.monotonic()))
+            )
             item = vm.next_event(wait)
             if item is None:
                 if quiet_until is not None and time.monotonic() >= quiet_until:
@@ -743,11 +867,18 @@ def cmd_events(args: argparse.Namespace) -> int:
                 text = f"{'':>8}  ({item.count} events lost: the reader fell behind)"
             else:
                 seen += 1
-                row = {"event": "irq", "seq": item.seq, "vcpu_id": item.vcpu_id,
-                       "irq": item.irq, "line": LINE_NAMES.get(item.irq, str(item.irq)),
-                       "level": item.level}
-                text = (f"{item.seq:>8}  {item.vcpu_id:>6}  {row['line']:<5}  "
-                        f"{'up' if item.level else 'down'}")
+                row = {
+                    "event": "irq",
+                    "seq": item.seq,
+                    "vcpu_id": item.vcpu_id,
+                    "irq": item.irq,
+                    "line": LINE_NAMES.get(item.irq, str(item.irq)),
+                    "level": item.level,
+                }
+                text = (
+                    f"{item.seq:>8}  {item.vcpu_id:>6}  {row['line']:<5}  "
+                    f"{'up' if item.level else 'down'}"
+                )
             if args.format == "json":
                 print(json.dumps(row), flush=True)
             else:
@@ -783,9 +914,12 @@ def _accepts(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def private_daemon(verbose: int = 0, timeout: float = 15.0,
-                   extra: Sequence[str] = (),
-                   plugins: Sequence[str] | None = None) -> Iterator[Path]:
+def private_daemon(
+    verbose: int = 0,
+    timeout: float = 15.0,
+    extra: Sequence[str] = (),
+    plugins: Sequence[str] | None = None,
+) -> Iterator[Path]:
     """A daemon of our own (lvz.testing.spawn, as the test fixtures start theirs), stopped after."""
     from lvz.testing.spawn import SpawnError, spawn
 
@@ -873,32 +1007,46 @@ class Demo:
         v0, p0 = vcpus[0], DEMO_PHYIDS[0]
         got = _attempt(lambda: v0.set_one_reg(abi.CPUID, p0))
         now = v0.get_one_reg(abi.CPUID)
-        self.check("same value again", got == "ok" and now == p0,
-                   f"vCPU 0 := {p0} again → {got}, CPUID {now}", f"ok, CPUID {p0}")
+        self.check(
+            "same value again",
+            got == "ok" and now == p0,
+            f"vCPU 0 := {p0} again → {got}, CPUID {now}",
+            f"ok, CPUID {p0}",
+        )
 
         got = _attempt(lambda: v0.set_one_reg(abi.CPUID, 7))
         now = v0.get_one_reg(abi.CPUID)
         free = vm.phyid_lookup(7)
-        self.check("change refused", got == "EINVAL" and now == p0 and free is None,
-                   f"vCPU 0 := 7 → {got}, CPUID {now}", f"EINVAL, CPUID {p0}")
+        self.check(
+            "change refused",
+            got == "EINVAL" and now == p0 and free is None,
+            f"vCPU 0 := 7 → {got}, CPUID {now}",
+            f"EINVAL, CPUID {p0}",
+        )
 
         v8 = vcpus[8] = vm.create_vcpu(8)
         limit = vm.info().max_phyid
         got = _attempt(lambda: v8.set_one_reg(abi.CPUID, p0))
         now = v8.get_one_reg(abi.CPUID)
         owner = vm.phyid_lookup(p0)
-        self.check("sharing refused", got == "EINVAL" and now == limit and owner == 0,
-                   f"vCPU 8 := {p0} → {got}, CPUID {now} (unset)",
-                   f"EINVAL, CPUID {limit}")
+        self.check(
+            "sharing refused",
+            got == "EINVAL" and now == limit and owner == 0,
+            f"vCPU 8 := {p0} → {got}, CPUID {now} (unset)",
+            f"EINVAL, CPUID {limit}",
+        )
 
         p3 = DEMO_PHYIDS[3]
         vcpus.pop(3).destroy()
         freed = vm.phyid_lookup(p3)
         got = _attempt(lambda: v8.set_one_reg(abi.CPUID, p3))
         owner = vm.phyid_lookup(p3)
-        self.check("destroy then reuse", freed is None and got == "ok" and owner == 8,
-                   f"destroy vCPU 3; vCPU 8 := {p3} → {got}, {p3} is vCPU {owner}",
-                   f"ok, {p3} is vCPU 8")
+        self.check(
+            "destroy then reuse",
+            freed is None and got == "ok" and owner == 8,
+            f"destroy vCPU 3; vCPU 8 := {p3} → {got}, {p3} is vCPU {owner}",
+            f"ok, {p3} is vCPU 8",
+        )
 
     def _collect(self, vm: Vm, expected: set[tuple[int, int]]) -> set[tuple[int, int]]:
         """Rising lines seen: what has arrived, waiting briefly only for what is still missing."""
@@ -927,8 +1075,10 @@ class Demo:
 
         self.check(label, seen == expected, detail, show(expected))
         for vcpu_id, irq in sorted(seen):
-            self.say(f"{'':26} → vCPU {vcpu_id} (phyid {phyid_of.get(vcpu_id, '-')}) "
-                     f"{LINE_NAMES.get(irq, irq)}")
+            self.say(
+                f"{'':26} → vCPU {vcpu_id} (phyid {phyid_of.get(vcpu_id, '-')}) "
+                f"{LINE_NAMES.get(irq, irq)}"
+            )
 
     def _routing(self, vm: Vm, vcpus: dict[int, Vcpu]) -> None:
         vm.create_device(DEV_IPI)
@@ -941,8 +1091,9 @@ class Demo:
         # 1. IPI device: a guest store to IPI_SEND names the target by phyid.
         target, vector = 42, 1
         sender.iocsr_write(IOCSR_IPI_SEND, 4, abi.ipi_send(target, vector))
-        self._report("IPI", f"vCPU 0 IPI_SEND to phyid {target}", vm,
-                     {(by_phyid[target], abi.INT_IPI)})
+        self._report(
+            "IPI", f"vCPU 0 IPI_SEND to phyid {target}", vm, {(by_phyid[target], abi.INT_IPI)}
+        )
 
         # 2. PV IPI: hvcl KVM_HCALL_SERVICE with a 128-bit bitmap relative to a base phyid,
         # clustered the way Linux's pv_send_ipi_mask does when the targets span more than 128 ids.
@@ -953,12 +1104,20 @@ class Demo:
             clusters[base] = clusters.get(base, 0) | 1 << (phyid - base)
         answers = []
         for base, bitmap in clusters.items():
-            answers.append(sender.hypercall(HCALL_SERVICE, HCALL_FUNC_IPI, bitmap & U64_MAX,
-                                            bitmap >> 64, base))
-        self._report("PV IPI", f"hvcl {HCALL_SERVICE:#x} to {len(phyids)} phyids, "
-                     f"{len(clusters)} calls → a0 {answers}", vm,
-                     {(v, abi.INT_SWI0) for v in by_phyid.values()}
-                     if set(answers) == {abi.KVM_HCALL_SUCCESS} else set())
+            answers.append(
+                sender.hypercall(
+                    HCALL_SERVICE, HCALL_FUNC_IPI, bitmap & U64_MAX, bitmap >> 64, base
+                )
+            )
+        self._report(
+            "PV IPI",
+            f"hvcl {HCALL_SERVICE:#x} to {len(phyids)} phyids, "
+            f"{len(clusters)} calls → a0 {answers}",
+            vm,
+            {(v, abi.INT_SWI0) for v in by_phyid.values()}
+            if set(answers) == {abi.KVM_HCALL_SUCCESS}
+            else set(),
+        )
 
         # 3. A device interrupt: PCH-PIC pin → EIOINTC irq (= pin) → COREMAP → phyid → HWI0.
         pin, dev_phyid = 5, 0
@@ -967,8 +1126,12 @@ class Demo:
         sender.iocsr_write(IOCSR_EIOINTC_ENABLE, 4, 1 << pin)
         sender.iocsr_write(IOCSR_EIOINTC_COREMAP + pin, 1, 1 << dev_phyid)
         vm.irq_line(pin, 1)
-        self._report("device interrupt", f"pin {pin} → EIOINTC {pin} → phyid {dev_phyid}",
-                     vm, {(by_phyid[dev_phyid], abi.INT_HWI0)})
+        self._report(
+            "device interrupt",
+            f"pin {pin} → EIOINTC {pin} → phyid {dev_phyid}",
+            vm,
+            {(by_phyid[dev_phyid], abi.INT_HWI0)},
+        )
         vm.irq_line(pin, 0)
 
         # 4. MSI: the data is the EIOINTC irq; bitmap-mode coremap bit n names phyid n.
@@ -976,16 +1139,22 @@ class Demo:
         sender.iocsr_write(IOCSR_EIOINTC_ENABLE + irq // 32 * 4, 4, 1 << (irq % 32))
         sender.iocsr_write(IOCSR_EIOINTC_COREMAP + irq, 1, 1 << msi_phyid)
         vm.signal_msi(MSI_ADDRESS, irq)
-        self._report("MSI", f"data {irq} → EIOINTC {irq} → phyid {msi_phyid}", vm,
-                     {(by_phyid[msi_phyid], abi.INT_HWI0)})
+        self._report(
+            "MSI",
+            f"data {irq} → EIOINTC {irq} → phyid {msi_phyid}",
+            vm,
+            {(by_phyid[msi_phyid], abi.INT_HWI0)},
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     explicit = args.socket or os.environ.get("LVZ_SOCKET")
     if explicit and _accepts(Path(explicit)):
         if args.record:
-            raise Usage("--record records a private daemon; to record a daemon of your own, "
-                        "start it with `lvz serve --record FILE`")
+            raise Usage(
+                "--record records a private daemon; to record a daemon of your own, "
+                "start it with `lvz serve --record FILE`"
+            )
         print(f"lvz demo: using the daemon at {explicit}")
         with Kvm.connect(explicit) as kvm:
             return Demo(kvm, sys.stdout).run()
@@ -1024,8 +1193,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if report.header is not None:
         log.info("recorded by lvz %s: %s", report.header.lvz, " ".join(report.header.argv))
     if report.difference is None:
-        print(f"lvz replay: {report.records} records, {report.messages} answers and events "
-              f"on {report.connections} connections: all as recorded")
+        print(
+            f"lvz replay: {report.records} records, {report.messages} answers and events "
+            f"on {report.connections} connections: all as recorded"
+        )
         return EXIT_OK
     print(f"lvz replay: differs at {report.difference}")
     return EXIT_IOCTL
@@ -1062,8 +1233,9 @@ def _int_in(text: str, lo: int, hi: int, what: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not lo <= value <= hi:
-        raise argparse.ArgumentTypeError(f"{text} does not fit {what} ({lo}..{hi}); "
-                                         "the protocol cannot carry it")
+        raise argparse.ArgumentTypeError(
+            f"{text} does not fit {what} ({lo}..{hi}); the protocol cannot carry it"
+        )
     return value
 
 
@@ -1110,8 +1282,13 @@ class _Version(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, help="print lvz's version and exit")
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         print(f"lvz {__version__} ({'compiled' if lvz.compiled else 'pure Python'})")
         parser.exit()
 
@@ -1120,76 +1297,171 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a command's own default must not undo `lvz --socket P COMMAND` (as -v below).
-    common.add_argument("--socket", metavar="PATH", type=_socket_path, default=argparse.SUPPRESS,
-                        help="daemon socket (default: $LVZ_SOCKET, else the per-user path)")
-    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                        help="show connections (-v) and every request (-vv) on stderr")
+    common.add_argument(
+        "--socket",
+        metavar="PATH",
+        type=_socket_path,
+        default=argparse.SUPPRESS,
+        help="daemon socket (default: $LVZ_SOCKET, else the per-user path)",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="show connections (-v) and every request (-vv) on stderr",
+    )
     listing_ = argparse.ArgumentParser(add_help=False)
-    listing_.add_argument("--format", choices=("table", "json"), default="table",
-                          help="output format (default: table)")
+    listing_.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table)",
+    )
 
     parser = argparse.ArgumentParser(
-        prog="lvz", formatter_class=fmt, epilog=EPILOG,
-        description="LoongArch KVM's vCPU identity (phyid map) and interrupt routing, emulated.")
+        prog="lvz",
+        formatter_class=fmt,
+        epilog=EPILOG,
+        description="LoongArch KVM's vCPU identity (phyid map) and interrupt routing, emulated.",
+    )
     parser.add_argument("--version", action=_Version)
-    parser.add_argument("--socket", metavar="PATH", type=_socket_path, default=None,
-                        help="daemon socket, for any command (as after it)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="show connections (-v) and every request (-vv) on stderr")
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        type=_socket_path,
+        default=None,
+        help="daemon socket, for any command (as after it)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show connections (-v) and every request (-vv) on stderr",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def adder(group: argparse._SubParsersAction[argparse.ArgumentParser], prefix: str = "") \
-            -> Callable[..., argparse.ArgumentParser]:
-        def add(name: str, help: str, parents: list[argparse.ArgumentParser],
-                func: Callable[[argparse.Namespace], int] | None = None) \
-                -> argparse.ArgumentParser:
-            p = group.add_parser(name, help=help, description=help, parents=parents,
-                                 epilog=EPILOG, formatter_class=fmt)
+    def adder(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], prefix: str = ""
+    ) -> Callable[..., argparse.ArgumentParser]:
+        def add(
+            name: str,
+            help: str,
+            parents: list[argparse.ArgumentParser],
+            func: Callable[[argparse.Namespace], int] | None = None,
+        ) -> argparse.ArgumentParser:
+            p = group.add_parser(
+                name,
+                help=help,
+                description=help,
+                parents=parents,
+                epilog=EPILOG,
+                formatter_class=fmt,
+            )
             if func is not None:
                 p.set_defaults(func=func, command=prefix + name)
             return p
+
         return add
 
     add = adder(sub)
     base = [common]
     lists = [common, listing_]
 
-    serve = add("serve", "run the daemon in the foreground until SIGINT/SIGTERM/SIGHUP", base,
-                cmd_serve)
-    serve.add_argument("--max-message", type=_positive_int, metavar="BYTES",
-                       help="largest request accepted (default: 1 MiB)")
-    serve.add_argument("--max-handles", type=_positive_int, metavar="N",
-                       help="handles per connection (default: 66000)")
-    serve.add_argument("--max-vms", type=_positive_int, metavar="N",
-                       help="VMs per daemon (default: 1024)")
-    serve.add_argument("--max-vcpus", type=_positive_int, metavar="N",
-                       help="vCPUs per VM (default: the whole vcpu_id range)")
-    serve.add_argument("--max-total-vcpus", type=_positive_int, metavar="N",
-                       help="vCPUs of all VMs together (default: 1048576, ~0.6 GiB)")
-    serve.add_argument("--max-events", type=_positive_int, metavar="N",
-                       help="irq events queued per subscriber before dropping (default: 4096)")
-    serve.add_argument("--plugin-timeout", type=float, metavar="SECONDS",
-                       help="longest a plugin call may run; 0 = no limit (default: 1)")
-    serve.add_argument("--max-connections", type=_positive_int, metavar="N",
-                       help="connections at once (default: the fd limit minus 64)")
-    serve.add_argument("--partial-budget", type=_positive_int, metavar="BYTES",
-                       help="bytes of unfinished messages, all clients (default: 64 MiB)")
-    serve.add_argument("--message-timeout", type=_positive_float, metavar="SECONDS",
-                       help="longest a message may stay unfinished (default: 10)")
-    serve.add_argument("--state-dir", metavar="DIR",
-                       help="keep named VMs here: every acknowledged change survives a crash")
-    serve.add_argument("--fsync", choices=("always", "everysec", "no"),
-                       help="when --state-dir changes reach the disk: before each answer, "
-                            "once a second (default), or when the OS decides")
-    serve.add_argument("--record", metavar="FILE",
-                       help="write every byte of every connection to FILE (for `lvz replay`)")
-    serve.add_argument("--exit-with-parent", action="store_true",
-                       help="shut down when the parent process dies (for test runners)")
+    serve = add(
+        "serve", "run the daemon in the foreground until SIGINT/SIGTERM/SIGHUP", base, cmd_serve
+    )
+    serve.add_argument(
+        "--max-message",
+        type=_positive_int,
+        metavar="BYTES",
+        help="largest request accepted (default: 1 MiB)",
+    )
+    serve.add_argument(
+        "--max-handles",
+        type=_positive_int,
+        metavar="N",
+        help="handles per connection (default: 66000)",
+    )
+    serve.add_argument(
+        "--max-vms", type=_positive_int, metavar="N", help="VMs per daemon (default: 1024)"
+    )
+    serve.add_argument(
+        "--max-vcpus",
+        type=_positive_int,
+        metavar="N",
+        help="vCPUs per VM (default: the whole vcpu_id range)",
+    )
+    serve.add_argument(
+        "--max-total-vcpus",
+        type=_positive_int,
+        metavar="N",
+        help="vCPUs of all VMs together (default: 1048576, ~0.6 GiB)",
+    )
+    serve.add_argument(
+        "--max-events",
+        type=_positive_int,
+        metavar="N",
+        help="irq events queued per subscriber before dropping (default: 4096)",
+    )
+    serve.add_argument(
+        "--plugin-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest a plugin call may run; 0 = no limit (default: 1)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="connections at once (default: the fd limit minus 64)",
+    )
+    serve.add_argument(
+        "--partial-budget",
+        type=_positive_int,
+        metavar="BYTES",
+        help="bytes of unfinished messages, all clients (default: 64 MiB)",
+    )
+    serve.add_argument(
+        "--message-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="longest a message may stay unfinished (default: 10)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep named VMs here: every acknowledged change survives a crash",
+    )
+    serve.add_argument(
+        "--fsync",
+        choices=("always", "everysec", "no"),
+        help="when --state-dir changes reach the disk: before each answer, "
+        "once a second (default), or when the OS decides",
+    )
+    serve.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write every byte of every connection to FILE (for `lvz replay`)",
+    )
+    serve.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down when the parent process dies (for test runners)",
+    )
 
-    demo = add("demo", "a guided tour: a VM, its phyid map, its rules, interrupts routed by it",
-               base, cmd_demo)
-    demo.add_argument("--record", metavar="FILE",
-                      help="record the private daemon's traffic to FILE (for `lvz replay`)")
+    demo = add(
+        "demo",
+        "a guided tour: a VM, its phyid map, its rules, interrupts routed by it",
+        base,
+        cmd_demo,
+    )
+    demo.add_argument(
+        "--record",
+        metavar="FILE",
+        help="record the private daemon's traffic to FILE (for `lvz replay`)",
+    )
     add("vms", "list the daemon's VMs (as `lvz vm ls`)", lists, cmd_vms)
     mp = add("map", "show a VM's phyid map", lists, cmd_map)
     mp.add_argument("vm", metavar="VM", help="VM name or id")
@@ -1197,10 +1469,10 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("vm", metavar="VM", help="VM name or id")
     lk.add_argument("phyid", metavar="PHYID", type=_any_int, help="physical CPU id (may be hex)")
     add("plugins", "list the irqchip plugins the daemon loaded", lists, cmd_plugins)
-    add("profiles", "list the kernel-version profiles a VM can be created with", lists,
-        cmd_profiles)
-    sn = add("snapshot", "save a VM's whole state to FILE (versioned msgpack)", base,
-             cmd_snapshot)
+    add(
+        "profiles", "list the kernel-version profiles a VM can be created with", lists, cmd_profiles
+    )
+    sn = add("snapshot", "save a VM's whole state to FILE (versioned msgpack)", base, cmd_snapshot)
     sn.add_argument("vm", metavar="VM", help="VM name or id")
     sn.add_argument("file", metavar="FILE", help="snapshot file to write")
     rs = add("restore", "create a VM from a snapshot FILE", base, cmd_restore)
@@ -1209,13 +1481,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = add("vm", "create, destroy, list and describe VMs", [])
     vm_add = adder(vm.add_subparsers(dest="verb", metavar="VERB", required=True), "vm ")
-    vc = vm_add("create", "create a named VM (it lives until `lvz vm destroy`)", base,
-                cmd_vm_create)
+    vc = vm_add(
+        "create", "create a named VM (it lives until `lvz vm destroy`)", base, cmd_vm_create
+    )
     vc.add_argument("name", metavar="NAME", help="the new VM's name")
-    vc.add_argument("--max-phyid", type=lambda t: _int_in(t, 1, 65536, "max_phyid"),
-                    metavar="N", help="phyids 0..N-1 (default: 256, as the kernel)")
-    vc.add_argument("--profile", choices=profiles.PROFILES, metavar="KERNEL",
-                    help="the kernel version it behaves as (`lvz profiles`; default: newest)")
+    vc.add_argument(
+        "--max-phyid",
+        type=lambda t: _int_in(t, 1, 65536, "max_phyid"),
+        metavar="N",
+        help="phyids 0..N-1 (default: 256, as the kernel)",
+    )
+    vc.add_argument(
+        "--profile",
+        choices=profiles.PROFILES,
+        metavar="KERNEL",
+        help="the kernel version it behaves as (`lvz profiles`; default: newest)",
+    )
     vd = vm_add("destroy", "destroy a VM, its vCPUs and devices", base, cmd_vm_destroy)
     vd.add_argument("vm", metavar="VM", help="VM name or id")
     vi = vm_add("info", "a VM's limits, vCPUs and devices", lists, cmd_vm_info)
@@ -1227,30 +1508,39 @@ def build_parser() -> argparse.ArgumentParser:
     vl = vcpu_add("ls", "each vCPU's id, phyid and raised interrupt lines", lists, cmd_vcpu_ls)
     vl.add_argument("vm", metavar="VM", help="VM name or id")
 
-    vcc = vcpu_add("create", "create a vCPU (KVM_CREATE_VCPU), optionally setting its phyid",
-                   base, cmd_vcpu_create)
+    vcc = vcpu_add(
+        "create",
+        "create a vCPU (KVM_CREATE_VCPU), optionally setting its phyid",
+        base,
+        cmd_vcpu_create,
+    )
     vcc.add_argument("vm", metavar="VM", help="VM name or id")
     vcc.add_argument("vcpu_id", metavar="VCPU_ID", type=_any_int, help="the new vCPU's id")
-    vcc.add_argument("--phyid", type=_u64, metavar="N",
-                     help="set its CPUID register (its phyid) too, as `lvz reg set … cpuid N`")
+    vcc.add_argument(
+        "--phyid",
+        type=_u64,
+        metavar="N",
+        help="set its CPUID register (its phyid) too, as `lvz reg set … cpuid N`",
+    )
 
     device = add("device", "create and list a VM's irqchip devices (KVM_CREATE_DEVICE)", [])
-    device_add = adder(device.add_subparsers(dest="verb", metavar="VERB", required=True),
-                       "device ")
+    device_add = adder(device.add_subparsers(dest="verb", metavar="VERB", required=True), "device ")
     dc = device_add("create", "create a device of TYPE in a VM", base, cmd_device_create)
     dc.add_argument("vm", metavar="VM", help="VM name or id")
-    dc.add_argument("type", metavar="TYPE",
-                    help="ipi, eiointc, pchpic, or a device type `lvz plugins` lists")
+    dc.add_argument(
+        "type", metavar="TYPE", help="ipi, eiointc, pchpic, or a device type `lvz plugins` lists"
+    )
     dl = device_add("ls", "a VM's devices", lists, cmd_device_ls)
     dl.add_argument("vm", metavar="VM", help="VM name or id")
 
     reg = add("reg", "read and write vCPU registers (KVM ONE_REG)", [])
     reg_add = adder(reg.add_subparsers(dest="verb", metavar="VERB", required=True), "reg ")
     reg_help = "cpuid, tmid, estat, …, csr:N, cpucfg:N or a raw register id"
-    for verb, what, func, parents in (("get", "read one register", cmd_reg_get, lists),
-                                      ("set", "write one register", cmd_reg_set, base),
-                                      ("ls", "every register that holds state, with its value",
-                                       cmd_reg_ls, lists)):
+    for verb, what, func, parents in (
+        ("get", "read one register", cmd_reg_get, lists),
+        ("set", "write one register", cmd_reg_set, base),
+        ("ls", "every register that holds state, with its value", cmd_reg_ls, lists),
+    ):
         r = reg_add(verb, what, parents, func)
         r.add_argument("vm", metavar="VM", help="VM name or id")
         r.add_argument("vcpu", metavar="VCPU", type=_any_int, help="vcpu_id")
@@ -1259,19 +1549,31 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "set":
             r.add_argument("value", metavar="VALUE", type=_u64, help="64-bit value (may be hex)")
 
-    attr = add("attr", "read and write device and vCPU attributes (KVM_GET/SET_DEVICE_ATTR)",
-               [])
+    attr = add("attr", "read and write device and vCPU attributes (KVM_GET/SET_DEVICE_ATTR)", [])
     attr_add = adder(attr.add_subparsers(dest="verb", metavar="VERB", required=True), "attr ")
-    for verb, what, func, parents in (("get", "read one attribute", cmd_attr_get, lists),
-                                      ("set", "write one attribute", cmd_attr_set, base)):
+    for verb, what, func, parents in (
+        ("get", "read one attribute", cmd_attr_get, lists),
+        ("set", "write one attribute", cmd_attr_set, base),
+    ):
         a = attr_add(verb, what, parents, func)
         a.add_argument("vm", metavar="VM", help="VM name or id")
-        a.add_argument("target", metavar="DEVICE",
-                       help="ipi, eiointc, pchpic (or a full device type), or vcpuN")
-        a.add_argument("group", metavar="GROUP", type=_attr_number("group"),
-                       help="attribute group: a number or an abi name (pch_pic_grp_ctrl, …)")
-        a.add_argument("attr", metavar="ATTR", type=_attr_number("attr"),
-                       help="attribute: a number or an abi name (pch_pic_ctrl_init, …)")
+        a.add_argument(
+            "target",
+            metavar="DEVICE",
+            help="ipi, eiointc, pchpic (or a full device type), or vcpuN",
+        )
+        a.add_argument(
+            "group",
+            metavar="GROUP",
+            type=_attr_number("group"),
+            help="attribute group: a number or an abi name (pch_pic_grp_ctrl, …)",
+        )
+        a.add_argument(
+            "attr",
+            metavar="ATTR",
+            type=_attr_number("attr"),
+            help="attribute: a number or an abi name (pch_pic_ctrl_init, …)",
+        )
         if verb == "set":
             a.add_argument("value", metavar="VALUE", type=_u64, help="value (may be hex)")
 
@@ -1283,38 +1585,71 @@ def build_parser() -> argparse.ArgumentParser:
     msi.add_argument("vm", metavar="VM", help="VM name or id")
     msi.add_argument("addr", metavar="ADDR", type=_u64, help="MSI address")
     msi.add_argument("data", metavar="DATA", type=_u64, help="MSI data: the EIOINTC irq")
-    why = add("why", "why an interrupt goes where it goes: each hop, and the register and bit "
-                     "that stop or redirect it (read-only)", lists, cmd_why)
+    why = add(
+        "why",
+        "why an interrupt goes where it goes: each hop, and the register and bit "
+        "that stop or redirect it (read-only)",
+        lists,
+        cmd_why,
+    )
     why.add_argument("vm", metavar="VM", help="VM name or id")
-    why.add_argument("kind", choices=("pin", "msi", "irq"),
-                     help="pin N (a PCH-PIC pin, as `lvz irq`), msi ADDR DATA (as `lvz msi`) "
-                          "or irq N (an EIOINTC irq)")
+    why.add_argument(
+        "kind",
+        choices=("pin", "msi", "irq"),
+        help="pin N (a PCH-PIC pin, as `lvz irq`), msi ADDR DATA (as `lvz msi`) "
+        "or irq N (an EIOINTC irq)",
+    )
     why.add_argument("numbers", metavar="N", nargs="+", type=_u64, help="N, or ADDR DATA")
-    why.add_argument("--level", type=_level, default=1,
-                     help="explain raising (1, the default) or lowering (0) it")
+    why.add_argument(
+        "--level",
+        type=_level,
+        default=1,
+        help="explain raising (1, the default) or lowering (0) it",
+    )
     from . import top  # its terminal library is imported only when the live view starts
 
-    tp = add("top", "a live view of interrupts per VM, vCPU and line, as kvm_stat", base,
-             lambda a: top.run(a, connect, str(resolve_socket_path(a.socket)), Usage))
+    tp = add(
+        "top",
+        "a live view of interrupts per VM, vCPU and line, as kvm_stat",
+        base,
+        lambda a: top.run(a, connect, str(resolve_socket_path(a.socket)), Usage),
+    )
     top.add_arguments(tp)
     ev = add("events", "follow a VM's interrupt-line changes live", lists, cmd_events)
     ev.add_argument("vm", metavar="VM", help="VM name or id")
     ev.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
-    ev.add_argument("--timeout", type=float, metavar="SECONDS",
-                    help="stop after SECONDS without an event (default: never)")
+    ev.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop after SECONDS without an event (default: never)",
+    )
 
-    rp = add("replay", "run a recording against a fresh private daemon; exit 1 where it differs",
-             [common], cmd_replay)
+    rp = add(
+        "replay",
+        "run a recording against a fresh private daemon; exit 1 where it differs",
+        [common],
+        cmd_replay,
+    )
     rp.add_argument("file", metavar="FILE", help="a recording from `lvz serve --record`")
-    rp.add_argument("--pytest", action="store_true",
-                    help="print an equivalent pytest test instead of replaying")
-    rp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                    help="how long to wait for each expected answer (default: 5)")
+    rp.add_argument(
+        "--pytest", action="store_true", help="print an equivalent pytest test instead of replaying"
+    )
+    rp.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for each expected answer (default: 5)",
+    )
     names = sub.add_parser("_vm-names", parents=base, add_help=False)  # not in --help
     names.set_defaults(func=cmd_vm_names, command="_vm-names")
     cp = add("completion", "print a shell completion script", [], cmd_completion)
-    cp.add_argument("shell", choices=("bash", "zsh"),
-                    help="eval \"$(lvz completion bash)\" in ~/.bashrc (zsh: ~/.zshrc)")
+    cp.add_argument(
+        "shell",
+        choices=("bash", "zsh"),
+        help='eval "$(lvz completion bash)" in ~/.bashrc (zsh: ~/.zshrc)',
+    )
     return parser
 
 
@@ -1335,8 +1670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     verbose = getattr(args, "verbose", 0) or 0
     if args.command != "serve" and verbose:
-        logging.basicConfig(level=logging.INFO if verbose == 1 else logging.DEBUG,
-                            format="lvz: %(message)s", stream=sys.stderr, force=True)
+        logging.basicConfig(
+            level=logging.INFO if verbose == 1 else logging.DEBUG,
+            format="lvz: %(message)s",
+            stream=sys.stderr,
+            force=True,
+        )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         code = func(args)

@@ -21,12 +21,19 @@ from collections.abc import Iterator
 __all__ = ["script", "tree", "value_options", "positional_kinds", "static_words"]
 
 #: What a positional argument completes to, by its metavar ("vm": names from the daemon).
-KINDS = {"VM": "vm", "REG": "reg", "GROUP": "group", "ATTR": "attr", "TYPE": "device",
-         "DEVICE": "device"}
+KINDS = {
+    "VM": "vm",
+    "REG": "reg",
+    "GROUP": "group",
+    "ATTR": "attr",
+    "TYPE": "device",
+    "DEVICE": "device",
+}
 
 
-def tree(parser: argparse.ArgumentParser, path: str = "lvz") -> dict[str, tuple[list[str],
-                                                                              list[str]]]:
+def tree(
+    parser: argparse.ArgumentParser, path: str = "lvz"
+) -> dict[str, tuple[list[str], list[str]]]:
     """``{"lvz vm create": (subcommands, options)}`` for every command path."""
     subs: list[str] = []
     opts: list[str] = []
@@ -46,8 +53,9 @@ def tree(parser: argparse.ArgumentParser, path: str = "lvz") -> dict[str, tuple[
     return out
 
 
-def _walk(parser: argparse.ArgumentParser, path: str = "lvz") \
-        -> Iterator[tuple[str, argparse.Action]]:
+def _walk(
+    parser: argparse.ArgumentParser, path: str = "lvz"
+) -> Iterator[tuple[str, argparse.Action]]:
     for action in parser._actions:
         yield path, action
         if isinstance(action, argparse._SubParsersAction):
@@ -57,8 +65,14 @@ def _walk(parser: argparse.ArgumentParser, path: str = "lvz") \
 
 def value_options(parser: argparse.ArgumentParser) -> list[str]:
     """Every option that takes a value: its value is not a positional argument."""
-    return sorted({o for _path, a in _walk(parser) if a.option_strings and a.nargs != 0
-                   for o in a.option_strings})
+    return sorted(
+        {
+            o
+            for _path, a in _walk(parser)
+            if a.option_strings and a.nargs != 0
+            for o in a.option_strings
+        }
+    )
 
 
 def positional_kinds(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -79,10 +93,12 @@ def static_words() -> dict[str, list[str]]:
     """The constant word lists: register, attribute group and attr names, device types."""
     from .cli import SHORT_DEVICES, attr_names, register_names
 
-    return {"reg": [*sorted(register_names()), "csr:", "cpucfg:"],
-            "group": sorted(n for n in attr_names("group") if not n.startswith("kvm_")),
-            "attr": sorted(n for n in attr_names("attr") if not n.startswith("kvm_")),
-            "device": sorted(SHORT_DEVICES)}
+    return {
+        "reg": [*sorted(register_names()), "csr:", "cpucfg:"],
+        "group": sorted(n for n in attr_names("group") if not n.startswith("kvm_")),
+        "attr": sorted(n for n in attr_names("attr") if not n.startswith("kvm_")),
+        "device": sorted(SHORT_DEVICES),
+    }
 
 
 _FUNCTION = r"""

@@ -87,8 +87,9 @@ def begin_connect(where: str, timeout: float | None) -> tuple[socket.socket, boo
         return sock, True
     except OSError as exc:
         sock.close()
-        failure = DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
-                                    f"{exc.strerror or exc}")
+        failure = DaemonUnreachable(
+            f"cannot reach the lvz daemon at {where}: {exc.strerror or exc}"
+        )
         failure.errno = exc.errno  # the CLI tells a stale socket (ECONNREFUSED) apart
         raise failure from None
     return sock, False
@@ -99,8 +100,7 @@ def end_connect(sock: socket.socket, where: str) -> None:
     try:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: "
-                                    f"{os.strerror(err)}")
+            raise DaemonUnreachable(f"cannot reach the lvz daemon at {where}: {os.strerror(err)}")
         check_peer(sock, where)
     except BaseException:
         sock.close()
@@ -118,7 +118,9 @@ def check_peer(sock: socket.socket, path: str) -> None:
     if uid not in (0, os.getuid()):
         raise UntrustedDaemon(
             f"refusing the lvz daemon at {path}: its socket is served by uid {uid} (pid {pid}),"
-            f" not by uid {os.getuid()} or root", uid)
+            f" not by uid {os.getuid()} or root",
+            uid,
+        )
 
 
 # --- value types --------------------------------------------------------------------------------
@@ -300,10 +302,10 @@ class RouteVerdict:
     value: int | None = None
 
     def __str__(self) -> str:
-        where = RouteHop(chip=self.chip, step="", note="", register=self.register, bit=self.bit,
-                         value=self.value).where
-        return f"{self.reason} ({_short(self.chip)}{', ' + where if where else ''}): " \
-               f"{self.message}"
+        where = RouteHop(
+            chip=self.chip, step="", note="", register=self.register, bit=self.bit, value=self.value
+        ).where
+        return f"{self.reason} ({_short(self.chip)}{', ' + where if where else ''}): {self.message}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,8 +351,10 @@ class RouteExplanation:
         width = max((len(f"{_short(h.chip)} {h.step}") for h in self.hops), default=0)
         for i, h in enumerate(self.hops, 1):
             where = h.where
-            lines.append(f"  {i:2}. {f'{_short(h.chip)} {h.step}':<{width}}  {h.note}"
-                         + (f"  [{where}]" if where else ""))
+            lines.append(
+                f"  {i:2}. {f'{_short(h.chip)} {h.step}':<{width}}  {h.note}"
+                + (f"  [{where}]" if where else "")
+            )
         if self.delivered is not None:
             lines.append(f"  => delivered: {self.delivered}")
         if self.stopped is not None:
@@ -379,7 +383,12 @@ def describe_source(source: dict[str, Any]) -> str:
 # an operator's terminal must too, or a name holding a newline forges a row and one holding
 # ESC sequences clears the screen or retitles the window.
 _CONTROLS: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
-    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 
 
 def printable(text: str) -> str:
@@ -410,9 +419,14 @@ def parse_irq(params: dict[str, Any]) -> IrqEvent | None:
     """An ``irq`` notification as a typed event; None when its shape is not the documented one."""
     try:
         phyid = params.get("phyid")
-        return IrqEvent(vm=int(params["vm"]), vcpu_id=int(params["vcpu_id"]),
-                        irq=int(params["irq"]), level=int(params["level"]),
-                        seq=int(params["seq"]), phyid=phyid if type(phyid) is int else None)
+        return IrqEvent(
+            vm=int(params["vm"]),
+            vcpu_id=int(params["vcpu_id"]),
+            irq=int(params["irq"]),
+            level=int(params["level"]),
+            seq=int(params["seq"]),
+            phyid=phyid if type(phyid) is int else None,
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -426,8 +440,9 @@ def line_number(line: int | str) -> int:
     """A line given as its ESTAT bit or its name (``"IPI"``, ``"hwi3"``), checked."""
     irq = LINES_BY_NAME.get(line.upper(), -1) if isinstance(line, str) else line
     if irq < 0 or not abi.LINE_MASK >> irq & 1:
-        raise KvmError("EINVAL", f"{line!r} is not an interrupt line (one of "
-                                 f"{', '.join(LINE_NAMES.values())})")
+        raise KvmError(
+            "EINVAL", f"{line!r} is not an interrupt line (one of {', '.join(LINE_NAMES.values())})"
+        )
     return irq
 
 
@@ -593,8 +608,13 @@ class Session:
     ``receive`` / ``fail`` / ``forget``, under whatever lock the driver holds.
     """
 
-    def __init__(self, *, max_events: int, complete: Callable[[Pending], None],
-                 wake_events: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        *,
+        max_events: int,
+        complete: Callable[[Pending], None],
+        wake_events: Callable[[], object],
+    ) -> None:
         self.conn = ClientConnection()
         self.pending: dict[int, Pending] = {}
         self.buffers: dict[int, EventBuffer] = {}
@@ -630,8 +650,11 @@ class Session:
             raise response.error
         return response.result or {}
 
-    def request_batch(self, batch: list[tuple[str, dict[str, Any]]], waiter: object,
-                      ) -> tuple[list[Pending | KvmError], bytes]:
+    def request_batch(
+        self,
+        batch: list[tuple[str, dict[str, Any]]],
+        waiter: object,
+    ) -> tuple[list[Pending | KvmError], bytes]:
         """Encode many requests for one waiter; one that cannot be encoded is its error."""
         pendings: list[Pending | KvmError] = []
         chunks = []
@@ -665,9 +688,12 @@ class Session:
             try:
                 event = self.conn.next_event()
             except RemoteProtocolError as exc:
-                self.fail(ConnectionLost(
-                    f"the lvz daemon sent bytes this client cannot read ({exc.name}: "
-                    f"{exc.message})"))
+                self.fail(
+                    ConnectionLost(
+                        f"the lvz daemon sent bytes this client cannot read ({exc.name}: "
+                        f"{exc.message})"
+                    )
+                )
                 return
             if event is NEED_DATA:
                 break
@@ -708,8 +734,9 @@ class Session:
             self._wake_events()
         elif note.event == "protocol_error":
             err = KvmError.from_wire(params)
-            self.fail(ConnectionLost(
-                f"the daemon reported a protocol error ({err.name}: {err.message})"))
+            self.fail(
+                ConnectionLost(f"the daemon reported a protocol error ({err.name}: {err.message})")
+            )
         # other notifications: the protocol may grow new events; ignore what we do not know
 
     # --- event streams --------------------------------------------------------------------------

@@ -57,11 +57,16 @@ class Handle(Protocol):
 def _int(key: str) -> Callable[[dict[str, Any], str], int]:
     def parse(result: dict[str, Any], method: str) -> int:
         return int_field(result, key, method)
+
     return parse
 
 
 _value, _handle_vm, _handle_vcpu, _handle_device = (
-    _int("value"), _int("vm"), _int("vcpu"), _int("device"))
+    _int("value"),
+    _int("vm"),
+    _int("vcpu"),
+    _int("device"),
+)
 
 
 # --- parsers ------------------------------------------------------------------------------------
@@ -100,16 +105,24 @@ def parse_vm_list(result: dict[str, Any], method: str = "kvm.list_vms") -> list[
     rows = []
     for vm in field(result, "vms", method):
         name = vm.get("name")
-        rows.append(VmSummary(name=name if isinstance(name, str) else None,
-                              vcpus=int(vm.get("vcpus", 0)), devices=int(vm.get("devices", 0))))
+        rows.append(
+            VmSummary(
+                name=name if isinstance(name, str) else None,
+                vcpus=int(vm.get("vcpus", 0)),
+                devices=int(vm.get("devices", 0)),
+            )
+        )
     return rows
 
 
 def parse_plugins(result: dict[str, Any], method: str = "kvm.list_plugins") -> list[PluginInfo]:
     return [
-        PluginInfo(name=str(p.get("name", "")), version=str(p.get("version", "")),
-                   dist=str(p.get("dist", "")),
-                   device_types=tuple(str(t) for t in p.get("device_types", ())))
+        PluginInfo(
+            name=str(p.get("name", "")),
+            version=str(p.get("version", "")),
+            dist=str(p.get("dist", "")),
+            device_types=tuple(str(t) for t in p.get("device_types", ())),
+        )
         for p in field(result, "plugins", method)
     ]
 
@@ -118,70 +131,114 @@ def _parse_io(member: Any, method: str) -> IoExit | None:
     if member is None:
         return None
     try:
-        return IoExit(phys_addr=int(member["phys_addr"]), len=int(member["len"]),
-                      is_write=bool(member["is_write"]), data=int(member["data"]))
+        return IoExit(
+            phys_addr=int(member["phys_addr"]),
+            len=int(member["len"]),
+            is_write=bool(member["is_write"]),
+            data=int(member["data"]),
+        )
     except (KeyError, TypeError, ValueError):
-        raise KvmError("EPROTO", f"{method}: an mmio / iocsr_io exit that is not "
-                                 "{phys_addr, len, is_write, data}") from None
+        raise KvmError(
+            "EPROTO",
+            f"{method}: an mmio / iocsr_io exit that is not {{phys_addr, len, is_write, data}}",
+        ) from None
 
 
 def _parse_hypercall(member: Any, method: str) -> HypercallExit | None:
     if member is None:
         return None
     try:
-        return HypercallExit(nr=int(member["nr"]), args=tuple(int(a) for a in member["args"]),
-                             ret=int(member["ret"]), flags=int(member["flags"]))
+        return HypercallExit(
+            nr=int(member["nr"]),
+            args=tuple(int(a) for a in member["args"]),
+            ret=int(member["ret"]),
+            flags=int(member["flags"]),
+        )
     except (KeyError, TypeError, ValueError):
-        raise KvmError("EPROTO", f"{method}: a hypercall exit that is not "
-                                 "{nr, args, ret, flags}") from None
+        raise KvmError(
+            "EPROTO", f"{method}: a hypercall exit that is not {{nr, args, ret, flags}}"
+        ) from None
 
 
 def _parse_system_event(member: Any, method: str) -> SystemEvent | None:
     if member is None:
         return None
     try:
-        return SystemEvent(type=int(member["type"]), ndata=int(member["ndata"]),
-                           data=tuple(int(d) for d in member["data"]))
+        return SystemEvent(
+            type=int(member["type"]),
+            ndata=int(member["ndata"]),
+            data=tuple(int(d) for d in member["data"]),
+        )
     except (KeyError, TypeError, ValueError):
-        raise KvmError("EPROTO", f"{method}: a system_event exit that is not "
-                                 "{type, ndata, data}") from None
+        raise KvmError(
+            "EPROTO", f"{method}: a system_event exit that is not {{type, ndata, data}}"
+        ) from None
 
 
 def parse_run(result: dict[str, Any], method: str = "vcpu.run") -> RunResult:
     """A run's answer; an exit carries its ``kvm_run`` member (protocol-additions.md)."""
-    return RunResult(exit_reason=str(field(result, "exit_reason", method)),
-                     estat=int_field(result, "estat", method),
-                     mmio=_parse_io(result.get("mmio"), method),
-                     iocsr_io=_parse_io(result.get("iocsr_io"), method),
-                     hypercall=_parse_hypercall(result.get("hypercall"), method),
-                     system_event=_parse_system_event(result.get("system_event"), method))
+    return RunResult(
+        exit_reason=str(field(result, "exit_reason", method)),
+        estat=int_field(result, "estat", method),
+        mmio=_parse_io(result.get("mmio"), method),
+        iocsr_io=_parse_io(result.get("iocsr_io"), method),
+        hypercall=_parse_hypercall(result.get("hypercall"), method),
+        system_event=_parse_system_event(result.get("system_event"), method),
+    )
 
 
 def _verdict(raw: Any) -> RouteVerdict | None:
     if raw is None:
         return None
-    return RouteVerdict(chip=str(raw["chip"]), reason=str(raw["reason"]),
-                        message=str(raw["message"]), register=raw.get("register"),
-                        bit=raw.get("bit"), value=raw.get("value"))
+    return RouteVerdict(
+        chip=str(raw["chip"]),
+        reason=str(raw["reason"]),
+        message=str(raw["message"]),
+        register=raw.get("register"),
+        bit=raw.get("bit"),
+        value=raw.get("value"),
+    )
 
 
 def parse_route(result: dict[str, Any], method: str = "vm.explain_route") -> RouteExplanation:
     try:
-        hops = tuple(RouteHop(chip=str(h["chip"]), step=str(h["step"]), note=str(h["note"]),
-                              register=h.get("register"), bit=h.get("bit"),
-                              value=h.get("value"))
-                     for h in field(result, "hops", method))
+        hops = tuple(
+            RouteHop(
+                chip=str(h["chip"]),
+                step=str(h["step"]),
+                note=str(h["note"]),
+                register=h.get("register"),
+                bit=h.get("bit"),
+                value=h.get("value"),
+            )
+            for h in field(result, "hops", method)
+        )
         d = result.get("delivered")
-        delivered = None if d is None else RouteDelivery(
-            vcpu_id=int(d["vcpu_id"]), phyid=d.get("phyid"), line=int(d["line"]),
-            line_name=str(d["line_name"]), level=int(d["level"]), changed=bool(d["changed"]))
-        return RouteExplanation(source=describe_source(field(result, "source", method)),
-                                level=int_field(result, "level", method), hops=hops,
-                                delivered=delivered, stopped=_verdict(result.get("stopped")),
-                                redirected=_verdict(result.get("redirected")))
+        delivered = (
+            None
+            if d is None
+            else RouteDelivery(
+                vcpu_id=int(d["vcpu_id"]),
+                phyid=d.get("phyid"),
+                line=int(d["line"]),
+                line_name=str(d["line_name"]),
+                level=int(d["level"]),
+                changed=bool(d["changed"]),
+            )
+        )
+        return RouteExplanation(
+            source=describe_source(field(result, "source", method)),
+            level=int_field(result, "level", method),
+            hops=hops,
+            delivered=delivered,
+            stopped=_verdict(result.get("stopped")),
+            redirected=_verdict(result.get("redirected")),
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise KvmError("EPROTO", f"{method}: the result is not a route explanation "
-                                 f"({type(exc).__name__}: {exc})") from None
+        raise KvmError(
+            "EPROTO",
+            f"{method}: the result is not a route explanation ({type(exc).__name__}: {exc})",
+        ) from None
 
 
 def _parse_lookup(result: dict[str, Any], method: str) -> int | None:
@@ -210,8 +267,9 @@ def check_extension(cap: str, profile: str | None = None) -> Call[int]:
     return Call("kvm.check_extension", params, _value)
 
 
-def create_vm(name: str | None = None, max_phyid: int | None = None,
-              profile: str | None = None) -> Call[int]:
+def create_vm(
+    name: str | None = None, max_phyid: int | None = None, profile: str | None = None
+) -> Call[int]:
     """KVM_CREATE_VM; ``profile`` is the kernel the VM behaves as (``lvz profiles``)."""
     params: dict[str, Any] = {}
     if name is not None:
@@ -293,13 +351,17 @@ def irq_line(vm: Handle, irq: int, level: int | bool) -> Call[None]:
 
 
 def signal_msi(vm: Handle, address: int, data: int) -> Call[None]:
-    return Call("vm.signal_msi", {"vm": vm.handle, "address": address, "data": data},
-                _no_result)
+    return Call("vm.signal_msi", {"vm": vm.handle, "address": address, "data": data}, _no_result)
 
 
-def explain_route(vm: Handle, pin: int | None = None, *, msi: tuple[int, int] | None = None,
-                  eiointc_irq: int | None = None, level: int | bool = 1) \
-        -> Call[RouteExplanation]:
+def explain_route(
+    vm: Handle,
+    pin: int | None = None,
+    *,
+    msi: tuple[int, int] | None = None,
+    eiointc_irq: int | None = None,
+    level: int | bool = 1,
+) -> Call[RouteExplanation]:
     """Why an interrupt goes where it goes: PCH-PIC ``pin`` (as ``irq_line``), an ``msi``
     (address, data) as ``signal_msi``, or an EIOINTC irq, driven to ``level`` now. Read-only:
     nothing changes, no event is sent. Exactly one source; EINVAL otherwise."""
@@ -312,16 +374,20 @@ def explain_route(vm: Handle, pin: int | None = None, *, msi: tuple[int, int] | 
         sources.append({"eiointc_irq": eiointc_irq})
     if len(sources) != 1:
         raise KvmError("EINVAL", "explain_route: give exactly one of pin, msi and eiointc_irq")
-    return Call("vm.explain_route", {"vm": vm.handle, "source": sources[0],
-                                     "level": int(level)}, parse_route)
+    return Call(
+        "vm.explain_route",
+        {"vm": vm.handle, "source": sources[0], "level": int(level)},
+        parse_route,
+    )
 
 
 def subscribe(vm: Handle) -> Call[None]:
     return Call("vm.subscribe", {"vm": vm.handle}, _no_result)
 
 
-def wait_for_line(vm: Handle, vcpu_id: int, irq: int | str, level: int = 1,
-                  timeout: float | None = None) -> Op[IrqEvent | None]:
+def wait_for_line(
+    vm: Handle, vcpu_id: int, irq: int | str, level: int = 1, timeout: float | None = None
+) -> Op[IrqEvent | None]:
     """Until vCPU ``vcpu_id``'s line ``irq`` is at ``level``: the event that put it there, or None
     if it already was; TimeoutError after ``timeout`` s. The VM must be subscribed first.
 
@@ -343,8 +409,9 @@ def wait_for_line(vm: Handle, vcpu_id: int, irq: int | str, level: int = 1,
     while True:
         item = yield WaitEvent(vm.handle, deadline)
         if item is None:
-            raise TimeoutError(f"vCPU {vcpu_id}'s line {irq} did not go to {level} within "
-                               f"{timeout} s")
+            raise TimeoutError(
+                f"vCPU {vcpu_id}'s line {irq} did not go to {level} within {timeout} s"
+            )
         if isinstance(item, EventsLost):
             continue
         if item.vcpu_id == vcpu_id and item.irq == line and item.level == level:
@@ -359,8 +426,7 @@ def destroy_vcpu(vcpu: Handle) -> Call[None]:
 
 
 def set_one_reg(vcpu: Handle, reg_id: int, value: int) -> Call[None]:
-    return Call("vcpu.set_one_reg", {"vcpu": vcpu.handle, "id": reg_id, "value": value},
-                _no_result)
+    return Call("vcpu.set_one_reg", {"vcpu": vcpu.handle, "id": reg_id, "value": value}, _no_result)
 
 
 def get_one_reg(vcpu: Handle, reg_id: int) -> Call[int]:
@@ -377,13 +443,19 @@ def interrupt(vcpu: Handle, irq: int) -> Call[None]:
 
 
 def csr_xchg(vcpu: Handle, csr: int, value: int, mask: int) -> Call[int]:
-    return Call("vcpu.csr_xchg", {"vcpu": vcpu.handle, "csr": csr, "value": value,
-                                  "mask": mask}, _int("old"))
+    return Call(
+        "vcpu.csr_xchg",
+        {"vcpu": vcpu.handle, "csr": csr, "value": value, "mask": mask},
+        _int("old"),
+    )
 
 
 def vcpu_set_attr(vcpu: Handle, group: int, attr: int, value: int) -> Call[None]:
-    return Call("vcpu.set_attr", {"vcpu": vcpu.handle, "group": group, "attr": attr,
-                                  "value": value}, _no_result)
+    return Call(
+        "vcpu.set_attr",
+        {"vcpu": vcpu.handle, "group": group, "attr": attr, "value": value},
+        _no_result,
+    )
 
 
 def vcpu_get_attr(vcpu: Handle, group: int, attr: int) -> Call[int]:
@@ -404,35 +476,37 @@ def _guest(vcpu: Handle, timeout: float | None, **params: Any) -> dict[str, Any]
 
 
 def iocsr_read(vcpu: Handle, addr: int, size: int, timeout: float | None = None) -> Call[int]:
-    return Call("vcpu.iocsr_read", _guest(vcpu, timeout, addr=addr,
-                                          size=size), _value)
+    return Call("vcpu.iocsr_read", _guest(vcpu, timeout, addr=addr, size=size), _value)
 
 
-def iocsr_write(vcpu: Handle, addr: int, size: int, value: int,
-                timeout: float | None = None) -> Call[None]:
-    return Call("vcpu.iocsr_write", _guest(vcpu, timeout, addr=addr,
-                                           size=size, value=value), _no_result)
+def iocsr_write(
+    vcpu: Handle, addr: int, size: int, value: int, timeout: float | None = None
+) -> Call[None]:
+    return Call(
+        "vcpu.iocsr_write", _guest(vcpu, timeout, addr=addr, size=size, value=value), _no_result
+    )
 
 
 def mmio_read(vcpu: Handle, addr: int, size: int, timeout: float | None = None) -> Call[int]:
-    return Call("vcpu.mmio_read", _guest(vcpu, timeout, addr=addr,
-                                         size=size), _value)
+    return Call("vcpu.mmio_read", _guest(vcpu, timeout, addr=addr, size=size), _value)
 
 
-def mmio_write(vcpu: Handle, addr: int, size: int, value: int,
-               timeout: float | None = None) -> Call[None]:
-    return Call("vcpu.mmio_write", _guest(vcpu, timeout, addr=addr,
-                                          size=size, value=value), _no_result)
+def mmio_write(
+    vcpu: Handle, addr: int, size: int, value: int, timeout: float | None = None
+) -> Call[None]:
+    return Call(
+        "vcpu.mmio_write", _guest(vcpu, timeout, addr=addr, size=size, value=value), _no_result
+    )
 
 
 def hypercall(vcpu: Handle, code: int, *args: int, timeout: float | None = None) -> Call[int]:
     """``hvcl code`` with a0..a5 = ``args``; returns the guest's a0 afterwards (signed)."""
-    return Call("vcpu.hypercall", _guest(vcpu, timeout, code=code,
-                                         args=list(args)), _int("a0"))
+    return Call("vcpu.hypercall", _guest(vcpu, timeout, code=code, args=list(args)), _int("a0"))
 
 
-def run(vcpu: Handle, timeout: float, data: int | None = None,
-        ret: int | None = None) -> Call[RunResult]:
+def run(
+    vcpu: Handle, timeout: float, data: int | None = None, ret: int | None = None
+) -> Call[RunResult]:
     """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers an MMIO / IOCSR
     read, ``ret`` a hypercall), then return the next exit, else idle until an interrupt line
     is up or ``timeout`` s pass (the daemon's limit)."""
@@ -453,10 +527,12 @@ def kick(vcpu: Handle) -> Call[None]:
 
 
 def device_set_attr(device: Handle, group: int, attr: int, value: int) -> Call[None]:
-    return Call("device.set_attr", {"device": device.handle, "group": group, "attr": attr,
-                                    "value": value}, _no_result)
+    return Call(
+        "device.set_attr",
+        {"device": device.handle, "group": group, "attr": attr, "value": value},
+        _no_result,
+    )
 
 
 def device_get_attr(device: Handle, group: int, attr: int) -> Call[int]:
-    return Call("device.get_attr", {"device": device.handle, "group": group, "attr": attr},
-                _value)
+    return Call("device.get_attr", {"device": device.handle, "group": group, "attr": attr}, _value)

@@ -108,8 +108,9 @@ class _Parker:
 class Kvm:
     """A connection to the daemon, as an open ``/dev/kvm`` is to the kernel; thread-safe."""
 
-    def __init__(self, sock: socket.socket, *, max_events: int = DEFAULT_MAX_EVENTS,
-                 path: str = "") -> None:
+    def __init__(
+        self, sock: socket.socket, *, max_events: int = DEFAULT_MAX_EVENTS, path: str = ""
+    ) -> None:
         self.path = path
         self._sock = sock
         self._state = threading.Lock()  # guards the session and the fields below
@@ -117,13 +118,19 @@ class Kvm:
         self._sending = False  # a thread is writing the outbox
         self._reading = False
         self._parked: dict[_Parker, None] = {}
-        self.session = Session(max_events=max_events, complete=self._complete,
-                               wake_events=self._wake_events)
+        self.session = Session(
+            max_events=max_events, complete=self._complete, wake_events=self._wake_events
+        )
         self.info = HelloInfo(protocol=0, server="", api_version=0, methods=(), device_types=())
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str] | None = None, *,
-                max_events: int = DEFAULT_MAX_EVENTS, timeout: float | None = 10.0) -> Kvm:
+    def connect(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        timeout: float | None = 10.0,
+    ) -> Kvm:
         """Open the daemon's socket (``path`` > ``$LVZ_SOCKET`` > default), check who serves it
         (``UntrustedDaemon`` unless our uid or root) and say ``hello``.
 
@@ -280,8 +287,9 @@ class Kvm:
             self._send(data)
         if data and not self._wait(parker, lambda: parker.count == 0, deadline):
             with self._state:
-                self.session.fail(ConnectionLost(
-                    f"the lvz daemon at {self.path} did not answer in time"))
+                self.session.fail(
+                    ConnectionLost(f"the lvz daemon at {self.path} did not answer in time")
+                )
         return self.session.outcomes(pendings)
 
     def _next_event(self, vm: int | None, timeout: float | None) -> StreamItem | None:
@@ -357,8 +365,9 @@ class Kvm:
     def check_extension(self, cap: str, profile: str | None = None) -> int:
         return self.run(ops.check_extension(cap, profile))
 
-    def create_vm(self, name: str | None = None, max_phyid: int | None = None,
-                  profile: str | None = None) -> VmFd:
+    def create_vm(
+        self, name: str | None = None, max_phyid: int | None = None, profile: str | None = None
+    ) -> VmFd:
         return VmFd(self, self.run(ops.create_vm(name, max_phyid, profile)), name)
 
     def open_vm(self, name: str) -> VmFd:
@@ -397,8 +406,12 @@ class Kvm:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -414,8 +427,12 @@ class _Fd:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:  # best effort: an error here must not hide the one that ended the block
             self.close()
         except (KvmError, ConnectionError):
@@ -464,11 +481,18 @@ class VmFd(VmFdBase["Kvm"], _Fd):
     def signal_msi(self, address: int, data: int) -> None:
         self.kvm.run(ops.signal_msi(self, address, data))
 
-    def explain_route(self, pin: int | None = None, *, msi: tuple[int, int] | None = None,
-                      eiointc_irq: int | None = None, level: int | bool = 1) -> RouteExplanation:
+    def explain_route(
+        self,
+        pin: int | None = None,
+        *,
+        msi: tuple[int, int] | None = None,
+        eiointc_irq: int | None = None,
+        level: int | bool = 1,
+    ) -> RouteExplanation:
         """See ``ops.explain_route``: the hops an interrupt takes now, and where it ends."""
-        return self.kvm.run(ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq,
-                                                level=level))
+        return self.kvm.run(
+            ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq, level=level)
+        )
 
     def subscribe(self) -> None:
         """Start buffering this VM's ``irq`` events (read them with ``events``)."""
@@ -501,8 +525,9 @@ class VmFd(VmFdBase["Kvm"], _Fd):
         while (item := self.kvm._next_event(self.handle, timeout)) is not None:
             yield item
 
-    def wait_for_line(self, vcpu_id: int, irq: int | str, level: int = 1,
-                      timeout: float | None = None) -> IrqEvent | None:
+    def wait_for_line(
+        self, vcpu_id: int, irq: int | str, level: int = 1, timeout: float | None = None
+    ) -> IrqEvent | None:
         """See ``ops.wait_for_line``: subscribes first if needed; TimeoutError when it is late."""
         self._stream()
         return self.kvm.drive(ops.wait_for_line(self, vcpu_id, irq, level, timeout))
@@ -542,22 +567,21 @@ class VcpuFd(VcpuFdBase["Kvm"], _Fd):
     def iocsr_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:
         return self.kvm.run(ops.iocsr_read(self, addr, size, timeout))
 
-    def iocsr_write(self, addr: int, size: int, value: int, *,
-                    timeout: float | None = None) -> None:
+    def iocsr_write(
+        self, addr: int, size: int, value: int, *, timeout: float | None = None
+    ) -> None:
         self.kvm.run(ops.iocsr_write(self, addr, size, value, timeout))
 
     def mmio_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:
         return self.kvm.run(ops.mmio_read(self, addr, size, timeout))
 
-    def mmio_write(self, addr: int, size: int, value: int, *,
-                   timeout: float | None = None) -> None:
+    def mmio_write(self, addr: int, size: int, value: int, *, timeout: float | None = None) -> None:
         self.kvm.run(ops.mmio_write(self, addr, size, value, timeout))
 
     def hypercall(self, code: int, *args: int, timeout: float | None = None) -> int:
         return self.kvm.run(ops.hypercall(self, code, *args, timeout=timeout))
 
-    def run(self, timeout: float, *, data: int | None = None,
-            ret: int | None = None) -> RunResult:
+    def run(self, timeout: float, *, data: int | None = None, ret: int | None = None) -> RunResult:
         """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers a read,
         ``ret`` a hypercall), then return the next exit, else idle until an interrupt line is
         up or ``timeout`` seconds pass (blocks this thread)."""

@@ -65,8 +65,15 @@ class Schema:
         self.number = number
         self.groups: dict[tuple[str, str | None], list[Desc]] = {}
         for d in descriptors:
-            desc = Desc(d["name"], d["scope"], d.get("device"), d["kind"], d["unit"],
-                        d.get("size", 1), d.get("help", ""))
+            desc = Desc(
+                d["name"],
+                d["scope"],
+                d.get("device"),
+                d["kind"],
+                d["unit"],
+                d.get("size", 1),
+                d.get("help", ""),
+            )
             self.groups.setdefault((desc.scope, desc.device), []).append(desc)
 
     def descs(self, scope: str, device: str | None = None) -> list[Desc]:
@@ -116,17 +123,25 @@ class Source:
         if "descriptors" in r or self.schema is None or self.schema.number != r["schema"]:
             self.schema = Schema(r["schema"], r.get("descriptors", []))
         sc = self.schema
-        s = Sample(time.monotonic(), sc.decode("daemon", r["daemon"]),
-                   [(v["id"], v["name"], sc.decode("vm", v["values"])) for v in r["vms"]])
+        s = Sample(
+            time.monotonic(),
+            sc.decode("daemon", r["daemon"]),
+            [(v["id"], v["name"], sc.decode("vm", v["values"])) for v in r["vms"]],
+        )
         for vid, _name, values in s.vms:
             self._flatten(s.flat, ("vm", vid), sc.descs("vm"), values)
         if "vm" in r:
             v = r["vm"]
-            s.detail = Detail(v["id"], v["name"], sc.decode("vm", v["values"]),
-                              [(c["vcpu_id"], sc.decode("vcpu", c["values"]))
-                               for c in v["vcpus"]],
-                              {t: None if vals is None else sc.decode("device", vals, t)
-                               for t, vals in v["devices"].items()})
+            s.detail = Detail(
+                v["id"],
+                v["name"],
+                sc.decode("vm", v["values"]),
+                [(c["vcpu_id"], sc.decode("vcpu", c["values"])) for c in v["vcpus"]],
+                {
+                    t: None if vals is None else sc.decode("device", vals, t)
+                    for t, vals in v["devices"].items()
+                },
+            )
             for vcpu_id, values in s.detail.vcpus:
                 self._flatten(s.flat, ("vcpu", v["id"], vcpu_id), sc.descs("vcpu"), values)
             for t, dev_values in s.detail.devices.items():
@@ -136,8 +151,9 @@ class Source:
         return s
 
     @staticmethod
-    def _flatten(flat: dict[Key, int], prefix: Key, descs: list[Desc],
-                 values: dict[str, Any]) -> None:
+    def _flatten(
+        flat: dict[Key, int], prefix: Key, descs: list[Desc], values: dict[str, Any]
+    ) -> None:
         for d in descs:
             if d.kind != "cumulative" or d.name not in values:
                 continue
@@ -169,20 +185,34 @@ class Column:
 
 
 VM_COLUMNS: Final = (
-    Column("ID", "id", 4), Column("NAME", "name", 12, left=True), Column("VCPUS", "vcpus", 5),
-    Column("MAP", "map", 11), Column("PEND", "pending", 5), Column("DELIV", "deliveries", 9),
-    Column("DELIV/s", "deliveries/s", 9), Column("IPI/s", "ipis/s", 8),
-    Column("SWI/s", "swis/s", 8), Column("HWI/s", "hwis/s", 8), Column("MSI/s", "msis/s", 8),
-    Column("IRQL/s", "irq_lines/s", 8), Column("HCALL/s", "hypercalls/s", 8),
-    Column("EVENTS", "events", 9), Column("LOST", "events_lost", 7),
+    Column("ID", "id", 4),
+    Column("NAME", "name", 12, left=True),
+    Column("VCPUS", "vcpus", 5),
+    Column("MAP", "map", 11),
+    Column("PEND", "pending", 5),
+    Column("DELIV", "deliveries", 9),
+    Column("DELIV/s", "deliveries/s", 9),
+    Column("IPI/s", "ipis/s", 8),
+    Column("SWI/s", "swis/s", 8),
+    Column("HWI/s", "hwis/s", 8),
+    Column("MSI/s", "msis/s", 8),
+    Column("IRQL/s", "irq_lines/s", 8),
+    Column("HCALL/s", "hypercalls/s", 8),
+    Column("EVENTS", "events", 9),
+    Column("LOST", "events_lost", 7),
 )
 
 VCPU_COLUMNS: Final = (
-    Column("VCPU", "vcpu_id", 6), Column("PHYID", "phyid", 6), Column("LINES UP", "lines", 18,
-                                                                     left=True),
-    Column("DELIV", "deliveries", 9), Column("DELIV/s", "deliveries/s", 9),
-    Column("IPIS", "ipis", 7), Column("IPI/s", "ipis/s", 8), Column("HCALLS", "hypercalls", 8),
-    Column("HCALL/s", "hypercalls/s", 8), Column("RUN", "running", 4),
+    Column("VCPU", "vcpu_id", 6),
+    Column("PHYID", "phyid", 6),
+    Column("LINES UP", "lines", 18, left=True),
+    Column("DELIV", "deliveries", 9),
+    Column("DELIV/s", "deliveries/s", 9),
+    Column("IPIS", "ipis", 7),
+    Column("IPI/s", "ipis/s", 8),
+    Column("HCALLS", "hypercalls", 8),
+    Column("HCALL/s", "hypercalls/s", 8),
+    Column("RUN", "running", 4),
 )
 
 #: What a sort key sorts by when its column shows text.
@@ -212,8 +242,10 @@ def _header_text(cols: Sequence[Column], sort_key: str, reverse: bool) -> str:
 
 
 def _lines_text(mask: int) -> str:
-    return ",".join(LINE_NAMES.get(b, str(b)) for b in range(mask.bit_length())
-                    if mask >> b & 1) or "-"
+    return (
+        ",".join(LINE_NAMES.get(b, str(b)) for b in range(mask.bit_length()) if mask >> b & 1)
+        or "-"
+    )
 
 
 def _duration(ms: int) -> str:
@@ -267,8 +299,7 @@ class View:
         rows = []
         pattern = self._pattern()
         for vid, name, values in cur.vms:
-            if pattern is not None and not (pattern.search(name or "")
-                                            or pattern.search(str(vid))):
+            if pattern is not None and not (pattern.search(name or "") or pattern.search(str(vid))):
                 continue
             row: dict[str, Any] = {"id": vid, "name": printable(name) if name else "-"}
             for d in schema.descs("vm"):
@@ -281,8 +312,9 @@ class View:
             rows.append(row)
         return _sorted(rows, self.sort, self.reverse)
 
-    def vcpu_rows(self, prev: Sample | None, cur: Sample, schema: Schema,
-                  detail: Detail) -> list[dict[str, Any]]:
+    def vcpu_rows(
+        self, prev: Sample | None, cur: Sample, schema: Schema, detail: Detail
+    ) -> list[dict[str, Any]]:
         rows = []
         max_phyid = detail.values.get("max_phyid", 0)
         for vcpu_id, values in detail.vcpus:
@@ -314,15 +346,18 @@ class View:
 
     # --- screens ------------------------------------------------------------------------
 
-    def render(self, prev: Sample | None, cur: Sample, schema: Schema) \
-            -> tuple[list[str], list[str], int | None]:
+    def render(
+        self, prev: Sample | None, cur: Sample, schema: Schema
+    ) -> tuple[list[str], list[str], int | None]:
         """(title lines, body lines, index of the selected body line)."""
         if self.vm_id is not None and cur.detail is not None:
             return self._render_vm(prev, cur, schema, cur.detail)
         d = cur.daemon
-        title = (f"lvz top  {self.socket}  up {_duration(d.get('uptime', 0))}  "
-                 f"{d.get('vms', 0)} VMs  {d.get('vcpus', 0)} vCPUs  "
-                 f"{d.get('connections', 0)} connections  every {self.interval:g}s")
+        title = (
+            f"lvz top  {self.socket}  up {_duration(d.get('uptime', 0))}  "
+            f"{d.get('vms', 0)} VMs  {d.get('vcpus', 0)} vCPUs  "
+            f"{d.get('connections', 0)} connections  every {self.interval:g}s"
+        )
         if self.filter:
             title += f"  filter /{self.filter}/"
         rows = self.vm_rows(prev, cur, schema)
@@ -335,29 +370,41 @@ class View:
         sel = ids.index(self.selected) if self.selected is not None else None
         return [title, _header_text(VM_COLUMNS, self.sort, self.reverse)], body, sel
 
-    def _render_vm(self, prev: Sample | None, cur: Sample, schema: Schema,
-                   detail: Detail) -> tuple[list[str], list[str], int | None]:
+    def _render_vm(
+        self, prev: Sample | None, cur: Sample, schema: Schema, detail: Detail
+    ) -> tuple[list[str], list[str], int | None]:
         v = detail.values
         fill = v.get("phyids", 0) / max(1, v.get("max_phyid", 1)) * 100
         total_events = self.total(cur, ("vm", detail.id, "events"))
         lost = self.total(cur, ("vm", detail.id, "events_lost"))
-        title = (f"VM {detail.id} {printable(detail.name or '(unnamed)')}: "
-                 f"{v.get('vcpus', 0)} vCPUs, "
-                 f"phyid map {v.get('phyids', 0)}/{v.get('max_phyid', 0)} ({fill:.0f}% full), "
-                 f"{v.get('pending', 0)} lines up, {total_events} events ({lost} lost), "
-                 f"{v.get('subscribers', 0)} subscribers")
-        body = [_row_text(VCPU_COLUMNS, r)
-                for r in self.vcpu_rows(prev, cur, schema, detail)]
+        title = (
+            f"VM {detail.id} {printable(detail.name or '(unnamed)')}: "
+            f"{v.get('vcpus', 0)} vCPUs, "
+            f"phyid map {v.get('phyids', 0)}/{v.get('max_phyid', 0)} ({fill:.0f}% full), "
+            f"{v.get('pending', 0)} lines up, {total_events} events ({lost} lost), "
+            f"{v.get('subscribers', 0)} subscribers"
+        )
+        body = [_row_text(VCPU_COLUMNS, r) for r in self.vcpu_rows(prev, cur, schema, detail)]
         for t, dev_values in sorted(detail.devices.items()):
             if dev_values is None:  # a plugin call failed for good (--plugin-timeout)
-                body += ["", f"{t}: broken (a call into its plugin timed out; its requests "
-                             "answer EIO until the VM is destroyed)"]
+                body += [
+                    "",
+                    f"{t}: broken (a call into its plugin timed out; its requests "
+                    "answer EIO until the VM is destroyed)",
+                ]
                 continue
             body += ["", *self._device_lines(prev, cur, schema, detail.id, t, dev_values)]
         return [title, _header_text(VCPU_COLUMNS, self.vcpu_sort, self.vcpu_reverse)], body, None
 
-    def _device_lines(self, prev: Sample | None, cur: Sample, schema: Schema, vm_id: int,
-                      t: str, values: dict[str, Any]) -> list[str]:
+    def _device_lines(
+        self,
+        prev: Sample | None,
+        cur: Sample,
+        schema: Schema,
+        vm_id: int,
+        t: str,
+        values: dict[str, Any],
+    ) -> list[str]:
         """A chip, from its descriptors: scalars on one line, then a row per active line.
 
         A line is listed once it has counted something or is pending: EIOINTC has 256, and
@@ -368,8 +415,11 @@ class View:
         for d in descs:
             if d.size != 1:
                 continue
-            text = f"{d.name} {self.total(cur, ('dev', vm_id, t, d.name))}" \
-                if d.kind == "cumulative" else f"{d.name} {values.get(d.name)}"
+            text = (
+                f"{d.name} {self.total(cur, ('dev', vm_id, t, d.name))}"
+                if d.kind == "cumulative"
+                else f"{d.name} {values.get(d.name)}"
+            )
             if d.kind == "cumulative":
                 r = self.rate(prev, cur, ("dev", vm_id, t, d.name))
                 text += f" ({_fmt_count(r)}/s)"
@@ -437,6 +487,7 @@ def _sorted(rows: list[dict[str, Any]], key: str, reverse: bool) -> list[dict[st
         if isinstance(v, (int, float)):
             return (1, v)
         return (0, str(v)) if v not in (None, "-", "") else (-1, "")
+
     return sorted(rows, key=k, reverse=reverse)
 
 
@@ -450,8 +501,9 @@ def _find_vm(sample: Sample, ref: str) -> int:
             return vid
     if ref.isdigit() and any(vid == int(ref) for vid, _, _ in sample.vms):
         return int(ref)
-    raise KvmError("ENOENT", f"no VM named {ref!r}" + (f" and none with id {ref}"
-                                                       if ref.isdigit() else ""))
+    raise KvmError(
+        "ENOENT", f"no VM named {ref!r}" + (f" and none with id {ref}" if ref.isdigit() else "")
+    )
 
 
 def _once(source: Source, view: View, args: argparse.Namespace) -> int:
@@ -493,8 +545,12 @@ def _log(source: Source, view: View, args: argparse.Namespace) -> int:
         if writer is not None:
             writer.writerow(cells)
         else:
-            print(" ".join(c.ljust(w) if i in (0, 2) else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
+            print(
+                " ".join(
+                    c.ljust(w) if i in (0, 2) else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+                )
+            )
         sys.stdout.flush()
 
     emit([name for name, _ in fields])
@@ -505,13 +561,13 @@ def _log(source: Source, view: View, args: argparse.Namespace) -> int:
         now = time.time()
         # Below a second, rows of successive intervals would share a stamp: add milliseconds.
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
-            f".{int(now % 1 * 1000):03d}Z" if args.interval < 1 else "Z")
+            f".{int(now % 1 * 1000):03d}Z" if args.interval < 1 else "Z"
+        )
         for row in sorted(view.vm_rows(prev, cur, source.schema), key=lambda r: r["id"]):
             cells = [stamp]
             for _name, key in fields[1:]:
                 v = row.get(key)
-                cells.append("" if v is None else f"{v:.1f}" if isinstance(v, float)
-                             else str(v))
+                cells.append("" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v))
             emit(cells)
         prev = cur
         n += 1
@@ -520,12 +576,15 @@ def _log(source: Source, view: View, args: argparse.Namespace) -> int:
 
 # --- the live screen ---------------------------------------------------------------------------
 
+
 def _footer(drilled: bool) -> str:
     arrows, enter, left = ("↑↓", "⏎", "←") if _fancy() else ("up/down", "Enter", "left")
     if drilled:
         return f"q quit  s sort  o order  {arrows} scroll  b/{left} back  r reset  +/- interval"
-    return (f"q quit  s sort  o order  f filter  c clear  {arrows} select  {enter} drill down  "
-            f"r reset  +/- interval")
+    return (
+        f"q quit  s sort  o order  f filter  c clear  {arrows} select  {enter} drill down  "
+        f"r reset  +/- interval"
+    )
 
 
 def _interactive(source: Source, view: View, args: argparse.Namespace) -> int:
@@ -590,8 +649,10 @@ def _loop(scr: curses.window, source: Source, view: View) -> int:
             if view.selected is not None:
                 view.vm_id, view.message, scroll = view.selected, "", 0
                 fresh, prev = True, None
-        elif key in (ord("b"), 27, curses.KEY_LEFT, curses.KEY_BACKSPACE, 127) \
-                and view.vm_id is not None:
+        elif (
+            key in (ord("b"), 27, curses.KEY_LEFT, curses.KEY_BACKSPACE, 127)
+            and view.vm_id is not None
+        ):
             view.vm_id, view.message, scroll = None, "", 0
         if fresh:
             prev, cur = _refresh(source, view, cur)
@@ -610,8 +671,9 @@ def _refresh(source: Source, view: View, cur: Sample) -> tuple[Sample, Sample]:
     return cur, new
 
 
-def _move(view: View, prev: Sample | None, cur: Sample, schema: Schema, step: int,
-          scroll: int) -> int:
+def _move(
+    view: View, prev: Sample | None, cur: Sample, schema: Schema, step: int, scroll: int
+) -> int:
     if view.vm_id is not None:
         return max(0, scroll + step)
     ids = [r["id"] for r in view.vm_rows(prev, cur, schema)]
@@ -643,8 +705,14 @@ def _prompt(scr: curses.window, question: str) -> str:
     return raw.decode(errors="replace").strip()
 
 
-def _draw(scr: curses.window, view: View, title: list[str], body: list[str],
-          selected: int | None, scroll: int) -> None:
+def _draw(
+    scr: curses.window,
+    view: View,
+    title: list[str],
+    body: list[str],
+    selected: int | None,
+    scroll: int,
+) -> None:
     import curses
 
     scr.erase()
@@ -660,10 +728,11 @@ def _draw(scr: curses.window, view: View, title: list[str], body: list[str],
                 scr.addnstr(y, 0, text.ljust(w), w - 1 if y == h - 1 else w, attr)
             except curses.error:
                 pass  # the last cell of the screen; nothing is lost
+
     put(0, title[0], curses.A_BOLD)
     for y, line in enumerate(title[1:], start=1):
         put(y, line, curses.A_REVERSE)
-    for i, line in enumerate(body[scroll:scroll + room]):
+    for i, line in enumerate(body[scroll : scroll + room]):
         put(len(title) + i, line, curses.A_REVERSE if scroll + i == selected else 0)
     footer = _footer(view.vm_id is not None)
     put(h - 1, f"{view.message}  |  {footer}" if view.message else footer, curses.A_DIM)
@@ -675,23 +744,39 @@ def _draw(scr: curses.window, view: View, title: list[str], body: list[str],
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--once", action="store_true",
-                      help="print one screen (rates over --interval) and exit")
-    mode.add_argument("--log", action="store_true",
-                      help="print a row per VM per interval, columns aligned")
-    mode.add_argument("--csv", action="store_true",
-                      help="print a row per VM per interval as CSV, header first")
-    p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
-                   help="time between samples (default: 1)")
-    p.add_argument("--count", type=_count, metavar="N",
-                   help="--log/--csv: stop after N intervals (default: never)")
-    p.add_argument("--vm", metavar="VM", help="--once: show this VM's vCPUs and lines "
-                                              "(name or id)")
-    p.add_argument("--filter", default="", metavar="REGEX",
-                   help="only VMs whose name or id matches")
-    p.add_argument("--sort", default="deliveries/s", choices=[c.key for c in VM_COLUMNS],
-                   metavar="KEY", help="VM column to sort by, largest first "
-                                       "(default: deliveries/s)")
+    mode.add_argument(
+        "--once", action="store_true", help="print one screen (rates over --interval) and exit"
+    )
+    mode.add_argument(
+        "--log", action="store_true", help="print a row per VM per interval, columns aligned"
+    )
+    mode.add_argument(
+        "--csv", action="store_true", help="print a row per VM per interval as CSV, header first"
+    )
+    p.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between samples (default: 1)",
+    )
+    p.add_argument(
+        "--count",
+        type=_count,
+        metavar="N",
+        help="--log/--csv: stop after N intervals (default: never)",
+    )
+    p.add_argument("--vm", metavar="VM", help="--once: show this VM's vCPUs and lines (name or id)")
+    p.add_argument(
+        "--filter", default="", metavar="REGEX", help="only VMs whose name or id matches"
+    )
+    p.add_argument(
+        "--sort",
+        default="deliveries/s",
+        choices=[c.key for c in VM_COLUMNS],
+        metavar="KEY",
+        help="VM column to sort by, largest first (default: deliveries/s)",
+    )
 
 
 def _seconds(text: str) -> float:
@@ -710,8 +795,12 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def run(args: argparse.Namespace, connect: Callable[[argparse.Namespace], Kvm],
-        socket: str, Usage: type[Exception]) -> int:
+def run(
+    args: argparse.Namespace,
+    connect: Callable[[argparse.Namespace], Kvm],
+    socket: str,
+    Usage: type[Exception],
+) -> int:
     """``lvz top``: the live screen on a terminal, else (or with a flag) the batch modes.
 
     ``Usage`` is what the CLI turns into exit status 2; it is handed in rather than imported
@@ -726,12 +815,12 @@ def run(args: argparse.Namespace, connect: Callable[[argparse.Namespace], Kvm],
         raise Usage("--vm goes with --once (in the live view, select a VM and press Enter)")
     interactive = not (args.once or args.log or args.csv)
     if interactive and not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise Usage("the live view needs a terminal; use --once, --log or --csv for a pipe "
-                    "or a file")
+        raise Usage(
+            "the live view needs a terminal; use --once, --log or --csv for a pipe or a file"
+        )
     if (args.log or args.csv) and args.interval <= 0:
         raise Usage("--log and --csv need an --interval above 0")
-    view = View(sort=args.sort, filter=args.filter, interval=args.interval or 1.0,
-                socket=socket)
+    view = View(sort=args.sort, filter=args.filter, interval=args.interval or 1.0, socket=socket)
     with connect(args) as kvm:
         source = Source(kvm)
         if args.once:

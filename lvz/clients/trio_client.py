@@ -93,16 +93,23 @@ class AsyncKvm:
     Made by ``open_kvm``; every method may be called from many tasks at once.
     """
 
-    def __init__(self, sock: socket.socket, *, max_events: int = core.DEFAULT_MAX_EVENTS,
-                 write_timeout: float = DEFAULT_WRITE_TIMEOUT, path: str = "") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        max_events: int = core.DEFAULT_MAX_EVENTS,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        path: str = "",
+    ) -> None:
         self.path = path
         self._sock = sock
         self._outbox: deque[bytes] = deque()  # bytes the kernel did not take yet, in order
         self._writer: trio.lowlevel.Task | None = None  # the writer task, while it idles
         self._write_timeout = write_timeout
         self._events = trio.lowlevel.ParkingLot()
-        self.session = core.Session(max_events=max_events, complete=self._complete,
-                               wake_events=self._events.unpark_all)
+        self.session = core.Session(
+            max_events=max_events, complete=self._complete, wake_events=self._events.unpark_all
+        )
         self.info = HelloInfo(protocol=0, server="", api_version=0, methods=(), device_types=())
 
     @property
@@ -167,6 +174,7 @@ class AsyncKvm:
                 def abort(_: Any) -> trio.lowlevel.Abort:
                     self._writer = None
                     return trio.lowlevel.Abort.SUCCEEDED
+
                 await trio.lowlevel.wait_task_rescheduled(abort)
                 continue
             if len(outbox) > 1:
@@ -189,8 +197,11 @@ class AsyncKvm:
                     else:
                         outbox[0] = outbox[0][sent:]
             if scope.cancelled_caught:
-                self.session.fail(ConnectionLost(
-                    f"the lvz daemon did not read a request for {self._write_timeout} s"))
+                self.session.fail(
+                    ConnectionLost(
+                        f"the lvz daemon did not read a request for {self._write_timeout} s"
+                    )
+                )
 
     async def _read_loop(self) -> None:
         sock, session = self._sock, self.session
@@ -285,8 +296,9 @@ class AsyncKvm:
     async def check_extension(self, cap: str, profile: str | None = None) -> int:
         return await self.run(ops.check_extension(cap, profile))
 
-    async def create_vm(self, name: str | None = None, max_phyid: int | None = None,
-                        profile: str | None = None) -> AsyncVmFd:
+    async def create_vm(
+        self, name: str | None = None, max_phyid: int | None = None, profile: str | None = None
+    ) -> AsyncVmFd:
         return AsyncVmFd(self, await self.run(ops.create_vm(name, max_phyid, profile)), name)
 
     async def open_vm(self, name: str) -> AsyncVmFd:
@@ -318,7 +330,9 @@ class AsyncKvm:
 
 @asynccontextmanager
 async def open_kvm(
-    path: str | os.PathLike[str] | None = None, *, max_events: int = core.DEFAULT_MAX_EVENTS,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    max_events: int = core.DEFAULT_MAX_EVENTS,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
 ) -> AsyncIterator[AsyncKvm]:
     """Connect to the daemon (``path`` > ``$LVZ_SOCKET`` > default), check who serves it
@@ -373,8 +387,12 @@ class _AsyncFd:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         # The handle may be gone already (destroyed, or the connection lost): that must not
         # hide the exception that ended the block.
         with contextlib.suppress(KvmError, ConnectionError):
@@ -421,11 +439,18 @@ class AsyncVmFd(core.VmFdBase[AsyncKvm], _AsyncFd):
     async def signal_msi(self, address: int, data: int) -> None:
         await self.kvm.run(ops.signal_msi(self, address, data))
 
-    async def explain_route(self, pin: int | None = None, *, msi: tuple[int, int] | None = None,
-                      eiointc_irq: int | None = None, level: int | bool = 1) -> RouteExplanation:
+    async def explain_route(
+        self,
+        pin: int | None = None,
+        *,
+        msi: tuple[int, int] | None = None,
+        eiointc_irq: int | None = None,
+        level: int | bool = 1,
+    ) -> RouteExplanation:
         """See ``ops.explain_route``: the hops an interrupt takes now, and where it ends."""
-        return await self.kvm.run(ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq,
-                                                level=level))
+        return await self.kvm.run(
+            ops.explain_route(self, pin, msi=msi, eiointc_irq=eiointc_irq, level=level)
+        )
 
     async def subscribe(self) -> None:
         """Start queueing this VM's ``irq`` events; read them with ``events()``."""
@@ -456,9 +481,13 @@ class AsyncVmFd(core.VmFdBase[AsyncKvm], _AsyncFd):
         """
         return _EventStream(self)
 
-    async def wait_for_line(self, vcpu_id: int, irq: int | str, level: int = 1,
-                            timeout: float | None = None,  # noqa: ASYNC109 - as the sync one
-                            ) -> IrqEvent | None:
+    async def wait_for_line(
+        self,
+        vcpu_id: int,
+        irq: int | str,
+        level: int = 1,
+        timeout: float | None = None,  # noqa: ASYNC109 - as the sync one
+    ) -> IrqEvent | None:
         """See ``ops.wait_for_line``: subscribes first if needed; TimeoutError when it is late."""
         if self.handle not in self.kvm.session.buffers and not self._gone:
             await self.subscribe()
@@ -513,28 +542,42 @@ class AsyncVcpuFd(core.VcpuFdBase[AsyncKvm], _AsyncFd):
     # the call returns once a VMM completed it through ``run`` (on this connection too: calls
     # do not hold each other back). ``timeout``: how long to wait for a VMM (docs/vmm-loop.md).
 
-    async def iocsr_read(self, addr: int, size: int, *,
-                         timeout: float | None = None) -> int:  # noqa: ASYNC109
+    async def iocsr_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
         return await self.kvm.run(ops.iocsr_read(self, addr, size, timeout))
 
-    async def iocsr_write(self, addr: int, size: int, value: int, *,
-                          timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def iocsr_write(
+        self,
+        addr: int,
+        size: int,
+        value: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> None:
         await self.kvm.run(ops.iocsr_write(self, addr, size, value, timeout))
 
-    async def mmio_read(self, addr: int, size: int, *,
-                        timeout: float | None = None) -> int:  # noqa: ASYNC109
+    async def mmio_read(self, addr: int, size: int, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
         return await self.kvm.run(ops.mmio_read(self, addr, size, timeout))
 
-    async def mmio_write(self, addr: int, size: int, value: int, *,
-                         timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def mmio_write(
+        self,
+        addr: int,
+        size: int,
+        value: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> None:
         await self.kvm.run(ops.mmio_write(self, addr, size, value, timeout))
 
-    async def hypercall(self, code: int, *args: int,
-                        timeout: float | None = None) -> int:  # noqa: ASYNC109
+    async def hypercall(self, code: int, *args: int, timeout: float | None = None) -> int:  # noqa: ASYNC109
         return await self.kvm.run(ops.hypercall(self, code, *args, timeout=timeout))
 
-    async def run(self, timeout: float, *, data: int | None = None,  # noqa: ASYNC109
-                  ret: int | None = None) -> RunResult:
+    async def run(
+        self,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        data: int | None = None,
+        ret: int | None = None,
+    ) -> RunResult:
         """KVM_RUN: complete the exit the last ``run`` returned (``data`` answers a read,
         ``ret`` a hypercall), then return the next exit, else idle until an interrupt line is
         up or ``timeout`` s pass; other calls keep flowing.

@@ -52,8 +52,12 @@ MAX_WAITING: Final = 1024
 Result = dict[str, Any]
 
 #: ``exit_reason`` -> the ``kvm_run`` member that carries its fields.
-MEMBER: Final = {"mmio": "mmio", "iocsr": "iocsr_io", "hypercall": "hypercall",
-                 "system_event": "system_event"}
+MEMBER: Final = {
+    "mmio": "mmio",
+    "iocsr": "iocsr_io",
+    "hypercall": "hypercall",
+    "system_event": "system_event",
+}
 
 
 def _signed(value: int, bits: int) -> int:
@@ -124,11 +128,17 @@ class Exit:
     def check(self, data: int | None, ret: int | None, vcpu_id: int) -> None:
         """EINVAL when the completion does not fit this exit (before anything changes)."""
         if data is not None and not self.is_read:
-            raise KvmError("EINVAL", f"vcpu.run: data completes an MMIO or IOCSR read, but the "
-                                     f"exit pending on vCPU {vcpu_id} is {self.describe()}")
+            raise KvmError(
+                "EINVAL",
+                f"vcpu.run: data completes an MMIO or IOCSR read, but the "
+                f"exit pending on vCPU {vcpu_id} is {self.describe()}",
+            )
         if ret is not None and self.reason != "hypercall":
-            raise KvmError("EINVAL", f"vcpu.run: ret completes a hypercall, but the exit "
-                                     f"pending on vCPU {vcpu_id} is {self.describe()}")
+            raise KvmError(
+                "EINVAL",
+                f"vcpu.run: ret completes a hypercall, but the exit "
+                f"pending on vCPU {vcpu_id} is {self.describe()}",
+            )
 
     def result(self, data: int | None, ret: int | None) -> Result:
         """The guest call's result: ``kvm_complete_mmio_read`` / ``_iocsr_read`` /
@@ -155,9 +165,10 @@ def access_exit(miss: Unclaimed, value: int | None) -> Exit:
     source register cut to the access width (little-endian bytes, here as an integer)."""
     size = miss.size
     data = 0 if value is None else value & ((1 << (8 * size)) - 1)
-    return Exit("mmio" if miss.space == "mmio" else "iocsr",
-                {"phys_addr": miss.addr, "len": size, "is_write": value is not None,
-                 "data": data})
+    return Exit(
+        "mmio" if miss.space == "mmio" else "iocsr",
+        {"phys_addr": miss.addr, "len": size, "is_write": value is not None, "data": data},
+    )
 
 
 def hypercall_exit(vm: Vm, code: int, args: list[int]) -> Exit | None:
@@ -166,8 +177,10 @@ def hypercall_exit(vm: Vm, code: int, args: list[int]) -> Exit | None:
     tree's CRASH with KVM_FEATURE_CRASH; without the feature both are INVALID_CODE)."""
     if code == abi.KVM_HCALL_USER_SERVICE and vm.pv_features & abi.KVM_FEATURE_USER_HCALL:
         regs = [x & U64_MAX for x in args] + [0] * (6 - len(args))
-        return Exit("hypercall", {"nr": code, "args": regs,
-                                  "ret": abi.KVM_HCALL_INVALID_CODE & U64_MAX, "flags": 0})
+        return Exit(
+            "hypercall",
+            {"nr": code, "args": regs, "ret": abi.KVM_HCALL_INVALID_CODE & U64_MAX, "flags": 0},
+        )
     if code == abi.KVM_HCALL_CRASH and vm.pv_features & abi.KVM_FEATURE_CRASH:
         return Exit("system_event", {"type": abi.KVM_SYSTEM_EVENT_CRASH, "ndata": 0, "data": []})
     return None
@@ -192,19 +205,26 @@ class Exits:
 
     # ---------------------------------------------------------------- the guest side ----------
 
-    def guest_call(self, conn: Connection, h: VcpuHandle, method: str, exit: Exit,
-                   timeout: float | None) -> Detached:
+    def guest_call(
+        self, conn: Connection, h: VcpuHandle, method: str, exit: Exit, timeout: float | None
+    ) -> Detached:
         """A guest call that exits: ENXIO now if no VMM runs the vCPU and no ``timeout`` says
         to wait for one; else the exit is queued once the dispatch names the request."""
         vcpu = h.vcpu
         q = self.vcpus.get(vcpu)
         if timeout is None and vcpu not in self.daemon.running and (q is None or q.taken is None):
-            raise KvmError("ENXIO", f"{method}: {exit.describe()} exits to the VMM, and no VMM "
-                                    f"runs vCPU {vcpu.vcpu_id} (vcpu.run); pass timeout to "
-                                    f"wait for one")
+            raise KvmError(
+                "ENXIO",
+                f"{method}: {exit.describe()} exits to the VMM, and no VMM "
+                f"runs vCPU {vcpu.vcpu_id} (vcpu.run); pass timeout to "
+                f"wait for one",
+            )
         if q is not None and len(q.queue) >= MAX_WAITING:
-            raise KvmError("EBUSY", f"{method}: vCPU {vcpu.vcpu_id} already has {MAX_WAITING} "
-                                    f"exits waiting for the VMM")
+            raise KvmError(
+                "EBUSY",
+                f"{method}: vCPU {vcpu.vcpu_id} already has {MAX_WAITING} "
+                f"exits waiting for the VMM",
+            )
         if self.daemon.shutting_down:
             raise KvmError("EBADF", f"{method}: the daemon is shutting down")
         seconds = DEFAULT_TIMEOUT if timeout is None else float(timeout)
@@ -218,6 +238,7 @@ class Exits:
             self.offer(vcpu)
             assert conn.nursery is not None
             conn.nursery.start_soon(self._wait, exit, guest, seconds)
+
         return Detached(start)
 
     async def _wait(self, exit: Exit, guest: GuestCall, seconds: float) -> None:
@@ -225,8 +246,12 @@ class Exits:
             await guest.done.wait()
         if not guest.done.is_set():
             held = "the VMM did not complete" if exit.taken else "no VMM took"
-            self.withdraw(exit, KvmError("ETIMEDOUT", f"{guest.method}: {held} "
-                                                      f"{exit.describe()} within {seconds:g} s"))
+            self.withdraw(
+                exit,
+                KvmError(
+                    "ETIMEDOUT", f"{guest.method}: {held} {exit.describe()} within {seconds:g} s"
+                ),
+            )
         try:
             await guest.conn.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -272,8 +297,11 @@ class Exits:
         exit = q.taken if q is not None else None
         if exit is None:
             if data is not None or ret is not None:
-                raise KvmError("EINVAL", f"vcpu.run: no exit is pending on vCPU "
-                                         f"{vcpu.vcpu_id} for data or ret to complete")
+                raise KvmError(
+                    "EINVAL",
+                    f"vcpu.run: no exit is pending on vCPU "
+                    f"{vcpu.vcpu_id} for data or ret to complete",
+                )
             return
         exit.check(data, ret, vcpu.vcpu_id)
         assert q is not None
@@ -312,8 +340,9 @@ class Exits:
         for exit in [*q.queue, *([taken] if taken is not None else [])]:
             guest = exit.guest
             if guest is not None and guest.handle is h:
-                self.withdraw(exit, KvmError("EBADF", f"{guest.method}: the vCPU handle "
-                                                      f"was closed"))
+                self.withdraw(
+                    exit, KvmError("EBADF", f"{guest.method}: the vCPU handle was closed")
+                )
         if taken is not None and taken.taken is h:
             q.taken = None
             taken.taken = None

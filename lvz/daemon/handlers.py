@@ -61,16 +61,23 @@ MAP_CHUNK = 4096
 
 def hello(d: Daemon, conn: Connection, p: Params) -> Result:
     if p["protocol"] != C.PROTOCOL_VERSION:
-        raise KvmError("EPROTONOSUPPORT",
-                       f"this daemon speaks protocol {C.PROTOCOL_VERSION}, not {p['protocol']}")
+        raise KvmError(
+            "EPROTONOSUPPORT",
+            f"this daemon speaks protocol {C.PROTOCOL_VERSION}, not {p['protocol']}",
+        )
     profile = p.get("profile", DEFAULT_PROFILE)
     compat = resolve_profile(profile)
     # A kernel irqchip type the profile predates is not offered (KVM_CREATE_DEVICE: ENODEV).
     absent = set(NEWEST["kernel_device_types"]) - set(compat["kernel_device_types"])
-    return {"protocol": C.PROTOCOL_VERSION, "server": f"lvz {lvz.__version__} ({_BUILD})",
-            "api_version": C.KVM_API_VERSION, "methods": sorted(METHODS),
-            "device_types": [t for t in d.device_type_names if t not in absent],
-            "profile": profile, "profiles": list(PROFILES)}
+    return {
+        "protocol": C.PROTOCOL_VERSION,
+        "server": f"lvz {lvz.__version__} ({_BUILD})",
+        "api_version": C.KVM_API_VERSION,
+        "methods": sorted(METHODS),
+        "device_types": [t for t in d.device_type_names if t not in absent],
+        "profile": profile,
+        "profiles": list(PROFILES),
+    }
 
 
 def kvm_get_api_version(d: Daemon, conn: Connection, p: Params) -> Result:
@@ -78,10 +85,18 @@ def kvm_get_api_version(d: Daemon, conn: Connection, p: Params) -> Result:
 
 
 _CAPS: Final[dict[str, int]] = {
-    "one_reg": 1, "irqchip": 1, "max_vcpus": C.KVM_MAX_VCPUS,
-    "max_vcpu_id": C.KVM_MAX_VCPUS, "enable_cap": 1, "readonly_mem": 1,
-    "immediate_exit": 1, "ioeventfd": 1, "mp_state": 1, "set_guest_debug": 1,
-    "nr_vcpus": os.cpu_count() or 1, "max_phyid": C.MAX_PHYID_LIMIT,
+    "one_reg": 1,
+    "irqchip": 1,
+    "max_vcpus": C.KVM_MAX_VCPUS,
+    "max_vcpu_id": C.KVM_MAX_VCPUS,
+    "enable_cap": 1,
+    "readonly_mem": 1,
+    "immediate_exit": 1,
+    "ioeventfd": 1,
+    "mp_state": 1,
+    "set_guest_debug": 1,
+    "nr_vcpus": os.cpu_count() or 1,
+    "max_phyid": C.MAX_PHYID_LIMIT,
 }
 
 
@@ -112,12 +127,12 @@ def kvm_create_vm(d: Daemon, conn: Connection, p: Params) -> Result:
         if name in d.named:
             raise KvmError("EEXIST", f"kvm.create_vm: a VM named {name!r} exists")
     if not 1 <= max_phyid <= C.MAX_PHYID_LIMIT:
-        raise KvmError("EINVAL", f"kvm.create_vm: max_phyid {max_phyid} is not in "
-                                 f"1..{C.MAX_PHYID_LIMIT}")
+        raise KvmError(
+            "EINVAL", f"kvm.create_vm: max_phyid {max_phyid} is not in 1..{C.MAX_PHYID_LIMIT}"
+        )
     d.check_handle_room(conn)
     if len(d.vms) >= d.config.max_vms:
-        raise KvmError("ENOSPC", f"kvm.create_vm: the daemon already hosts "
-                                 f"{d.config.max_vms} VMs")
+        raise KvmError("ENOSPC", f"kvm.create_vm: the daemon already hosts {d.config.max_vms} VMs")
     vm = d.new_vm(name, max_phyid)
     vm.use_profile(profile)
     return {"vm": d.add_handle(conn, VmHandle(conn.next_handle, vm))}
@@ -132,10 +147,20 @@ def kvm_open_vm(d: Daemon, conn: Connection, p: Params) -> Result:
 
 
 def kvm_list_vms(d: Daemon, conn: Connection, p: Params) -> Result:
-    return {"vms": [{"name": vm.name, "vcpus": len(vm.vcpus), "devices": len(vm.devices),
-                     "max_phyid": vm.max_phyid, "phyids": len(vm.phyids),
-                     "id": d.vm_ids[vm], "profile": vm.profile}
-                    for vm in d.vms]}
+    return {
+        "vms": [
+            {
+                "name": vm.name,
+                "vcpus": len(vm.vcpus),
+                "devices": len(vm.devices),
+                "max_phyid": vm.max_phyid,
+                "phyids": len(vm.phyids),
+                "id": d.vm_ids[vm],
+                "profile": vm.profile,
+            }
+            for vm in d.vms
+        ]
+    }
 
 
 def kvm_open_vm_id(d: Daemon, conn: Connection, p: Params) -> Result:
@@ -150,9 +175,17 @@ def kvm_list_plugins(d: Daemon, conn: Connection, p: Params) -> Result:
     types: dict[str, list[str]] = {}
     for name, (_dt, plugin) in d.host.device_types.items():
         types.setdefault(plugin, []).append(name)
-    return {"plugins": [{"name": lp.name, "version": lp.version, "dist": lp.dist,
-                         "device_types": sorted(types.get(lp.name, []))}
-                        for lp in d.host.loaded]}
+    return {
+        "plugins": [
+            {
+                "name": lp.name,
+                "version": lp.version,
+                "dist": lp.dist,
+                "device_types": sorted(types.get(lp.name, [])),
+            }
+            for lp in d.host.loaded
+        ]
+    }
 
 
 # ---------------------------------------------------------------- any handle -----------------
@@ -205,8 +238,14 @@ def vm_open_device(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Resul
 
 def vm_info(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
     vm = h.vm
-    return {"name": vm.name, "max_phyid": vm.max_phyid, "vcpus": sorted(vm.vcpus),
-            "devices": sorted(vm.devices), "seq": vm.seq, "profile": vm.profile}
+    return {
+        "name": vm.name,
+        "max_phyid": vm.max_phyid,
+        "vcpus": sorted(vm.vcpus),
+        "devices": sorted(vm.devices),
+        "seq": vm.seq,
+        "profile": vm.profile,
+    }
 
 
 def vm_set_name(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
@@ -219,8 +258,9 @@ def vm_set_name(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
     if not name:
         raise KvmError("EINVAL", "vm.set_name: a VM name cannot be empty")
     if vm.name is not None:
-        raise KvmError("EINVAL", f"vm.set_name: the VM is already named {vm.name!r}; "
-                                 f"a name cannot change")
+        raise KvmError(
+            "EINVAL", f"vm.set_name: the VM is already named {vm.name!r}; a name cannot change"
+        )
     if name in d.named:
         raise KvmError("EEXIST", f"vm.set_name: a VM named {name!r} exists")
     vm.name = name
@@ -244,8 +284,9 @@ def _check_pin(method: str, irq: int, level: int) -> None:
     if not 0 <= irq < C.KVM_IRQCHIP_NUM_PINS:
         raise KvmError("EINVAL", f"{method}: irq {irq} is not a PCH-PIC pin (0..63)")
     if not -(1 << 31) <= level <= C.U32_MAX:
-        raise KvmError("EINVAL", f"{method}: level {level} does not fit the __u32 "
-                                 f"kvm_irq_level.level")
+        raise KvmError(
+            "EINVAL", f"{method}: level {level} does not fit the __u32 kvm_irq_level.level"
+        )
 
 
 def _check_msi_data(method: str, data: int) -> None:
@@ -255,8 +296,11 @@ def _check_msi_data(method: str, data: int) -> None:
 
 def _no_irqchip_ioctls(vm: Vm, method: str, ioctl: str) -> None:
     if not vm.compat["irqchip_ioctls"]:
-        raise KvmError("ENOTTY", f"{method}: kernel {vm.profile} has no {ioctl} (the in-kernel "
-                                 f"irqchip and HAVE_KVM_IRQCHIP / HAVE_KVM_MSI came in 6.13)")
+        raise KvmError(
+            "ENOTTY",
+            f"{method}: kernel {vm.profile} has no {ioctl} (the in-kernel "
+            f"irqchip and HAVE_KVM_IRQCHIP / HAVE_KVM_MSI came in 6.13)",
+        )
 
 
 def vm_irq_line(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
@@ -287,9 +331,12 @@ def vm_signal_msi(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result
         raise KvmError("ENXIO", "vm.signal_msi: the VM has no loongarch-eiointc")
     missing = [t for t in (C.DEV_IPI, C.DEV_PCHPIC) if t not in vm.devices]
     if missing:
-        raise KvmError("EINVAL", f"vm.signal_msi: the in-kernel irqchip is incomplete "
-                                 f"({', '.join(missing)} missing; kvm_send_userspace_msi needs "
-                                 f"kvm_arch_irqchip_in_kernel)")
+        raise KvmError(
+            "EINVAL",
+            f"vm.signal_msi: the in-kernel irqchip is incomplete "
+            f"({', '.join(missing)} missing; kvm_send_userspace_msi needs "
+            f"kvm_arch_irqchip_in_kernel)",
+        )
     _check_msi_data("vm.signal_msi", p["data"])
     vm.msis += 1
     vm.set_chip_input(C.DEV_EIOINTC, p["data"], 1)
@@ -314,8 +361,12 @@ def vm_explain_route(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Res
     method = "vm.explain_route"
     if kind == "pin":
         _check_pin(method, arg, level)
-        out.hop("vm", "irq_line", f"KVM_IRQ_LINE {arg} level {level}: GSI {arg} is PCH-PIC pin "
-                                  f"{arg} (the default GSI routing)")
+        out.hop(
+            "vm",
+            "irq_line",
+            f"KVM_IRQ_LINE {arg} level {level}: GSI {arg} is PCH-PIC pin "
+            f"{arg} (the default GSI routing)",
+        )
         refusal = _irq_line_refusal(vm)
         if refusal:
             return out.stop("no_irqchip", f"vm.irq_line answers ENXIO: {refusal}")
@@ -325,15 +376,21 @@ def vm_explain_route(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Res
     if kind == "msi":
         address, data = arg["address"], arg["data"]
         if level != 1:
-            raise KvmError("EINVAL", f"{method}: an MSI only raises (KVM_SIGNAL_MSI has no "
-                                     f"level)")
+            raise KvmError("EINVAL", f"{method}: an MSI only raises (KVM_SIGNAL_MSI has no level)")
         _check_msi_data(method, data)
-        out.hop("msi", "message", f"KVM_SIGNAL_MSI address {address:#x} data {data}: the data "
-                                  f"is the EIOINTC irq (no DMSINTC, the address is not decoded)",
-                "data", None, data)
+        out.hop(
+            "msi",
+            "message",
+            f"KVM_SIGNAL_MSI address {address:#x} data {data}: the data "
+            f"is the EIOINTC irq (no DMSINTC, the address is not decoded)",
+            "data",
+            None,
+            data,
+        )
         if C.DEV_EIOINTC not in vm.devices:
-            return out.stop("no_irqchip", "vm.signal_msi answers ENXIO: the VM has no "
-                                          "loongarch-eiointc")
+            return out.stop(
+                "no_irqchip", "vm.signal_msi answers ENXIO: the VM has no loongarch-eiointc"
+            )
         return out.follow(C.DEV_EIOINTC, data, 1)
     if not 0 <= arg < C.EIOINTC_IRQS:
         raise KvmError("EINVAL", f"{method}: eiointc_irq {arg} is not an EIOINTC irq (0..255)")
@@ -345,8 +402,14 @@ def vm_explain_route(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Res
 def _wire(v: Verdict | None) -> dict[str, Any] | None:
     if v is None:
         return None
-    return {"chip": v.chip, "reason": v.reason, "message": v.message, "register": v.register,
-            "bit": v.bit, "value": v.value}
+    return {
+        "chip": v.chip,
+        "reason": v.reason,
+        "message": v.message,
+        "register": v.register,
+        "bit": v.bit,
+        "value": v.value,
+    }
 
 
 class _Route:
@@ -358,14 +421,34 @@ class _Route:
         self.hops: list[dict[str, Any]] = []
         self.redirected: Verdict | None = None
 
-    def hop(self, chip: str, step: str, note: str, register: str | None = None,
-            bit: int | None = None, value: int | None = None) -> None:
-        self.hops.append({"chip": chip, "step": step, "note": note, "register": register,
-                          "bit": bit, "value": value})
+    def hop(
+        self,
+        chip: str,
+        step: str,
+        note: str,
+        register: str | None = None,
+        bit: int | None = None,
+        value: int | None = None,
+    ) -> None:
+        self.hops.append(
+            {
+                "chip": chip,
+                "step": step,
+                "note": note,
+                "register": register,
+                "bit": bit,
+                "value": value,
+            }
+        )
 
     def result(self, stopped: Verdict | None, delivered: dict[str, Any] | None) -> Result:
-        return {**self.head, "hops": self.hops, "delivered": delivered, "stopped": _wire(stopped),
-                "redirected": _wire(self.redirected)}
+        return {
+            **self.head,
+            "hops": self.hops,
+            "delivered": delivered,
+            "stopped": _wire(stopped),
+            "redirected": _wire(self.redirected),
+        }
 
     def stop(self, reason: str, message: str, chip: str = "vm") -> Result:
         return self.result(Verdict(chip, reason, message), None)
@@ -376,27 +459,46 @@ class _Route:
         for _ in range(EXPLAIN_CHIPS):
             rec = vm.devices.get(device_type)
             if rec is None:
-                return self.stop("no_device", f"input {line} of {device_type} is driven, but "
-                                              f"the VM has no {device_type} (ENXIO)")
+                return self.stop(
+                    "no_device",
+                    f"input {line} of {device_type} is driven, but "
+                    f"the VM has no {device_type} (ENXIO)",
+                )
             trace = vm.device_call(rec.device, "explain_input", line, level)
             if trace is None:
-                return self.stop("unexplained", f"{device_type} (plugin {rec.plugin!r}) does "
-                                                f"not explain its routing "
-                                                f"(Device.explain_input)", device_type)
+                return self.stop(
+                    "unexplained",
+                    f"{device_type} (plugin {rec.plugin!r}) does "
+                    f"not explain its routing "
+                    f"(Device.explain_input)",
+                    device_type,
+                )
             if not isinstance(trace, RouteTrace):
-                raise plugin_failure(rec.plugin, TypeError(
-                    f"explain_input returned {trace!r:.80}, not a RouteTrace"))
-            self.hops += [{"chip": x.chip, "step": x.step, "note": x.note,
-                           "register": x.register, "bit": x.bit, "value": x.value}
-                          for x in trace.hops]
+                raise plugin_failure(
+                    rec.plugin, TypeError(f"explain_input returned {trace!r:.80}, not a RouteTrace")
+                )
+            self.hops += [
+                {
+                    "chip": x.chip,
+                    "step": x.step,
+                    "note": x.note,
+                    "register": x.register,
+                    "bit": x.bit,
+                    "value": x.value,
+                }
+                for x in trace.hops
+            ]
             self.redirected = self.redirected or trace.redirected
             if trace.stopped is not None:
                 return self.result(trace.stopped, None)
             if trace.delivered is not None:
                 return self.deliver(device_type, *trace.delivered)
             if trace.forward is None:
-                return self.stop("no_effect", f"{device_type} neither delivers, forwards nor "
-                                              f"stops input {line}", device_type)
+                return self.stop(
+                    "no_effect",
+                    f"{device_type} neither delivers, forwards nor stops input {line}",
+                    device_type,
+                )
             device_type, line, level = trace.forward
         return self.stop("loop", f"the route passes more than {EXPLAIN_CHIPS} chips")
 
@@ -404,21 +506,35 @@ class _Route:
         vcpu = self.vm.vcpus.get(vcpu_id)
         name = C.LINE_NAMES.get(irq, str(irq))
         if vcpu is None or irq not in C.LINE_NAMES:
-            return self.stop("no_such_vcpu", f"{chip} drives line {name} of vcpu_id {vcpu_id}, "
-                                             f"which the VM does not have", chip)
+            return self.stop(
+                "no_such_vcpu",
+                f"{chip} drives line {name} of vcpu_id {vcpu_id}, which the VM does not have",
+                chip,
+            )
         cpuid = vcpu.csrs[C.CSR_CPUID]
         phyid = cpuid if self.vm.phyids.get(cpuid) is vcpu else None
         now = vcpu.lines >> irq & 1
         changed = changed and now != level
         held = f"phyid {phyid}" if phyid is not None else "no phyid"
         if changed:
-            note = (f"line {name} of vCPU {vcpu_id} ({held}) goes {now} → {level}: an irq "
-                    f"event{', and vcpu.run returns' if level else ''}")
+            note = (
+                f"line {name} of vCPU {vcpu_id} ({held}) goes {now} → {level}: an irq "
+                f"event{', and vcpu.run returns' if level else ''}"
+            )
         else:
             note = f"line {name} of vCPU {vcpu_id} ({held}) stays {now}: no change, no event"
         self.hop("vcpu", "line", note, "ESTAT", irq, now)
-        return self.result(None, {"vcpu_id": vcpu_id, "phyid": phyid, "line": irq,
-                                  "line_name": name, "level": level, "changed": changed})
+        return self.result(
+            None,
+            {
+                "vcpu_id": vcpu_id,
+                "phyid": phyid,
+                "line": irq,
+                "line_name": name,
+                "level": level,
+                "changed": changed,
+            },
+        )
 
 
 def vm_phyid_lookup(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Result:
@@ -436,8 +552,7 @@ def vm_phyid_map(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> MaybeLa
     if cached is not None and vm.map_answer_generation == vm.map_generation:
         return cached
     if len(vm.phyids) <= MAP_CHUNK:
-        return _keep_answer(vm, vm.map_generation,
-                            _map_entries(vm.phyids, sorted(vm.phyids)))
+        return _keep_answer(vm, vm.map_generation, _map_entries(vm.phyids, sorted(vm.phyids)))
     return _big_phyid_map(d, h)
 
 
@@ -469,7 +584,7 @@ async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
         gc.disable()  # 65,536 new pairs, none of them garbage: nothing for the collector
         try:
             for start in range(0, len(phyids), MAP_CHUNK):
-                entries += _map_entries(vm.phyids, phyids[start:start + MAP_CHUNK])
+                entries += _map_entries(vm.phyids, phyids[start : start + MAP_CHUNK])
                 await trio.lowlevel.checkpoint()
         finally:
             if collecting:
@@ -535,21 +650,22 @@ def vcpu_get_attr(d: Daemon, conn: Connection, p: Params, h: VcpuHandle) -> Resu
     return {"value": h.vm.get_vcpu_attr(h.vcpu, p["group"], p["attr"])}
 
 
-def _guest_load(d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str,
-                method: str) -> MaybeLater:
+def _guest_load(
+    d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str, method: str
+) -> MaybeLater:
     try:
         return {"value": h.vm.guest_read(space, h.vcpu, p["addr"], p["size"])}
     except Unclaimed as miss:  # KVM_EXIT_MMIO / KVM_EXIT_LOONGARCH_IOCSR
         return d.exits.guest_call(conn, h, method, access_exit(miss, None), p.get("timeout"))
 
 
-def _guest_store(d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str,
-                 method: str) -> MaybeLater:
+def _guest_store(
+    d: Daemon, conn: Connection, p: Params, h: VcpuHandle, space: str, method: str
+) -> MaybeLater:
     try:
         h.vm.guest_write(space, h.vcpu, p["addr"], p["size"], p["value"])
     except Unclaimed as miss:
-        return d.exits.guest_call(conn, h, method, access_exit(miss, p["value"]),
-                                  p.get("timeout"))
+        return d.exits.guest_call(conn, h, method, access_exit(miss, p["value"]), p.get("timeout"))
     return {}
 
 
@@ -604,8 +720,9 @@ def device_get_attr(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -> 
     value = h.vm.device_call(h.device, "get_attr", p["group"], p["attr"])
     if type(value) is not int or not 0 <= value <= C.U64_MAX:
         rec = h.vm.devices.get(h.device.type_name)
-        raise plugin_failure(rec.plugin if rec else "?",
-                             TypeError(f"get_attr returned {value!r}, not a u64"))
+        raise plugin_failure(
+            rec.plugin if rec else "?", TypeError(f"get_attr returned {value!r}, not a u64")
+        )
     return {"value": value}
 
 
@@ -618,8 +735,9 @@ def device_save_state(d: Daemon, conn: Connection, p: Params, h: DeviceHandle) -
             raise TypeError("an entry is not three u64")
     except (TypeError, ValueError) as exc:
         rec = h.vm.devices.get(h.device.type_name)
-        raise plugin_failure(rec.plugin if rec else "?",
-                             TypeError(f"save_state returned {state!r:.80}: {exc}")) from exc
+        raise plugin_failure(
+            rec.plugin if rec else "?", TypeError(f"save_state returned {state!r:.80}: {exc}")
+        ) from exc
     return {"attrs": attrs}
 
 

@@ -166,13 +166,17 @@ class PluginGuard:
     def __enter__(self) -> None:
         record = self.record
         if record is not None and record.broken:
-            raise KvmError("EIO", f"irqchip plugin {self.plugin!r}: the device is broken "
-                                  f"({record.broken}); destroy the VM")
+            raise KvmError(
+                "EIO",
+                f"irqchip plugin {self.plugin!r}: the device is broken "
+                f"({record.broken}); destroy the VM",
+            )
         self.outer = WATCHDOG.plugin
         WATCHDOG.enter(self.plugin)
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         WATCHDOG.depth -= 1
         WATCHDOG.plugin = self.outer
         if exc is None or isinstance(exc, KvmError) or _passes_through(exc):
@@ -181,8 +185,7 @@ class PluginGuard:
             log.error("irqchip plugin %r timed out: %s", self.plugin, exc)
             if self.record is not None:
                 self.record.broken = f"timed out: {exc}"
-            raise KvmError("ETIMEDOUT",
-                           f"irqchip plugin {self.plugin!r} {exc}") from exc
+            raise KvmError("ETIMEDOUT", f"irqchip plugin {self.plugin!r} {exc}") from exc
         raise plugin_failure(self.plugin, exc) from exc
 
 
@@ -226,8 +229,9 @@ class PluginHost:
         self.loaded = loaded
         self.device_types: dict[str, tuple[DeviceType, str]] = {}
         for impl in pm.hook.lvz_device_types.get_hookimpls():
-            with _loading(f"plugin {impl.plugin_name!r} failed in lvz_device_types",
-                          impl.plugin_name):
+            with _loading(
+                f"plugin {impl.plugin_name!r} failed in lvz_device_types", impl.plugin_name
+            ):
                 result: Any = impl.function()
                 types = list(result)
             for dt in types:
@@ -256,8 +260,13 @@ class PluginHost:
             with PluginGuard(impl.plugin_name):
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
             if self.trace:
-                log.info("hook %s: %s%r -> %r", hook, impl.plugin_name,
-                         tuple(kwargs[a] for a in impl.argnames if a != "vm"), result)
+                log.info(
+                    "hook %s: %s%r -> %r",
+                    hook,
+                    impl.plugin_name,
+                    tuple(kwargs[a] for a in impl.argnames if a != "vm"),
+                    result,
+                )
             if result is not None:
                 return result, impl.plugin_name
         return None, ""
@@ -289,8 +298,9 @@ def load_plugins(
         except Exception as exc:
             raise PluginLoadError(f"plugin {ep.name!r} was rejected: {exc}") from exc
         dist = ep.dist
-        loaded.append(LoadedPlugin(ep.name, dist.version if dist else "?",
-                                   dist.name if dist else "?"))
+        loaded.append(
+            LoadedPlugin(ep.name, dist.version if dist else "?", dist.name if dist else "?")
+        )
     if allowed is not None:
         missing = allowed - seen
         if missing:

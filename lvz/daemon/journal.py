@@ -47,18 +47,35 @@ from lvz.protocol.recording import (
 )
 from lvz.protocol.schema import HANDLE_PARAM
 
-__all__ = ["JOURNALED", "Entry", "JournalError", "Noted", "Parsed", "encode_entry", "encode_file",
-           "encode_group", "parse"]
+__all__ = [
+    "JOURNALED",
+    "Entry",
+    "JournalError",
+    "Noted",
+    "Parsed",
+    "encode_entry",
+    "encode_file",
+    "encode_group",
+    "parse",
+]
 
 #: Requests that change a VM, by the kind of object their handle names. Everything else only
 #: reads (or, like ``vcpu.run`` and ``vm.subscribe``, concerns the connection): not journaled.
 #: Guest loads are journaled too: a chip may clear a register on read.
 JOURNALED: Final[dict[str, str]] = {
-    "vm.create_vcpu": "vm", "vm.create_device": "vm", "vm.irq_line": "vm",
+    "vm.create_vcpu": "vm",
+    "vm.create_device": "vm",
+    "vm.irq_line": "vm",
     "vm.signal_msi": "vm",
-    "vcpu.destroy": "vcpu", "vcpu.set_one_reg": "vcpu", "vcpu.interrupt": "vcpu",
-    "vcpu.csr_xchg": "vcpu", "vcpu.set_attr": "vcpu", "vcpu.iocsr_write": "vcpu",
-    "vcpu.mmio_write": "vcpu", "vcpu.iocsr_read": "vcpu", "vcpu.mmio_read": "vcpu",
+    "vcpu.destroy": "vcpu",
+    "vcpu.set_one_reg": "vcpu",
+    "vcpu.interrupt": "vcpu",
+    "vcpu.csr_xchg": "vcpu",
+    "vcpu.set_attr": "vcpu",
+    "vcpu.iocsr_write": "vcpu",
+    "vcpu.mmio_write": "vcpu",
+    "vcpu.iocsr_read": "vcpu",
+    "vcpu.mmio_read": "vcpu",
     "vcpu.hypercall": "vcpu",
     "device.set_attr": "device",
 }
@@ -89,32 +106,37 @@ Noted = tuple[str, dict[str, Any], "str | None", int]
 _PACK: Final = msgpack.Packer().pack
 
 
-def encode_group(handles: list[tuple[int, int, int | str | None]], entries: list[Noted],
-                 seq: int = 0) -> bytes:
+def encode_group(
+    handles: list[tuple[int, int, int | str | None]], entries: list[Noted], seq: int = 0
+) -> bytes:
     """One ``apply`` record: ``entries`` and the targets of the handles they name.
 
     Bytes for bytes what ``encode_record(Record(t_ns, seq, "apply", body + crc))`` gives.
     """
     body: bytes = _PACK([handles, entries])
-    out: bytes = _PACK([time.monotonic_ns(), seq, KIND_APPLY,
-                        body + zlib.crc32(body).to_bytes(_CRC, "big")])
+    out: bytes = _PACK(
+        [time.monotonic_ns(), seq, KIND_APPLY, body + zlib.crc32(body).to_bytes(_CRC, "big")]
+    )
     return out
 
 
 def encode_entry(entry: Entry, seq: int = 0) -> bytes:
     """A group of one entry (tests, tools): its handle is number 1 of connection 0."""
     param = HANDLE_PARAM[entry.method][0]
-    return encode_group([(0, 1, entry.target)],
-                        [(entry.method, dict(entry.params, **{param: 1}), entry.outcome, 0)],
-                        seq)
+    return encode_group(
+        [(0, 1, entry.target)],
+        [(entry.method, dict(entry.params, **{param: 1}), entry.outcome, 0)],
+        seq,
+    )
 
 
 def encode_file(snapshot_bytes: bytes, lvz: str, plugins: list[tuple[str, str]]) -> bytes:
     """A new file: the header and the snapshot head; entries are appended after it."""
     header: dict[str, Any] = msgpack.unpackb(encode_header(lvz, plugins, [], time.time()))
     header["journal"] = 1
-    return (msgpack.packb(header)
-            + encode_record(Record(time.monotonic_ns(), 0, KIND_SNAPSHOT, snapshot_bytes)))
+    return msgpack.packb(header) + encode_record(
+        Record(time.monotonic_ns(), 0, KIND_SNAPSHOT, snapshot_bytes)
+    )
 
 
 @dataclass(slots=True)
@@ -135,9 +157,12 @@ def _group(data: bytes, index: int) -> list[Entry]:
         targets = {(c, n): t for c, n, t in handles}
         out = []
         for method, params, outcome, conn in entries:
-            if (not isinstance(method, str) or method not in JOURNALED
-                    or not isinstance(params, dict)
-                    or not (outcome is None or isinstance(outcome, str))):
+            if (
+                not isinstance(method, str)
+                or method not in JOURNALED
+                or not isinstance(params, dict)
+                or not (outcome is None or isinstance(outcome, str))
+            ):
                 raise ValueError("an entry is malformed")
             target = targets[conn, params[HANDLE_PARAM[method][0]]]
             if not (target is None or type(target) in (int, str)):
@@ -146,8 +171,9 @@ def _group(data: bytes, index: int) -> list[Entry]:
     except JournalError:
         raise
     except Exception as exc:
-        raise JournalError(f"group {index} is not [handles, entries]: "
-                           f"{type(exc).__name__}: {exc}") from None
+        raise JournalError(
+            f"group {index} is not [handles, entries]: {type(exc).__name__}: {exc}"
+        ) from None
     return out
 
 
@@ -166,8 +192,11 @@ def parse(data: bytes) -> Parsed:
         raise JournalError("the file ends before its header") from None
     except Exception as exc:
         raise JournalError(f"the header is not msgpack: {type(exc).__name__}") from None
-    if (not isinstance(header, dict) or header.get("format") != RECORDING_FORMAT
-            or header.get("journal") != 1):
+    if (
+        not isinstance(header, dict)
+        or header.get("format") != RECORDING_FORMAT
+        or header.get("journal") != 1
+    ):
         raise JournalError("it does not start with an lvz journal header")
     snapshot: bytes | None = None
     entries: list[Entry] = []
@@ -183,8 +212,12 @@ def parse(data: bytes) -> Parsed:
             except Exception:
                 raise JournalError(f"record {index} is not msgpack") from None
             end = unpacker.tell()
-            if not (isinstance(obj, list) and len(obj) == 4
-                    and isinstance(obj[2], str) and isinstance(obj[3], bytes)):
+            if not (
+                isinstance(obj, list)
+                and len(obj) == 4
+                and isinstance(obj[2], str)
+                and isinstance(obj[3], bytes)
+            ):
                 raise JournalError(f"record {index} is not [t_ns, seq, kind, data]")
             kind, payload = obj[2], obj[3]
             if index == 0:

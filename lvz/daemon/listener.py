@@ -32,8 +32,7 @@ log = logging.getLogger("lvz.daemon")
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: anything a terminal
 # or a log reader could take as a line break or an escape sequence.
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028",
-                  0x2029: "\\u2029"})
+_CONTROLS.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def escape_controls(text: str) -> str:
@@ -166,9 +165,12 @@ async def open_listener(path: Path) -> trio.SocketListener:
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-async def accept_forever(listener: trio.SocketListener, nursery: trio.Nursery,
-                         handler: Callable[[trio.SocketStream], Awaitable[None]],
-                         refusal: bytes) -> None:
+async def accept_forever(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    refusal: bytes,
+) -> None:
     """Accept until cancelled, one ``handler`` task per connection.
 
     Out of file descriptors, accept() fails while the client waits in the backlog; retrying
@@ -185,8 +187,12 @@ async def accept_forever(listener: trio.SocketListener, nursery: trio.Nursery,
         except OSError as exc:
             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                 raise
-            warn(logging.WARNING, "accept failed: %s (%s); refusing new clients until "
-                 "connections close", errno.errorcode.get(exc.errno or 0, "?"), exc.strerror)
+            warn(
+                logging.WARNING,
+                "accept failed: %s (%s); refusing new clients until connections close",
+                errno.errorcode.get(exc.errno or 0, "?"),
+                exc.strerror,
+            )
             if spare is not None and exc.errno == errno.EMFILE:
                 os.close(spare)
                 spare = None

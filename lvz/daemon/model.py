@@ -118,8 +118,7 @@ class Vcpu:
     """One vCPU: a sparse CSR file (only written CSRs take memory), CPUCFG words, liveness,
     and the steal-time address (``vcpu->arch.st.guest_addr``)."""
 
-    __slots__ = ("alive", "cpucfg", "csrs", "hypercalls", "raises", "steal_gpa", "vcpu_id",
-                 "vm")
+    __slots__ = ("alive", "cpucfg", "csrs", "hypercalls", "raises", "steal_gpa", "vcpu_id", "vm")
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
@@ -127,7 +126,9 @@ class Vcpu:
         self.alive = True
         # kvm_arch_vcpu_create: CRMD = DA, TMID = vcpu_id, CPUID = the unset marker, GINTC = 0.
         self.csrs: dict[int, int] = {
-            CSR_CRMD: CSR_CRMD_DA, CSR_TMID: vcpu_id, CSR_CPUID: vm.max_phyid,
+            CSR_CRMD: CSR_CRMD_DA,
+            CSR_TMID: vcpu_id,
+            CSR_CPUID: vm.max_phyid,
         }
         self.cpucfg: dict[int, int] | None = None
         # Counters for kvm.stats / lvz top: per-line raises (made on the first raise, so an
@@ -166,8 +167,16 @@ class _DeviceRecord:
     guard, which refuses the request exactly as before.
     """
 
-    __slots__ = ("broken", "device", "on_phyid_dropped", "on_phyid_set", "on_vcpu_created",
-                 "on_vcpu_destroyed", "plugin", "type_name")
+    __slots__ = (
+        "broken",
+        "device",
+        "on_phyid_dropped",
+        "on_phyid_set",
+        "on_vcpu_created",
+        "on_vcpu_destroyed",
+        "plugin",
+        "type_name",
+    )
 
     def __init__(self, device: Device, type_name: str, plugin: str) -> None:
         self.device = device
@@ -197,17 +206,23 @@ class Vm:
     ``VmApi``), built over the methods in the "what chips use" section.
     """
 
-    def __init__(self, host: PluginHost, *, name: str | None, max_phyid: int,
-                 max_vcpus: int | None = None, profile: str = DEFAULT_PROFILE,
-                 budget: VcpuBudget | None = None) -> None:
+    def __init__(
+        self,
+        host: PluginHost,
+        *,
+        name: str | None,
+        max_phyid: int,
+        max_vcpus: int | None = None,
+        profile: str = DEFAULT_PROFILE,
+        budget: VcpuBudget | None = None,
+    ) -> None:
         self.host = host
         self.budget = budget
         self.name = name
         self.use_profile(profile)
         self._max_phyid = max_phyid
         self.max_vcpu_id = max(256, max_phyid)
-        self.max_vcpus = self.max_vcpu_id if max_vcpus is None else min(max_vcpus,
-                                                                         self.max_vcpu_id)
+        self.max_vcpus = self.max_vcpu_id if max_vcpus is None else min(max_vcpus, self.max_vcpu_id)
         self.vcpus: dict[int, Vcpu] = {}
         self.phyids: dict[int, Vcpu] = {}
         #: Bumped by every phyid set or drop: ``vm.phyid_map`` keeps its last answer while
@@ -246,16 +261,19 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU."""
         if not 0 <= vcpu_id < self.max_vcpu_id:
-            raise KvmError("EINVAL",
-                           f"vcpu_id {vcpu_id} is out of range (0..{self.max_vcpu_id - 1})")
+            raise KvmError(
+                "EINVAL", f"vcpu_id {vcpu_id} is out of range (0..{self.max_vcpu_id - 1})"
+            )
         if vcpu_id in self.vcpus:
             raise KvmError("EEXIST", f"vCPU {vcpu_id} already exists")
         if len(self.vcpus) >= self.max_vcpus:
             raise KvmError("EINVAL", f"the VM already has its maximum of {self.max_vcpus} vCPUs")
         budget = self.budget
         if budget is not None and budget.used >= budget.limit:
-            raise KvmError("ENOSPC", f"the daemon already hosts {budget.limit} vCPUs in all its "
-                                     "VMs (--max-total-vcpus)")
+            raise KvmError(
+                "ENOSPC",
+                f"the daemon already hosts {budget.limit} vCPUs in all its VMs (--max-total-vcpus)",
+            )
         vcpu = Vcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = vcpu
         try:
@@ -335,8 +353,9 @@ class Vm:
         if entry is None:
             raise KvmError("ENODEV", f"no device type {type_name!r} is loaded")
         if self.kernel_lacks(type_name):
-            raise KvmError("ENODEV", f"kernel {self.profile} has no in-kernel {type_name} "
-                                     f"(added in 6.13)")
+            raise KvmError(
+                "ENODEV", f"kernel {self.profile} has no in-kernel {type_name} (added in 6.13)"
+            )
         dtype, plugin = entry
         if type_name in self.devices:
             raise KvmError("EINVAL", f"the VM already has a {type_name}")
@@ -371,8 +390,9 @@ class Vm:
         if cur < limit and self.phyids.get(cur) is not None:
             if cur == val:
                 return  # the same value again (VMMs re-put every register): a no-op
-            raise KvmError("EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; "
-                                     f"a CPUID cannot change")
+            raise KvmError(
+                "EINVAL", f"vCPU {vcpu.vcpu_id} already has CPUID {cur}; a CPUID cannot change"
+            )
         owner = self.phyids.get(val)
         if owner is not None:
             if owner is vcpu:
@@ -472,8 +492,11 @@ class Vm:
         if index == CSR_CPUID:
             self.set_cpuid(vcpu, value)
         elif index == CSR_ESTAT:
-            self._set_lines(vcpu, c.get(CSR_ESTAT, 0) | (value & ~(_HWIS << _HWI_SHIFT)),
-                            c.get(CSR_GINTC, 0) | ((value >> _HWI_SHIFT) & _HWIS))
+            self._set_lines(
+                vcpu,
+                c.get(CSR_ESTAT, 0) | (value & ~(_HWIS << _HWI_SHIFT)),
+                c.get(CSR_GINTC, 0) | ((value >> _HWI_SHIFT) & _HWIS),
+            )
         elif index == CSR_GINTC:
             self._set_lines(vcpu, c.get(CSR_ESTAT, 0), value)
         else:
@@ -482,8 +505,7 @@ class Vm:
     def csr_xchg(self, vcpu: Vcpu, index: int, value: int, mask: int) -> int:
         """A guest ``csrxchg``: only what the architecture lets a guest write changes."""
         if index >= CSR_MAX_NUMS:
-            raise KvmError("EINVAL", f"CSR index {index:#x} is out of range "
-                                     f"(< {CSR_MAX_NUMS:#x})")
+            raise KvmError("EINVAL", f"CSR index {index:#x} is out of range (< {CSR_MAX_NUMS:#x})")
         old = self._get_csr(vcpu, index)
         if not mask or index in (CSR_CPUID, CSR_GINTC):
             return old  # CPUID is read-only to a guest; GINTC is the hypervisor's
@@ -556,19 +578,26 @@ class Vm:
         """The PV features this kernel lets a VMM set; ENXIO where it has no such control."""
         mask: int | None = self.compat["pv_feature_mask"]
         if mask is None:
-            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}: kernel "
-                                    f"{self.profile} has no PV feature control (6.12)")
+            raise KvmError(
+                "ENXIO",
+                f"no vCPU attribute group {group:#x} attr {attr:#x}: kernel "
+                f"{self.profile} has no PV feature control (6.12)",
+            )
         return mask
 
     def _check_pvtime(self, group: int, attr: int) -> None:
         """``kvm_loongarch_pvtime_has_attr``: steal time on (6.12+: the PV feature) and GPA."""
         mode = self.compat["steal_time"]
         if mode is None:
-            raise KvmError("ENXIO", f"no vCPU attribute group {group:#x}: kernel {self.profile} "
-                                    f"has no steal time (6.11)")
+            raise KvmError(
+                "ENXIO",
+                f"no vCPU attribute group {group:#x}: kernel {self.profile} "
+                f"has no steal time (6.11)",
+            )
         if mode == "gated" and not self._pv_features & abi.KVM_FEATURE_STEAL_TIME:
-            raise KvmError("ENXIO", "steal time is not among the VM's PV features "
-                                    "(KVM_FEATURE_STEAL_TIME)")
+            raise KvmError(
+                "ENXIO", "steal time is not among the VM's PV features (KVM_FEATURE_STEAL_TIME)"
+            )
         if attr != KVM_LOONGARCH_VCPU_PVTIME_GPA:
             raise KvmError("ENXIO", f"no PVTIME attribute {attr:#x}")
 
@@ -576,8 +605,11 @@ class Vm:
         if group == KVM_LOONGARCH_VCPU_PVTIME_CTRL:
             self._check_pvtime(group, attr)
             if value & ~(KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID):
-                raise KvmError("EINVAL", f"steal-time address {value:#x} has bits outside "
-                                         f"KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID")
+                raise KvmError(
+                    "EINVAL",
+                    f"steal-time address {value:#x} has bits outside "
+                    f"KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID",
+                )
             # The kernel also wants a VALID address inside a memslot; lvz has no guest memory,
             # so every well-formed address is accepted (SEMANTICS "Decisions for lvz").
             vcpu.steal_gpa = value
@@ -586,11 +618,17 @@ class Vm:
             raise KvmError("ENXIO", f"no vCPU attribute group {group:#x} attr {attr:#x}")
         mask = self._pv_feature_mask(group, attr)
         if value & ~mask:
-            raise KvmError("EINVAL", f"PV feature bits {value & ~mask:#x} are not supported "
-                                     f"by kernel {self.profile} (mask {mask:#x})")
+            raise KvmError(
+                "EINVAL",
+                f"PV feature bits {value & ~mask:#x} are not supported "
+                f"by kernel {self.profile} (mask {mask:#x})",
+            )
         if self._pv_features_set and self._pv_features != value:
-            raise KvmError("EINVAL", f"every vCPU must set the same PV features; they are "
-                                     f"already {self._pv_features:#x}")
+            raise KvmError(
+                "EINVAL",
+                f"every vCPU must set the same PV features; they are "
+                f"already {self._pv_features:#x}",
+            )
         self._pv_features = value
         self._pv_features_set = True
 
@@ -607,8 +645,9 @@ class Vm:
         """``hvcl code``: plugins decide (firstresult); nobody answering is INVALID_CODE."""
         vcpu.hypercalls += 1
         a = [x & U64_MAX for x in args] + [0] * (6 - len(args))
-        result, plugin = self.host.call_first("lvz_hypercall", vm=self.chip_api,
-                                              vcpu_id=vcpu.vcpu_id, code=code, args=a)
+        result, plugin = self.host.call_first(
+            "lvz_hypercall", vm=self.chip_api, vcpu_id=vcpu.vcpu_id, code=code, args=a
+        )
         if result is None:
             return KVM_HCALL_INVALID_CODE
         if type(result) is not int:
@@ -717,9 +756,12 @@ class Vm:
         2db06c15d8c7): undefined behaviour, so EINVAL (decision 2).
         """
         if phyid < 0 and not self.compat["negative_cpuid_check"]:
-            raise KvmError("EINVAL", f"kvm_get_vcpu_by_cpuid({phyid}): kernel {self.profile} "
-                                     f"reads phys_map[{phyid}] out of bounds (undefined; "
-                                     f"fixed by 2db06c15d8c7 in 7.0)")
+            raise KvmError(
+                "EINVAL",
+                f"kvm_get_vcpu_by_cpuid({phyid}): kernel {self.profile} "
+                f"reads phys_map[{phyid}] out of bounds (undefined; "
+                f"fixed by 2db06c15d8c7 in 7.0)",
+            )
         vcpu = self.phyids.get(phyid)
         return None if vcpu is None else vcpu.vcpu_id
 
@@ -736,14 +778,18 @@ class Vm:
     def claim(self, space: str, base: int, size: int, handler: IoHandler) -> None:
         """Route ``space`` accesses in [base, base+size) to ``handler``; EEXIST on overlap."""
         table = self._iocsr if space == "iocsr" else self._mmio
-        owner = self._constructing or next(
-            (c.owner for c in table if c.handler is handler), "") or getattr(
-                handler, "type_name", "")
+        owner = (
+            self._constructing
+            or next((c.owner for c in table if c.handler is handler), "")
+            or getattr(handler, "type_name", "")
+        )
         rest = [c for c in table if c.handler is not handler]
         for c in rest:
             if base < c.end and c.base < base + size:
-                raise KvmError("EEXIST", f"{space.upper()} [{base:#x}, {base + size:#x}) "
-                                         f"overlaps {c.owner}'s range")
+                raise KvmError(
+                    "EEXIST",
+                    f"{space.upper()} [{base:#x}, {base + size:#x}) overlaps {c.owner}'s range",
+                )
         rest.append(_Claim(base, size, handler, owner))
         table[:] = rest
 

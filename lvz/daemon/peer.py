@@ -114,8 +114,7 @@ class RunWait:
 class Connection:
     """Per-connection state: protocol core, handles, outgoing buffer, subscriptions."""
 
-    def __init__(self, stream: trio.SocketStream | None, config: ServeConfig,
-                 number: int) -> None:
+    def __init__(self, stream: trio.SocketStream | None, config: ServeConfig, number: int) -> None:
         self.stream = stream
         self.number = number
         self.proto = ServerConnection(config.max_message)
@@ -167,8 +166,9 @@ class Connection:
     def _report_lost(self) -> None:
         if self.events_lost:
             for vm_handle, count in self.events_lost.items():
-                self.put(self.proto.send_notification(
-                    "events_lost", {"vm": vm_handle, "count": count}))
+                self.put(
+                    self.proto.send_notification("events_lost", {"vm": vm_handle, "count": count})
+                )
             self.events_lost.clear()
 
     async def take_turn(self) -> None:

@@ -31,16 +31,16 @@ class RecordingFailed(Exception):
 class Recorder:
     """Appends records to one open file; ``received`` / ``sent`` are the whole interface."""
 
-    def __init__(self, file: IO[bytes], plugins: list[tuple[str, str]],
-                 argv: list[str]) -> None:
+    def __init__(self, file: IO[bytes], plugins: list[tuple[str, str]], argv: list[str]) -> None:
         self._file = file
         self._t0 = time.monotonic_ns()
         self._failed = False
         self._write(encode_header(__version__, plugins, argv, time.time()))
 
     @classmethod
-    def open(cls, path: Path, plugins: list[tuple[str, str]],
-             argv: list[str] | None = None) -> Recorder:
+    def open(
+        cls, path: Path, plugins: list[tuple[str, str]], argv: list[str] | None = None
+    ) -> Recorder:
         # Every byte of every client is as private as the 0600 socket they came through: a new
         # recording is 0600, and one that another user owns (pre-created in /tmp, say, to
         # read what we record) is refused rather than written into.
@@ -52,8 +52,10 @@ class Recorder:
         owner = os.fstat(fd).st_uid
         if owner != os.geteuid():
             os.close(fd)
-            raise RecordingFailed(f"cannot record to {path}: it belongs to uid {owner}, who "
-                                  "could read every byte recorded; choose a path of your own")
+            raise RecordingFailed(
+                f"cannot record to {path}: it belongs to uid {owner}, who "
+                "could read every byte recorded; choose a path of your own"
+            )
         os.ftruncate(fd, 0)
         file = os.fdopen(fd, "wb")
         return cls(file, plugins, list(sys.argv if argv is None else argv))
@@ -69,8 +71,7 @@ class Recorder:
             log.error("recording stopped: %s", exc)
 
     def _record(self, conn: int, kind: str, data: bytes = b"") -> None:
-        self._write(encode_record(Record(time.monotonic_ns() - self._t0, conn, kind,
-                                         bytes(data))))
+        self._write(encode_record(Record(time.monotonic_ns() - self._t0, conn, kind, bytes(data))))
 
     def opened(self, conn: int) -> None:
         self._record(conn, "open")

@@ -20,16 +20,22 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["UnsafeDir", "check_private_dir", "ensure_private_dir", "open_private_dir",
-           "replace_file"]
+__all__ = [
+    "UnsafeDir",
+    "check_private_dir",
+    "ensure_private_dir",
+    "open_private_dir",
+    "replace_file",
+]
 
 
 class UnsafeDir(OSError):
     """A directory another user could control, or one that cannot be used; says which."""
 
 
-def check_private_dir(path: Path, st: os.stat_result | None = None, what: str = "directory",
-                      risk: str = "") -> None:
+def check_private_dir(
+    path: Path, st: os.stat_result | None = None, what: str = "directory", risk: str = ""
+) -> None:
     """Refuse ``path`` unless it is a real directory we own that no one else may write to.
 
     ``st`` is its ``lstat`` (or the ``fstat`` of an open descriptor) if the caller has it;
@@ -42,18 +48,23 @@ def check_private_dir(path: Path, st: os.stat_result | None = None, what: str = 
         except OSError as exc:
             raise UnsafeDir(f"{path}: cannot inspect the {what}: {exc.strerror or exc}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeDir(f"{path} is a symbolic link; the {what} must be a real directory the "
-                        "daemon's user owns")
+        raise UnsafeDir(
+            f"{path} is a symbolic link; the {what} must be a real directory the daemon's user owns"
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDir(f"{path} is not a directory")
     me = os.getuid()
     if st.st_uid != me:
-        raise UnsafeDir(f"{path} is owned by uid {st.st_uid}, not by this daemon's uid {me}; "
-                        f"another user could {risk}")
+        raise UnsafeDir(
+            f"{path} is owned by uid {st.st_uid}, not by this daemon's uid {me}; "
+            f"another user could {risk}"
+        )
     if st.st_mode & 0o022:
-        raise UnsafeDir(f"{path} is group- or world-writable (mode "
-                        f"{stat.S_IMODE(st.st_mode):04o}); another user could {risk} (use a "
-                        "0700 directory)")
+        raise UnsafeDir(
+            f"{path} is group- or world-writable (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); another user could {risk} (use a "
+            "0700 directory)"
+        )
 
 
 def ensure_private_dir(path: Path, what: str = "directory") -> None:
@@ -97,12 +108,16 @@ def replace_file(dir_fd: int, name: str, data: bytes, *, sync: bool = True) -> N
         os.unlink(tmp, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dir_fd)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     except BaseException:

@@ -105,12 +105,13 @@ def _first_reason(group: BaseExceptionGroup[BaseException]) -> str:
 
 
 #: A connection whose tasks fail with these had its peer go away: info, not a bug of ours.
-PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
-             OSError)
+PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError)
 
 
-def _connection_failed(number: int, group: BaseExceptionGroup[BaseException],
-                       ) -> BaseExceptionGroup[BaseException] | None:
+def _connection_failed(
+    number: int,
+    group: BaseExceptionGroup[BaseException],
+) -> BaseExceptionGroup[BaseException] | None:
     """Log why a connection's tasks failed; return what must propagate (cancellation).
 
     ``except* PEER_GONE`` then ``except* Exception``, spelled out with ``split`` because
@@ -122,8 +123,9 @@ def _connection_failed(number: int, group: BaseExceptionGroup[BaseException],
     if rest is not None:
         bugs, rest = rest.split(Exception)
         if bugs is not None:
-            log.error("connection %d ended by an internal error", number,
-                      exc_info=bugs.exceptions[0])
+            log.error(
+                "connection %d ended by an internal error", number, exc_info=bugs.exceptions[0]
+            )
     return rest
 
 
@@ -181,8 +183,11 @@ class Daemon:
             calls[name] = self._on_handle(name, VmHandle, on_vm)
         for name, on_vcpu in handlers.VCPU.items():
             writes = handlers.WRITES_MAP.get(name)
-            calls[name] = (self._on_handle(name, VcpuHandle, on_vcpu) if writes is None
-                           else self._writing_map(name, on_vcpu, writes))
+            calls[name] = (
+                self._on_handle(name, VcpuHandle, on_vcpu)
+                if writes is None
+                else self._writing_map(name, on_vcpu, writes)
+            )
         for name, on_device in handlers.DEVICE.items():
             calls[name] = self._on_handle(name, DeviceHandle, on_device)
         missing = set(METHODS) - set(calls) - {"vcpu.run"}
@@ -193,23 +198,31 @@ class Daemon:
     def _no_handle(self, fn: Callable[[Daemon, Connection, Params], Result]) -> Call:
         def call(conn: Connection, p: Params) -> Result:
             return fn(self, conn, p)
+
         return call
 
-    def _on_handle(self, method: str, kind: type[H],
-                   fn: Callable[[Daemon, Connection, Params, H], MaybeLater]) -> Call:
+    def _on_handle(
+        self, method: str, kind: type[H], fn: Callable[[Daemon, Connection, Params, H], MaybeLater]
+    ) -> Call:
         param, table_kind = HANDLE_PARAM[method]  # the method table names the parameter
         if table_kind != kind.kind:
-            raise RuntimeError(f"{method} takes a {table_kind or 'any'} handle, "
-                               f"but its handler is in the {kind.kind or 'any'} table")
+            raise RuntimeError(
+                f"{method} takes a {table_kind or 'any'} handle, "
+                f"but its handler is in the {kind.kind or 'any'} table"
+            )
         resolve = self._resolve
 
         def call(conn: Connection, p: Params) -> MaybeLater:
             return fn(self, conn, p, resolve(conn, p[param], kind, method))
+
         return call
 
-    def _writing_map(self, method: str,
-                     fn: Callable[[Daemon, Connection, Params, VcpuHandle], MaybeLater],
-                     writes: Callable[[Params, VcpuHandle], bool]) -> Call:
+    def _writing_map(
+        self,
+        method: str,
+        fn: Callable[[Daemon, Connection, Params, VcpuHandle], MaybeLater],
+        writes: Callable[[Params, VcpuHandle], bool],
+    ) -> Call:
         """A vCPU method that may set or drop a phyid: under the VM's map lock when it does.
 
         When the lock is free (always, unless a teardown or a durable write of the same VM is
@@ -238,6 +251,7 @@ class Daemon:
             # taking the lock would change nothing anyone can see; it only cost time (a
             # 65,536-vCPU VM sets 65,536 CPUIDs).
             return fn(self, conn, p, h)
+
         return call
 
     # ---------------------------------------------------------------- connection loop ---------
@@ -252,15 +266,29 @@ class Daemon:
         if self.state is not None:
             conn.before_send = self.state.flush  # no answer leaves before its change is written
         if not self._peer_allowed(stream, conn):
-            await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
-                "EPERM", "this daemon serves only its own user (SO_PEERCRED)")))
+            await goodbye(
+                stream,
+                conn.proto.send_protocol_error(
+                    ProtocolError("EPERM", "this daemon serves only its own user (SO_PEERCRED)")
+                ),
+            )
             return
         if len(self.connections) >= self.max_connections:
-            self.refusal_log(logging.WARNING, "connection refused: %d connections open "
-                             "(--max-connections)", len(self.connections))
-            await goodbye(stream, conn.proto.send_protocol_error(ProtocolError(
-                "EMFILE", f"the daemon already serves {self.max_connections} connections "
-                "(--max-connections)")))
+            self.refusal_log(
+                logging.WARNING,
+                "connection refused: %d connections open (--max-connections)",
+                len(self.connections),
+            )
+            await goodbye(
+                stream,
+                conn.proto.send_protocol_error(
+                    ProtocolError(
+                        "EMFILE",
+                        f"the daemon already serves {self.max_connections} connections "
+                        "(--max-connections)",
+                    )
+                ),
+            )
             return
         self.connections.add(conn)
         self.peak_connections = max(self.peak_connections, len(self.connections))
@@ -290,8 +318,9 @@ class Daemon:
 
     def _peer_allowed(self, stream: trio.SocketStream, conn: Connection) -> bool:
         try:
-            creds = stream.socket.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
-                                             struct.calcsize("3i"))
+            creds = stream.socket.getsockopt(
+                _socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")
+            )
         except OSError:
             return True  # not a Unix socket (tests over other transports)
         _pid, uid, _gid = struct.unpack("3i", creds)
@@ -318,9 +347,14 @@ class Daemon:
                     if scope.cancelled_caught:
                         self.partial_held -= held  # given back now, not after the goodbye
                         held = 0
-                        await self._close_with(conn, ProtocolError(
-                            "ETIMEDOUT", "a message stayed unfinished for more than "
-                            f"{self.config.message_timeout:g} s (--message-timeout)"))
+                        await self._close_with(
+                            conn,
+                            ProtocolError(
+                                "ETIMEDOUT",
+                                "a message stayed unfinished for more than "
+                                f"{self.config.message_timeout:g} s (--message-timeout)",
+                            ),
+                        )
                         return
                 slice_end = time.perf_counter() + SLICE
                 proto.receive_data(data)
@@ -353,10 +387,15 @@ class Daemon:
                     if grew and self.partial_held > self.config.partial_budget:
                         self.partial_held -= held  # others may use it during the goodbye
                         held = 0
-                        await self._close_with(conn, ProtocolError(
-                            "ENOMEM", "the daemon's budget for partially received messages "
-                            f"({self.config.partial_budget} bytes, --partial-budget) is used "
-                            "up"))
+                        await self._close_with(
+                            conn,
+                            ProtocolError(
+                                "ENOMEM",
+                                "the daemon's budget for partially received messages "
+                                f"({self.config.partial_budget} bytes, --partial-budget) is used "
+                                "up",
+                            ),
+                        )
                         return
                 at = proto.unfinished
                 if at != timed:
@@ -427,8 +466,14 @@ class Daemon:
             self._escaped_timeout(conn, req.msgid, method, exc)
         return None
 
-    async def _answer_later(self, conn: Connection, msgid: int, method: str, params: Params,
-                            pending: Coroutine[Any, Any, Result]) -> None:
+    async def _answer_later(
+        self,
+        conn: Connection,
+        msgid: int,
+        method: str,
+        params: Params,
+        pending: Coroutine[Any, Any, Result],
+    ) -> None:
         try:
             try:
                 result = await pending
@@ -459,14 +504,21 @@ class Daemon:
         """The watchdog fired in the instant a plugin call was returning, outside its guard."""
         plugin = WATCHDOG.plugin
         WATCHDOG.reset()
-        conn.put(conn.proto.send_error(msgid, KvmError(
-            "ETIMEDOUT", f"{method}: irqchip plugin {plugin!r} {exc}")))
+        conn.put(
+            conn.proto.send_error(
+                msgid, KvmError("ETIMEDOUT", f"{method}: irqchip plugin {plugin!r} {exc}")
+            )
+        )
 
     @staticmethod
     def _internal_error(conn: Connection, msgid: int, method: str, exc: Exception) -> None:
         log.exception("internal error in %s", method, exc_info=exc)
-        conn.put(conn.proto.send_error(msgid, KvmError(
-            "EIO", f"{method}: internal error in lvz: {type(exc).__name__}: {exc}")))
+        conn.put(
+            conn.proto.send_error(
+                msgid,
+                KvmError("EIO", f"{method}: internal error in lvz: {type(exc).__name__}: {exc}"),
+            )
+        )
 
     def _execute(self, conn: Connection, method: str, params: Params) -> Result:
         """Run one request synchronously (``call_local``): only methods that never wait here."""
@@ -517,8 +569,7 @@ class Daemon:
                 self.release(conn, h)
             raise KvmError("EBADF", f"{method}: handle {number} is not open")
         if not isinstance(h, kind):
-            raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, "
-                                     f"not a {kind.kind}")
+            raise KvmError("ENOTTY", f"{method}: handle {number} is a {h.kind}, not a {kind.kind}")
         return h
 
     # ---------------------------------------------------------------- handles, lifetimes ------
@@ -532,8 +583,13 @@ class Daemon:
         return h.number
 
     def new_vm(self, name: str | None, max_phyid: int) -> Vm:
-        vm = Vm(self.host, name=name, max_phyid=max_phyid, max_vcpus=self.config.max_vcpus,
-                budget=self.vcpu_budget)
+        vm = Vm(
+            self.host,
+            name=name,
+            max_phyid=max_phyid,
+            max_vcpus=self.config.max_vcpus,
+            budget=self.vcpu_budget,
+        )
         vm.listener = self._on_line
         self.vms.append(vm)
         self.map_locks[vm] = trio.Lock()
@@ -688,9 +744,20 @@ class Daemon:
             phyid = cpuid if v and vm.phyids.get(cpuid) is v else None
             for conn, sub in subs.items():
                 h = sub.carrier
-                if not conn.put_event(conn.proto.send_notification(
-                        "irq", {"vm": h, "vcpu_id": vcpu_id, "irq": irq, "level": level,
-                                "seq": seq, "phyid": phyid}), h):
+                if not conn.put_event(
+                    conn.proto.send_notification(
+                        "irq",
+                        {
+                            "vm": h,
+                            "vcpu_id": vcpu_id,
+                            "irq": irq,
+                            "level": level,
+                            "seq": seq,
+                            "phyid": phyid,
+                        },
+                    ),
+                    h,
+                ):
                     vm.events_lost += 1
 
     # ---------------------------------------------------------------- vcpu.run ----------------
@@ -715,16 +782,20 @@ class Daemon:
             return
         lines = vcpu.lines
         if lines:
-            conn.put(conn.proto.send_result(msgid, {"exit_reason": "irq",
-                                                    "estat": h.vm.get_one_reg(vcpu, abi.ESTAT)}))
+            conn.put(
+                conn.proto.send_result(
+                    msgid, {"exit_reason": "irq", "estat": h.vm.get_one_reg(vcpu, abi.ESTAT)}
+                )
+            )
             return
         wait = RunWait(conn, h, vcpu, msgid)
         self.running[vcpu] = wait
         assert conn.nursery is not None
         conn.nursery.start_soon(self._run_wait, wait, float(params["timeout"]))
 
-    def finish_run(self, wait: RunWait, error: KvmError | None, reason: str = "",
-                   fields: Result | None = None) -> None:
+    def finish_run(
+        self, wait: RunWait, error: KvmError | None, reason: str = "", fields: Result | None = None
+    ) -> None:
         """Answer a waiting run: ``error``, or ``reason`` with ``fields`` (an exit's member)."""
         if self.running.get(wait.vcpu) is not wait:
             return  # already answered
@@ -767,8 +838,12 @@ class Daemon:
                     pass
 
 
-async def serve(config: ServeConfig, host: PluginHost | None = None, *,
-                task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: ServeConfig,
+    host: PluginHost | None = None,
+    *,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled or signalled; ``task_status.started`` once the socket accepts."""
     if host is None:
         host = load_plugins()
@@ -778,14 +853,16 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
         daemon.state.load()
     path = config.socket
     if config.record is not None:
-        daemon.recorder = Recorder.open(config.record,
-                                        [(p.name, p.version) for p in host.loaded])
+        daemon.recorder = Recorder.open(config.record, [(p.name, p.version) for p in host.loaded])
     activated = systemd.activated_listener()
     listener = activated if activated is not None else await open_listener(path)
     WATCHDOG.install(config.plugin_timeout)
     log.info("serving on %s (plugins: %s)", path, ", ".join(p.name for p in host.loaded))
-    refusal = Connection(None, config, 0).proto.send_protocol_error(ProtocolError(
-        "EMFILE", "the daemon is out of file descriptors; try again when clients have left"))
+    refusal = Connection(None, config, 0).proto.send_protocol_error(
+        ProtocolError(
+            "EMFILE", "the daemon is out of file descriptors; try again when clients have left"
+        )
+    )
     # Signals that come once shutdown has begun are logged and ignored, so a second SIGTERM
     # or ^C cannot abort the save: these handlers are what the receiver below restores (and
     # redelivers pending signals to) when it closes.
@@ -805,9 +882,13 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
                 if daemon.state is not None and config.fsync == "everysec":
                     handlers.start_soon(daemon.state.sync_every_second)
                 notify_ready()
-                handlers.start_soon(systemd.supervise, lambda: (
-                    f"{len(daemon.vms)} VMs, {sum(len(vm.vcpus) for vm in daemon.vms)} vCPUs, "
-                    f"{len(daemon.connections)} connections"))
+                handlers.start_soon(
+                    systemd.supervise,
+                    lambda: (
+                        f"{len(daemon.vms)} VMs, {sum(len(vm.vcpus) for vm in daemon.vms)} vCPUs, "
+                        f"{len(daemon.connections)} connections"
+                    ),
+                )
                 task_status.started(daemon)
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
@@ -838,8 +919,10 @@ async def serve(config: ServeConfig, host: PluginHost | None = None, *,
 
 
 def _during_shutdown(signum: int, frame: object) -> None:
-    log.warning("signal %s during shutdown: ignored, the shutdown (and its save) goes on",
-                signal.Signals(signum).name)
+    log.warning(
+        "signal %s during shutdown: ignored, the shutdown (and its save) goes on",
+        signal.Signals(signum).name,
+    )
 
 
 def _return_large_buffers() -> None:
@@ -937,7 +1020,10 @@ def run(config: ServeConfig, verbose: int = 0) -> int:
         return 125
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, "")
-        print(f"lvz serve: cannot serve on {config.socket}: {name} {exc.strerror or exc}",
-              flush=True, file=sys.stderr)
+        print(
+            f"lvz serve: cannot serve on {config.socket}: {name} {exc.strerror or exc}",
+            flush=True,
+            file=sys.stderr,
+        )
         return 125
     return 0

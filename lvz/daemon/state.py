@@ -97,8 +97,12 @@ def own_value(reg_id: int) -> tuple[int, int] | None:
         cls, index = abi.decode(reg_id)
     except KvmError:
         return None
-    own = ((int(cls), index) if cls is abi.RegClass.CPUCFG or (
-        cls is abi.RegClass.CSR and index not in (CSR_ESTAT, CSR_GINTC)) else None)
+    own = (
+        (int(cls), index)
+        if cls is abi.RegClass.CPUCFG
+        or (cls is abi.RegClass.CSR and index not in (CSR_ESTAT, CSR_GINTC))
+        else None
+    )
     if len(_OWN_VALUE) < _OWN_VALUE_MAX:
         _OWN_VALUE[reg_id] = own
     return own
@@ -106,8 +110,9 @@ def own_value(reg_id: int) -> tuple[int, int] | None:
 
 def file_name(vm_name: str) -> str:
     """Any VM name fits: the file is named by a hash, the name itself is inside."""
-    return "vm-" + hashlib.sha256(vm_name.encode("utf-8", "surrogatepass")).hexdigest()[:32] \
-        + SUFFIX
+    return (
+        "vm-" + hashlib.sha256(vm_name.encode("utf-8", "surrogatepass")).hexdigest()[:32] + SUFFIX
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -147,8 +152,9 @@ class StateDir:
 
     # ---------------------------------------------------------------- the daemon's hooks -----
 
-    def applied(self, conn: Connection, method: str, params: dict[str, Any],
-                error: KvmError | None) -> None:
+    def applied(
+        self, conn: Connection, method: str, params: dict[str, Any], error: KvmError | None
+    ) -> None:
         """A request reached its handler (answered ``error`` or a result): note it if it
         concerns a named VM. Called before its response is queued; the hot path of a durable
         daemon, so it only appends (``flush`` encodes)."""
@@ -222,7 +228,7 @@ class StateDir:
                 if written < len(data):  # a short write (a full disk, a signal): the rest
                     view = memoryview(data)[written:]
                     while view:
-                        view = view[os.write(j.fd, view):]
+                        view = view[os.write(j.fd, view) :]
                 if self.fsync == "always":
                     os.fdatasync(j.fd)  # the appended bytes and the size: all a reader needs
                 else:
@@ -234,8 +240,10 @@ class StateDir:
                 j.regs.clear()  # what it noted is not in the file
             j.size += len(data)
         for j in pending:
-            if (j.size - j.head > max(COMPACT_RATIO * j.head, COMPACT_MIN)
-                    and self.journals.get(j.vm) is j):
+            if (
+                j.size - j.head > max(COMPACT_RATIO * j.head, COMPACT_MIN)
+                and self.journals.get(j.vm) is j
+            ):
                 self._write_head(j.vm)
 
     async def sync_every_second(self) -> None:
@@ -273,8 +281,7 @@ class StateDir:
             [opened] = d.call_local(conn, [("kvm.open_vm", {"name": vm.name})])
             if isinstance(opened, KvmError):
                 raise opened
-            saved = snapshot.drive(snapshot.save_vm(opened["vm"]),
-                                   lambda b: d.call_local(conn, b))
+            saved = snapshot.drive(snapshot.save_vm(opened["vm"]), lambda b: d.call_local(conn, b))
         finally:
             d.drop_local(conn)
         return snapshot.encode(saved)
@@ -287,11 +294,13 @@ class StateDir:
         try:
             data = journal.encode_file(self._save(vm), lvz.__version__, self.plugins)
             replace_file(self.dir_fd, name, data, sync=self.fsync != "no")
-            fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.dir_fd)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd
+            )
         except (OSError, KvmError) as exc:
-            log.error("state dir %s: could not write VM %s to %s: %s", self.path, vm.name,
-                      name, exc)
+            log.error(
+                "state dir %s: could not write VM %s to %s: %s", self.path, vm.name, name, exc
+            )
             if old is not None:  # keep appending to the old file: it is still whole
                 self.journals[vm] = old
             return
@@ -310,8 +319,15 @@ class StateDir:
         with os.scandir(self.dir_fd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
-            kind = (SUFFIX if e.name.endswith(SUFFIX) else FAILED if e.name.endswith(FAILED)
-                    else LEGACY if e.name.endswith(LEGACY) else None)
+            kind = (
+                SUFFIX
+                if e.name.endswith(SUFFIX)
+                else FAILED
+                if e.name.endswith(FAILED)
+                else LEGACY
+                if e.name.endswith(LEGACY)
+                else None
+            )
             if kind is None:
                 continue
             if not e.is_file(follow_symlinks=False):
@@ -326,8 +342,9 @@ class StateDir:
             self._load_file(name, retry=True)
 
     def _read(self, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=self.dir_fd)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dir_fd
+        )
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -345,8 +362,7 @@ class StateDir:
         source = str(self.path / name)
         try:
             data = self._read(name)
-            parsed = (journal.Parsed(data, [], len(data), False) if legacy
-                      else journal.parse(data))
+            parsed = journal.Parsed(data, [], len(data), False) if legacy else journal.parse(data)
             snap = snapshot.decode(parsed.snapshot, source)
             vm = self._restore(snap, parsed.entries, source)
         except (OSError, KvmError, JournalError) as exc:
@@ -365,14 +381,22 @@ class StateDir:
                 if retry:
                     self._unlink(name.removesuffix(FAILED) + REASON)
         else:
-            fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.dir_fd)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd
+            )
             self.journals[vm] = _Journal(vm, name, fd, len(data), len(data))
         if parsed.torn:
-            log.warning("state dir %s: %s ended in a torn write (never acknowledged); "
-                        "dropped", self.path, name)
-        log.info("state dir: VM %s loaded from %s (%d journal entries)", vm.name, name,
-                 len(parsed.entries))
+            log.warning(
+                "state dir %s: %s ended in a torn write (never acknowledged); dropped",
+                self.path,
+                name,
+            )
+        log.info(
+            "state dir: VM %s loaded from %s (%d journal entries)",
+            vm.name,
+            name,
+            len(parsed.entries),
+        )
 
     def _unlink(self, name: str) -> None:
         try:
@@ -382,12 +406,21 @@ class StateDir:
 
     def _set_aside(self, name: str, exc: BaseException) -> None:
         # Named by a hash of the old name: a legacy file's url-quoted name may be near NAME_MAX.
-        base = name.removesuffix(SUFFIX) if name.endswith(SUFFIX) else \
-            "legacy-" + hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:32]
+        base = (
+            name.removesuffix(SUFFIX)
+            if name.endswith(SUFFIX)
+            else "legacy-" + hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:32]
+        )
         aside = f"{base}.{time.time_ns()}"
         reason = f"{exc}\n"
-        log.error("state dir %s: %s cannot be loaded: %s (kept as %s%s)", self.path, name,
-                  exc, aside, FAILED)
+        log.error(
+            "state dir %s: %s cannot be loaded: %s (kept as %s%s)",
+            self.path,
+            name,
+            exc,
+            aside,
+            FAILED,
+        )
         try:
             replace_file(self.dir_fd, aside + REASON, reason.encode(), sync=True)
             os.rename(name, aside + FAILED, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
@@ -403,6 +436,7 @@ class StateDir:
         d = self.daemon
         conn = d.local_connection()
         try:
+
             def call(batch: snapshot.Batch) -> snapshot.Results:
                 if batch and batch[0][0] == "vm.destroy":
                     # The failure path of restore_vm: the VM is unnamed, so dropping this
@@ -425,8 +459,9 @@ class StateDir:
 class _Replay:
     """Re-apply journal entries with local handles, checking each answer against the file's."""
 
-    def __init__(self, call: Callable[[snapshot.Batch], snapshot.Results], vm: int,
-                 source: str) -> None:
+    def __init__(
+        self, call: Callable[[snapshot.Batch], snapshot.Results], vm: int, source: str
+    ) -> None:
         self.call = call
         self.vm = vm
         self.source = source
@@ -460,8 +495,10 @@ class _Replay:
             kind = JOURNALED[e.method]
             h = self._handle(kind, e.target)
             if isinstance(h, KvmError):
-                raise JournalError(f"{self.source}: entry {i} ({e.method}) names "
-                                   f"{kind} {e.target!r}, which is not there: {h}")
+                raise JournalError(
+                    f"{self.source}: entry {i} ({e.method}) names "
+                    f"{kind} {e.target!r}, which is not there: {h}"
+                )
             r = self._one(e.method, dict(e.params, **{HANDLE_PARAM[e.method][0]: h}))
             got = r.name if isinstance(r, KvmError) else None
             if got != e.outcome:
@@ -469,7 +506,8 @@ class _Replay:
                 raise JournalError(
                     f"{self.source}: entry {i} ({e.method}) was answered "
                     f"{e.outcome or 'ok'} when it was made but {got or 'ok'} now{why} "
-                    f"(was the daemon restarted with other limits?)")
+                    f"(was the daemon restarted with other limits?)"
+                )
             if e.method == "vm.create_vcpu" and not isinstance(r, KvmError):
                 self.vcpus[e.params["vcpu_id"]] = r["vcpu"]
             elif e.method == "vm.create_device" and not isinstance(r, KvmError):

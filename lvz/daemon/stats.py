@@ -82,8 +82,18 @@ _HWI_SLICE = slice(INT_HWI0, INT_HWI7 + 1)
 
 
 def _describe(scope: str, device: str | None, stats: tuple[Stat, ...]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "scope": scope, "device": device, "kind": s.kind, "unit": s.unit,
-             "size": s.size, "help": s.help} for s in stats]
+    return [
+        {
+            "name": s.name,
+            "scope": scope,
+            "device": device,
+            "kind": s.kind,
+            "unit": s.unit,
+            "size": s.size,
+            "help": s.help,
+        }
+        for s in stats
+    ]
 
 
 class StatsSchema:
@@ -91,9 +101,13 @@ class StatsSchema:
 
     def __init__(self, host: PluginHost) -> None:
         self.devices: dict[str, tuple[Stat, ...]] = {
-            name: dt.stats for name, (dt, _plugin) in sorted(host.device_types.items())}
-        descriptors = (_describe("daemon", None, DAEMON_STATS) + _describe("vm", None, VM_STATS)
-                       + _describe("vcpu", None, VCPU_STATS))
+            name: dt.stats for name, (dt, _plugin) in sorted(host.device_types.items())
+        }
+        descriptors = (
+            _describe("daemon", None, DAEMON_STATS)
+            + _describe("vm", None, VM_STATS)
+            + _describe("vcpu", None, VCPU_STATS)
+        )
         for name, stats in self.devices.items():
             descriptors += _describe("device", name, stats)
         for i, desc in enumerate(descriptors):
@@ -110,8 +124,14 @@ class StatsSchema:
 
 
 def daemon_values(d: Daemon) -> list[int | list[int]]:
-    return [len(d.vms), sum(len(vm.vcpus) for vm in d.vms), len(d.connections), d.conn_counter,
-            d.peak_connections, int((time.monotonic() - d.started) * 1000)]
+    return [
+        len(d.vms),
+        sum(len(vm.vcpus) for vm in d.vms),
+        len(d.connections),
+        d.conn_counter,
+        d.peak_connections,
+        int((time.monotonic() - d.started) * 1000),
+    ]
 
 
 def vm_values(d: Daemon, vm: Vm) -> list[int | list[int]]:
@@ -124,16 +144,37 @@ def vm_values(d: Daemon, vm: Vm) -> list[int | list[int]]:
         hypercalls += vcpu.hypercalls
         pending += vcpu.lines.bit_count()
         running += vcpu in d.running
-    return [len(vm.vcpus), len(vm.phyids), vm.max_phyid, sum(total), total[INT_IPI],
-            total[INT_SWI0] + total[INT_SWI1], sum(total[_HWI_SLICE]), total[INT_TI],
-            vm.irq_lines, vm.msis, hypercalls, vm.seq, vm.events_lost, pending, running,
-            len(d.subscribers.get(vm, ()))]
+    return [
+        len(vm.vcpus),
+        len(vm.phyids),
+        vm.max_phyid,
+        sum(total),
+        total[INT_IPI],
+        total[INT_SWI0] + total[INT_SWI1],
+        sum(total[_HWI_SLICE]),
+        total[INT_TI],
+        vm.irq_lines,
+        vm.msis,
+        hypercalls,
+        vm.seq,
+        vm.events_lost,
+        pending,
+        running,
+        len(d.subscribers.get(vm, ())),
+    ]
 
 
 def vcpu_values(d: Daemon, vcpu: Vcpu) -> list[int | list[int]]:
     raises = vcpu.raises or [0] * EXCCODE_INT_NUM
-    return [vcpu.csrs[CSR_CPUID], vcpu.lines, sum(raises), list(raises), raises[INT_IPI],
-            vcpu.hypercalls, int(vcpu in d.running)]
+    return [
+        vcpu.csrs[CSR_CPUID],
+        vcpu.lines,
+        sum(raises),
+        list(raises),
+        raises[INT_IPI],
+        vcpu.hypercalls,
+        int(vcpu in d.running),
+    ]
 
 
 def device_values(vm: Vm, type_name: str, stats: tuple[Stat, ...]) -> list[int | list[int]] | None:
@@ -149,18 +190,25 @@ def device_values(vm: Vm, type_name: str, stats: tuple[Stat, ...]) -> list[int |
     values: Any = vm.device_call(rec.device, "stats")
     problem = ""
     if type(values) is not list or len(values) != len(stats):
-        problem = (f"stats() returned {values!r:.60}, not a list of the {len(stats)} values "
-                   f"its DeviceType declares")
+        problem = (
+            f"stats() returned {values!r:.60}, not a list of the {len(stats)} values "
+            f"its DeviceType declares"
+        )
     else:
         for stat, value in zip(stats, values, strict=True):
             if stat.size == 1:
                 ok = type(value) is int
             else:
-                ok = (type(value) is list and len(value) == stat.size
-                      and all(type(x) is int for x in value))
+                ok = (
+                    type(value) is list
+                    and len(value) == stat.size
+                    and all(type(x) is int for x in value)
+                )
             if not ok:
-                problem = (f"stats() value for {stat.name!r} is not "
-                           f"{'an int' if stat.size == 1 else f'a list of {stat.size} ints'}")
+                problem = (
+                    f"stats() value for {stat.name!r} is not "
+                    f"{'an int' if stat.size == 1 else f'a list of {stat.size} ints'}"
+                )
                 break
     if problem:
         raise plugin_failure(rec.plugin, TypeError(problem))
@@ -172,9 +220,11 @@ def kvm_stats(d: Daemon, schema: StatsSchema, p: dict[str, Any]) -> dict[str, An
     """Daemon- and VM-scope values of every VM (``lvz top``'s first screen), and with ``id`` one
     VM in depth as ``vm`` (its drill-down), found by id so that watching a VM never holds a
     handle that would keep it alive."""
-    result = {**schema.header(p.get("schema")), "daemon": daemon_values(d),
-              "vms": [{"id": d.vm_ids[vm], "name": vm.name, "values": vm_values(d, vm)}
-                      for vm in d.vms]}
+    result = {
+        **schema.header(p.get("schema")),
+        "daemon": daemon_values(d),
+        "vms": [{"id": d.vm_ids[vm], "name": vm.name, "values": vm_values(d, vm)} for vm in d.vms],
+    }
     if "id" in p:
         vm = d.vm_by_id.get(p["id"])
         if vm is None:
@@ -189,8 +239,17 @@ def vm_stats(d: Daemon, schema: StatsSchema, vm: Vm, p: dict[str, Any]) -> dict[
 
 
 def _detail(d: Daemon, schema: StatsSchema, vm: Vm) -> dict[str, Any]:
-    return {"id": d.vm_ids[vm], "name": vm.name, "values": vm_values(d, vm),
-            "vcpus": [{"vcpu_id": vcpu_id, "values": vcpu_values(d, vm.vcpus[vcpu_id])}
-                      for vcpu_id in sorted(vm.vcpus)],
-            "devices": {name: device_values(vm, name, schema.devices[name])
-                        for name in sorted(vm.devices) if name in schema.devices}}
+    return {
+        "id": d.vm_ids[vm],
+        "name": vm.name,
+        "values": vm_values(d, vm),
+        "vcpus": [
+            {"vcpu_id": vcpu_id, "values": vcpu_values(d, vm.vcpus[vcpu_id])}
+            for vcpu_id in sorted(vm.vcpus)
+        ],
+        "devices": {
+            name: device_values(vm, name, schema.devices[name])
+            for name in sorted(vm.devices)
+            if name in schema.devices
+        },
+    }

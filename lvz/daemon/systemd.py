@@ -47,13 +47,15 @@ def activated_listener() -> trio.SocketListener | None:
     except ValueError:
         raise ActivationError(f"LISTEN_FDS={fds!r} is not a number") from None
     if count != 1:
-        raise ActivationError(f"systemd passed {count} sockets; lvz.socket must list exactly "
-                              "one ListenStream=")
+        raise ActivationError(
+            f"systemd passed {count} sockets; lvz.socket must list exactly one ListenStream="
+        )
     try:
         sock = _socket.socket(fileno=SD_LISTEN_FDS_START)
     except OSError as exc:
-        raise ActivationError(f"fd {SD_LISTEN_FDS_START} is not a socket: "
-                              f"{exc.strerror or exc}") from None
+        raise ActivationError(
+            f"fd {SD_LISTEN_FDS_START} is not a socket: {exc.strerror or exc}"
+        ) from None
     if sock.family != _socket.AF_UNIX or sock.type != _socket.SOCK_STREAM:
         sock.detach()
         raise ActivationError(f"fd {SD_LISTEN_FDS_START} is not a Unix stream socket")
@@ -89,8 +91,11 @@ def notify(message: str) -> bool:
         except OSError as exc:
             if target not in _unheard:
                 _unheard.add(target)
-                log.warning("could not notify %s: %s (not logged again until a notification "
-                            "gets through)", target, exc)
+                log.warning(
+                    "could not notify %s: %s (not logged again until a notification gets through)",
+                    target,
+                    exc,
+                )
             return False
     if target in _unheard:
         _unheard.discard(target)

@@ -39,7 +39,8 @@ class _Direction:
     def __init__(self, conn: int, max_buffer: int) -> None:
         self.conn = conn
         self.unpacker: msgpack.Unpacker | None = msgpack.Unpacker(
-            raw=False, strict_map_key=False, max_buffer_size=max_buffer)
+            raw=False, strict_map_key=False, max_buffer_size=max_buffer
+        )
 
     def messages(self, data: bytes) -> list[Any]:
         unpacker = self.unpacker
@@ -50,8 +51,11 @@ class _Direction:
             return list(unpacker)
         except Exception as exc:  # the daemon's own decoder answers junk; we just stop
             self.unpacker = None
-            log.debug("connection %d: trace stops, the bytes do not decode (%s)", self.conn,
-                      type(exc).__name__)
+            log.debug(
+                "connection %d: trace stops, the bytes do not decode (%s)",
+                self.conn,
+                type(exc).__name__,
+            )
             return []
 
 
@@ -79,8 +83,11 @@ def trace_answers(conn: int, direction: _Direction, data: bytes) -> None:
             else:
                 events[str(msg[1])] += 1
     if events:  # summarized: an event storm is a line per write, not a line per event
-        log.debug("connection %d: sent %s", conn,
-                  ", ".join(f"{n} {name}" for name, n in sorted(events.items())))
+        log.debug(
+            "connection %d: sent %s",
+            conn,
+            ", ".join(f"{n} {name}" for name, n in sorted(events.items())),
+        )
 
 
 class TracingStream(trio.abc.HalfCloseableStream):

@@ -17,5 +17,14 @@ from .api import (
 )
 from .hookspecs import hookimpl
 
-__all__ = ["Device", "DeviceType", "IoHandler", "RouteTrace", "Stat", "TracingVm", "VmApi",
-           "explaining_copy", "hookimpl"]
+__all__ = [
+    "Device",
+    "DeviceType",
+    "IoHandler",
+    "RouteTrace",
+    "Stat",
+    "TracingVm",
+    "VmApi",
+    "explaining_copy",
+    "hookimpl",
+]

@@ -18,8 +18,19 @@ from typing import Any, Protocol, TypeVar
 
 from lvz.protocol.errors import KvmError
 
-__all__ = ["Device", "DeviceType", "Hop", "IoHandler", "RouteTrace", "Stat", "TracingVm",
-           "Unhandled", "Verdict", "VmApi", "explaining_copy"]
+__all__ = [
+    "Device",
+    "DeviceType",
+    "Hop",
+    "IoHandler",
+    "RouteTrace",
+    "Stat",
+    "TracingVm",
+    "Unhandled",
+    "Verdict",
+    "VmApi",
+    "explaining_copy",
+]
 
 #: What a counter means over time, as KVM_GET_STATS_FD's KVM_STATS_TYPE_*: ``cumulative``
 #: only grows (rates are its differences), ``instant`` is a level now, ``peak`` a high mark.
@@ -201,8 +212,10 @@ class Device:
         A chip that keeps no state returns ``[]``. The default declares nothing, so a VM with
         this device cannot be saved: EINVAL naming the device type, never a partial snapshot.
         """
-        raise KvmError("EINVAL", f"a {self.type_name} cannot be saved: its plugin declares no "
-                                 f"state (Device.save_state)")
+        raise KvmError(
+            "EINVAL",
+            f"a {self.type_name} cannot be saved: its plugin declares no state (Device.save_state)",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,17 +309,35 @@ class RouteTrace:
         self.forward: tuple[str, int, int] | None = None
         self.delivered: tuple[int, int, int, bool] | None = None
 
-    def hop(self, step: str, note: str, register: str | None = None, bit: int | None = None,
-            value: int | None = None) -> None:
+    def hop(
+        self,
+        step: str,
+        note: str,
+        register: str | None = None,
+        bit: int | None = None,
+        value: int | None = None,
+    ) -> None:
         self.hops.append(Hop(self.chip, step, note, register, bit, value))
 
-    def stop(self, reason: str, message: str, register: str | None = None,
-             bit: int | None = None, value: int | None = None) -> None:
+    def stop(
+        self,
+        reason: str,
+        message: str,
+        register: str | None = None,
+        bit: int | None = None,
+        value: int | None = None,
+    ) -> None:
         if self.stopped is None:
             self.stopped = Verdict(self.chip, reason, message, register, bit, value)
 
-    def redirect(self, reason: str, message: str, register: str | None = None,
-                 bit: int | None = None, value: int | None = None) -> None:
+    def redirect(
+        self,
+        reason: str,
+        message: str,
+        register: str | None = None,
+        bit: int | None = None,
+        value: int | None = None,
+    ) -> None:
         """Keep the first: it is the earliest cause on the way."""
         if self.redirected is None:
             self.redirected = Verdict(self.chip, reason, message, register, bit, value)

@@ -189,23 +189,38 @@ class Eiointc(Device):
         if not self.vm.vcpu_exists(vid):
             self.drops += level
             if trace is not None:
-                trace.stop("no_such_vcpu", f"irq {irq} is routed to vcpu_id {vid}, which does "
-                           f"not exist: dropped (the kernel logs 'invalid target cpu')",
-                           "SW_STATUS_ROUTE", None, vid)
+                trace.stop(
+                    "no_such_vcpu",
+                    f"irq {irq} is routed to vcpu_id {vid}, which does "
+                    f"not exist: dropped (the kernel logs 'invalid target cpu')",
+                    "SW_STATUS_ROUTE",
+                    None,
+                    vid,
+                )
             return  # kernel: kvm_err("invalid target cpu") and drop
         bit = 1 << irq
         pending = self.sw_coreisr.setdefault(vid, [0] * HWI_LINES)
         if level:
             if not _bit(self.regs[ENABLE], irq):
                 if trace is not None:
-                    trace.stop("not_enabled", f"irq {irq} is not enabled (ENABLE bit {irq} is "
-                               f"0): ISR records it, and enabling it later delivers it",
-                               "ENABLE", irq, 0)
+                    trace.stop(
+                        "not_enabled",
+                        f"irq {irq} is not enabled (ENABLE bit {irq} is "
+                        f"0): ISR records it, and enabling it later delivers it",
+                        "ENABLE",
+                        irq,
+                        0,
+                    )
                 return
             self.deliveries[irq] += 1
             if trace is not None:
-                trace.hop("enable", f"ENABLE bit {irq} is 1; COREISR bit {irq} of vCPU {vid} "
-                          f":= 1", "ENABLE", irq, 1)
+                trace.hop(
+                    "enable",
+                    f"ENABLE bit {irq} is 1; COREISR bit {irq} of vCPU {vid} := 1",
+                    "ENABLE",
+                    irq,
+                    1,
+                )
             self.coreisr[vid] = self.coreisr.get(vid, 0) | bit
             found = pending[ip] != 0
             pending[ip] |= bit
@@ -216,10 +231,18 @@ class Eiointc(Device):
         if found:
             if trace is not None:
                 others = ", ".join(str(i) for i in set_bits(pending[ip]) if i != irq)
-                why = (f"irqs {others} routed there keep it up" if others
-                       else f"irq {irq} is already pending there")
-                trace.hop("shared", f"HWI{ip} of vCPU {vid} does not change: {why}", "COREISR",
-                          irq, 1 if level else 0)
+                why = (
+                    f"irqs {others} routed there keep it up"
+                    if others
+                    else f"irq {irq} is already pending there"
+                )
+                trace.hop(
+                    "shared",
+                    f"HWI{ip} of vCPU {vid} does not change: {why}",
+                    "COREISR",
+                    irq,
+                    1 if level else 0,
+                )
                 trace.deliver(vid, INT_HWI0 + ip, level, False)
             return
         if level:
@@ -231,7 +254,7 @@ class Eiointc(Device):
         """Resolve coremap bytes to vcpu_ids; an unmapped CPUID leaves that irq's route alone."""
         for i in range(nbytes):
             irq = first_irq + i
-            cpuid = self.decode_coremap_byte((value >> (8 * i))  & _BYTE)
+            cpuid = self.decode_coremap_byte((value >> (8 * i)) & _BYTE)
             # Before 7.0 an empty byte decodes to -1, and the guest's store meets the VM's
             # verdict on that lookup (EINVAL). A restore (LOAD_FINISHED, notify=False) would
             # read out of bounds the same way; lvz skips the byte there instead, so snapshots
@@ -273,74 +296,141 @@ class Eiointc(Device):
 
     def _explain_route(self, trace: RouteTrace, irq: int, level: int) -> None:
         was = int(_bit(self.regs[ISR], irq))
-        trace.hop("input", f"irq {irq} {'asserted' if level else 'deasserted'}: ISR bit {irq} "
-                  f":= {1 if level else 0} (was {was})", "ISR", irq, 1 if level else 0)
+        trace.hop(
+            "input",
+            f"irq {irq} {'asserted' if level else 'deasserted'}: ISR bit {irq} "
+            f":= {1 if level else 0} (was {was})",
+            "ISR",
+            irq,
+            1 if level else 0,
+        )
         byte = self.coremap_byte(irq)
-        trace.hop("coremap", f"COREMAP byte of irq {irq} is {byte:#04x}", f"COREMAP[{irq}]",
-                  None, byte)
+        trace.hop(
+            "coremap", f"COREMAP byte of irq {irq} is {byte:#04x}", f"COREMAP[{irq}]", None, byte
+        )
         phyid = self.decode_coremap_byte(byte)
         self._explain_decode(trace, byte, phyid)
         holder = self.vm.vcpu_by_phyid(phyid)
         route = self.sw_coremap[irq]
         if holder is None:
             trace.hop("phyid", f"no vCPU holds phyid {phyid}", None, None, phyid)
-            trace.redirect("phyid_unmapped", f"COREMAP names phyid {phyid}, which no vCPU "
-                           f"held when it was resolved: the kernel then leaves the route as it "
-                           f"was (vcpu_id {route}; every route starts at 0)",
-                           f"COREMAP[{irq}]", None, byte)
+            trace.redirect(
+                "phyid_unmapped",
+                f"COREMAP names phyid {phyid}, which no vCPU "
+                f"held when it was resolved: the kernel then leaves the route as it "
+                f"was (vcpu_id {route}; every route starts at 0)",
+                f"COREMAP[{irq}]",
+                None,
+                byte,
+            )
         else:
             trace.hop("phyid", f"phyid {phyid} is held by vCPU {holder}", None, None, phyid)
             if holder != route:
-                trace.redirect("stale_route", f"phyid {phyid} is held by vCPU {holder} now, "
-                               f"but the route was resolved to vcpu_id {route} earlier: routes "
-                               f"are re-read only when COREMAP is written or at LOAD_FINISHED",
-                               "SW_STATUS_ROUTE", None, route)
-        how = ("no vCPU held the phyid, so the route stayed as it was" if holder is None
-               else "sw_coremap, resolved when COREMAP was written")
-        trace.hop("route", f"irq {irq} is routed to vcpu_id {route} ({how})", "SW_STATUS_ROUTE",
-                  None, route)
+                trace.redirect(
+                    "stale_route",
+                    f"phyid {phyid} is held by vCPU {holder} now, "
+                    f"but the route was resolved to vcpu_id {route} earlier: routes "
+                    f"are re-read only when COREMAP is written or at LOAD_FINISHED",
+                    "SW_STATUS_ROUTE",
+                    None,
+                    route,
+                )
+        how = (
+            "no vCPU held the phyid, so the route stayed as it was"
+            if holder is None
+            else "sw_coremap, resolved when COREMAP was written"
+        )
+        trace.hop(
+            "route",
+            f"irq {irq} is routed to vcpu_id {route} ({how})",
+            "SW_STATUS_ROUTE",
+            None,
+            route,
+        )
         group = irq // 32
         ipbyte = (self.regs[IPMAP] >> (8 * group)) & _BYTE
         ip = self.ipnum(irq)
-        how = ("INT_ENCODE: the byte is the line number" if self.status & EIOINTC_STATUS_INT_ENCODE
-               else "bitmap: the lowest set bit of bits 0..3, else HWI0")
-        trace.hop("ipmap", f"IPMAP byte {group} (irqs {32 * group}..{32 * group + 31}) is "
-                  f"{ipbyte:#04x} → HWI{ip} ({how})", f"IPMAP[{group}]", None, ipbyte)
+        how = (
+            "INT_ENCODE: the byte is the line number"
+            if self.status & EIOINTC_STATUS_INT_ENCODE
+            else "bitmap: the lowest set bit of bits 0..3, else HWI0"
+        )
+        trace.hop(
+            "ipmap",
+            f"IPMAP byte {group} (irqs {32 * group}..{32 * group + 31}) is "
+            f"{ipbyte:#04x} → HWI{ip} ({how})",
+            f"IPMAP[{group}]",
+            None,
+            ipbyte,
+        )
 
     def _explain_decode(self, trace: RouteTrace, byte: int, phyid: int) -> None:
         """How the coremap byte was read, and why in that mode (the INIT_FEATURE pitfall)."""
         status_bit = EIOINTC_STATUS_CPU_ENCODE.bit_length() - 1
         if self.status & EIOINTC_STATUS_CPU_ENCODE:
-            trace.hop("decode", f"CPU-encode mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE "
-                      f"is 1): the byte is phyid {phyid}", "CONFIG", status_bit, 1)
+            trace.hop(
+                "decode",
+                f"CPU-encode mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE "
+                f"is 1): the byte is phyid {phyid}",
+                "CONFIG",
+                status_bit,
+                1,
+            )
             return
-        trace.hop("decode", f"bitmap mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE is 0): the "
-                  f"lowest set bit of {byte:#04x} among bits 0..3 is phyid {phyid}"
-                  f"{'' if phyid == byte else f' (CPU-encode mode would say {byte})'}",
-                  "CONFIG", status_bit, 0)
+        trace.hop(
+            "decode",
+            f"bitmap mode (CONFIG bit {status_bit} ENABLE_CPU_ENCODE is 0): the "
+            f"lowest set bit of {byte:#04x} among bits 0..3 is phyid {phyid}"
+            f"{'' if phyid == byte else f' (CPU-encode mode would say {byte})'}",
+            "CONFIG",
+            status_bit,
+            0,
+        )
         if not self.config_refused & EIOINTC_STATUS_CPU_ENCODE or phyid == byte:
             return
         virt = EIOINTC_HAS_VIRT_EXTENSION.bit_length() - 1
         cpu = EIOINTC_HAS_CPU_ENCODE.bit_length() - 1
-        asked = (f"the guest asked for CPU encoding (CONFIG write {self.config_refused:#x}) "
-                 f"and did not get it")
+        asked = (
+            f"the guest asked for CPU encoding (CONFIG write {self.config_refused:#x}) "
+            f"and did not get it"
+        )
         if not self.features & EIOINTC_HAS_VIRT_EXTENSION:
-            why = ("EIOINTC is always enabled and every non-zero CONFIG write is ignored"
-                   if self.status & EIOINTC_STATUS_ENABLE else "CONFIG keeps none of it")
-            trace.redirect("config_ignored", f"{asked}: INIT_FEATURE {self.features:#x} lacks "
-                           f"HAS_VIRT_EXTENSION (bit {virt}), so {why}; byte {byte:#04x} reads "
-                           f"as a bitmap: phyid {phyid}, not {byte}", "INIT_FEATURE", virt, 0)
+            why = (
+                "EIOINTC is always enabled and every non-zero CONFIG write is ignored"
+                if self.status & EIOINTC_STATUS_ENABLE
+                else "CONFIG keeps none of it"
+            )
+            trace.redirect(
+                "config_ignored",
+                f"{asked}: INIT_FEATURE {self.features:#x} lacks "
+                f"HAS_VIRT_EXTENSION (bit {virt}), so {why}; byte {byte:#04x} reads "
+                f"as a bitmap: phyid {phyid}, not {byte}",
+                "INIT_FEATURE",
+                virt,
+                0,
+            )
         elif not self.features & EIOINTC_HAS_CPU_ENCODE:
-            trace.redirect("cpu_encode_unsupported", f"{asked}: INIT_FEATURE "
-                           f"{self.features:#x} lacks HAS_CPU_ENCODE (bit {cpu}), and CONFIG "
-                           f"keeps only the features offered; byte {byte:#04x} reads as a "
-                           f"bitmap: phyid {phyid}, not {byte}", "INIT_FEATURE", cpu, 0)
+            trace.redirect(
+                "cpu_encode_unsupported",
+                f"{asked}: INIT_FEATURE "
+                f"{self.features:#x} lacks HAS_CPU_ENCODE (bit {cpu}), and CONFIG "
+                f"keeps only the features offered; byte {byte:#04x} reads as a "
+                f"bitmap: phyid {phyid}, not {byte}",
+                "INIT_FEATURE",
+                cpu,
+                0,
+            )
         else:
             enable = EIOINTC_STATUS_ENABLE.bit_length() - 1
-            trace.redirect("config_ignored", f"{asked}: CONFIG was written while ENABLE (bit "
-                           f"{enable}) was set, and then only a write of 0 is accepted; byte "
-                           f"{byte:#04x} reads as a bitmap: phyid {phyid}, not {byte}",
-                           "CONFIG", enable, 1)
+            trace.redirect(
+                "config_ignored",
+                f"{asked}: CONFIG was written while ENABLE (bit "
+                f"{enable}) was set, and then only a write of 0 is accepted; byte "
+                f"{byte:#04x} reads as a bitmap: phyid {phyid}, not {byte}",
+                "CONFIG",
+                enable,
+                1,
+            )
 
     def _rebuild_sw_coreisr(self) -> None:
         """LOAD_FINISHED's eiointc_set_sw_coreisr, with the decoded byte (decision 6)."""
@@ -427,8 +517,10 @@ class Eiointc(Device):
     def _virt_write(self, vcpu_id: int, offset: int, size: int, value: int) -> None:
         """CONFIG: the kernel reads a u32 from the source register whatever the store width."""
         if offset != VIRT_CONFIG:
-            raise Unhandled(f"EIOINTC virt-extension offset {offset:#x} takes no store"
-                            + (" (FEATURES is read-only)" if offset == VIRT_FEATURES else ""))
+            raise Unhandled(
+                f"EIOINTC virt-extension offset {offset:#x} takes no store"
+                + (" (FEATURES is read-only)" if offset == VIRT_FEATURES else "")
+            )
         value &= U32_MAX
         if self.status & EIOINTC_STATUS_ENABLE and value:
             self.config_refused = value
@@ -513,8 +605,12 @@ class Eiointc(Device):
                 self.regs[start] = new  # raw copy: nothing is re-routed or re-delivered
         elif group == GRP_SW_STATUS:
             which = attr & EIOINTC_ATTR_OFFSET_MASK
-            if which not in (SW_STATUS_NUM_CPU, SW_STATUS_FEATURE, SW_STATUS_STATE,
-                             EIOINTC_SW_STATUS_ROUTE):
+            if which not in (
+                SW_STATUS_NUM_CPU,
+                SW_STATUS_FEATURE,
+                SW_STATUS_STATE,
+                EIOINTC_SW_STATUS_ROUTE,
+            ):
                 raise KvmError("EINVAL", f"EIOINTC has no SW_STATUS attr {attr:#x}")
             self._u32(value, "SW_STATUS attr")
             if which == SW_STATUS_STATE:
@@ -559,35 +655,46 @@ class Eiointc(Device):
         the raw registers, LOAD_FINISHED to rebuild routing from them, and last the live routes
         LOAD_FINISHED cannot know (a coremap byte that named an unmapped phyid when written).
         """
-        regs, sw, ctrl = (GRP_REGS,
-                          GRP_SW_STATUS,
-                          GRP_CTRL)
-        out = [(ctrl, CTRL_INIT_NUM_CPU, self.num_cpu),
-               (ctrl, CTRL_INIT_FEATURE, self.features),
-               (sw, SW_STATUS_STATE, self.status)]
-        attrs = [eiointc_attr(off) for start, size in REGISTERS.items()
-                 if start != COREISR for off in range(start, start + size, 4)]
-        attrs += [eiointc_attr(off, cpu) for cpu in range(self.num_cpu)
-                  for off in range(COREISR,
-                                   COREISR + REGISTERS[COREISR], 4)]
+        regs, sw, ctrl = (GRP_REGS, GRP_SW_STATUS, GRP_CTRL)
+        out = [
+            (ctrl, CTRL_INIT_NUM_CPU, self.num_cpu),
+            (ctrl, CTRL_INIT_FEATURE, self.features),
+            (sw, SW_STATUS_STATE, self.status),
+        ]
+        attrs = [
+            eiointc_attr(off)
+            for start, size in REGISTERS.items()
+            if start != COREISR
+            for off in range(start, start + size, 4)
+        ]
+        attrs += [
+            eiointc_attr(off, cpu)
+            for cpu in range(self.num_cpu)
+            for off in range(COREISR, COREISR + REGISTERS[COREISR], 4)
+        ]
         out += [(regs, attr, self.get_attr(regs, attr)) for attr in attrs]
         out.append((ctrl, CTRL_LOAD_FINISHED, 0))
-        out += [(sw, eiointc_route_attr(irq), self.sw_coremap[irq])
-                for irq in range(EIOINTC_IRQS)]
+        out += [(sw, eiointc_route_attr(irq), self.sw_coremap[irq]) for irq in range(EIOINTC_IRQS)]
         return out
-
 
     def stats(self) -> list[int | list[int]]:
         isr, enable = self.regs[ISR], self.regs[ENABLE]
-        return [self.deliveries, self.drops,
-                [(isr >> irq) & 1 for irq in range(EIOINTC_IRQS)],
-                [((enable >> irq) & 1) ^ 1 for irq in range(EIOINTC_IRQS)],
-                list(self.sw_coremap)]
+        return [
+            self.deliveries,
+            self.drops,
+            [(isr >> irq) & 1 for irq in range(EIOINTC_IRQS)],
+            [((enable >> irq) & 1) ^ 1 for irq in range(EIOINTC_IRQS)],
+            list(self.sw_coremap),
+        ]
 
 
 STATS = (
-    Stat("deliveries", "cumulative", size=EIOINTC_IRQS,
-         help="assertions of each irq that reached its routed vCPU"),
+    Stat(
+        "deliveries",
+        "cumulative",
+        size=EIOINTC_IRQS,
+        help="assertions of each irq that reached its routed vCPU",
+    ),
     Stat("drops", "cumulative", help="assertions whose routed vCPU does not exist"),
     Stat("pending", "instant", "boolean", size=EIOINTC_IRQS, help="ISR: the input is high"),
     Stat("masked", "instant", "boolean", size=EIOINTC_IRQS, help="the irq is not enabled"),

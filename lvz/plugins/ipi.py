@@ -195,8 +195,10 @@ class IpiDevice(Device):
         elif offset == ANY_SEND:
             self._any_send(data)
         else:
-            raise Unhandled(f"no IPI register to store at offset {offset:#x}"
-                            + (" (STATUS is read-only)" if offset == IPI_STATUS else ""))
+            raise Unhandled(
+                f"no IPI register to store at offset {offset:#x}"
+                + (" (STATUS is read-only)" if offset == IPI_STATUS else "")
+            )
 
     def _mail_send(self, data: int) -> None:
         target = self.vm.vcpu_by_phyid(_send_target_phyid(data))

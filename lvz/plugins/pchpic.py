@@ -130,17 +130,28 @@ class PchPic(Device):
         else:
             if self.regs[EDGE] & bit:
                 if trace is not None:
-                    trace.stop("edge_latched", f"pin {line} is edge-triggered (EDGE bit {line} "
-                               f"is 1): a low level leaves IRR set; only a CLEAR write lowers "
-                               f"it", "EDGE", line, 1)
+                    trace.stop(
+                        "edge_latched",
+                        f"pin {line} is edge-triggered (EDGE bit {line} "
+                        f"is 1): a low level leaves IRR set; only a CLEAR write lowers "
+                        f"it",
+                        "EDGE",
+                        line,
+                        1,
+                    )
                 return
             self.regs[INT_IRR] &= ~bit
         if trace is not None:
             mode = "edge" if self.regs[EDGE] & bit else "level"
-            trace.hop("pin", f"pin {line} {'raised' if level else 'lowered'}: IRR bit {line} "
-                      f":= {1 if level else 0} ({mode}-triggered: EDGE bit {line} is "
-                      f"{int(mode == 'edge')})",
-                      "INT_IRR", line, 1 if level else 0)
+            trace.hop(
+                "pin",
+                f"pin {line} {'raised' if level else 'lowered'}: IRR bit {line} "
+                f":= {1 if level else 0} ({mode}-triggered: EDGE bit {line} is "
+                f"{int(mode == 'edge')})",
+                "INT_IRR",
+                line,
+                1 if level else 0,
+            )
         self.update(line, 1 if level else 0)
 
     def update(self, pin: int, level: int) -> None:
@@ -154,27 +165,45 @@ class PchPic(Device):
         if level:
             if not bit & self.regs[INT_IRR] & ~self.regs[MASK]:
                 if trace is not None:
-                    trace.stop("masked", f"pin {pin} is masked (MASK bit {pin} is 1): IRR "
-                               f"holds the request but nothing reaches EIOINTC until the guest "
-                               f"clears the bit", "MASK", pin, 1)
+                    trace.stop(
+                        "masked",
+                        f"pin {pin} is masked (MASK bit {pin} is 1): IRR "
+                        f"holds the request but nothing reaches EIOINTC until the guest "
+                        f"clears the bit",
+                        "MASK",
+                        pin,
+                        1,
+                    )
                 return
             self.regs[INT_ISR] |= bit
             self.forwarded += 1
         else:
             if not bit & self.regs[INT_ISR] & ~self.regs[INT_IRR]:
                 if trace is not None:
-                    trace.stop("not_forwarded", f"ISR bit {pin} is 0: the pin was never "
-                               f"forwarded to EIOINTC (masked, or already lowered), so there "
-                               f"is nothing to lower", "INT_ISR", pin, 0)
+                    trace.stop(
+                        "not_forwarded",
+                        f"ISR bit {pin} is 0: the pin was never "
+                        f"forwarded to EIOINTC (masked, or already lowered), so there "
+                        f"is nothing to lower",
+                        "INT_ISR",
+                        pin,
+                        0,
+                    )
                 return
             self.regs[INT_ISR] &= ~bit
         if trace is not None:
             if level:
-                trace.hop("mask", f"MASK bit {pin} is 0: unmasked; ISR bit {pin} := 1",
-                          "MASK", pin, 0)
+                trace.hop(
+                    "mask", f"MASK bit {pin} is 0: unmasked; ISR bit {pin} := 1", "MASK", pin, 0
+                )
             vec = self.htmsi_vector[pin]
-            trace.hop("vector", f"HTMSI_VEC[{pin}] = {vec}: the pin drives EIOINTC irq {vec}",
-                      f"HTMSI_VEC[{pin}]", None, vec)
+            trace.hop(
+                "vector",
+                f"HTMSI_VEC[{pin}] = {vec}: the pin drives EIOINTC irq {vec}",
+                f"HTMSI_VEC[{pin}]",
+                None,
+                vec,
+            )
         self.vm.set_chip_input(DEV_EIOINTC, self.htmsi_vector[pin], level)
 
     def _update_batch(self, pins: int, level: int) -> None:
@@ -245,8 +274,10 @@ class PchPic(Device):
             i = word - HTMSI_VEC
             old = int.from_bytes(self.htmsi_vector[i : i + 8], "little")
             self.htmsi_vector[i : i + 8] = ((old & ~mask) | data).to_bytes(8, "little")
-        elif not (word in (INT_ID, AUTO_CTRL0, AUTO_CTRL1, INT_IRR, INT_ISR)
-                  or ROUTE_ENTRY <= word < ROUTE_ENTRY + PINS):
+        elif not (
+            word in (INT_ID, AUTO_CTRL0, AUTO_CTRL1, INT_IRR, INT_ISR)
+            or ROUTE_ENTRY <= word < ROUTE_ENTRY + PINS
+        ):
             raise Unhandled(f"no PCH-PIC register at offset {offset:#x}")
         # ID, AUTO_CTRL0/1, ROUTE_ENTRY (only EIOINTC is routed to), IRR and ISR: ignored
 
@@ -306,8 +337,14 @@ class PchPic(Device):
         """CTRL_INIT (``kvm_pch_pic_init``): register a window at ``base``, keep the old ones."""
         if not 0 <= base <= U64_MAX:
             raise KvmError("EINVAL", f"PCH-PIC base {base:#x} is not a u64")
-        window = next((w for w in self.windows
-                       if w.base < base + PCH_PIC_SIZE and base < w.base + PCH_PIC_SIZE), None)
+        window = next(
+            (
+                w
+                for w in self.windows
+                if w.base < base + PCH_PIC_SIZE and base < w.base + PCH_PIC_SIZE
+            ),
+            None,
+        )
         handler = window or _Window(self, base)
         try:
             self.vm.claim_mmio(base, PCH_PIC_SIZE, handler)
@@ -324,17 +361,21 @@ class PchPic(Device):
         register, raw."""
         regs, ctrl = GRP_REGS, GRP_CTRL
         out = [(ctrl, CTRL_INIT, w.base) for w in self.windows]
-        attrs = [*WORD_REGS,
-                 *(ROUTE_ENTRY + pin for pin in range(PINS)),
-                 *(HTMSI_VEC + pin for pin in range(PINS))]
+        attrs = [
+            *WORD_REGS,
+            *(ROUTE_ENTRY + pin for pin in range(PINS)),
+            *(HTMSI_VEC + pin for pin in range(PINS)),
+        ]
         return out + [(regs, attr, self.get_attr(regs, attr)) for attr in attrs]
-
 
     def stats(self) -> list[int | list[int]]:
         irr, mask = self.regs[INT_IRR], self.regs[MASK]
-        return [self.raises, self.forwarded,
-                [(irr >> pin) & 1 for pin in range(PINS)],
-                [(mask >> pin) & 1 for pin in range(PINS)]]
+        return [
+            self.raises,
+            self.forwarded,
+            [(irr >> pin) & 1 for pin in range(PINS)],
+            [(mask >> pin) & 1 for pin in range(PINS)],
+        ]
 
 
 STATS = (

@@ -83,8 +83,7 @@ def save_notify(vm: VmApi, vcpu_id: int, a1: int, a2: int) -> int:
     """``kvm_save_notify``: register the caller's steal-time address."""
     if a1 & U64_MAX != KVM_FEATURE_STEAL_TIME:
         # 6.11 fell out of its switch and answered 0; 6.12 made it INVALID_CODE.
-        return KVM_HCALL_SUCCESS if vm.compat("steal_time") == "ungated" else \
-            KVM_HCALL_INVALID_CODE
+        return KVM_HCALL_SUCCESS if vm.compat("steal_time") == "ungated" else KVM_HCALL_INVALID_CODE
     data = a2 & U64_MAX
     if data & ~(KVM_STEAL_PHYS_MASK | KVM_STEAL_PHYS_VALID):
         return KVM_HCALL_INVALID_PARAMETER

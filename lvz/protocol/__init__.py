@@ -23,8 +23,24 @@ from .events import BadRequest, Event, Malformed, Notification, Request, Respons
 from .schema import HANDLE_PARAM, METHODS, validate
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE", "NEED_DATA", "ClientConnection", "ServerConnection",
-    "ERRNO", "ERRNO_NAMES", "KvmError", "LocalProtocolError",
-    "ProtocolError", "RemoteProtocolError", "BadRequest", "Event", "Malformed", "Notification",
-    "Request", "Response", "HANDLE_PARAM", "METHODS", "validate", "abi",
+    "DEFAULT_MAX_MESSAGE",
+    "NEED_DATA",
+    "ClientConnection",
+    "ServerConnection",
+    "ERRNO",
+    "ERRNO_NAMES",
+    "KvmError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "BadRequest",
+    "Event",
+    "Malformed",
+    "Notification",
+    "Request",
+    "Response",
+    "HANDLE_PARAM",
+    "METHODS",
+    "validate",
+    "abi",
 ]

@@ -82,7 +82,8 @@ HWI_LINES = 8
 
 #: Line number -> its name, for every line an ``irq`` event can carry.
 LINE_NAMES = {INT_SWI0: "SWI0", INT_SWI1: "SWI1", INT_TI: "TI", INT_IPI: "IPI"} | {
-    INT_HWI0 + n: f"HWI{n}" for n in range(HWI_LINES)}
+    INT_HWI0 + n: f"HWI{n}" for n in range(HWI_LINES)
+}
 
 #: ESTAT bits that are interrupt lines (mask, PROTOCOL.md §6): SWI0/1, HWI0-7, TI, IPI.
 LINE_MASK = 0x3FF | (1 << INT_TI) | (1 << INT_IPI)
@@ -119,8 +120,14 @@ KVM_FEATURE_CRASH = 1 << 4
 KVM_FEATURE_VIRT_EXTIOI = 1 << 24
 KVM_FEATURE_USER_HCALL = 1 << 25
 #: Every PV feature lvz accepts.
-PV_FEATURE_MASK = (KVM_FEATURE_IPI | KVM_FEATURE_STEAL_TIME | KVM_FEATURE_PREEMPT
-                   | KVM_FEATURE_VIRT_EXTIOI | KVM_FEATURE_USER_HCALL | KVM_FEATURE_CRASH)
+PV_FEATURE_MASK = (
+    KVM_FEATURE_IPI
+    | KVM_FEATURE_STEAL_TIME
+    | KVM_FEATURE_PREEMPT
+    | KVM_FEATURE_VIRT_EXTIOI
+    | KVM_FEATURE_USER_HCALL
+    | KVM_FEATURE_CRASH
+)
 #: What a VM offers until the VMM sets the word.
 PV_FEATURES_DEFAULT = KVM_FEATURE_IPI
 
@@ -208,8 +215,9 @@ def _decode(reg_id: int) -> tuple[RegClass, int]:
         return RegClass.CSR, index
     if cls == RegClass.CPUCFG:
         if index >= KVM_MAX_CPUCFG_REGS:
-            raise KvmError("EINVAL", f"CPUCFG index {index} is out of range "
-                                     f"(0..{KVM_MAX_CPUCFG_REGS - 1})")
+            raise KvmError(
+                "EINVAL", f"CPUCFG index {index} is out of range (0..{KVM_MAX_CPUCFG_REGS - 1})"
+            )
         return RegClass.CPUCFG, index
     if cls == RegClass.KVM:
         return RegClass.KVM, reg_id
@@ -259,8 +267,16 @@ IPI_ATTR_CPU_SHIFT = 16
 IPI_ATTR_CPU_MASK = 0x3FF
 IPI_ATTR_REG_MASK = 0xFF
 #: Register offset -> width in bytes, the registers the IPI attrs copy (a vCPU's state).
-IPI_ATTR_REGS = {IPI_STATUS: 4, IPI_EN: 4, IPI_SET: 4, IPI_CLEAR: 4,
-                 IPI_BUF: 8, IPI_BUF + 8: 8, IPI_BUF + 16: 8, IPI_BUF + 24: 8}
+IPI_ATTR_REGS = {
+    IPI_STATUS: 4,
+    IPI_EN: 4,
+    IPI_SET: 4,
+    IPI_CLEAR: 4,
+    IPI_BUF: 8,
+    IPI_BUF + 8: 8,
+    IPI_BUF + 16: 8,
+    IPI_BUF + 24: 8,
+}
 
 
 def ipi_attr(vcpu_id: int, offset: int) -> int:
@@ -271,8 +287,7 @@ def ipi_attr(vcpu_id: int, offset: int) -> int:
 def ipi_send(phyid: int, low: int = 0, payload: int = 0, keep: int = 0) -> int:
     """A SEND word: target ``phyid``, ``low`` bits (vector, mailbox<<2 or address), ``keep``
     mask of bytes (bits 27..30) and the 32-bit ``payload`` in the upper half (MAIL/ANY_SEND)."""
-    return ((payload << 32) | (keep << IPI_SEND_KEEP_SHIFT)
-            | (phyid << IPI_SEND_CPU_SHIFT) | low)
+    return (payload << 32) | (keep << IPI_SEND_KEEP_SHIFT) | (phyid << IPI_SEND_CPU_SHIFT) | low
 
 
 # --- EIOINTC (kvm_eiointc.h, SEMANTICS.md §9): two IOCSR windows --------------------------------
@@ -291,8 +306,13 @@ EIOINTC_COREISR = 0x400
 EIOINTC_COREMAP = 0x800
 #: Register start -> size in bytes. ISR is here for the attrs; the guest cannot see it.
 EIOINTC_REGISTERS = {
-    EIOINTC_NODETYPE: 0x20, EIOINTC_IPMAP: 0x08, EIOINTC_ENABLE: 0x20, EIOINTC_BOUNCE: 0x20,
-    EIOINTC_ISR: 0x20, EIOINTC_COREISR: 0x20, EIOINTC_COREMAP: 0x100,
+    EIOINTC_NODETYPE: 0x20,
+    EIOINTC_IPMAP: 0x08,
+    EIOINTC_ENABLE: 0x20,
+    EIOINTC_BOUNCE: 0x20,
+    EIOINTC_ISR: 0x20,
+    EIOINTC_COREISR: 0x20,
+    EIOINTC_COREMAP: 0x100,
 }
 # Offsets relative to EIOINTC_VIRT_BASE.
 EIOINTC_VIRT_FEATURES = 0x0
@@ -302,8 +322,12 @@ EIOINTC_HAS_VIRT_EXTENSION = 1 << 0
 EIOINTC_HAS_ENABLE_OPTION = 1 << 1
 EIOINTC_HAS_INT_ENCODE = 1 << 2
 EIOINTC_HAS_CPU_ENCODE = 1 << 3
-EIOINTC_VIRT_FEATURE_MASK = (EIOINTC_HAS_VIRT_EXTENSION | EIOINTC_HAS_ENABLE_OPTION
-                             | EIOINTC_HAS_INT_ENCODE | EIOINTC_HAS_CPU_ENCODE)
+EIOINTC_VIRT_FEATURE_MASK = (
+    EIOINTC_HAS_VIRT_EXTENSION
+    | EIOINTC_HAS_ENABLE_OPTION
+    | EIOINTC_HAS_INT_ENCODE
+    | EIOINTC_HAS_CPU_ENCODE
+)
 # CONFIG / SW_STATUS STATE bits (masks; the kernel's BIT(EIOINTC_ENABLE*)).
 EIOINTC_STATUS_ENABLE = 1 << 1
 EIOINTC_STATUS_INT_ENCODE = 1 << 2
@@ -357,8 +381,16 @@ PCH_PIC_INT_IRR = 0x380
 PCH_PIC_INT_ISR = 0x3A0
 PCH_PIC_POLARITY = 0x3E0
 #: The 8-byte registers device attrs (and most guest accesses) reach by offset.
-PCH_PIC_WORD_REGS = (PCH_PIC_MASK, PCH_PIC_HTMSI_EN, PCH_PIC_EDGE, PCH_PIC_AUTO_CTRL0,
-                     PCH_PIC_AUTO_CTRL1, PCH_PIC_INT_IRR, PCH_PIC_INT_ISR, PCH_PIC_POLARITY)
+PCH_PIC_WORD_REGS = (
+    PCH_PIC_MASK,
+    PCH_PIC_HTMSI_EN,
+    PCH_PIC_EDGE,
+    PCH_PIC_AUTO_CTRL0,
+    PCH_PIC_AUTO_CTRL1,
+    PCH_PIC_INT_IRR,
+    PCH_PIC_INT_ISR,
+    PCH_PIC_POLARITY,
+)
 #: Pins the ID register advertises and the defaults cover.
 PCH_PIC_IRQ_NUM = 32
 PCH_PIC_INT_ID_VAL = 0x7
@@ -386,8 +418,12 @@ KVM_EXIT_MMIO = 6
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_LOONGARCH_IOCSR = 38
 #: ``vcpu.run``'s ``exit_reason`` name -> the KVM number.
-EXIT_NAMES = {"hypercall": KVM_EXIT_HYPERCALL, "mmio": KVM_EXIT_MMIO,
-              "system_event": KVM_EXIT_SYSTEM_EVENT, "iocsr": KVM_EXIT_LOONGARCH_IOCSR}
+EXIT_NAMES = {
+    "hypercall": KVM_EXIT_HYPERCALL,
+    "mmio": KVM_EXIT_MMIO,
+    "system_event": KVM_EXIT_SYSTEM_EVENT,
+    "iocsr": KVM_EXIT_LOONGARCH_IOCSR,
+}
 #: ``kvm_run.system_event.type``.
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2

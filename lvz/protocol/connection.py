@@ -84,17 +84,41 @@ def _header_table() -> tuple[list[int], list[int], list[int]]:
     for b in range(0xA0, 0xC0):
         kind[b] = 1
     kind[0xC1] = -1
-    for b, w, k, extra in ((0xC4, 1, 1, 0), (0xC5, 2, 1, 0), (0xC6, 4, 1, 0),  # bin
-                           (0xC7, 1, 1, 1), (0xC8, 2, 1, 1), (0xC9, 4, 1, 1),  # ext (+ type)
-                           (0xD9, 1, 1, 0), (0xDA, 2, 1, 0), (0xDB, 4, 1, 0),  # str
-                           (0xDC, 2, 2, 0), (0xDD, 4, 2, 0),  # array
-                           (0xDE, 2, 3, 0), (0xDF, 4, 3, 0)):  # map
+    for b, w, k, extra in (
+        (0xC4, 1, 1, 0),
+        (0xC5, 2, 1, 0),
+        (0xC6, 4, 1, 0),  # bin
+        (0xC7, 1, 1, 1),
+        (0xC8, 2, 1, 1),
+        (0xC9, 4, 1, 1),  # ext (+ type)
+        (0xD9, 1, 1, 0),
+        (0xDA, 2, 1, 0),
+        (0xDB, 4, 1, 0),  # str
+        (0xDC, 2, 2, 0),
+        (0xDD, 4, 2, 0),  # array
+        (0xDE, 2, 3, 0),
+        (0xDF, 4, 3, 0),
+    ):  # map
         size[b] = 1 + w + extra
         width[b] = w
         kind[b] = k
-    for b, n in ((0xCA, 5), (0xCB, 9), (0xCC, 2), (0xCD, 3), (0xCE, 5), (0xCF, 9),
-                 (0xD0, 2), (0xD1, 3), (0xD2, 5), (0xD3, 9),
-                 (0xD4, 3), (0xD5, 4), (0xD6, 6), (0xD7, 10), (0xD8, 18)):
+    for b, n in (
+        (0xCA, 5),
+        (0xCB, 9),
+        (0xCC, 2),
+        (0xCD, 3),
+        (0xCE, 5),
+        (0xCF, 9),
+        (0xD0, 2),
+        (0xD1, 3),
+        (0xD2, 5),
+        (0xD3, 9),
+        (0xD4, 3),
+        (0xD5, 4),
+        (0xD6, 6),
+        (0xD7, 10),
+        (0xD8, 18),
+    ):
         size[b] = n  # a fixed-size scalar: kind 0, the rest skipped as payload
     return size, width, kind
 
@@ -193,7 +217,7 @@ class _Walker:
                         count: int = b & (0x1F if kind == 1 else 0x0F)
                     else:
                         at: int = i - size + 1
-                        count = int.from_bytes(data[at:at + w], "big")
+                        count = int.from_bytes(data[at : at + w], "big")
                     if kind == 1:
                         skip = count
                     elif count:
@@ -205,8 +229,10 @@ class _Walker:
                         self.owed += count
                 if length + self.owed + skip > limit:
                     self.error = RemoteProtocolError(
-                        "E2BIG", f"a message announces more than fits in the {limit}-byte "
-                        f"limit (--max-message): {length + self.owed + skip} bytes at least")
+                        "E2BIG",
+                        f"a message announces more than fits in the {limit}-byte "
+                        f"limit (--max-message): {length + self.owed + skip} bytes at least",
+                    )
                     self.length = length
                     self.skip = skip
                     self.idle = False  # and stays so: the decoder is done
@@ -270,8 +296,12 @@ class _Decoder:
         """
         if self._walks:
             walker = self._walker
-            if ((walker is None or walker.idle) and type(data) is bytes
-                    and 0xDC not in data and 0xDD not in data):  # memchr, ~10 ns each
+            if (
+                (walker is None or walker.idle)
+                and type(data) is bytes
+                and 0xDC not in data
+                and 0xDD not in data
+            ):  # memchr, ~10 ns each
                 if not self._unwalked:
                     self._unwalked_at = self._fed
                 self._unwalked.append(data)
@@ -311,7 +341,7 @@ class _Decoder:
         if walker.walk(data):
             return data
         self._refused = walker.error
-        return data[:walker.begin] or None  # the whole messages before it still count
+        return data[: walker.begin] or None  # the whole messages before it still count
 
     def _catch_up(self) -> bool:
         """Walk what was fed unwalked, from the unfinished message on; False if refused."""
@@ -323,7 +353,7 @@ class _Decoder:
         ok = True
         for chunk in self._unwalked:
             end = at + len(chunk)
-            if end > start and not walker.walk(chunk[start - at:] if start > at else chunk):
+            if end > start and not walker.walk(chunk[start - at :] if start > at else chunk):
                 self._refused = walker.error
                 ok = False
                 break
@@ -366,8 +396,7 @@ class _Decoder:
                     # raised and caught once per batch (per request, when sequential).
                     obj = next(unpacker, NEED_DATA)
                 except Exception as exc:  # msgpack raises several types; all mean "not msgpack"
-                    self._error = RemoteProtocolError("EPROTO",
-                                                      f"undecodable message: {_why(exc)}")
+                    self._error = RemoteProtocolError("EPROTO", f"undecodable message: {_why(exc)}")
                     raise self._error from None
                 if obj is not NEED_DATA:
                     # tell() also moves inside a partial message: only trust it after a whole one.
@@ -451,11 +480,15 @@ class ServerConnection:
             _, msgid, method, params = obj
             if type(msgid) is int and 0 <= msgid <= U32_MAX:
                 if type(method) is not str:
-                    return BadRequest(msgid=msgid, error=KvmError(
-                        "EBADMSG", "the method of a request must be a string"))
+                    return BadRequest(
+                        msgid=msgid,
+                        error=KvmError("EBADMSG", "the method of a request must be a string"),
+                    )
                 if type(params) is not dict:
-                    return BadRequest(msgid=msgid, error=KvmError(
-                        "EBADMSG", "the params of a request must be a map"))
+                    return BadRequest(
+                        msgid=msgid,
+                        error=KvmError("EBADMSG", "the params of a request must be a map"),
+                    )
                 try:
                     params = validate(method, params)
                 except KvmError as err:
@@ -512,10 +545,10 @@ class ClientConnection:
             if len(obj) == 4 and obj[0] == 1 and type(obj[1]) is int:
                 _, msgid, error, result = obj
                 if error is None:
-                    return Response(msgid=msgid, error=None,
-                                    result=result if type(result) is dict else {})
+                    return Response(
+                        msgid=msgid, error=None, result=result if type(result) is dict else {}
+                    )
                 return Response(msgid=msgid, error=KvmError.from_wire(error), result=None)
             if len(obj) == 3 and obj[0] == 2 and type(obj[1]) is str and type(obj[2]) is dict:
                 return Notification(event=obj[1], params=obj[2])
         raise RemoteProtocolError("EPROTO", f"the daemon sent something unexpected: {obj!r:.200}")
-

@@ -28,7 +28,8 @@ class Event:
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(
-            getattr(self, f) == getattr(other, f) for f in self._fields())
+            getattr(self, f) == getattr(other, f) for f in self._fields()
+        )
 
     def __hash__(self) -> int:
         return hash((type(self), *(repr(getattr(self, f)) for f in self._fields())))
@@ -36,7 +37,6 @@ class Event:
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields())
         return f"{type(self).__name__}({fields})"
-
 
 
 class Request(Event):
@@ -85,8 +85,9 @@ class Response(Event):
     error: KvmError | None
     result: dict[str, Any] | None
 
-    def __init__(self, *, msgid: int, error: KvmError | None,
-                 result: dict[str, Any] | None) -> None:
+    def __init__(
+        self, *, msgid: int, error: KvmError | None, result: dict[str, Any] | None
+    ) -> None:
         self.msgid = msgid
         self.error = error
         self.result = result

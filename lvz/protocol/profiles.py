@@ -67,31 +67,35 @@ class Row:
 
 
 #: The newest kernel lvz describes (SEMANTICS.md "Decisions for lvz" 1).
-NEWEST: Final[Mapping[str, Any]] = MappingProxyType({
-    "kernel_device_types": (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC),
-    "irqchip_ioctls": True,
-    "pv_feature_mask": PV_FEATURE_MASK,
-    "steal_time": "gated",
-    "sign_extend_loads": True,
-    "negative_cpuid_check": True,
-    "eiointc_empty_coremap_fix": True,
-    "io_default_return_zero": True,
-})
+NEWEST: Final[Mapping[str, Any]] = MappingProxyType(
+    {
+        "kernel_device_types": (DEV_IPI, DEV_EIOINTC, DEV_PCHPIC),
+        "irqchip_ioctls": True,
+        "pv_feature_mask": PV_FEATURE_MASK,
+        "steal_time": "gated",
+        "sign_extend_loads": True,
+        "negative_cpuid_check": True,
+        "eiointc_empty_coremap_fix": True,
+        "io_default_return_zero": True,
+    }
+)
 
 #: Profile names, newest first: the order rows are applied in.
 PROFILES: Final = ("newest", "7.0", "6.18", "6.14", "6.13", "6.11", "6.10")
 DEFAULT: Final = "newest"
 
 #: One line per profile, for ``lvz profiles``.
-SUMMARY: Final = MappingProxyType({
-    "newest": "the newest kernel lvz describes (the default): 7.0 plus the crash hypercall",
-    "7.0": "7.0 (loongarch-kvm-6.20 and the 7.0-rc6 fixes)",
-    "6.18": "before the 7.0 fixes: negative CPUIDs, empty coremap bytes, chip return values",
-    "6.14": "before 6.18: loads from in-kernel devices are not sign-extended",
-    "6.13": "in-kernel IPI, EIOINTC and PCH-PIC; no user hypercall feature yet",
-    "6.11": "steal time (ungated); no in-kernel irqchips, no PV feature control",
-    "6.10": "phyid map and PV IPI only",
-})
+SUMMARY: Final = MappingProxyType(
+    {
+        "newest": "the newest kernel lvz describes (the default): 7.0 plus the crash hypercall",
+        "7.0": "7.0 (loongarch-kvm-6.20 and the 7.0-rc6 fixes)",
+        "6.18": "before the 7.0 fixes: negative CPUIDs, empty coremap bytes, chip return values",
+        "6.14": "before 6.18: loads from in-kernel devices are not sign-extended",
+        "6.13": "in-kernel IPI, EIOINTC and PCH-PIC; no user hypercall feature yet",
+        "6.11": "steal time (ungated); no in-kernel irqchips, no PV feature control",
+        "6.10": "phyid map and PV IPI only",
+    }
+)
 
 _MASK_70 = PV_FEATURE_MASK & ~KVM_FEATURE_CRASH
 _MASK_618 = _MASK_70 & ~KVM_FEATURE_PREEMPT
@@ -99,50 +103,88 @@ _MASK_613 = KVM_FEATURE_IPI | KVM_FEATURE_STEAL_TIME | KVM_FEATURE_VIRT_EXTIOI
 assert _MASK_618 & ~KVM_FEATURE_USER_HCALL == _MASK_613
 
 #: profile -> the rows in which it differs from the next-newer profile.
-COMPAT: Final = MappingProxyType({
-    "newest": (),
-    "7.0": (
-        Row("pv_feature_mask", _MASK_70,
-            "LoongArch: KVM: crash hypercall (KVM_HCALL_CRASH, KVM_FEATURE_CRASH): only in the "
-            "LoongArch maintainer's tree (chenhuacai/linux exit.c @d2c6c602), not in 7.0"),
-    ),
-    "6.18": (
-        Row("negative_cpuid_check", False,
-            "2db06c15d8c7 LoongArch: KVM: Make kvm_get_vcpu_by_cpuid() more robust (7.0-rc6)"),
-        Row("eiointc_empty_coremap_fix", False,
-            "b97bd69eb0f6 LoongArch: KVM: Handle the case that EIOINTC's coremap is empty "
-            "(7.0-rc6)"),
-        Row("io_default_return_zero", False,
-            "2faec60a4858 LoongArch: KVM: Set default return value in KVM IO bus ops (7.0)"),
-        Row("pv_feature_mask", _MASK_618,
-            "LoongArch: KVM: Add paravirt preempt feature in hypervisor side "
-            "(loongarch-kvm-6.20 = 7.0)"),
-    ),
-    "6.14": (
-        Row("sign_extend_loads", False,
-            "80edf90831a2 / 44598fe77663 LoongArch: KVM: Add sign extension with kernel "
-            "MMIO / IOCSR read emulation (6.18)"),
-    ),
-    "6.13": (
-        Row("pv_feature_mask", _MASK_613,
-            "2737dee1067c LoongArch: KVM: Add hypercall service support for usermode VMM "
-            "(6.14)"),
-    ),
-    "6.11": (
-        Row("kernel_device_types", (),
-            "LoongArch: KVM: Add IPI / EIOINTC / PCHPIC device support (loongarch-kvm-6.13)"),
-        Row("irqchip_ioctls", False,
-            "LoongArch: KVM: Add irqfd support (6.13: selects HAVE_KVM_IRQCHIP, HAVE_KVM_MSI)"),
-        Row("pv_feature_mask", None,
-            "LoongArch: KVM: Enable paravirt feature control from VMM (6.12)"),
-        Row("steal_time", "ungated",
-            "same 6.12 commit: FUNC_NOTIFY and the PVTIME attr gated on KVM_FEATURE_STEAL_TIME"),
-    ),
-    "6.10": (
-        Row("steal_time", None,
-            "LoongArch: KVM: Add PV steal time support in host side (loongarch-kvm-6.11)"),
-    ),
-})
+COMPAT: Final = MappingProxyType(
+    {
+        "newest": (),
+        "7.0": (
+            Row(
+                "pv_feature_mask",
+                _MASK_70,
+                "LoongArch: KVM: crash hypercall (KVM_HCALL_CRASH, KVM_FEATURE_CRASH): only in the "
+                "LoongArch maintainer's tree (chenhuacai/linux exit.c @d2c6c602), not in 7.0",
+            ),
+        ),
+        "6.18": (
+            Row(
+                "negative_cpuid_check",
+                False,
+                "2db06c15d8c7 LoongArch: KVM: Make kvm_get_vcpu_by_cpuid() more robust (7.0-rc6)",
+            ),
+            Row(
+                "eiointc_empty_coremap_fix",
+                False,
+                "b97bd69eb0f6 LoongArch: KVM: Handle the case that EIOINTC's coremap is empty "
+                "(7.0-rc6)",
+            ),
+            Row(
+                "io_default_return_zero",
+                False,
+                "2faec60a4858 LoongArch: KVM: Set default return value in KVM IO bus ops (7.0)",
+            ),
+            Row(
+                "pv_feature_mask",
+                _MASK_618,
+                "LoongArch: KVM: Add paravirt preempt feature in hypervisor side "
+                "(loongarch-kvm-6.20 = 7.0)",
+            ),
+        ),
+        "6.14": (
+            Row(
+                "sign_extend_loads",
+                False,
+                "80edf90831a2 / 44598fe77663 LoongArch: KVM: Add sign extension with kernel "
+                "MMIO / IOCSR read emulation (6.18)",
+            ),
+        ),
+        "6.13": (
+            Row(
+                "pv_feature_mask",
+                _MASK_613,
+                "2737dee1067c LoongArch: KVM: Add hypercall service support for usermode VMM "
+                "(6.14)",
+            ),
+        ),
+        "6.11": (
+            Row(
+                "kernel_device_types",
+                (),
+                "LoongArch: KVM: Add IPI / EIOINTC / PCHPIC device support (loongarch-kvm-6.13)",
+            ),
+            Row(
+                "irqchip_ioctls",
+                False,
+                "LoongArch: KVM: Add irqfd support (6.13: selects HAVE_KVM_IRQCHIP, HAVE_KVM_MSI)",
+            ),
+            Row(
+                "pv_feature_mask",
+                None,
+                "LoongArch: KVM: Enable paravirt feature control from VMM (6.12)",
+            ),
+            Row(
+                "steal_time",
+                "ungated",
+                "same 6.12 commit: FUNC_NOTIFY and the PVTIME attr gated on KVM_FEATURE_STEAL_TIME",
+            ),
+        ),
+        "6.10": (
+            Row(
+                "steal_time",
+                None,
+                "LoongArch: KVM: Add PV steal time support in host side (loongarch-kvm-6.11)",
+            ),
+        ),
+    }
+)
 
 
 def resolve(name: str) -> Mapping[str, Any]:

@@ -72,13 +72,19 @@ class Record:
     data: bytes = b""
 
 
-def encode_header(lvz: str, plugins: Sequence[tuple[str, str]], argv: Sequence[str],
-                  started: float) -> bytes:
-    return msgpack.packb({
-        "format": FORMAT, "version": VERSION, "lvz": lvz,
-        "plugins": [{"name": n, "version": v} for n, v in plugins],
-        "argv": list(argv), "started": started,
-    })
+def encode_header(
+    lvz: str, plugins: Sequence[tuple[str, str]], argv: Sequence[str], started: float
+) -> bytes:
+    return msgpack.packb(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "lvz": lvz,
+            "plugins": [{"name": n, "version": v} for n, v in plugins],
+            "argv": list(argv),
+            "started": started,
+        }
+    )
 
 
 def encode_record(record: Record) -> bytes:
@@ -99,14 +105,24 @@ def _parse_header(obj: object) -> Header:
     except (TypeError, KeyError, ValueError) as exc:
         raise RecordingError(f"the header is malformed: {exc}") from None
     known = {"format", "version", "lvz", "plugins", "argv", "started"}
-    return Header(lvz=lvz, plugins=plugins, argv=argv, started=started,
-                  extra={k: v for k, v in obj.items() if k not in known})
+    return Header(
+        lvz=lvz,
+        plugins=plugins,
+        argv=argv,
+        started=started,
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
 
 
 def _parse_record(obj: object, index: int) -> Record | None:
-    if (not isinstance(obj, list) or len(obj) != 4 or type(obj[0]) is not int
-            or type(obj[1]) is not int or not isinstance(obj[2], str)
-            or not isinstance(obj[3], bytes)):
+    if (
+        not isinstance(obj, list)
+        or len(obj) != 4
+        or type(obj[0]) is not int
+        or type(obj[1]) is not int
+        or not isinstance(obj[2], str)
+        or not isinstance(obj[3], bytes)
+    ):
         raise RecordingError(f"record {index} is not [t_ns, conn, kind, data]")
     if obj[2] not in KINDS:
         return None  # a kind of a later version or of the journal: not ours to interpret
@@ -117,8 +133,9 @@ class RecordingReader:
     """Feed bytes in, take the header and records out; ``end()`` says whether it stopped whole."""
 
     def __init__(self) -> None:
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_RECORD,
-                                          strict_map_key=False)
+        self._unpacker = msgpack.Unpacker(
+            raw=False, max_buffer_size=MAX_RECORD, strict_map_key=False
+        )
         self.header: Header | None = None
         self.count = 0
         self._fed = 0
@@ -128,8 +145,7 @@ class RecordingReader:
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
-            raise RecordingError(f"record {self.count} is larger than {MAX_RECORD} "
-                                 "bytes") from None
+            raise RecordingError(f"record {self.count} is larger than {MAX_RECORD} bytes") from None
         out: list[Record] = []
         try:
             for obj in self._unpacker:
@@ -151,6 +167,6 @@ class RecordingReader:
         if self.header is None:
             raise RecordingError("the file ends before the recording header")
         if self._unpacker.tell() != self._fed:
-            raise RecordingError(f"the file ends inside record {self.count} "
-                                 "(the daemon was killed mid-write?)")
-
+            raise RecordingError(
+                f"the file ends inside record {self.count} (the daemon was killed mid-write?)"
+            )

@@ -55,8 +55,13 @@ def _is_source(v: object) -> bool:
     ((kind, arg),) = v.items()
     if kind in ("pin", "eiointc_irq"):
         return _is_int(arg)
-    return (kind == "msi" and type(arg) is dict and set(arg) == {"address", "data"}
-            and _is_u64(arg["address"]) and _is_u64(arg["data"]))
+    return (
+        kind == "msi"
+        and type(arg) is dict
+        and set(arg) == {"address", "data"}
+        and _is_u64(arg["address"])
+        and _is_u64(arg["data"])
+    )
 
 
 _CHECKS: Final[dict[str, tuple[Callable[[object], bool], str]]] = {
@@ -117,40 +122,67 @@ METHODS: Final[dict[str, tuple[ParamSpec, ...]]] = {
     "vcpu.get_reg_list": (("vcpu", "vcpu", _R),),
     "vcpu.interrupt": (("vcpu", "vcpu", _R), ("irq", "int", _R)),
     "vcpu.csr_xchg": (
-        ("vcpu", "vcpu", _R), ("csr", "u64", _R), ("value", "u64", _R), ("mask", "u64", _R),
+        ("vcpu", "vcpu", _R),
+        ("csr", "u64", _R),
+        ("value", "u64", _R),
+        ("mask", "u64", _R),
     ),
     "vcpu.set_attr": (
-        ("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
+        ("vcpu", "vcpu", _R),
+        ("group", "u64", _R),
+        ("attr", "u64", _R),
+        ("value", "u64", _R),
     ),
     "vcpu.get_attr": (("vcpu", "vcpu", _R), ("group", "u64", _R), ("attr", "u64", _R)),
     # lvz addition on the five guest calls below: `timeout`, how long an access that exits to
     # the VMM may wait for one (protocol-additions.md "Exits to the VMM").
     "vcpu.iocsr_read": (
-        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("timeout", "timeout", _O),
+        ("vcpu", "vcpu", _R),
+        ("addr", "u64", _R),
+        ("size", "int", _R),
+        ("timeout", "timeout", _O),
     ),
     "vcpu.iocsr_write": (
-        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+        ("vcpu", "vcpu", _R),
+        ("addr", "u64", _R),
+        ("size", "int", _R),
+        ("value", "u64", _R),
         ("timeout", "timeout", _O),
     ),
     "vcpu.mmio_read": (
-        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("timeout", "timeout", _O),
+        ("vcpu", "vcpu", _R),
+        ("addr", "u64", _R),
+        ("size", "int", _R),
+        ("timeout", "timeout", _O),
     ),
     "vcpu.mmio_write": (
-        ("vcpu", "vcpu", _R), ("addr", "u64", _R), ("size", "int", _R), ("value", "u64", _R),
+        ("vcpu", "vcpu", _R),
+        ("addr", "u64", _R),
+        ("size", "int", _R),
+        ("value", "u64", _R),
         ("timeout", "timeout", _O),
     ),
     "vcpu.hypercall": (
-        ("vcpu", "vcpu", _R), ("code", "u64", _R), ("args", "args", _O), ("timeout", "timeout", _O),
+        ("vcpu", "vcpu", _R),
+        ("code", "u64", _R),
+        ("args", "args", _O),
+        ("timeout", "timeout", _O),
     ),
     # lvz addition: `data` / `ret` complete the exit the previous run returned, as a VMM fills
     # kvm_run.mmio.data / hypercall.ret before the next KVM_RUN.
     "vcpu.run": (
-        ("vcpu", "vcpu", _R), ("timeout", "timeout", _R), ("data", "u64", _O), ("ret", "int", _O),
+        ("vcpu", "vcpu", _R),
+        ("timeout", "timeout", _R),
+        ("data", "u64", _O),
+        ("ret", "int", _O),
     ),
     # lvz addition, as KVM's immediate_exit / a signal to the vCPU thread: end a waiting run.
     "vcpu.kick": (("vcpu", "vcpu", _R),),
     "device.set_attr": (
-        ("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R), ("value", "u64", _R),
+        ("device", "device", _R),
+        ("group", "u64", _R),
+        ("attr", "u64", _R),
+        ("value", "u64", _R),
     ),
     "device.get_attr": (("device", "device", _R), ("group", "u64", _R), ("attr", "u64", _R)),
     # lvz addition: the device's own state as [group, attr, value] in restore order (snapshots).
@@ -173,8 +205,13 @@ _COMPILED: Final[dict[str, _Compiled]] = {
 # parameters keeps the fast path when they are left out: the required ones, all present and
 # nothing else, are then the whole map.
 _INT_RANGES: Final[dict[str, tuple[int, int]]] = {
-    "handle": (0, U32_MAX), "vm": (0, U32_MAX), "vcpu": (0, U32_MAX), "device": (0, U32_MAX),
-    "u32": (0, U32_MAX), "u64": (0, U64_MAX), "int": (I64_MIN, U64_MAX),
+    "handle": (0, U32_MAX),
+    "vm": (0, U32_MAX),
+    "vcpu": (0, U32_MAX),
+    "device": (0, U32_MAX),
+    "u32": (0, U32_MAX),
+    "u64": (0, U64_MAX),
+    "int": (I64_MIN, U64_MAX),
 }
 _FAST: Final[dict[str, tuple[tuple[str, int, int], ...]]] = {
     method: tuple((name, *_INT_RANGES[kind]) for name, kind, required in specs if required)

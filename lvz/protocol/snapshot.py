@@ -57,8 +57,20 @@ from .abi import (
 )
 from .errors import KvmError
 
-__all__ = ["CHUNK", "FORMAT", "VERSION", "Batch", "Progress", "Results", "adrive", "decode",
-           "drive", "encode", "restore_vm", "save_vm"]
+__all__ = [
+    "CHUNK",
+    "FORMAT",
+    "VERSION",
+    "Batch",
+    "Progress",
+    "Results",
+    "adrive",
+    "decode",
+    "drive",
+    "encode",
+    "restore_vm",
+    "save_vm",
+]
 
 FORMAT = "lvz-snapshot"
 VERSION = 2
@@ -101,7 +113,7 @@ class _Chunks:
     def run(self, batch: Batch) -> Generator[Batch, Results, list[dict[str, Any]]]:
         out: list[dict[str, Any]] = []
         for start in range(0, len(batch), CHUNK):
-            part = batch[start:start + CHUNK]
+            part = batch[start : start + CHUNK]
             out += _ok((yield part))
             self.done += len(part)
             self.progress(self.done, max(self.total, self.done))
@@ -111,7 +123,7 @@ class _Chunks:
         """The ``value`` of each ``get_attr``; None where the attr does not exist (ENXIO)."""
         out: list[int | None] = []
         for start in range(0, len(batch), CHUNK):
-            part = batch[start:start + CHUNK]
+            part = batch[start : start + CHUNK]
             for r in (yield part):
                 if isinstance(r, KvmError):
                     if r.name != "ENXIO":
@@ -124,8 +136,7 @@ class _Chunks:
         return out
 
 
-def save_vm(vm: int, progress: Progress | None = None
-            ) -> Generator[Batch, Results, dict[str, Any]]:
+def save_vm(vm: int, progress: Progress | None = None) -> Generator[Batch, Results, dict[str, Any]]:
     """Read the whole state of the VM behind handle ``vm``."""
     info = _ok((yield [("vm.info", {"vm": vm})]))[0]
     vcpu_ids: list[int] = info["vcpus"]
@@ -135,43 +146,86 @@ def save_vm(vm: int, progress: Progress | None = None
     vcpus: list[int] = []
     devs: list[int] = []
     try:
-        opened = yield from chunks.run([("vm.open_vcpu", {"vm": vm, "vcpu_id": v})
-                                        for v in vcpu_ids])
+        opened = yield from chunks.run(
+            [("vm.open_vcpu", {"vm": vm, "vcpu_id": v}) for v in vcpu_ids]
+        )
         vcpus = [r["vcpu"] for r in opened]
-        devs = [r["device"] for r in (yield from chunks.run(
-            [("vm.open_device", {"vm": vm, "type": t}) for t in info["devices"]]))]
+        devs = [
+            r["device"]
+            for r in (
+                yield from chunks.run(
+                    [("vm.open_device", {"vm": vm, "type": t}) for t in info["devices"]]
+                )
+            )
+        ]
         lists = yield from chunks.run([("vcpu.get_reg_list", {"vcpu": h}) for h in vcpus])
-        reads = [("vcpu.get_one_reg", {"vcpu": h, "id": i})
-                 for h, lst in zip(vcpus, lists, strict=True) for i in lst["ids"]]
-        chunks.total = (chunks.done + len(reads) + (1 + len(VCPU_ATTRS)) * n + 1
-                        + 2 * len(devs))
+        reads = [
+            ("vcpu.get_one_reg", {"vcpu": h, "id": i})
+            for h, lst in zip(vcpus, lists, strict=True)
+            for i in lst["ids"]
+        ]
+        chunks.total = chunks.done + len(reads) + (1 + len(VCPU_ATTRS)) * n + 1 + 2 * len(devs)
         values = iter((yield from chunks.run(reads)))
-        attr_values = iter((yield from chunks.values(
-            [("vcpu.get_attr", {"vcpu": h, "group": g, "attr": a})
-             for h in vcpus for g, a in VCPU_ATTRS])))
+        attr_values = iter(
+            (
+                yield from chunks.values(
+                    [
+                        ("vcpu.get_attr", {"vcpu": h, "group": g, "attr": a})
+                        for h in vcpus
+                        for g, a in VCPU_ATTRS
+                    ]
+                )
+            )
+        )
         saved_vcpus = []
         for vid, lst in zip(vcpu_ids, lists, strict=True):
             attrs = [[g, a, v] for g, a in VCPU_ATTRS if (v := next(attr_values)) is not None]
-            saved_vcpus.append({"vcpu_id": vid, "attrs": attrs,
-                                "regs": [[i, next(values)["value"]] for i in lst["ids"]]})
+            saved_vcpus.append(
+                {
+                    "vcpu_id": vid,
+                    "attrs": attrs,
+                    "regs": [[i, next(values)["value"]] for i in lst["ids"]],
+                }
+            )
         pv = None
         if vcpus:  # ENXIO on a kernel without PV feature control (before 6.12): none saved
-            pv = (yield from chunks.values([("vcpu.get_attr", {
-                "vcpu": vcpus[0], "group": KVM_LOONGARCH_VCPU_CPUCFG,
-                "attr": CPUCFG_KVM_FEATURE})]))[0]
+            pv = (
+                yield from chunks.values(
+                    [
+                        (
+                            "vcpu.get_attr",
+                            {
+                                "vcpu": vcpus[0],
+                                "group": KVM_LOONGARCH_VCPU_CPUCFG,
+                                "attr": CPUCFG_KVM_FEATURE,
+                            },
+                        )
+                    ]
+                )
+            )[0]
         states = yield from chunks.run([("device.save_state", {"device": d}) for d in devs])
-        devices = [{"type": kind, "attrs": state["attrs"]}
-                   for kind, state in zip(info["devices"], states, strict=True)]
+        devices = [
+            {"type": kind, "attrs": state["attrs"]}
+            for kind, state in zip(info["devices"], states, strict=True)
+        ]
     except KvmError:
         # Refused, so the connection works: give the handles back. (Any other failure ends
         # the connection, and the daemon closes them itself.)
         yield [("close", {"handle": h}) for h in (*vcpus, *devs)]
         raise
     yield from chunks.run([("close", {"handle": h}) for h in (*vcpus, *devs)])
-    return {"format": FORMAT, "version": VERSION,
-            "vm": {"name": info["name"], "max_phyid": info["max_phyid"], "pv_features": pv,
-                   "profile": info.get("profile")},
-            "vcpus": saved_vcpus, "devices": devices}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "vm": {
+            "name": info["name"],
+            "max_phyid": info["max_phyid"],
+            "pv_features": pv,
+            "profile": info.get("profile"),
+        },
+        "vcpus": saved_vcpus,
+        "devices": devices,
+    }
 
 
 def _fresh(reg: int, vcpu_id: int, max_phyid: int) -> int | None:
@@ -189,8 +243,9 @@ _TMID = abi.csr_id(abi.CSR_TMID)
 _CRMD = abi.csr_id(abi.CSR_CRMD)
 
 
-def restore_vm(snap: dict[str, Any], name: str | None = None,
-               progress: Progress | None = None) -> Generator[Batch, Results, int]:
+def restore_vm(
+    snap: dict[str, Any], name: str | None = None, progress: Progress | None = None
+) -> Generator[Batch, Results, int]:
     """Create a VM from a decoded snapshot; returns its handle. On failure nothing is left.
 
     The VM is built unnamed and named last (``vm.set_name``), so until the restore is whole
@@ -211,39 +266,72 @@ def restore_vm(snap: dict[str, Any], name: str | None = None,
     # A fresh vCPU already holds what kvm_arch_vcpu_create gives it: writing that back changes
     # nothing, and skipping it saves two requests in three on a typical VM. (An unset CPUID
     # reads as the limit, the marker; setting it would even be EINVAL.)
-    writes_per_vcpu = [[(i, value) for i, value in v["regs"]
-                        if i != abi.VCPU_RESET and value != _fresh(i, v["vcpu_id"], unset)]
-                       for v in snap["vcpus"]]
+    writes_per_vcpu = [
+        [
+            (i, value)
+            for i, value in v["regs"]
+            if i != abi.VCPU_RESET and value != _fresh(i, v["vcpu_id"], unset)
+        ]
+        for v in snap["vcpus"]
+    ]
     n = len(snap["vcpus"])
-    vcpu_attrs = [("vcpu.set_attr", {"vcpu": i, "group": g, "attr": a, "value": value})
-                  for i, v in enumerate(snap["vcpus"]) for g, a, value in v.get("attrs", [])]
-    chunks = _Chunks(progress, 2 * n + sum(map(len, writes_per_vcpu)) + 2 + len(vcpu_attrs)
-                     + sum(1 + len(d["attrs"]) for d in snap["devices"]))
+    vcpu_attrs = [
+        ("vcpu.set_attr", {"vcpu": i, "group": g, "attr": a, "value": value})
+        for i, v in enumerate(snap["vcpus"])
+        for g, a, value in v.get("attrs", [])
+    ]
+    chunks = _Chunks(
+        progress,
+        2 * n
+        + sum(map(len, writes_per_vcpu))
+        + 2
+        + len(vcpu_attrs)
+        + sum(1 + len(d["attrs"]) for d in snap["devices"]),
+    )
     create: dict[str, Any] = {"max_phyid": spec["max_phyid"]}
     if spec.get("profile") is not None:
         create["profile"] = spec["profile"]
     vm: int = _ok((yield [("kvm.create_vm", create)]))[0]["vm"]
     try:
-        created = yield from chunks.run([("vm.create_vcpu", {"vm": vm, "vcpu_id": v["vcpu_id"]})
-                                         for v in snap["vcpus"]])
+        created = yield from chunks.run(
+            [("vm.create_vcpu", {"vm": vm, "vcpu_id": v["vcpu_id"]}) for v in snap["vcpus"]]
+        )
         vcpus = [r["vcpu"] for r in created]
         pv = spec["pv_features"]
         if vcpus and pv is not None and pv != PV_FEATURES_DEFAULT:
-            yield from chunks.run([("vcpu.set_attr", {
-                "vcpu": vcpus[0], "group": KVM_LOONGARCH_VCPU_CPUCFG,
-                "attr": CPUCFG_KVM_FEATURE, "value": pv})])
-        yield from chunks.run([("vcpu.set_one_reg", {"vcpu": h, "id": i, "value": value})
-                               for h, ws in zip(vcpus, writes_per_vcpu, strict=True)
-                               for i, value in ws])
+            yield from chunks.run(
+                [
+                    (
+                        "vcpu.set_attr",
+                        {
+                            "vcpu": vcpus[0],
+                            "group": KVM_LOONGARCH_VCPU_CPUCFG,
+                            "attr": CPUCFG_KVM_FEATURE,
+                            "value": pv,
+                        },
+                    )
+                ]
+            )
+        yield from chunks.run(
+            [
+                ("vcpu.set_one_reg", {"vcpu": h, "id": i, "value": value})
+                for h, ws in zip(vcpus, writes_per_vcpu, strict=True)
+                for i, value in ws
+            ]
+        )
         # vCPU attrs after the PV features they depend on (steal time needs its feature bit).
         yield from chunks.run([(m, {**p, "vcpu": vcpus[p["vcpu"]]}) for m, p in vcpu_attrs])
-        made = yield from chunks.run([("vm.create_device", {"vm": vm, "type": d["type"]})
-                                      for d in snap["devices"]])
+        made = yield from chunks.run(
+            [("vm.create_device", {"vm": vm, "type": d["type"]}) for d in snap["devices"]]
+        )
         devs = [r["device"] for r in made]
         for dev, d in zip(devs, snap["devices"], strict=True):
-            yield from chunks.run([("device.set_attr", {"device": dev, "group": g, "attr": a,
-                                                        "value": v})
-                                   for g, a, v in d["attrs"]])
+            yield from chunks.run(
+                [
+                    ("device.set_attr", {"device": dev, "group": g, "attr": a, "value": v})
+                    for g, a, v in d["attrs"]
+                ]
+            )
         yield from chunks.run([("close", {"handle": h}) for h in (*vcpus, *devs)])
         if name is not None:
             yield from chunks.run([("vm.set_name", {"vm": vm, "name": name})])
@@ -289,8 +377,9 @@ def drive(gen: Generator[Batch, Results, T], send: Callable[[Batch], Results]) -
         gen.close()
 
 
-async def adrive(gen: Generator[Batch, Results, T],
-                 send: Callable[[Batch], Awaitable[Results]]) -> T:
+async def adrive(
+    gen: Generator[Batch, Results, T], send: Callable[[Batch], Awaitable[Results]]
+) -> T:
     """``drive`` for an async batch sender (the trio client)."""
     try:
         batch = next(gen)
@@ -343,12 +432,14 @@ def decode(data: bytes, source: str = "") -> dict[str, Any]:
         try:
             snap = _unpack(data)
         except Exception:
-            raise _bad(source, "its checksum does not match: the file is damaged or "
-                               "truncated") from None
+            raise _bad(
+                source, "its checksum does not match: the file is damaged or truncated"
+            ) from None
         if not isinstance(snap, dict) or snap.get("version") != 1:
             # Version 1 files carry no digest; anything else that fails the digest is damage.
-            raise _bad(source, "its checksum does not match: the file is damaged or "
-                               "truncated") from None
+            raise _bad(
+                source, "its checksum does not match: the file is damaged or truncated"
+            ) from None
     return _check(snap, source)
 
 
@@ -356,32 +447,47 @@ def _check(snap: dict[str, Any], source: str) -> dict[str, Any]:
     if snap.get("format") != FORMAT:
         raise _bad(source, "it does not start with the lvz-snapshot format marker")
     vm = snap.get("vm")
-    if (not isinstance(vm, dict) or type(vm.get("max_phyid")) is not int
-            or not 1 <= vm["max_phyid"] <= MAX_PHYID_LIMIT
-            or not (vm.get("name") is None or isinstance(vm.get("name"), str))
-            or not (vm.get("pv_features") is None or _is_u64(vm.get("pv_features")))
-            or not (vm.get("profile") is None or isinstance(vm.get("profile"), str))):
+    if (
+        not isinstance(vm, dict)
+        or type(vm.get("max_phyid")) is not int
+        or not 1 <= vm["max_phyid"] <= MAX_PHYID_LIMIT
+        or not (vm.get("name") is None or isinstance(vm.get("name"), str))
+        or not (vm.get("pv_features") is None or _is_u64(vm.get("pv_features")))
+        or not (vm.get("profile") is None or isinstance(vm.get("profile"), str))
+    ):
         raise _bad(source, "the vm section is malformed")
     vcpus = snap.get("vcpus")
     if not isinstance(vcpus, list):
         raise _bad(source, "the vcpus section is malformed")
     for v in vcpus:
-        if (not isinstance(v, dict) or type(v.get("vcpu_id")) is not int
-                or not isinstance(v.get("regs"), list)
-                or not all(isinstance(r, list) and len(r) == 2 and _is_u64(r[0])
-                           and _is_u64(r[1]) for r in v["regs"])
-                or not isinstance(v.get("attrs", []), list)
-                or not all(isinstance(a, list) and len(a) == 3 and all(_is_u64(x) for x in a)
-                           for a in v.get("attrs", []))):
+        if (
+            not isinstance(v, dict)
+            or type(v.get("vcpu_id")) is not int
+            or not isinstance(v.get("regs"), list)
+            or not all(
+                isinstance(r, list) and len(r) == 2 and _is_u64(r[0]) and _is_u64(r[1])
+                for r in v["regs"]
+            )
+            or not isinstance(v.get("attrs", []), list)
+            or not all(
+                isinstance(a, list) and len(a) == 3 and all(_is_u64(x) for x in a)
+                for a in v.get("attrs", [])
+            )
+        ):
             raise _bad(source, "a vcpu entry is malformed")
     devices = snap.get("devices")
     if not isinstance(devices, list):
         raise _bad(source, "the devices section is malformed")
     for d in devices:
-        if (not isinstance(d, dict) or not isinstance(d.get("type"), str)
-                or not isinstance(d.get("attrs"), list)
-                or not all(isinstance(a, list) and len(a) == 3 and all(_is_u64(x) for x in a)
-                           for a in d["attrs"])):
+        if (
+            not isinstance(d, dict)
+            or not isinstance(d.get("type"), str)
+            or not isinstance(d.get("attrs"), list)
+            or not all(
+                isinstance(a, list) and len(a) == 3 and all(_is_u64(x) for x in a)
+                for a in d["attrs"]
+            )
+        ):
             raise _bad(source, "a device entry is malformed")
     snap["version"] = VERSION
     return snap

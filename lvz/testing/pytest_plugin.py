@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ExistingDaemon", "LvzDaemons"]
 
 #: Fixtures through which a test talks to a daemon (its log is attached when the test fails).
-DAEMON_FIXTURES: Final = frozenset({"lvz_daemon", "lvz_socket", "kvm", "vm", "trio_kvm",
-                                    "trio_vm"})
+DAEMON_FIXTURES: Final = frozenset({"lvz_daemon", "lvz_socket", "kvm", "vm", "trio_kvm", "trio_vm"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +85,9 @@ class LvzDaemons:
             args, plugins = options
             worker = os.environ.get("PYTEST_XDIST_WORKER", "")
             try:
-                self.started[options] = spawn("-v", *args, plugins=plugins,
-                                              prefix=f"lvz-{worker}-" if worker else "lvz-")
+                self.started[options] = spawn(
+                    "-v", *args, plugins=plugins, prefix=f"lvz-{worker}-" if worker else "lvz-"
+                )
             except SpawnError as exc:
                 self.failed[options] = f"the lvz daemon fixture could not start: {exc}"
         if options in self.failed:  # outside the except: the report shows the daemon's words
@@ -100,8 +100,9 @@ class LvzDaemons:
         for daemon in self.started.values():
             status = daemon.close()
             if status != 0:
-                problems.append(f"lvz daemon {daemon.socket} exited with status {status}:\n"
-                                f"{daemon.log_text()}")
+                problems.append(
+                    f"lvz daemon {daemon.socket} exited with status {status}:\n{daemon.log_text()}"
+                )
         self.started.clear()
         return problems
 
@@ -113,19 +114,34 @@ USED = pytest.StashKey[dict[int, tuple[Daemon, int]]]()  # id -> (daemon, log of
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lvz", "lvz daemon fixtures")
-    group.addoption("--lvz-socket", dest="lvz_socket", metavar="PATH", default=None,
-                    help="use the lvz daemon already serving on PATH instead of starting one")
+    group.addoption(
+        "--lvz-socket",
+        dest="lvz_socket",
+        metavar="PATH",
+        default=None,
+        help="use the lvz daemon already serving on PATH instead of starting one",
+    )
     parser.addini("lvz_socket", "use the lvz daemon already serving on this socket", default="")
-    parser.addini("lvz_plugins", "irqchip plugins the lvz daemons load (default: all installed)",
-                  type="args", default=[])
-    parser.addini("lvz_serve_args", "extra `lvz serve` options for the lvz daemon fixture",
-                  type="args", default=[])
+    parser.addini(
+        "lvz_plugins",
+        "irqchip plugins the lvz daemons load (default: all installed)",
+        type="args",
+        default=[],
+    )
+    parser.addini(
+        "lvz_serve_args",
+        "extra `lvz serve` options for the lvz daemon fixture",
+        type="args",
+        default=[],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "lvz_serve(*args, plugins=None): run this test against a daemon started "
-        "with these `lvz serve` options (and only these irqchip plugins)")
+        "markers",
+        "lvz_serve(*args, plugins=None): run this test against a daemon started "
+        "with these `lvz serve` options (and only these irqchip plugins)",
+    )
     daemons = LvzDaemons(config)
     config.stash[DAEMONS] = daemons
     plugins = daemons.default_options()[1]
@@ -164,9 +180,9 @@ def _note_use(request: pytest.FixtureRequest, daemon: Daemon) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item,
-                              call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
-                                                                        pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach what each daemon the test used logged during the test, when the test failed."""
     report = yield
     if report.failed:
@@ -221,8 +237,9 @@ def lvz_socket(request: pytest.FixtureRequest) -> Path:
         daemon = daemons.get((args, tuple(plugins) if plugins is not None else None))
     _note_use(request, daemon)
     if not daemon.alive():
-        pytest.fail(f"the lvz daemon at {daemon.socket} is gone:\n{daemon.log_text()}",
-                    pytrace=False)
+        pytest.fail(
+            f"the lvz daemon at {daemon.socket} is gone:\n{daemon.log_text()}", pytrace=False
+        )
     return daemon.socket
 
 

@@ -48,8 +48,13 @@ class SpawnError(RuntimeError):
 
 def own_plugins() -> list[str]:
     """The irqchip entry points shipped by lvz itself, without any third-party chip."""
-    return sorted({ep.name for ep in entry_points(group=IRQCHIP_GROUP)
-                   if ep.dist is not None and ep.dist.name == "lvz"})
+    return sorted(
+        {
+            ep.name
+            for ep in entry_points(group=IRQCHIP_GROUP)
+            if ep.dist is not None and ep.dist.name == "lvz"
+        }
+    )
 
 
 def serve_command(socket_path: Path, *args: str, exit_with_parent: bool = True) -> list[str]:
@@ -64,8 +69,14 @@ class DaemonProcess:
     """A started daemon: ``socket`` to connect to, ``log`` with its stderr, ``proc`` itself,
     ``command`` its command line."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], command: list[str], socket_path: Path,
-                 log: Path, directory: Path) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        command: list[str],
+        socket_path: Path,
+        log: Path,
+        directory: Path,
+    ) -> None:
         self.proc = proc
         self.command = command
         self.socket = socket_path
@@ -110,8 +121,12 @@ class DaemonProcess:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -125,10 +140,16 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def spawn(*args: str, plugins: Sequence[str] | None = None,
-          env: Mapping[str, str] | None = None, verbose: int = 0, timeout: float = 30.0,
-          exit_with_parent: bool = True, command: Sequence[str] | None = None,
-          prefix: str = "lvz") -> DaemonProcess:
+def spawn(
+    *args: str,
+    plugins: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    verbose: int = 0,
+    timeout: float = 30.0,
+    exit_with_parent: bool = True,
+    command: Sequence[str] | None = None,
+    prefix: str = "lvz",
+) -> DaemonProcess:
     """Start ``lvz serve *args`` on a private socket and return once it said READY=1.
 
     The result is a context manager: ``with spawn() as daemon:`` stops it and removes its
@@ -154,8 +175,14 @@ def spawn(*args: str, plugins: Sequence[str] | None = None,
         notify.bind(os.fspath(directory / "notify"))
         full_env["NOTIFY_SOCKET"] = os.fspath(directory / "notify")
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    env=full_env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=full_env,
+                start_new_session=True,
+            )
         daemon = DaemonProcess(proc, cmd, sock, log, directory)
         try:
             _wait_ready(daemon, notify, timeout)
@@ -181,8 +208,10 @@ def _wait_ready(daemon: DaemonProcess, notify: socket.socket, timeout: float) ->
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SpawnError(f"lvz serve (pid {proc.pid}) sent no READY=1 within {timeout} s"
-                                 + _quote(daemon))
+                raise SpawnError(
+                    f"lvz serve (pid {proc.pid}) sent no READY=1 within {timeout} s"
+                    + _quote(daemon)
+                )
             watched = [notify] + ([pidfd] if pidfd >= 0 else [])
             # Without a pidfd (not Linux >= 5.3) the child's exit is checked every 0.1 s.
             ready, _, _ = select.select(watched, [], [], left if pidfd >= 0 else min(left, 0.1))
@@ -191,8 +220,10 @@ def _wait_ready(daemon: DaemonProcess, notify: socket.socket, timeout: float) ->
                 if b"READY=1" in message.split(b"\n"):
                     return
             if proc.poll() is not None:
-                raise SpawnError(f"lvz serve exited with status {proc.returncode} during "
-                                 f"start-up" + _quote(daemon))
+                raise SpawnError(
+                    f"lvz serve exited with status {proc.returncode} during "
+                    f"start-up" + _quote(daemon)
+                )
     finally:
         if pidfd >= 0:
             os.close(pidfd)
@@ -203,4 +234,3 @@ def _quote(daemon: DaemonProcess) -> str:
     if len(text) > _STDERR_TAIL:
         text = "…" + text[-_STDERR_TAIL:]
     return ":\n" + text if text else " (it wrote nothing to stderr)"
-

@@ -31,8 +31,14 @@ from lvz.protocol.errors import ERRNO, KvmError
 from lvz.protocol.events import Notification, Response
 
 __all__ = [
-    "BlockingWire", "MakeRequest", "OnNotification", "Run", "Wire", "WireError",
-    "wire_error_problem", "wire_message_problem",
+    "BlockingWire",
+    "MakeRequest",
+    "OnNotification",
+    "Run",
+    "Wire",
+    "WireError",
+    "wire_error_problem",
+    "wire_message_problem",
 ]
 
 RECEIVE_BYTES: Final = 65536
@@ -269,8 +275,9 @@ class Wire(_Codec):
                 break
         return Run(count, time.perf_counter() - t0)
 
-    async def pipelined(self, make: MakeRequest, window: int, seconds: float,
-                        max_count: int, unit: int = 1) -> Run:
+    async def pipelined(
+        self, make: MakeRequest, window: int, seconds: float, max_count: int, unit: int = 1
+    ) -> Run:
         """``window`` requests in flight; every receive is answered by one send topping it up.
 
         The number of requests sent is a multiple of ``unit`` (a raise and its acknowledgement
@@ -321,8 +328,9 @@ class Wire(_Codec):
                     await stream.send_all(b"".join(out))
         return Run(done, time.perf_counter() - t0)
 
-    async def batch(self, requests: list[tuple[str, dict[str, Any]]],
-                    window: int = 64) -> list[dict[str, Any]]:
+    async def batch(
+        self, requests: list[tuple[str, dict[str, Any]]], window: int = 64
+    ) -> list[dict[str, Any]]:
         """Pipeline ``requests`` (``window`` in flight) and return every result, in order."""
         results: list[dict[str, Any]] = []
         first_id = self._next_id
