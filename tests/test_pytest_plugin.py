@@ -107,7 +107,9 @@ def test_a_daemon_that_fails_to_start_is_reported_with_its_stderr(
 ) -> None:
     pytester.makeini("[pytest]\nlvz_serve_args = --max-vms 0\n")
     pytester.makepyfile("def test_one(kvm): pass\ndef test_two(vm): pass\n")
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    # -rN: no short summary, whose lines pytest cuts at the terminal width except under CI=true,
+    # so the count below sees each test's error section and nothing else in either place.
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rN")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
         [
