@@ -33,7 +33,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: The modules every request runs through: the wire core and the daemon's per-request path.
 COMPILED_MODULES: tuple[str, ...] = (

@@ -7,7 +7,7 @@ consumes them as they are read, so a recording of any length costs no memory at 
 
 A recording is a msgpack stream: one header map, then one array per record::
 
-    {"format": "lvz-recording", "version": 1, "lvz": "0.1.0",
+    {"format": "lvz-recording", "version": 1, "lvz": "0.2.0",
      "plugins": [{"name": ..., "version": ...}, ...], "argv": [...], "started": unix_time}
     [t_ns, conn, kind, data]
 
