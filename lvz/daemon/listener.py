@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from .safedir import UnsafeDir, check_private_dir
+from .safedir import UnsafeDir, ensure_private_dir
 
 log = logging.getLogger("lvz.daemon")
 
@@ -108,31 +108,13 @@ class UnsafeSocketDir(SocketInUse):
     """The socket's directory could be controlled by another user."""
 
 
-def check_socket_dir(parent: Path) -> None:
-    """Refuse a directory that is a symlink, not ours, or writable by group or others.
-
-    The one check for every private directory of the daemon (safedir.py; the state dir too).
-    """
-    try:
-        check_private_dir(parent, what="socket directory", risk="replace the socket")
-    except UnsafeDir as exc:
-        raise UnsafeSocketDir(str(exc)) from None
-
-
 def prepare_socket_path(path: Path) -> None:
     """Create the 0700 directory or check the one there; replace a stale socket; refuse a
     live daemon, a non-socket, or a directory another user could control."""
-    parent = path.parent
-    if not parent.is_symlink() and not parent.exists():
-        parent.parent.mkdir(parents=True, exist_ok=True)
-        old_umask = os.umask(0o077)
-        try:
-            parent.mkdir(mode=0o700)
-        except FileExistsError:
-            pass  # created meanwhile: checked below like any other
-        finally:
-            os.umask(old_umask)
-    check_socket_dir(parent)
+    try:  # the one private-directory rule of the daemon (safedir.py; the state dir too)
+        ensure_private_dir(path.parent, what="socket directory", risk="replace the socket")
+    except UnsafeDir as exc:
+        raise UnsafeSocketDir(str(exc)) from None
     if path.is_symlink() or path.exists():
         st = path.lstat()
         if not stat.S_ISSOCK(st.st_mode):

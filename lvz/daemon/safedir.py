@@ -1,6 +1,6 @@
 """Private directories: the one ownership check for the socket directory and the state dir.
 
-``listener.check_socket_dir`` and the state dir (``state.py``) both call ``check_private_dir``.
+``listener.prepare_socket_path`` and the state dir (``state.py``) both call ``ensure_private_dir``.
 
 Whoever controls a directory controls what is in it: another user who owns (or may write to)
 the state dir can plant a VM file that the daemon then loads, or a symlink that redirects a
@@ -67,7 +67,7 @@ def check_private_dir(
         )
 
 
-def ensure_private_dir(path: Path, what: str = "directory") -> None:
+def ensure_private_dir(path: Path, what: str = "directory", risk: str = "") -> None:
     """Create ``path`` 0700 if it is missing (parents as needed), then check it."""
     if not os.path.lexists(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def ensure_private_dir(path: Path, what: str = "directory") -> None:
             pass  # made meanwhile: checked below like any other
         finally:
             os.umask(old)
-    check_private_dir(path, what=what)
+    check_private_dir(path, what=what, risk=risk)
 
 
 def open_private_dir(path: Path, what: str = "directory") -> int:
