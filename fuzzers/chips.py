@@ -19,7 +19,8 @@ After **every** step the fuzzer checks:
   down, and SWI0/SWI1 equal a shadow kept here (SWI0 is raised only by PV IPI, whose targets
   the fuzzer computes on its own from SEMANTICS §7, and only a guest ``csrxchg`` changes SWI0/SWI1);
 * the phyid map is a bijection between the set vCPUs and their ids: ``vm.phyids`` is exactly
-  ``{v.csrs[CPUID]: v for live v if CPUID < max_phyid}`` with no id held twice.
+  ``{v.csrs[CPUID]: v for live v if CPUID < max_phyid}`` with no id held twice, and the map the
+  model keeps for ``vm.phyid_map`` (``Vm.map_entries``), when it keeps one, is that map in order.
 
 Operations whose outcome the spec decides are checked against an independent prediction too
 (attr validity and read-back, CPUID sets per ``kvm_set_cpuid``, vCPU creation, PV IPI's return
@@ -1142,6 +1143,9 @@ class ChipFuzzer:
                 f"phyid map {shown} is not the vCPUs' CPUIDs "
                 f"{ {p: v.vcpu_id for p, v in mapped.items()} }"
             )
+        kept = vm.map_entries  # what vm.phyid_map answers without a rebuild
+        if kept is not None and kept != sorted((p, v.vcpu_id) for p, v in phyids.items()):
+            raise self.fail(f"the kept phyid map {kept} is not the map {sorted(phyids)}")
         lines_up = self.stats.lines_up
         if seen & HWI_MASK:
             lines_up["hwi"] += 1

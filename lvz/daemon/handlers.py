@@ -542,31 +542,22 @@ def vm_phyid_lookup(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> Resu
 
 
 def vm_phyid_map(d: Daemon, conn: Connection, p: Params, h: VmHandle) -> MaybeLater:
-    """The map, or the last answer while no phyid was set or dropped since (``map_generation``).
+    """The map the model keeps (``Vm.map_entries``), rebuilt first if it was not kept.
 
-    The answer is shared between readers and never mutated (the server only encodes it), so
-    an unchanged map of 65,536 entries costs its encoding and write, not a sort and a build.
+    The kept list changes with the map, in place; the server encodes an answer before
+    anything else runs, so no reader sees it change.
     """
     vm = h.vm
-    cached = vm.map_answer
-    if cached is not None and vm.map_answer_generation == vm.map_generation:
-        return cached
-    if len(vm.phyids) <= MAP_CHUNK:
-        return _keep_answer(vm, vm.map_generation, _map_entries(vm.phyids, sorted(vm.phyids)))
-    return _big_phyid_map(d, h)
-
-
-def _keep_answer(vm: Vm, generation: int, entries: list[tuple[int, int]]) -> Result:
-    """The answer for ``entries``, kept for later reads if the map is still at ``generation``."""
-    answer: Result = {"limit": vm.max_phyid, "entries": entries}
-    if vm.map_generation == generation:
-        vm.map_answer = answer
-        vm.map_answer_generation = generation
-    return answer
+    entries = vm.map_entries
+    if entries is None:
+        if len(vm.phyids) > MAP_CHUNK:
+            return _big_phyid_map(d, h)
+        entries = vm.map_entries = _map_entries(vm.phyids, sorted(vm.phyids))
+    return {"limit": vm.max_phyid, "entries": entries}
 
 
 async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
-    """A map of up to 65,536 entries, built in chunks with other clients served in between.
+    """A map of up to 65,536 entries, rebuilt in chunks with other clients served in between.
 
     Under the VM's map lock, so no set or drop lands between two chunks.
     """
@@ -589,7 +580,9 @@ async def _big_phyid_map(d: Daemon, h: VmHandle) -> Result:
         finally:
             if collecting:
                 gc.enable()
-        return _keep_answer(vm, generation, entries)
+        if vm.map_generation == generation:  # (a writer that does not wait for the lock)
+            vm.map_entries = entries
+        return {"limit": vm.max_phyid, "entries": entries}
 
 
 _VCPU_ID: Final = operator.attrgetter("vcpu_id")
