@@ -25,7 +25,7 @@ import lvz
 from lvz.protocol import abi
 from lvz.testing.wire import Wire
 
-from . import procs
+from . import least, procs
 from .blocking import BlockingBench
 from .clientbench import ClientBench, client_import_error
 from .durable import measure_durable
@@ -98,6 +98,26 @@ def plan_throughput(
         if sampler is not None:
             plan.append((fig, sampler, on_extra or (lambda s: None)))
 
+    def shadow(fig: Figure, ref: str, sampler: Sampler) -> None:
+        """``fig``, and for get_one_reg the same samples again as a ratio to ``ref``: the
+        floor driven by a minimal client of the same shape (bench/least.py)."""
+        if not fig.key.startswith(("client.threads.get.", "client.async.get.")):
+            add(fig, sampler)
+            return
+        again = Figure(
+            f"{fig.key}.least",
+            "  the same, against the floor with a minimal client",
+            "req/s",
+            ref=ref,
+        )
+
+        def copy(s: Sample) -> None:
+            again.samples.append(s.value)
+            again.ok_checks.append(s.ok)
+
+        add(fig, sampler, copy)
+        res.add(again)
+
     def blocking(target: str, which: str, pipelined: bool) -> Sampler:
         async def sample(seconds: float) -> Sample:
             return run_sample(
@@ -118,6 +138,35 @@ def plan_throughput(
         Figure("floor.blocking.pipe", f"floor echo, blocking driver, {PIPE}", "req/s"),
         blocking("floor", "get", True),
     )
+    # A minimal client of the two shapes a library is used in (bench/least.py): what 64 tasks
+    # or 64 threads reach with nothing but the hand-off, on the floor server and on lvz.
+    for target, on_lvz in (("floor", False), ("lvz", True)):
+        add(
+            Figure(
+                f"least.tasks.{target}",
+                f"{'floor echo' if not on_lvz else 'raw  vcpu.get_one_reg CPUID'}, "
+                "64 trio tasks, a minimal client",
+                "req/s",
+                ref="floor.pipe",
+                note="bench/least.py: a dict of parked tasks, one reader, one writer",
+            ),
+            least.tasks_sampler(
+                cfg.lvz_path if on_lvz else cfg.floor_path, on_lvz, bench.max_count
+            ),
+        )
+        add(
+            Figure(
+                f"least.threads.{target}",
+                f"{'floor echo' if not on_lvz else 'raw  vcpu.get_one_reg CPUID'}, "
+                "64 threads, a minimal client",
+                "req/s",
+                ref="floor.blocking.pipe",
+                note="bench/least.py: a lock per thread, one reader thread",
+            ),
+            least.threads_sampler(
+                cfg.lvz_path if on_lvz else cfg.floor_path, on_lvz, bench.max_count
+            ),
+        )
     names = {
         "get": "vcpu.get_one_reg CPUID",
         "set": "vcpu.set_one_reg CPUID (same value)",
@@ -182,9 +231,11 @@ def plan_throughput(
             elif kind == "sync":
                 add(fig, cb.sync_sampler(which))
             elif kind == "threads":
-                add(fig, cb.threads_sampler(which))
+                shadow(fig, "least.threads.floor", cb.threads_sampler(which))
             elif kind == "gather":
                 add(fig, cb.gather_sampler(which))
+            elif pipelined:
+                shadow(fig, "least.tasks.floor", cb.async_sampler(which, pipelined))
             else:
                 add(fig, cb.async_sampler(which, pipelined))
 
@@ -271,7 +322,8 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
             for rep in range(cfg.reps):
                 t0 = time.perf_counter()
                 for fig, sampler, on_extra in plan:
-                    pid = cfg.floor_pid if fig.key.startswith("floor.") else cfg.lvz_pid
+                    on_floor = fig.key.startswith("floor.") or fig.key.endswith(".floor")
+                    pid = cfg.floor_pid if on_floor else cfg.lvz_pid
                     cpu0, mine0 = procs.cpu_seconds(pid), time.process_time()
                     s = await sampler(cfg.seconds)
                     cpu = procs.cpu_seconds(pid) - cpu0
