@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 import lvz
+from lvz.daemon.server import FLUSH_ANSWERS
 from lvz.protocol import abi
 from lvz.testing.wire import Wire
 
@@ -58,6 +59,8 @@ class Config:
     only: tuple[str, ...] = ()
     lvz_pid: int = 0
     floor_pid: int = 0
+    floor_every_path: Path | None = None  # the floor flushing every FLUSH_ANSWERS answers
+    floor_every_pid: int = 0
 
 
 def say(msg: str) -> None:
@@ -98,6 +101,15 @@ def plan_throughput(
         if sampler is not None:
             plan.append((fig, sampler, on_extra or (lambda s: None)))
 
+    def copy_to(again: Figure) -> Callable[[Sample], None]:
+        """An on_extra that gives ``again`` the same samples: one measurement, two ratios."""
+
+        def copy(s: Sample) -> None:
+            again.samples.append(s.value)
+            again.ok_checks.append(s.ok)
+
+        return copy
+
     def shadow(fig: Figure, ref: str, sampler: Sampler) -> None:
         """``fig``, and for get_one_reg the same samples again as a ratio to ``ref``: the
         floor driven by a minimal client of the same shape (bench/least.py)."""
@@ -110,12 +122,7 @@ def plan_throughput(
             "req/s",
             ref=ref,
         )
-
-        def copy(s: Sample) -> None:
-            again.samples.append(s.value)
-            again.ok_checks.append(s.ok)
-
-        add(fig, sampler, copy)
+        add(fig, sampler, copy_to(again))
         res.add(again)
 
     def blocking(target: str, which: str, pipelined: bool) -> Sampler:
@@ -129,6 +136,16 @@ def plan_throughput(
     add(Figure("floor.seq", f"floor echo, trio driver, {SEQ}", "req/s"), bench.floor_sampler(False))
     add(
         Figure("floor.pipe", f"floor echo, trio driver, {PIPE}", "req/s"), bench.floor_sampler(True)
+    )
+    add(
+        Figure(
+            "floor.every.pipe",
+            f"floor echo, trio driver, {PIPE}, a send every {FLUSH_ANSWERS} answers",
+            "req/s",
+            ref="floor.pipe",
+            note="bench/floor.py --flush-every: the floor sending as lvz's daemon does",
+        ),
+        bench.floor_sampler(True, every=True),
     )
     add(
         Figure("floor.blocking.seq", f"floor echo, blocking driver, {SEQ}", "req/s"),
@@ -183,16 +200,21 @@ def plan_throughput(
             ),
             bench.raw_sampler(which, False),
         )
-        add(
-            Figure(
-                f"raw.{which}.pipe",
-                f"raw  {name}, {PIPE}",
-                "req/s",
-                ref="floor.pipe",
-                target=Target("ratio_min", 0.75, "≥ 0.75x trio floor"),
-            ),
-            bench.raw_sampler(which, True),
+        pipe = Figure(
+            f"raw.{which}.pipe",
+            f"raw  {name}, {PIPE}",
+            "req/s",
+            ref="floor.pipe",
+            target=Target("ratio_min", 0.75, "≥ 0.75x trio floor"),
         )
+        alike = Figure(
+            f"raw.{which}.pipe.every",
+            f"  the same, against the floor sending every {FLUSH_ANSWERS} answers",
+            "req/s",
+            ref="floor.every.pipe",
+        )
+        add(pipe, bench.raw_sampler(which, True), copy_to(alike))
+        res.add(alike)
     for mode, pipelined in ((SEQ, False), (PIPE, True)):
         key = "pipe" if pipelined else "seq"
         add(
@@ -290,7 +312,7 @@ def plan_throughput(
 
 
 async def measure_throughput(cfg: Config, res: Results) -> None:
-    bench = Bench(cfg.lvz_path, cfg.floor_path)
+    bench = Bench(cfg.lvz_path, cfg.floor_path, floor_every_path=cfg.floor_every_path)
     skip = client_import_error()
     cb = None if skip else ClientBench(cfg.lvz_path, bench.max_count)
     blk: BlockingBench | None = None
@@ -324,6 +346,8 @@ async def measure_throughput(cfg: Config, res: Results) -> None:
                 for fig, sampler, on_extra in plan:
                     on_floor = fig.key.startswith("floor.") or fig.key.endswith(".floor")
                     pid = cfg.floor_pid if on_floor else cfg.lvz_pid
+                    if fig.key.startswith("floor.every."):
+                        pid = cfg.floor_every_pid
                     cpu0, mine0 = procs.cpu_seconds(pid), time.process_time()
                     s = await sampler(cfg.seconds)
                     cpu = procs.cpu_seconds(pid) - cpu0
@@ -593,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ExitStack() as stack:
         floor = stack.enter_context(procs.floor())
+        floor_every = stack.enter_context(procs.floor("--flush-every", str(FLUSH_ANSWERS)))
         daemon = stack.enter_context(procs.daemon())
         cfg = Config(
             quick=args.quick,
@@ -600,12 +625,14 @@ def main(argv: list[str] | None = None) -> int:
             reps=REPS,
             lvz_path=daemon.socket,
             floor_path=floor.socket,
+            floor_every_path=floor_every.socket,
             daemon_cmd=daemon.command,
             only=tuple(p for p in args.only.split(",") if p),
         )
         say(f"floor: {' '.join(floor.command)}")
         say(f"lvz:   {' '.join(cfg.daemon_cmd)}")
         cfg.floor_pid, cfg.lvz_pid = floor.pid, daemon.pid
+        cfg.floor_every_pid = floor_every.pid
         res = trio.run(run_all, cfg)
     elapsed = time.perf_counter() - started
     title = (

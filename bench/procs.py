@@ -64,9 +64,9 @@ def profiled_daemon(profile: Path, *args: str) -> Iterator[DaemonProcess]:
 
 
 @contextlib.contextmanager
-def floor() -> Iterator[DaemonProcess]:
+def floor(*args: str) -> Iterator[DaemonProcess]:
     """The bare trio + msgpack echo server (bench/floor.py) for the duration of the block."""
-    command = [sys.executable, "-m", "bench.floor", "{socket}"]
+    command = [sys.executable, "-m", "bench.floor", "{socket}", *args]
     with spawn(command=command, env=_env(), prefix="lvzb") as proc:
         yield proc
 

@@ -208,11 +208,19 @@ def run_sample(run: Run) -> Sample:
 class Bench:
     """Holds the daemon's socket path and the connections scenarios reuse across repetitions."""
 
-    def __init__(self, lvz_path: Path, floor_path: Path, max_count: int = 2_000_000) -> None:
+    def __init__(
+        self,
+        lvz_path: Path,
+        floor_path: Path,
+        max_count: int = 2_000_000,
+        floor_every_path: Path | None = None,
+    ) -> None:
         self.path = lvz_path
         self.floor_path = floor_path
+        self.floor_every_path = floor_every_path  # the floor flushing as lvz does (floor.py)
         self.max_count = max_count
         self.floor: Wire | None = None
+        self.floor_every: Wire | None = None
         self.main: VmConn | None = None
         self.irq: VmConn | None = None
         self.irq_sub: Subscriber | None = None
@@ -243,15 +251,19 @@ class Bench:
         await populate(self.path, "bench-main", 256, list(range(128)))
         self.main = await open_vm(self.path, "bench-main", [0])
         self.floor = await Wire.connect(self.floor_path)
+        if self.floor_every_path is not None:
+            self.floor_every = await Wire.connect(self.floor_every_path)
 
-    def floor_sampler(self, pipelined: bool) -> Sampler:
+    def floor_sampler(self, pipelined: bool, every: bool = False) -> Sampler:
+        """The floor (``every``: the one flushing as lvz does), driven by the trio raw driver."""
         make = self.get_one_reg()  # identical bytes to the lvz get_one_reg figure
 
         async def sample(seconds: float) -> Sample:
-            assert self.floor is not None
+            floor = self.floor_every if every else self.floor
+            assert floor is not None
             if pipelined:
-                return run_sample(await self.floor.pipelined(make, WINDOW, seconds, self.max_count))
-            return run_sample(await self.floor.sequential(make, seconds, self.max_count))
+                return run_sample(await floor.pipelined(make, WINDOW, seconds, self.max_count))
+            return run_sample(await floor.sequential(make, seconds, self.max_count))
 
         return sample
 

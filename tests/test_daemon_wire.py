@@ -5,6 +5,7 @@ These talk raw protocol on purpose: they send what a well-behaved client never w
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -13,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from lvz.daemon import handlers
+from lvz.daemon import handlers, server
 from lvz.daemon.server import Daemon
 from lvz.protocol import Notification, Response, abi
 from lvz.protocol.schema import HANDLE_PARAM, METHODS
@@ -406,3 +407,34 @@ async def test_a_handle_of_the_wrong_kind_is_enotty_for_every_handle_method(
         params[param] = 999
         r = await raw.call(name, **params)
         assert r.error is not None and r.error.name == "EBADF", (name, r.error)
+
+
+async def test_a_pipelined_batch_is_answered_in_chunks(daemon: Daemon, connect: Connect) -> None:
+    """100 requests in one write: their answers leave in order, in sends of at most
+    ``FLUSH_ANSWERS`` messages, so a pipelining client can work on the first while the daemon
+    makes the rest (the pipelined figures in make bench)."""
+    raw = await connect()
+    _, vcpus = await make_vm(raw)
+    (conn,) = (c for c in daemon.connections if c.handles)
+    stream = conn.stream
+    assert stream is not None
+    sent: list[bytes] = []
+    send_all = stream.send_all
+
+    async def counting(data: bytes | bytearray | memoryview) -> None:
+        sent.append(bytes(data))
+        await send_all(data)
+
+    stream.send_all = counting  # type: ignore[method-assign]
+    assert server.FLUSH_ANSWERS < 100  # or this batch would show nothing
+    requests = [raw.send_request("vcpu.get_one_reg", {"vcpu": vcpus[0], "id": abi.CPUID})]
+    requests += [
+        raw.send_request("vcpu.get_one_reg", {"vcpu": vcpus[0], "id": abi.CPUID}) for _ in range(99)
+    ]
+    await raw.send(b"".join(data for _, data in requests))
+    answers = [await raw.next_message() for _ in requests]
+    assert [a[1] for a in answers] == [msgid for msgid, _ in requests]
+    per_send = [len(list(msgpack.Unpacker(io.BytesIO(chunk)))) for chunk in sent]
+    assert sum(per_send) == len(requests)
+    assert max(per_send) <= server.FLUSH_ANSWERS
+    assert len(sent) > len(requests) // server.FLUSH_ANSWERS

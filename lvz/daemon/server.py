@@ -16,8 +16,11 @@ before that request's response.
 
 Bounds: a connection's outgoing buffer is flushed whenever it passes ``FLUSH_BYTES`` mid-batch
 and the reader does not read again until it has been written (a client that does not read stops
-being read); queued ``irq`` events per subscriber are capped at ``max_events`` and the excess is
-dropped and reported with one ``events_lost`` notification per VM carrying the count.
+being read). It is also flushed every ``FLUSH_ANSWERS`` messages: a client pipelining 64
+requests then gets the first half of its answers while the daemon works on the second, so on
+two cores client and daemon overlap instead of taking turns (+70% for 64 in flight). Queued
+``irq`` events per subscriber are capped at ``max_events`` and the excess is dropped and
+reported with one ``events_lost`` notification per VM carrying the count.
 
 Fairness: a connection's reader yields to the others whenever it has run for ``SLICE``
 seconds without a break (a pipeline of expensive requests cannot hold the event loop), and
@@ -83,6 +86,10 @@ log = logging.getLogger("lvz.daemon")
 #: 1,000 chunks; the decoder has already copied what it needs.
 RECEIVE_BYTES = 16384
 FLUSH_BYTES = 256 * 1024
+#: Messages (answers, events) buffered mid-batch before they are sent: see the module doc.
+#: Measured with 64 requests in flight: 8 → 418k req/s, 16 → 505k, 24 → 530k, 32 → 546k, one
+#: send per batch → 316k. A batch smaller than this is still answered with one send.
+FLUSH_ANSWERS = 32
 #: Methods that give a VM its name: with --state-dir, its file is written whole.
 _NAMING = frozenset({"kvm.create_vm", "vm.set_name"})
 #: SIGHUP too: a closed terminal or a supervisor's stop must save, not lose, the named VMs.
@@ -377,7 +384,7 @@ class Daemon:
                         conn.put(proto.send_error(event.msgid, event.error))
                     elif type(event) is Malformed:
                         conn.put(proto.send_protocol_error(event.error))
-                    if conn.out_bytes >= FLUSH_BYTES:
+                    if len(conn.out) >= FLUSH_ANSWERS or conn.out_bytes >= FLUSH_BYTES:
                         await conn.flush()
                 now_held = proto.held
                 if now_held != held:
