@@ -293,6 +293,11 @@ async def test_a_cancelled_call_leaves_nothing_behind(lvz_socket: Path) -> None:
             await kvm.gather([ops.get_one_reg(vcpu, abi.TMID)] * 100)
         assert not kvm.session.pending  # answers that still come are dropped
         assert await vcpu.get_one_reg(abi.TMID) == 0
+        with trio.move_on_after(0) as scope:  # one call: it sends, then parks and is cancelled
+            await vcpu.get_one_reg(abi.TMID)
+        assert scope.cancelled_caught
+        assert not kvm.session.pending
+        assert await vcpu.get_one_reg(abi.TMID) == 0
 
 
 async def test_a_batch_bigger_than_the_socket_buffer_goes_out_whole(lvz_socket: Path) -> None:

@@ -76,15 +76,36 @@ T = TypeVar("T")
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
 
 
+def _whole(result: dict[str, Any], method: str) -> dict[str, Any]:
+    """``call``'s parse: the result as the daemon sent it."""
+    return result
+
+
 class _Waiter:
-    """A task waiting for ``count`` responses; rescheduled once, when the last one is in."""
+    """A task waiting for ``count`` responses; rescheduled once, when the last one is in.
 
-    __slots__ = ("count", "parked", "task")
+    It is also what a cancelled wait calls back (``abort``): one object per call, where a
+    closure per call cost a function and a cell.
+    """
 
-    def __init__(self, count: int) -> None:
+    __slots__ = ("count", "msgids", "parked", "session", "task")
+
+    def __init__(self, session: core.Session, count: int) -> None:
         self.task = trio.lowlevel.current_task()
+        self.session = session
         self.count = count
         self.parked = False
+        #: The calls it waits for, by msgid: not the Pending entries, which refer to the
+        #: waiter, so that no call leaves a reference cycle for the collector to find.
+        self.msgids: Sequence[int] = ()
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        """Cancelled: no entry outlives its caller, and answers that come later are dropped."""
+        self.parked = False
+        pending = self.session.pending
+        for msgid in self.msgids:
+            pending.pop(msgid, None)
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class AsyncKvm:
@@ -150,20 +171,14 @@ class AsyncKvm:
             trio.lowlevel.reschedule(self._writer)
             self._writer = None
 
-    async def _park(self, waiter: _Waiter, pendings: Sequence[core.Pending | KvmError]) -> None:
+    @staticmethod
+    async def _park(waiter: _Waiter, msgids: Sequence[int]) -> None:
         if waiter.count == 0:  # failed while sending: nothing to wait for
             await trio.lowlevel.checkpoint()
             return
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            waiter.parked = False
-            for p in pendings:  # cancelled: no entry outlives its caller, answers are dropped
-                if isinstance(p, core.Pending):
-                    self.session.pending.pop(p.msgid, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
+        waiter.msgids = msgids
         waiter.parked = True
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(waiter.abort)
 
     async def _write_loop(self) -> None:
         sock, outbox = self._sock, self._outbox
@@ -219,12 +234,12 @@ class AsyncKvm:
             session.fail(ConnectionLost(f"the lvz client's reader failed: {exc!r}"))
 
     async def _batch(self, batch: snapshot.Batch) -> snapshot.Results:
-        waiter = _Waiter(0)
+        waiter = _Waiter(self.session, 0)
         pendings, data = self.session.request_batch(batch, waiter)
         waiter.count = sum(1 for p in pendings if isinstance(p, core.Pending))
         if data:
             self._send(data, waiter.count)
-        await self._park(waiter, pendings)
+        await self._park(waiter, [p.msgid for p in pendings if isinstance(p, core.Pending)])
         return self.session.outcomes(pendings)
 
     async def _next_event(self, vm: int | None) -> StreamItem | None:
@@ -237,8 +252,22 @@ class AsyncKvm:
             await self._events.park()
 
     async def run(self, op: core.Call[T]) -> T:
-        """Run one call spec from ``ops`` (what every method below does)."""
-        return op.parse(await self.call(op.method, op.params), op.method)
+        """Run one call spec from ``ops`` (what every method below does).
+
+        Every single call comes through here (``call`` too), so it is one coroutine frame:
+        each frame more is paid on every suspend and every resume.
+        """
+        session = self.session
+        waiter = _Waiter(session, 1)
+        pending, data = session.request(op.method, op.params, waiter)
+        self._send(data)
+        if waiter.count:  # (0: the connection failed while sending, nothing to wait for)
+            waiter.msgids = (pending.msgid,)
+            waiter.parked = True
+            await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        return op.parse(session.outcome(pending), op.method)
 
     async def drive(self, op: core.Op[T]) -> T:
         """Run a multi-step op from ``ops``: its calls, pipelined batches and event waits."""
@@ -267,13 +296,8 @@ class AsyncKvm:
     # --- the public surface ---------------------------------------------------------------------
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its answer: the escape hatch for any method, and the
-        one door every single call goes through."""
-        waiter = _Waiter(1)
-        pending, data = self.session.request(method, params, waiter)
-        self._send(data)
-        await self._park(waiter, (pending,))
-        return self.session.outcome(pending)
+        """Send one request and wait for its answer: the escape hatch for any method."""
+        return await self.run(core.Call(method, params, _whole))
 
     async def gather(self, calls: Sequence[core.Call[Any]]) -> list[Any]:
         """Pipeline many ``ops`` calls from this one task: one write, one wait, no nursery.
