@@ -157,33 +157,29 @@ def plan_throughput(
     )
     # A minimal client of the two shapes a library is used in (bench/least.py): what 64 tasks
     # or 64 threads reach with nothing but the hand-off, on the floor server and on lvz.
+    shapes = (
+        ("tasks", "64 trio tasks", "floor.pipe", least.tasks_sampler, "a dict of parked tasks"),
+        (
+            "threads",
+            "64 threads",
+            "floor.blocking.pipe",
+            least.threads_sampler,
+            "a lock per thread",
+        ),
+    )
     for target, on_lvz in (("floor", False), ("lvz", True)):
-        add(
-            Figure(
-                f"least.tasks.{target}",
-                f"{'floor echo' if not on_lvz else 'raw  vcpu.get_one_reg CPUID'}, "
-                "64 trio tasks, a minimal client",
-                "req/s",
-                ref="floor.pipe",
-                note="bench/least.py: a dict of parked tasks, one reader, one writer",
-            ),
-            least.tasks_sampler(
-                cfg.lvz_path if on_lvz else cfg.floor_path, on_lvz, bench.max_count
-            ),
-        )
-        add(
-            Figure(
-                f"least.threads.{target}",
-                f"{'floor echo' if not on_lvz else 'raw  vcpu.get_one_reg CPUID'}, "
-                "64 threads, a minimal client",
-                "req/s",
-                ref="floor.blocking.pipe",
-                note="bench/least.py: a lock per thread, one reader thread",
-            ),
-            least.threads_sampler(
-                cfg.lvz_path if on_lvz else cfg.floor_path, on_lvz, bench.max_count
-            ),
-        )
+        for kind, label, ref, sampler, how in shapes:
+            add(
+                Figure(
+                    f"least.{kind}.{target}",
+                    f"{'raw  vcpu.get_one_reg CPUID' if on_lvz else 'floor echo'}, "
+                    f"{label}, a minimal client",
+                    "req/s",
+                    ref=ref,
+                    note=f"bench/least.py: {how}",
+                ),
+                sampler(cfg.lvz_path if on_lvz else cfg.floor_path, on_lvz, bench.max_count),
+            )
     names = {
         "get": "vcpu.get_one_reg CPUID",
         "set": "vcpu.set_one_reg CPUID (same value)",
