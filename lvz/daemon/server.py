@@ -19,9 +19,9 @@ and the reader does not read again until it has been written (a client that does
 being read). It is also flushed every ``FLUSH_ANSWERS`` messages: a client pipelining 64
 requests then gets the first half of its answers while the daemon works on the second, so on
 two cores client and daemon overlap instead of taking turns (+70% for 64 in flight); not with
-``--fsync always``, where each such send would cost a disk sync. Queued
-``irq`` events per subscriber are capped at ``max_events`` and the excess is dropped and
-reported with one ``events_lost`` notification per VM carrying the count.
+``--fsync always``, where each such send would cost a disk sync. Queued ``irq`` events per
+subscriber are capped at ``max_events`` and the excess is dropped and reported with one
+``events_lost`` notification per VM carrying the count.
 
 Fairness: a connection's reader yields to the others whenever it has run for ``SLICE``
 seconds without a break (a pipeline of expensive requests cannot hold the event loop), and
@@ -346,8 +346,9 @@ class Daemon:
         stream = conn.stream
         assert stream is not None
         held = 0  # this connection's part of self.partial_held
+        # Messages per mid-batch send; with --fsync always no count, only FLUSH_BYTES.
         state = self.state
-        chunk = FLUSH_ANSWERS if state is None or state.fsync != "always" else FLUSH_BYTES
+        chunk = FLUSH_ANSWERS if state is None or state.fsync != "always" else sys.maxsize
         timed = -1  # stream offset of the unfinished message on the slowloris clock
         deadline = 0.0
         try:
