@@ -724,7 +724,8 @@ def _attr_number(kind: str) -> Callable[[str], int]:
 
 
 def cmd_device_create(args: argparse.Namespace) -> int:
-    dev_type = SHORT_DEVICES.get(args.type.lower(), args.type)
+    text: str = args.type
+    dev_type = SHORT_DEVICES.get(text.lower(), text)
     with connect(args) as kvm:
         open_vm(kvm, args.vm).create_device(dev_type)
     print(f"created device {printable(dev_type)} in VM {printable(args.vm)}")
@@ -755,7 +756,7 @@ SHORT_DEVICES: Final = {
 def _attr_target(kvm: Kvm, args: argparse.Namespace) -> tuple[str, Any]:
     """``vcpuN`` / ``vcpu:N`` is a vCPU's attrs; anything else a device type (short or full)."""
     vm = open_vm(kvm, args.vm)
-    text = args.target
+    text: str = args.target
     low = text.lower().replace(":", "")
     if low.startswith("vcpu") and low[4:].isdigit():
         return f"vCPU {low[4:]}", vm.open_vcpu(int(low[4:]))
@@ -840,7 +841,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         if args.format == "table":
             print(f"{'SEQ':>8}  {'VCPU':>6}  {'LINE':<5}  LEVEL", flush=True)
         seen = 0
-        quiet_until = None if args.timeout is None else time.monotonic() + args.timeout
+        timeout: float | None = args.timeout
+        quiet_until = None if timeout is None else time.monotonic() + timeout
         while args.count is None or seen < args.count:
             # The protocol has no "VM destroyed" event: look every DESTROY_CHECK quiet seconds,
             # or a watch on a destroyed VM would wait for ever (or --timeout) and exit 0.
@@ -860,8 +862,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                         raise
                     raise KvmError("EBADF", f"VM {args.vm} was destroyed") from None
                 continue
-            if quiet_until is not None:
-                quiet_until = time.monotonic() + args.timeout
+            if timeout is not None:
+                quiet_until = time.monotonic() + timeout
             if isinstance(item, EventsLost):
                 row: dict[str, Any] = {"event": "events_lost", "count": item.count}
                 text = f"{'':>8}  ({item.count} events lost: the reader fell behind)"

@@ -356,6 +356,7 @@ class Daemon:
                 if timed < 0:
                     data = await stream.receive_some(RECEIVE_BYTES)
                 else:
+                    data = b""  # (what a timeout leaves: it returns below, unread)
                     with trio.move_on_at(deadline) as scope:
                         data = await stream.receive_some(RECEIVE_BYTES)
                     if scope.cancelled_caught:
