@@ -446,6 +446,13 @@ async def measure_vm_scale(cfg: Config, res: Results) -> None:
 BIG = 65536
 
 
+async def _read_map(conn: Wire, vm: int, pid: int) -> tuple[list[list[int]], float, float]:
+    """One ``vm.phyid_map``: its entries, the daemon's CPU and the round trip (ms)."""
+    cpu0, t0 = procs.cpu_seconds(pid), time.perf_counter()
+    entries: list[list[int]] = (await conn.result("vm.phyid_map", {"vm": vm}))["entries"]
+    return entries, (procs.cpu_seconds(pid) - cpu0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+
 async def measure_big_vm(cfg: Config, res: Results) -> None:
     """The largest VM there is: its creation time and the daemon CPU of its ``vm.phyid_map``.
 
@@ -518,24 +525,21 @@ async def measure_big_vm(cfg: Config, res: Results) -> None:
             try:
                 vm = (await conn.result("kvm.open_vm", {"name": "big"}))["vm"]
                 for read in range(3):
-                    cpu0, t0 = procs.cpu_seconds(proc.pid), time.perf_counter()
-                    got = await conn.result("vm.phyid_map", {"vm": vm})
-                    wall.samples.append((time.perf_counter() - t0) * 1e3)
+                    entries, cpu_ms, wall_ms = await _read_map(conn, vm, proc.pid)
                     fig = cpu if read else first
-                    fig.samples.append((procs.cpu_seconds(proc.pid) - cpu0) * 1e3)
-                    fig.ok_checks.append(len(got["entries"]) == BIG)
+                    fig.samples.append(cpu_ms)
+                    fig.ok_checks.append(len(entries) == BIG)
+                    wall.samples.append(wall_ms)
                 vcpu = (await conn.result("vm.open_vcpu", {"vm": vm, "vcpu_id": 0}))["vcpu"]
                 await conn.result("vcpu.destroy", {"vcpu": vcpu})
-                cpu0 = procs.cpu_seconds(proc.pid)
-                got = await conn.result("vm.phyid_map", {"vm": vm})
-                cpu.samples.append((procs.cpu_seconds(proc.pid) - cpu0) * 1e3)
-                cpu.ok_checks.append(len(got["entries"]) == BIG - 1 and got["entries"][0][0] == 1)
+                entries, cpu_ms, _ = await _read_map(conn, vm, proc.pid)
+                cpu.samples.append(cpu_ms)
+                cpu.ok_checks.append(len(entries) == BIG - 1 and entries[0][0] == 1)
                 vcpu = (await conn.result("vm.create_vcpu", {"vm": vm, "vcpu_id": 0}))["vcpu"]
                 await conn.result("vcpu.set_one_reg", {"vcpu": vcpu, "id": abi.CPUID, "value": 0})
-                cpu0 = procs.cpu_seconds(proc.pid)
-                got = await conn.result("vm.phyid_map", {"vm": vm})
-                rebuilt.samples.append((procs.cpu_seconds(proc.pid) - cpu0) * 1e3)
-                rebuilt.ok_checks.append(len(got["entries"]) == BIG and got["entries"][0] == [0, 0])
+                entries, cpu_ms, _ = await _read_map(conn, vm, proc.pid)
+                rebuilt.samples.append(cpu_ms)
+                rebuilt.ok_checks.append(len(entries) == BIG and entries[0] == [0, 0])
             finally:
                 await conn.aclose()
     say(f"{BIG:,}-vCPU VM: done")

@@ -9,7 +9,6 @@ trio client, and one trio task issuing ``kvm.gather`` batches of 64 (no task per
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import trio
 
 from lvz.protocol import abi
 
-from .scenarios import WINDOW, Sample, Sampler
+from .scenarios import WINDOW, Sample, Sampler, in_threads
 
 CPUID = abi.CPUID
 
@@ -107,26 +106,7 @@ class ClientBench:
         limit = self.max_count
 
         def loop(seconds: float) -> Sample:
-            t0 = time.perf_counter()
-            deadline = t0 + seconds
-            counts = [0] * WINDOW
-
-            def worker(k: int) -> None:
-                n = 0
-                while n * WINDOW < limit:
-                    call(n)
-                    n += 1
-                    if time.perf_counter() >= deadline:
-                        break
-                counts[k] = n
-
-            threads = [threading.Thread(target=worker, args=(k,)) for k in range(WINDOW)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            took = time.perf_counter() - t0
-            return Sample(sum(counts) / took, count=sum(counts), seconds=took)
+            return in_threads(lambda: call, seconds, limit)
 
         async def sample(seconds: float) -> Sample:
             return await trio.to_thread.run_sync(loop, seconds)

@@ -28,7 +28,7 @@ import trio
 
 from lvz.protocol import abi
 
-from .scenarios import WINDOW, Sample, Sampler
+from .scenarios import WINDOW, Sample, Sampler, in_threads
 
 RECV_BYTES = 65536
 MakeParams = Callable[[int], tuple[str, dict[str, Any]]]
@@ -148,8 +148,6 @@ def least_threads(path: Path, lvz: bool, seconds: float, max_count: int) -> Samp
     send_lock = threading.Lock()
     waiting: dict[int, tuple[_thread.LockType, list[Any]]] = {}
     next_id = [0]
-    counts = [0] * WINDOW
-    failure: list[BaseException] = []
 
     def call(method: str, params: dict[str, Any], parker: _thread.LockType) -> Any:
         box: list[Any] = []
@@ -192,33 +190,18 @@ def least_threads(path: Path, lvz: bool, seconds: float, max_count: int) -> Samp
         for method, params in OPEN_MAIN:
             handle = call(method, params, lock)
         make = get_one_reg(handle["vcpu"])
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
 
-    def worker(k: int) -> None:
-        parker = _thread.allocate_lock()
+    def caller() -> Callable[[int], object]:
+        parker = _thread.allocate_lock()  # this thread's: the reader releases it with the answer
         parker.acquire()
-        n = 0
-        try:
-            while n * WINDOW < max_count and time.perf_counter() < deadline:
-                call(*make(n), parker)
-                n += 1
-        except BaseException as exc:  # reported after the join, not lost in a thread
-            failure.append(exc)
-        counts[k] = n
+        return lambda n: call(*make(n), parker)
 
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(WINDOW)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    took = time.perf_counter() - t0
-    sock.shutdown(socket.SHUT_RDWR)
-    reader.join()
-    sock.close()
-    if failure:
-        raise failure[0]
-    return Sample(sum(counts) / took, count=sum(counts), seconds=took)
+    try:
+        return in_threads(caller, seconds, max_count)
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        reader.join()
+        sock.close()
 
 
 def tasks_sampler(path: Path, lvz: bool, max_count: int) -> Sampler:

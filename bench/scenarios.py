@@ -9,6 +9,7 @@ repetition is marked as failed.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,39 @@ class Sample:
 
 def run_sample(run: Run) -> Sample:
     return Sample(run.rate, count=run.count, seconds=run.seconds)
+
+
+def in_threads(caller: Callable[[], Callable[[int], object]], seconds: float, limit: int) -> Sample:
+    """``WINDOW`` threads, each calling its own ``caller()`` (made in the thread) with 0, 1, 2…
+    until ``seconds`` have passed or the threads have made ``limit`` calls between them; the
+    first exception a thread raised is raised once all are joined, not lost in the thread."""
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    counts = [0] * WINDOW
+    failures: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        call = caller()
+        n = 0
+        try:
+            while n * WINDOW < limit:
+                call(n)
+                n += 1
+                if time.perf_counter() >= deadline:
+                    break
+        except BaseException as exc:
+            failures.append(exc)
+        counts[k] = n
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(WINDOW)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    if failures:
+        raise failures[0]
+    return Sample(sum(counts) / took, count=sum(counts), seconds=took)
 
 
 class Bench:
